@@ -1,0 +1,173 @@
+"""SD1.5 VAE helpers shared by the trainer, encode.py and translate.py: loading the diffusers
+`AutoencoderKL`, encoding/decoding raw latents, the cheap linear latent preview, labelled grids.
+
+Latents on disk are *raw* (unscaled). diffusers' `vae.decode` takes raw latents too; only the
+networks see `raw * latent_scale`.
+"""
+
+import logging
+import os
+import warnings
+
+import numpy as np
+import torch
+
+SD15_LATENT_SCALE = 0.18215  # the SD1.5 VAE's scaling_factor: scaled latents have roughly unit std
+
+# Linear latent -> RGB for *scaled* SD1.5 latents (rows: latent channels; columns: R, G, B). The
+# widely used preview factors; an RGB in about [-1, 1].
+PREVIEW_FACTORS = torch.tensor([
+    [0.3512, 0.2297, 0.3227],
+    [0.3250, 0.4974, 0.2350],
+    [-0.2829, 0.1762, 0.2721],
+    [-0.2120, -0.2616, -0.7177],
+])
+
+VAE_DOWNSAMPLE = 8  # SD1.5: 256px image <-> 32x32 latent
+
+
+def latent_preview(scaled_latents, upscale=VAE_DOWNSAMPLE):
+    """[B, 4, H, W] scaled latents -> [B, 3, H*upscale, W*upscale] RGB in [0, 1], no VAE needed."""
+    factors = PREVIEW_FACTORS.to(scaled_latents.device, torch.float32)
+    rgb = torch.einsum("bchw,cr->brhw", scaled_latents.float(), factors)  # [B, 3, H, W] in ~[-1, 1]
+    rgb = ((rgb + 1) / 2).clamp(0, 1)
+    if upscale > 1:
+        rgb = torch.nn.functional.interpolate(rgb, scale_factor=upscale, mode="nearest")
+    return rgb
+
+
+def quiet_hf():
+    """Silence diffusers / huggingface_hub info and progress output (visualization.suppress_hf_warnings)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("diffusers", "huggingface_hub", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dlogging
+
+        dlogging.set_verbosity_error()
+        dlogging.disable_progress_bar()
+    except Exception:  # an old or missing diffusers: nothing to silence
+        pass
+    warnings.filterwarnings("ignore", module="diffusers")
+    warnings.filterwarnings("ignore", module="huggingface_hub")
+
+
+def looks_local(path):
+    """A path meant as a local folder (absolute, ./ or ../, or existing) rather than a hub id."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path)
+
+
+def load_vae(path, subfolder=None, device="cpu", dtype=torch.float32, quiet=True):
+    """diffusers AutoencoderKL from a local folder or a hub id, in eval mode, frozen.
+
+    Raises (ImportError, OSError, ValueError, ...) when it cannot be loaded; callers decide whether
+    that is fatal (encode.py) or falls back to the latent preview (training, translate.py).
+    """
+    if not path:
+        raise ValueError("no VAE path given (visualization.vae_path / --vae is empty)")
+    path = os.path.expanduser(str(path))
+    if looks_local(path) and not os.path.isdir(path):
+        raise FileNotFoundError(f"VAE folder {path!r} does not exist (expected a diffusers AutoencoderKL "
+                                "folder with config.json, or a hub id such as 'stabilityai/sd-vae-ft-mse')")
+    if quiet:
+        quiet_hf()
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder or None, torch_dtype=dtype)
+    vae.to(device).eval().requires_grad_(False)
+    return vae
+
+
+def vae_downsample_factor(vae):
+    """Spatial factor between image and latent: 2 ** (number of down blocks - 1), 8 for SD1.5."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def decode_raw(vae, raw_latents, batch_size=16):
+    """[B, 4, h, w] raw latents -> [B, 3, h*f, w*f] RGB in [0, 1] (float32, on the CPU)."""
+    images = []
+    for chunk in raw_latents.split(batch_size):
+        out = vae.decode(chunk.to(vae.device, vae.dtype)).sample  # [b, 3, H, W] in [-1, 1]
+        images.append((out.float() / 2 + 0.5).clamp(0, 1).cpu())
+    return torch.cat(images)
+
+
+@torch.no_grad()
+def encode_raw(vae, images, sample=False, generator=None):
+    """[B, 3, H, W] images in [-1, 1] -> [B, 4, H/f, W/f] raw latents: the posterior mode, or a
+    draw from the posterior when `sample`."""
+    dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    return (dist.sample(generator) if sample else dist.mode()).float()
+
+
+def to_uint8(images):
+    """[B, 3, H, W] in [0, 1] -> numpy [B, H, W, 3] uint8."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(images, nrow, row_labels=None, col_labels=None, pad=2, label_px=None):
+    """Tile [N, 3, H, W] images in [0, 1] into a PIL image, `nrow` rows, N / nrow columns.
+
+    With labels, a strip on the left names the rows and one on top names the columns. Labels need
+    Pillow's ImageDraw; without Pillow the caller gets a plain numpy grid via `grid_array`.
+    """
+    from PIL import Image, ImageDraw
+
+    grid = grid_array(images, nrow, pad)
+    if not row_labels and not col_labels:
+        return Image.fromarray(grid)
+    h = images.shape[2]
+    label_px = label_px or max(60, min(140, 7 * max(len(str(t)) for t in (row_labels or []) + (col_labels or []) + [""])))
+    left = label_px if row_labels else 0
+    top = 18 if col_labels else 0
+    canvas = Image.new("RGB", (grid.shape[1] + left, grid.shape[0] + top), "white")
+    canvas.paste(Image.fromarray(grid), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    ncol = images.shape[0] // nrow
+    for r, text in enumerate(row_labels or []):
+        draw.text((4, top + pad + r * (h + pad) + h // 2 - 6), str(text), fill="black")
+    for c, text in enumerate(col_labels or []):
+        if c < ncol and text:
+            draw.text((left + pad + c * (images.shape[3] + pad) + 4, 3), str(text), fill="black")
+    return canvas
+
+
+def grid_array(images, nrow, pad=2):
+    """[N, 3, H, W] in [0, 1] -> uint8 [rows*(H+pad)+pad, cols*(W+pad)+pad, 3], white padding."""
+    n, _, h, w = images.shape
+    ncol = (n + nrow - 1) // nrow
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
+    tiles = to_uint8(images)
+    for k in range(n):
+        r, c = divmod(k, ncol)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = tiles[k]
+    return grid
+
+
+def save_image_grid(path, images, nrow, row_labels=None, col_labels=None):
+    """Write a grid PNG atomically; labelled when Pillow is there, else unlabelled via numpy->PNG."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.png"
+    try:
+        image_grid(images, nrow, row_labels, col_labels).save(tmp)
+    except ImportError:  # no Pillow: write an unlabelled grid with the minimal PNG writer
+        write_png(tmp, grid_array(images, nrow))
+    os.replace(tmp, path)
+    return path
+
+
+def write_png(path, array):
+    """Minimal RGB PNG writer (zlib) for environments without Pillow."""
+    import struct
+    import zlib
+
+    h, w, _ = array.shape
+    raw = b"".join(b"\x00" + array[y].tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
