@@ -41,3 +41,48 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def make_tiny_vae(folder):
+    """A randomly initialised diffusers AutoencoderKL (downsampling factor 2) saved with
+    save_pretrained: exercises the real loading path without weights from the hub."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=8,
+                        sample_size=32)
+    vae.save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory):
+    return make_tiny_vae(tmp_path_factory.mktemp("tiny_vae"))
+
+
+def write_latent_folders(root, domains=("a", "b", "c"), files=6, size=16, seed=0):
+    """root/<domain>/<k>.pt raw latents whose mean encodes the domain (domain i ~ 2*i - 2)."""
+    g = torch.Generator().manual_seed(seed)
+    for i, d in enumerate(domains):
+        folder = os.path.join(str(root), d)
+        os.makedirs(folder, exist_ok=True)
+        for k in range(files):
+            torch.save(torch.randn(4, size, size, generator=g) * 4 + (2 * i - 2), os.path.join(folder, f"{k:03d}.pt"))
+    return str(root)
+
+
+def tiny_run_config(tmp_path, **sections):
+    """A complete tiny training config dict (fp32, CPU, 2 steps per epoch), sections overridable."""
+    cfg = {
+        "data": {"root": str(tmp_path / "data"), "domains": ["a", "b", "c"], "samples_per_epoch": 8},
+        "model": tiny_model_config(),
+        "loss": {"r1_interval": 2},
+        "training": {"epochs": 2, "batch_size": 4, "num_workers": 0, "checkpoint_dir": str(tmp_path / "out"),
+                     "device": "cpu", "amp_dtype": "fp32", "progress_style": "off", "display_interval": 1,
+                     "ema_beta": 0.9},
+        "visualization": {"every_epochs": 1, "vae_path": None},
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values} if isinstance(values, dict) else values
+    return cfg

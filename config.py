@@ -1,0 +1,260 @@
+"""One config object, validated once (SPEC.md §8): YAML or JSON file -> defaults merged ->
+unknown keys rejected by dotted path -> `KEY=VALUE` overrides -> values checked.
+
+The defaults below are the ones documented in configs/stargan_v2_latent.yaml (a test keeps the two
+in step). `visualization.every_epochs: None` means "absent": visualization then falls back to
+`training.eval_interval`, as the seed's interval semantics say.
+"""
+
+import copy
+import json
+import os
+
+import yaml
+
+from vae import SD15_LATENT_SCALE
+
+DEFAULTS = {
+    "seed": 0,
+    "data": {
+        "root": "../../latent-256",
+        "domains": ["photo", "Hayao", "monet", "cezanne", "vangogh"],
+        "preload_to_gpu": True,
+        "preload_max_fraction": 0.5,
+        "samples_per_epoch": None,
+        "hflip": False,
+        "synthetic": False,
+        "synthetic_files_per_domain": 64,
+    },
+    "model": {
+        "style_dim": 64,
+        "latent_dim": 16,
+        "gen_channels": 256,
+        "n_res_blocks": 6,
+        "mapping_hidden_dim": 512,
+        "mapping_shared_layers": 4,
+        "style_encoder_channels": 128,
+        "disc_channels": 128,
+    },
+    "loss": {
+        "w_adv": 1.0,
+        "w_sty": 1.0,
+        "w_ds": 1.0,
+        "w_cyc": 1.0,
+        "w_r1": 1.0,
+        "r1_interval": 16,
+        "ds_decay_steps": 100000,
+    },
+    "training": {
+        "epochs": 100,
+        "batch_size": 32,
+        "lr": 1e-4,
+        "lr_mapping": 1e-6,
+        "weight_decay": 1e-4,
+        "latent_scale": SD15_LATENT_SCALE,
+        "amp_dtype": "bf16",
+        "ema_beta": 0.999,
+        "num_workers": 4,
+        "pin_memory": True,
+        "drop_last": True,
+        "use_compile": False,
+        "compile_mode": "default",
+        "compile_dynamic": False,
+        "compile_fullgraph": False,
+        "compile_cudagraphs": False,
+        "compile_generator": True,
+        "compile_mapping_network": True,
+        "compile_style_encoder": True,
+        "compile_discriminator": True,
+        "progress_bar": True,
+        "progress_style": "bar",
+        "display_interval": 50,
+        "log_json": False,
+        "log_interval": 100,
+        "save_interval": 1,
+        "eval_interval": 1,
+        "keep_checkpoints": None,
+        "max_nonfinite_steps": 20,
+        "checkpoint_dir": "outputs/stargan_v2_latent",
+        "device": "cuda",
+    },
+    "visualization": {
+        "every_epochs": None,
+        "save_dir": None,
+        "vae_path": "stabilityai/sd-vae-ft-mse",
+        "vae_subfolder": None,
+        "suppress_hf_warnings": True,
+    },
+}
+
+# keys whose default is None but which take a value of this type
+OPTIONAL_TYPES = {
+    "data.samples_per_epoch": int,
+    "training.keep_checkpoints": int,
+    "visualization.every_epochs": int,
+    "visualization.save_dir": str,
+    "visualization.vae_path": str,
+    "visualization.vae_subfolder": str,
+}
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the file, the dotted key and what was expected."""
+
+
+def read_config_file(path):
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"config file {path!r} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {e}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def merge(base, update, source, prefix=""):
+    """Recursively merge `update` into `base` in place; unknown keys are an error naming the path."""
+    for key, value in update.items():
+        path = f"{prefix}{key}"
+        if key not in base:
+            raise ConfigError(f"unknown config key {path!r} in {source}; known keys here: "
+                              f"{', '.join(sorted(base))}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {path!r} in {source} must be a section (mapping), got {value!r}")
+            merge(base[key], value, source, prefix=f"{path}.")
+        else:
+            base[key] = value
+
+
+def parse_override(text):
+    """'training.batch_size=16' -> {'training': {'batch_size': 16}} (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like KEY=VALUE, e.g. training.batch_size=16")
+    key, _, raw = text.partition("=")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}")
+    nested = value
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(path=None, overrides=()):
+    """Resolved config dict: defaults <- file <- overrides, then validated."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        merge(cfg, read_config_file(path), f"config file {path!r}")
+    for text in overrides:
+        merge(cfg, parse_override(text), f"override {text!r}")
+    validate(cfg)
+    return cfg
+
+
+def resolve_config(cfg, source="checkpoint config"):
+    """Defaults merged with a config dict (e.g. a checkpoint's), validated."""
+    out = copy.deepcopy(DEFAULTS)
+    merge(out, cfg, source)
+    validate(out)
+    return out
+
+
+def flatten(cfg, prefix=""):
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            yield from flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def validate(cfg):
+    defaults = dict(flatten(DEFAULTS))
+    for key, value in flatten(cfg):
+        expected = OPTIONAL_TYPES.get(key) or type(defaults[key])
+        if value is None and (defaults[key] is None or key in OPTIONAL_TYPES):
+            continue
+        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise ConfigError(f"config key {key!r} must be {expected.__name__}, got {value!r}")
+
+    def check(ok, key, expected):
+        if not ok:
+            value = cfg
+            for part in key.split("."):
+                value = value[part]
+            raise ConfigError(f"config key {key!r} = {value!r}: expected {expected}")
+
+    d, m, l, t, v = cfg["data"], cfg["model"], cfg["loss"], cfg["training"], cfg["visualization"]
+    check(len(d["domains"]) >= 2 and all(isinstance(x, str) and x for x in d["domains"]),
+          "data.domains", "a list of at least two domain folder names")
+    check(len(set(d["domains"])) == len(d["domains"]), "data.domains", "distinct names")
+    check(0 < d["preload_max_fraction"] <= 1, "data.preload_max_fraction", "a fraction in (0, 1]")
+    check(d["samples_per_epoch"] is None or d["samples_per_epoch"] > 0, "data.samples_per_epoch", "a positive int or null")
+    check(d["synthetic_files_per_domain"] > 0, "data.synthetic_files_per_domain", "a positive int")
+    for key, value in m.items():
+        check(value > 0, f"model.{key}", "a positive int")
+    for key in ("w_adv", "w_sty", "w_ds", "w_cyc", "w_r1"):
+        check(l[key] >= 0, f"loss.{key}", "a non-negative weight")
+    check(l["r1_interval"] >= 1, "loss.r1_interval", "an int >= 1")
+    check(l["ds_decay_steps"] >= 0, "loss.ds_decay_steps", "an int >= 0 (0 = no decay)")
+    for key in ("epochs", "batch_size", "display_interval", "log_interval", "save_interval", "eval_interval",
+                "max_nonfinite_steps"):
+        check(t[key] >= 1, f"training.{key}", "a positive int")
+    for key in ("lr", "lr_mapping", "latent_scale"):
+        check(t[key] > 0, f"training.{key}", "a positive number")
+    check(t["weight_decay"] >= 0, "training.weight_decay", "a non-negative number")
+    check(0 <= t["ema_beta"] < 1, "training.ema_beta", "a number in [0, 1)")
+    check(t["num_workers"] >= 0, "training.num_workers", "an int >= 0")
+    check(t["keep_checkpoints"] is None or t["keep_checkpoints"] >= 1, "training.keep_checkpoints",
+          "null (keep all) or an int >= 1")
+    check(t["amp_dtype"] in ("bf16", "fp16", "fp32"), "training.amp_dtype", "one of bf16 | fp16 | fp32")
+    check(t["progress_style"] in ("bar", "percent", "off"), "training.progress_style", "one of bar | percent | off")
+    check(t["compile_mode"] in compile_modes(), "training.compile_mode", f"one of {' | '.join(compile_modes())}")
+    check(t["device"] == "cpu" or t["device"].startswith("cuda"), "training.device", "cuda, cuda:N or cpu")
+    check(v["every_epochs"] is None or v["every_epochs"] >= 1, "visualization.every_epochs", "a positive int or null")
+    if not t["progress_bar"]:  # the seed's older switch: progress_bar false means no display
+        t["progress_style"] = "off"
+
+
+def compile_modes():
+    """The modes this torch's torch.compile knows (plus 'default')."""
+    try:
+        import torch._inductor
+
+        return ("default",) + tuple(m for m in torch._inductor.list_mode_options() if m != "default")
+    except Exception:
+        return COMPILE_MODES
+
+
+def model_kwargs(cfg, num_domains=None):
+    """build_models(...) keyword arguments from a resolved config."""
+    return dict(num_domains=num_domains or len(cfg["data"]["domains"]), **cfg["model"])
+
+
+def visualization_every(cfg, raw_visualization=None):
+    """Epochs between grids: visualization.every_epochs, else training.eval_interval."""
+    every = cfg["visualization"]["every_epochs"]
+    return every if every is not None else cfg["training"]["eval_interval"]
+
+
+def save_resolved(cfg, folder):
+    """Write the resolved config next to the checkpoints (StyleGAN2's training_options.json)."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "config.yaml")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    os.replace(tmp, path)
+    return path

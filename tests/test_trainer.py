@@ -1,0 +1,274 @@
+"""Unit tests of the training step (SPEC.md §7): R1 schedule, which path trains what, w_ds decay,
+EMA, OOM and non-finite skips, fp16 with GradScaler."""
+
+import copy
+
+import pytest
+import torch
+
+import loss as L
+import trainer as T
+from config import resolve_config
+from conftest import tiny_run_config
+from model import build_models
+
+B, H = 4, 16
+
+
+def make_trainer(tmp_path, **sections):
+    cfg = resolve_config(tiny_run_config(tmp_path, **sections))
+    torch.manual_seed(0)
+    models = build_models(num_domains=3, **cfg["model"])
+    return T.Trainer(cfg, models, "cpu", log=lambda *a, **k: None)
+
+
+def make_batch(scale=1.0):
+    g = torch.Generator().manual_seed(1)
+    return {"content": torch.randn(B, 4, H, H, generator=g) * 5 * scale,
+            "target_style": torch.randn(B, 4, H, H, generator=g) * 5 * scale,
+            "target_style_2": torch.randn(B, 4, H, H, generator=g) * 5 * scale,
+            "source_style_id": torch.tensor([0, 1, 2, 0]), "target_style_id": torch.tensor([1, 2, 0, 2])}
+
+
+def params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_step_returns_device_scalars(tmp_path):
+    tr = make_trainer(tmp_path)
+    out = tr.train_step(make_batch())
+    for key in T.LOSS_KEYS:
+        assert torch.is_tensor(out[key]) and out[key].dim() == 0 and torch.isfinite(out[key]), key
+    assert tr.step == 1
+
+
+def test_r1_exactly_on_interval_steps(tmp_path, monkeypatch):
+    calls = []
+    real_r1 = L.r1_penalty
+
+    def counting(logits, x):
+        calls.append(tr.step)
+        return real_r1(logits, x)
+
+    monkeypatch.setattr(T.L, "r1_penalty", counting)
+    tr = make_trainer(tmp_path, loss={"r1_interval": 3})
+    for _ in range(7):
+        tr.train_step(make_batch())
+    assert calls == [0, 3, 6]
+
+
+def test_r1_term_is_scaled_by_interval(tmp_path, monkeypatch):
+    monkeypatch.setattr(T.L, "r1_penalty", lambda logits, x: (logits * 0).sum() + 0.25)
+    tr = make_trainer(tmp_path, loss={"r1_interval": 4, "w_r1": 2.0})
+    out = tr.train_step(make_batch())
+    torch.testing.assert_close(out["d_loss"] - out["d_adv"], torch.tensor(0.25 * 2.0 * 4))
+
+
+def test_reference_path_trains_g_only(tmp_path, monkeypatch):
+    """Zero the latent path's loss: then only the reference path trains, and F and E must not move."""
+    tr = make_trainer(tmp_path, training={"weight_decay": 0.0})
+    real_path = tr._g_path
+    calls = []
+
+    def only_reference(*args):
+        out = real_path(*args)
+        calls.append(1)
+        if len(calls) == 2:  # the second path of the G step is the latent-guided one
+            out["total"] = out["total"] * 0
+        return out
+
+    monkeypatch.setattr(tr, "_g_path", only_reference)
+    before = {k: params(tr.nets[k]) for k in T.NETS}
+    b = tr.prepare_batch(make_batch())
+    tr._phase("g", tr.g_losses, b, torch.randn(2, B, 4), 1.0)
+    assert not same(before["generator"], params(tr.nets["generator"]))
+    assert same(before["mapping_network"], params(tr.nets["mapping_network"]))
+    assert same(before["style_encoder"], params(tr.nets["style_encoder"]))
+    assert same(before["discriminator"], params(tr.nets["discriminator"]))
+
+
+def test_latent_path_trains_g_f_e(tmp_path):
+    tr = make_trainer(tmp_path)
+    before = {k: params(tr.nets[k]) for k in T.NETS}
+    b = tr.prepare_batch(make_batch())
+    tr._phase("g", tr.g_losses, b, torch.randn(2, B, 4), 1.0)
+    for k in T.EMA_NETS:
+        assert not same(before[k], params(tr.nets[k])), k
+    assert same(before["discriminator"], params(tr.nets["discriminator"]))
+
+
+def test_d_step_trains_d_only(tmp_path):
+    tr = make_trainer(tmp_path)
+    before = {k: params(tr.nets[k]) for k in T.NETS}
+    b = tr.prepare_batch(make_batch())
+    tr._phase("d", tr.d_losses, b, torch.randn(B, 4))
+    assert not same(before["discriminator"], params(tr.nets["discriminator"]))
+    for k in T.EMA_NETS:
+        assert same(before[k], params(tr.nets[k])), k
+
+
+def test_g_loss_formula(tmp_path):
+    """L_G per path = w_adv*adv + w_sty*sty - w_ds*ds + w_cyc*cyc, summed over both paths."""
+    w = {"w_adv": 0.5, "w_sty": 2.0, "w_ds": 3.0, "w_cyc": 4.0, "ds_decay_steps": 0}
+    tr = make_trainer(tmp_path, loss=w)
+    out = tr.train_step(make_batch())
+    expected = sum(w["w_adv"] * out[f"{p}_adv"] + w["w_sty"] * out[f"{p}_sty"] - w["w_ds"] * out[f"{p}_ds"]
+                   + w["w_cyc"] * out[f"{p}_cyc"] for p in ("lat", "ref"))
+    torch.testing.assert_close(out["g_loss"], expected)
+    assert out["lat_ds"] == 0  # AdaIN starts as plain IN: G ignores the style at init
+    for _ in range(2):
+        out = tr.train_step(make_batch())
+    assert out["lat_ds"] > 0  # once AdaIN's fc moves, two z give two different fakes
+
+
+def test_w_ds_decays_linearly_with_global_step(tmp_path):
+    tr = make_trainer(tmp_path, loss={"w_ds": 2.0, "ds_decay_steps": 100})
+    assert [tr.w_ds_at(s) for s in (0, 25, 50, 100, 150)] == [2.0, 1.5, 1.0, 0.0, 0.0]
+    tr.step = 50
+    assert tr.train_step(make_batch())["w_ds"] == 1.0
+    assert make_trainer(tmp_path, loss={"ds_decay_steps": 0}).w_ds_at(10 ** 6) == 1.0
+
+
+def test_ema_update(tmp_path):
+    tr = make_trainer(tmp_path, training={"ema_beta": 0.5})
+    tr.step = 20  # warm-up (1 + 20) / (10 + 20) = 0.7 > 0.5, so beta = 0.5
+    ema_before = params(tr.ema["generator"])
+    tr.train_step(make_batch())
+    live = params(tr.nets["generator"])
+    for e0, p, e1 in zip(ema_before, live, params(tr.ema["generator"])):
+        torch.testing.assert_close(e1, 0.5 * e0 + 0.5 * p)
+
+
+def test_ema_warmup_and_zero_beta(tmp_path):
+    tr = make_trainer(tmp_path, training={"ema_beta": 0.999})
+    ema_before = params(tr.ema["mapping_network"])
+    tr.train_step(make_batch())  # step 0: beta = 1 / 10
+    for e0, p, e1 in zip(ema_before, params(tr.nets["mapping_network"]), params(tr.ema["mapping_network"])):
+        torch.testing.assert_close(e1, 0.1 * e0 + 0.9 * p)
+    tr0 = make_trainer(tmp_path, training={"ema_beta": 0.0})
+    tr0.train_step(make_batch())
+    assert same(params(tr0.ema["generator"]), params(tr0.nets["generator"]))
+
+
+class OOMOnce(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.raised = inner, False
+
+    def forward(self, *args):
+        if not self.raised:
+            self.raised = True
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner(*args)
+
+
+def test_oom_skips_and_goes_on(tmp_path):
+    tr = make_trainer(tmp_path)
+    tr.call["generator"] = OOMOnce(tr.nets["generator"])
+    d_before = params(tr.nets["discriminator"])
+    tr.train_step(make_batch())  # OOM in the D step: D's update is skipped
+    assert tr.oom_skipped == 1
+    assert same(d_before, params(tr.nets["discriminator"]))
+    assert all(p.grad is None for k in T.NETS for p in tr.nets[k].parameters())
+    tr.train_step(make_batch())
+    assert not same(d_before, params(tr.nets["discriminator"]))
+    assert tr.step == 2
+
+
+def test_nonfinite_batch_is_skipped_and_counted(tmp_path):
+    tr = make_trainer(tmp_path)
+    before = {k: params(tr.nets[k]) for k in T.NETS}
+    tr.train_step(make_batch(scale=1e30))  # finite but absurd data
+    assert tr.nonfinite_total.item() == 1
+    for k in T.NETS:
+        assert same(before[k], params(tr.nets[k])), k
+        assert all(torch.isfinite(p).all() for p in tr.nets[k].parameters())
+    tr.train_step(make_batch())
+    assert tr.nonfinite_total.item() == 1 and tr.nonfinite_run.item() == 0
+    assert not same(before["generator"], params(tr.nets["generator"]))
+
+
+def test_consecutive_nonfinite_limit(tmp_path):
+    tr = make_trainer(tmp_path, training={"max_nonfinite_steps": 3})
+    nan_batch = make_batch()
+    nan_batch["content"][0, 0, 0, 0] = float("nan")
+    for _ in range(2):
+        tr.train_step(nan_batch)
+    tr.check_nonfinite()  # 2 < 3: fine
+    for _ in range(3):
+        tr.train_step(nan_batch)
+    with pytest.raises(T.NonFiniteError, match="max_nonfinite_steps=3"):
+        tr.check_nonfinite()
+
+
+def test_fp16_with_grad_scaler(tmp_path):
+    tr = make_trainer(tmp_path, training={"amp_dtype": "fp16"})
+    assert tr.scalers["d"].is_enabled() and tr.scalers["g"].is_enabled()
+    before = params(tr.nets["generator"])
+    for _ in range(3):
+        out = tr.train_step(make_batch())
+    assert torch.isfinite(out["g_loss"]) and torch.isfinite(out["d_loss"])
+    assert not same(before, params(tr.nets["generator"]))
+
+
+def test_bf16_step(tmp_path):
+    tr = make_trainer(tmp_path, training={"amp_dtype": "bf16"})
+    out = tr.train_step(make_batch())
+    assert all(torch.isfinite(out[k]) for k in T.LOSS_KEYS)
+
+
+def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
+    tr = make_trainer(tmp_path)
+
+    class Broken(torch.nn.Module):
+        def forward(self, *args):
+            raise RuntimeError("Inductor exploded")
+
+    tr.call["discriminator"] = Broken()
+    tr._compile_unverified.add("discriminator")
+    with pytest.warns(UserWarning, match="falling back to eager"):
+        out = tr.train_step(make_batch())
+    assert tr.call["discriminator"] is tr.nets["discriminator"]
+    assert torch.isfinite(out["d_loss"])
+
+
+def test_compile_options_translate_mode_and_cudagraphs():
+    opts = T.compile_options("reduce-overhead", False)
+    assert opts["triton.cudagraphs"] is False
+    assert T.compile_options("default", True) == {"triton.cudagraphs": True}
+    assert T.compile_options("max-autotune", False)["triton.cudagraphs"] is False
+
+
+def test_state_dict_round_trip_is_exact(tmp_path):
+    tr = make_trainer(tmp_path)
+    tr.train_step(make_batch())
+    path = T.atomic_save(tr.state_dict(epoch=1), str(tmp_path / "c.pt"))
+    ckpt = T.load_checkpoint(path)
+    tr2 = make_trainer(tmp_path)
+    tr2.load_state_dict(ckpt)
+    torch.manual_seed(5)
+    a = tr.train_step(make_batch())
+    torch.manual_seed(5)
+    b = tr2.train_step(make_batch())
+    torch.testing.assert_close(a["g_loss"], b["g_loss"])
+    assert same(params(tr.nets["generator"]), params(tr2.nets["generator"]))
+
+
+def test_atomic_save_failure_keeps_old_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "latest.pt")
+    T.atomic_save({"a": torch.ones(2)}, path)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(T.torch, "save", broken_save)
+    with pytest.raises(OSError):
+        T.atomic_save({"a": torch.zeros(2)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]
