@@ -1,0 +1,288 @@
+"""Images -> raw SD1.5 VAE latents: prepares `data.root` (SPEC.md §2).
+
+    python encode.py --input images/photo --output ../../latent-256/photo \\
+        --vae stabilityai/sd-vae-ft-mse --size 256
+
+Every image under --input (searched recursively; subfolders are mirrored under --output) is
+converted to RGB, centre-cropped to a square, resized to --size (bicubic), scaled to [-1, 1] and
+encoded by a diffusers `AutoencoderKL`. Each becomes one float32 file `<stem>.pt` or `<stem>.npy`
+holding the raw, unscaled posterior mode `[C, size/f, size/f]` (`[4, 32, 32]` for SD1.5 at 256px).
+
+Resumable: outputs that already exist are skipped, and each file is written to a temporary name and
+renamed, so an existing output is always complete. A broken image is named, skipped, and makes the
+exit code 1 once everything else is encoded. Setup errors (missing folder, no images, bad --size,
+VAE that cannot be loaded) exit with code 2 before anything is written.
+"""
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from vae import encode_raw, load_vae, vae_downsample_factor
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PREFETCH_BATCHES = 2  # batches decoded ahead of the VAE: bounds memory on huge folders
+
+
+class SetupError(Exception):
+    """Bad arguments or inputs, found before anything is written (exit code 2)."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Encode a folder of images into raw (unscaled) VAE latent files, one per image. "
+                    "The input folder is searched recursively (hidden files and folders are ignored) and "
+                    "its subfolders are mirrored in the output folder. Two images with the same stem in "
+                    "one folder (a.jpg, a.png) are an error: rename one. Existing outputs are skipped, so "
+                    "a rerun finishes an interrupted job.")
+    parser.add_argument("--input", required=True, help="folder of images (" + ", ".join(IMAGE_EXTENSIONS) + ")")
+    parser.add_argument("--output", required=True, help="folder for the latent files (created if missing)")
+    parser.add_argument("--vae", required=True, help="diffusers AutoencoderKL: local folder or hub id")
+    parser.add_argument("--vae-subfolder", default=None,
+                        help="subfolder of --vae holding the VAE ('vae' for a full Stable Diffusion pipeline)")
+    parser.add_argument("--size", type=int, default=256,
+                        help="square image size; must be divisible by the VAE's downsampling factor (8 for SD1.5)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--format", choices=("pt", "npy"), default="pt")
+    parser.add_argument("--sample", action="store_true",
+                        help="write a draw from the posterior instead of its mode; the draw for an image "
+                             "depends only on --seed and the image's path, not on batching or resuming")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --sample")
+    parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="VAE precision")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="threads decoding and resizing images while the VAE encodes (0: main thread)")
+    return parser.parse_args(argv)
+
+
+def find_images(input_dir):
+    """Sorted [(image path, output path relative to the output folder, without extension)].
+
+    Recursive; hidden files and folders (macOS `._x.jpg`, `.cache/`) are skipped. Raises SetupError
+    when two images would write the same latent file.
+    """
+    found, by_stem = [], {}
+    for folder, subfolders, files in os.walk(input_dir):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        for name in sorted(files):
+            stem, ext = os.path.splitext(name)
+            if name.startswith(".") or ext.lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = os.path.join(folder, name)
+            rel_stem = os.path.relpath(os.path.join(folder, stem), input_dir)
+            by_stem.setdefault(rel_stem, []).append(path)
+            found.append((path, rel_stem))
+    clashes = [paths for paths in by_stem.values() if len(paths) > 1]
+    if clashes:
+        listing = "\n  ".join(" / ".join(paths) for paths in clashes)
+        raise SetupError(f"{len(clashes)} image name(s) in {input_dir!r} differ only by extension and would "
+                         f"write the same latent file; rename one of each:\n  {listing}")
+    return sorted(found, key=lambda item: item[1])
+
+
+def load_image(path, size):
+    """Image file -> uint8 [size, size, 3]: EXIF-rotated, RGB, centre square crop, bicubic resize."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)  # phone photos: crop what the viewer shows, not the sensor
+        image = image.convert("RGB")
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def to_model_input(images):
+    """list of uint8 [H, W, 3] -> float32 [B, 3, H, W] in [-1, 1]."""
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # [B, 3, H, W] uint8
+    return batch.float() / 127.5 - 1
+
+
+def sample_generator(seed, rel_stem):
+    """A CPU generator for one image's posterior draw, seeded by (seed, relative path)."""
+    digest = hashlib.sha256(f"{seed}:{rel_stem}".encode()).digest()
+    return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def save_latent(latent, path, fmt):
+    """Write one [C, h, w] CPU tensor atomically: a hidden temporary file in the same folder, renamed."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            if fmt == "pt":
+                torch.save(latent.clone(), f)  # clone: a row of the batch would save the whole batch's storage
+            else:
+                np.save(f, latent.numpy(), allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_batch(latents, out_paths, fmt):
+    for latent, path in zip(latents, out_paths):
+        save_latent(latent, path, fmt)
+
+
+def submit(pool, fn, *args):
+    """pool.submit, or a finished Future computed here when there is no pool (--workers 0)."""
+    if pool is not None:
+        return pool.submit(fn, *args)
+    future = Future()
+    try:
+        future.set_result(fn(*args))
+    except Exception as e:
+        future.set_exception(e)
+    return future
+
+
+def decoded_batches(jobs, size, batch_size, workers):
+    """Yield (jobs decoded, their uint8 [size, size, 3] images, [(image path, reason)] failures) per
+    batch of `jobs`, decoded by `workers` threads up to PREFETCH_BATCHES batches ahead."""
+    batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
+    decoder = ThreadPoolExecutor(workers, thread_name_prefix="decode") if workers > 0 else None
+    pending = deque()
+    try:
+        for k in range(len(batches)):
+            while len(pending) < PREFETCH_BATCHES and k + len(pending) < len(batches):
+                upcoming = batches[k + len(pending)]
+                pending.append([submit(decoder, load_image, src, size) for src, _, _ in upcoming])
+            ok, images, failed = [], [], []
+            for job, future in zip(batches[k], pending.popleft()):
+                try:
+                    images.append(future.result())
+                    ok.append(job)
+                except Exception as e:
+                    failed.append((job[0], f"unreadable image: {type(e).__name__}: {e}"))
+            yield ok, images, failed
+    finally:
+        if decoder is not None:
+            decoder.shutdown(wait=True, cancel_futures=True)
+
+
+def encode_jobs(vae, jobs, args, device):
+    """Encode [(image path, output path, rel_stem)] in batches. Returns [(image path, reason)] failures.
+
+    Each batch is encoded on the device and moved to the CPU once; its files are written by one
+    background thread while the next batch decodes and encodes.
+    """
+    failures = []
+    writer = ThreadPoolExecutor(1, thread_name_prefix="write")
+    pending_write = None
+    bar = tqdm(total=len(jobs), unit="img", desc="encode", dynamic_ncols=True)
+    batches = decoded_batches(jobs, args.size, args.batch_size, args.workers)
+    try:
+        for ok, images, failed in batches:
+            batch_len = len(ok) + len(failed)
+            if ok:
+                generator = [sample_generator(args.seed, rel) for _, _, rel in ok] if args.sample else None
+                latents = encode_raw(vae, to_model_input(images).to(device), args.sample, generator)
+                latents = latents.cpu()  # [b, C, h, w] float32: the one host sync per batch
+                finite = torch.isfinite(latents).flatten(1).all(1).tolist()
+                failed += [(job[0], "non-finite latent (try --dtype fp32)") for job, fin in zip(ok, finite) if not fin]
+                keep = [i for i, fin in enumerate(finite) if fin]
+                if pending_write is not None:
+                    pending_write.result()  # surfaces a write error (disk full) and bounds memory
+                pending_write = writer.submit(save_batch, latents[keep], [ok[i][1] for i in keep], args.format)
+            for path, reason in failed:
+                tqdm.write(f"encode.py: skipping {path}: {reason}", file=sys.stderr)
+            failures += failed
+            bar.update(batch_len)
+        if pending_write is not None:
+            pending_write.result()
+    finally:
+        batches.close()  # stops the decoding threads now, also when encoding raised
+        bar.close()
+        writer.shutdown(wait=True)
+    return failures
+
+
+def resolve_device(name):
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise SetupError(f"--device {name!r} is not a device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SetupError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
+    return device
+
+
+def run(args):
+    input_dir = os.path.expanduser(args.input)
+    output_dir = os.path.expanduser(args.output)
+    if not os.path.isdir(input_dir):
+        raise SetupError(f"input folder {input_dir!r} does not exist or is not a folder")
+    if args.size <= 0 or args.batch_size <= 0 or args.workers < 0:
+        raise SetupError("--size and --batch-size must be positive, --workers non-negative")
+    images = find_images(input_dir)
+    if not images:
+        raise SetupError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {input_dir!r} or its subfolders")
+
+    device = resolve_device(args.device)
+    try:
+        vae = load_vae(args.vae, args.vae_subfolder, device=device, dtype=DTYPES[args.dtype])
+    except Exception as e:
+        where = args.vae + (f" (subfolder {args.vae_subfolder!r})" if args.vae_subfolder else "")
+        hint = ""
+        if not args.vae_subfolder and os.path.isdir(os.path.join(os.path.expanduser(args.vae), "vae")):
+            hint = "\n  it has a 'vae' subfolder: for a full Stable Diffusion pipeline add --vae-subfolder vae"
+        raise SetupError(f"cannot load the VAE from {where}: {type(e).__name__}: {e}{hint}") from None
+    factor = vae_downsample_factor(vae)
+    if args.size % factor:
+        raise SetupError(f"--size {args.size} is not divisible by the VAE's downsampling factor {factor} "
+                         f"(e.g. use {max(factor, args.size // factor * factor)})")
+
+    jobs, skipped = [], 0
+    for src, rel_stem in images:
+        out_path = os.path.join(output_dir, f"{rel_stem}.{args.format}")
+        if os.path.exists(out_path):
+            skipped += 1
+        else:
+            jobs.append((src, out_path, rel_stem))
+    for folder in sorted({os.path.dirname(out_path) for _, out_path, _ in jobs}):
+        os.makedirs(folder, exist_ok=True)
+
+    latent_shape = [vae.config.latent_channels, args.size // factor, args.size // factor]
+    print(f"{len(images)} images in {input_dir}: {skipped} already encoded in {output_dir} (skipped), "
+          f"{len(jobs)} to encode -> {latent_shape} float32 .{args.format} "
+          f"({'posterior sample' if args.sample else 'posterior mode'}, {device}, {args.dtype})", flush=True)
+    start = time.perf_counter()
+    failures = encode_jobs(vae, jobs, args, device) if jobs else []
+    seconds = time.perf_counter() - start
+    encoded = len(jobs) - len(failures)
+    print(f"encoded {encoded}, skipped {skipped}, failed {len(failures)} in {seconds:.1f}s "
+          f"({encoded / max(seconds, 1e-9):.3g} images/s)", flush=True)
+    if failures:
+        print(f"encode.py: {len(failures)} image(s) failed and were not written:", file=sys.stderr)
+        for path, reason in failures:
+            print(f"  {path}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv=None):
+    """Exit codes: 0 all done, 1 some images failed (the rest written), 2 setup error (nothing written)."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except SetupError as e:
+        print(f"encode.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
