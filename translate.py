@@ -1,0 +1,406 @@
+"""Translate latents (or images) with a trained Latent StarGAN v2 checkpoint (SPEC.md §2, §10).
+
+    # latent-guided: 4 random styles of the target domain per source, truncated toward its mean
+    python translate.py --checkpoint runs/latest.pt --source photos/ --target-domain monet \\
+        --num-styles 4 --seed 0 --psi 0.7 --output out/
+    # reference-guided: the style of each reference, one output per (source, reference) pair
+    python translate.py --checkpoint runs/latest.pt --source photos/ --target-domain monet \\
+        --reference monet_refs/ --output out/ --vae stabilityai/sd-vae-ft-mse
+
+G, F and E are rebuilt from the checkpoint alone (its saved config) and run with the EMA weights.
+Latents on disk are raw; the networks see `raw * training.latent_scale` and their outputs are divided
+back before saving or decoding. The output folder holds one raw float32 latent `[4, h, w]` per output,
+`<stem>_to_<domain>_<k>.pt`, its PNG (VAE decode, or the linear latent preview when no VAE loads),
+and one `sheet.png` (rows: sources; columns: the source, then its outputs).
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+from PIL import Image
+
+from config import ConfigError, model_kwargs, resolve_config
+from dataset import LATENT_CHANNELS, LATENT_SUFFIXES, list_latent_files, load_latent_file
+from encode import IMAGE_EXTENSIONS, load_image, to_model_input
+from model import build_models
+from trainer import EMA_NETS, load_checkpoint
+from vae import decode_raw, encode_raw, latent_preview, load_vae, save_image_grid, to_uint8, vae_downsample_factor
+
+MEAN_STYLE_SAMPLES = 10000  # z draws averaged into a domain's mean style for --psi (StarGAN v2's count)
+MEAN_STYLE_SEED = 0  # fixed: the mean style is a property of the model, not of --seed
+DEFAULT_IMAGE_SIZE = 256  # image sources when the training latent size is unknown (SD1.5: 32x32 latents)
+SHEET_MAX_ROWS = 32  # sources shown in sheet.png (every output still gets its own PNG)
+SHEET_MAX_COLS = 16  # outputs per source shown in sheet.png
+
+
+class TranslateError(Exception):
+    """Bad arguments, checkpoint or inputs: message to stderr, exit code 2."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Translate latents (or images, with a VAE) to a target domain with a Latent StarGAN v2 "
+                    "checkpoint. Writes <stem>_to_<domain>_<k>.pt (raw float32 latent [4, h, w]) and "
+                    "<stem>_to_<domain>_<k>.png per output, and one sheet.png (rows: sources; columns: the "
+                    "source, then its outputs).")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by run.py (e.g. <checkpoint_dir>/latest.pt)")
+    p.add_argument("--source", required=True,
+                   help="a latent file (.pt/.npy, [4, h, w] or [1, 4, h, w], raw) or a folder of them (not "
+                        "recursive, sorted by name); images (" + ", ".join(IMAGE_EXTENSIONS) + ") too when a VAE "
+                        "loads: centre-cropped, resized so that their latent matches the training latent size "
+                        "(else 256 px), and encoded to the posterior mode")
+    p.add_argument("--target-domain", required=True, help="one of the checkpoint's domains")
+    p.add_argument("--reference", default=None,
+                   help="reference-guided: a reference latent/image or a folder of them. Every source is "
+                        "translated with every reference: N sources and M references give N*M outputs, "
+                        "output k of a source uses the k-th reference in name order")
+    p.add_argument("--num-styles", type=int, default=None,
+                   help="latent-guided: K styles from the mapping network; style k is the same for every "
+                        "source: z = torch.randn(K, latent_dim, generator=torch.Generator().manual_seed(seed))[k]")
+    p.add_argument("--seed", type=int, default=None, help="latent-guided: seed of the z draws (default 0)")
+    p.add_argument("--psi", type=float, default=None,
+                   help="latent-guided: truncation toward the domain's mean style (mean of F over "
+                        f"{MEAN_STYLE_SAMPLES} z): s = mean + psi * (s - mean); 1.0 (default) = none, 0 = the mean")
+    p.add_argument("--output", required=True, help="output folder (created if missing; existing outputs are replaced)")
+    p.add_argument("--vae", default=None,
+                   help="diffusers AutoencoderKL (local folder or hub id) for PNGs and image inputs; default: "
+                        "the checkpoint's visualization.vae_path. When none loads, PNGs use the linear latent "
+                        "preview (one warning) and image inputs are an error")
+    p.add_argument("--vae-subfolder", default=None,
+                   help="subfolder of the VAE ('vae' for a full Stable Diffusion pipeline); default none "
+                        "(with --vae) or the checkpoint's visualization.vae_subfolder")
+    p.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="generator samples (source x style pairs) per forward pass; also the VAE batch")
+    args = p.parse_args(argv)
+    if (args.reference is None) == (args.num_styles is None):
+        p.error("give exactly one of --reference (reference-guided) or --num-styles (latent-guided)")
+    if args.reference is not None and (args.seed is not None or args.psi is not None):
+        p.error("--seed and --psi apply to latent-guided translation (--num-styles) only")
+    if args.num_styles is not None and args.num_styles < 1:
+        p.error("--num-styles must be >= 1")
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    args.seed = 0 if args.seed is None else args.seed
+    args.psi = 1.0 if args.psi is None else args.psi
+    return args
+
+
+def warn(message):
+    print(f"translate.py: warning: {message}", file=sys.stderr)
+
+
+def resolve_device(name):
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise TranslateError(f"--device {name!r} is not a device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TranslateError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
+    return device
+
+
+# ------------------------------------------------------------------ checkpoint
+
+def load_networks(path, device):
+    """Checkpoint -> (resolved config, {generator, mapping_network, style_encoder}: EMA weights, eval)."""
+    ckpt = load_checkpoint(path)  # ValueError "not a Latent StarGAN v2 checkpoint" for foreign files
+    if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["ema"], dict):
+        raise TranslateError(f"{path!r} is not a Latent StarGAN v2 checkpoint (config / ema are not dicts)")
+    try:
+        cfg = resolve_config(ckpt["config"], source=f"config saved in {path}")
+    except ConfigError as e:
+        raise TranslateError(f"{path!r}: its saved config is not valid for this code: {e}") from None
+    models = build_models(**model_kwargs(cfg))
+    nets = {}
+    for name in EMA_NETS:
+        if name not in ckpt["ema"]:
+            raise TranslateError(f"{path!r} is not a Latent StarGAN v2 checkpoint (no ema[{name!r}])")
+        try:
+            models[name].load_state_dict(ckpt["ema"][name])
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise TranslateError(f"{path!r}: ema[{name!r}] does not match the architecture in its own config: "
+                                 f"{str(e)[:500]}") from None
+        nets[name] = models[name].to(device).eval().requires_grad_(False)
+    return cfg, nets
+
+
+def training_latent_size(cfg):
+    """Spatial size of the training latents, read from one file of the checkpoint's data.root when that
+    folder is reachable from here; None otherwise (the checkpoint itself does not record it)."""
+    root = os.path.expanduser(cfg["data"]["root"])
+    for domain in cfg["data"]["domains"]:
+        try:
+            return int(load_latent_file(list_latent_files(os.path.join(root, domain))[0]).shape[-1])
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+# ------------------------------------------------------------------ inputs
+
+def list_inputs(path, flag):
+    """A file, or the latent / image files of a folder (not recursive, sorted, hidden files skipped)."""
+    path = os.path.expanduser(path)
+    suffixes = LATENT_SUFFIXES + IMAGE_EXTENSIONS
+    if os.path.isfile(path):
+        if not path.lower().endswith(suffixes):
+            raise TranslateError(f"{flag} {path!r}: expected a latent ({', '.join(LATENT_SUFFIXES)}) or an image "
+                                 f"({', '.join(IMAGE_EXTENSIONS)})")
+        return [path]
+    if not os.path.isdir(path):
+        raise TranslateError(f"{flag} {path!r} does not exist")
+    files = sorted(os.path.join(path, name) for name in os.listdir(path)
+                   if not name.startswith(".") and name.lower().endswith(suffixes)
+                   and os.path.isfile(os.path.join(path, name)))
+    if not files:
+        raise TranslateError(f"{flag} folder {path!r} holds no latents ({', '.join(LATENT_SUFFIXES)}) or images "
+                             f"({', '.join(IMAGE_EXTENSIONS)})")
+    stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+    clashes = sorted({s for s in stems if stems.count(s) > 1})
+    if clashes:
+        raise TranslateError(f"{flag} folder {path!r}: files differ only by extension and would write the same "
+                             f"outputs: {', '.join(clashes)}; rename one of each")
+    return files
+
+
+def is_image(path):
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def read_latents(paths):
+    """Latent files -> {path: raw [4, h, w] float32}; errors name the file."""
+    latents = {}
+    for path in paths:
+        try:
+            latent = load_latent_file(path).float()  # [4, h, w]; ValueError names the file and the shape
+        except ValueError as e:
+            raise TranslateError(str(e)) from None
+        if not torch.isfinite(latent).all():
+            raise TranslateError(f"{path} holds non-finite values (NaN or inf)")
+        latents[path] = latent
+    return latents
+
+
+@torch.no_grad()
+def encode_images(vae, paths, image_size, batch_size):
+    """Images -> {path: raw [4, h, w]}: centre crop, resize to `image_size`, VAE posterior mode."""
+    latents = {}
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        images = []
+        for path in chunk:
+            try:
+                images.append(load_image(path, image_size))  # uint8 [S, S, 3]
+            except Exception as e:
+                raise TranslateError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+        raw = encode_raw(vae, to_model_input(images)).cpu()  # [b, 4, S/f, S/f]
+        latents.update(zip(chunk, raw))
+    return latents
+
+
+def stack_inputs(paths, latents, flag):
+    """[N, 4, h, w] in the order of `paths`; every input of one flag must share its shape."""
+    shapes = {tuple(latents[p].shape) for p in paths}
+    if len(shapes) > 1:
+        listing = "\n  ".join(f"{p}: {list(latents[p].shape)}" for p in paths)
+        raise TranslateError(f"{flag} inputs have different shapes; they must all share one [4, h, w]:\n  {listing}")
+    return torch.stack([latents[p] for p in paths])
+
+
+# ------------------------------------------------------------------ VAE
+
+def open_vae(args, cfg, device):
+    """(vae or None, description). An explicit --vae or the config's vae_path that fails to load falls back
+    to the latent preview, with one warning."""
+    path = args.vae or cfg["visualization"]["vae_path"]
+    subfolder = args.vae_subfolder if (args.vae or args.vae_subfolder) else cfg["visualization"]["vae_subfolder"]
+    origin = "--vae" if args.vae else "the checkpoint's visualization.vae_path"
+    if not path:
+        return None, "no VAE given (--vae) and none in the checkpoint's config"
+    try:
+        return load_vae(path, subfolder, device, torch.float32), None
+    except Exception as e:
+        first_line = str(e).splitlines()[0][:300] if str(e) else ""
+        return None, f"cannot load the VAE from {origin} = {path!r} ({type(e).__name__}: {first_line})"
+
+
+def to_rgb(raw, vae, latent_scale, batch_size):
+    """[B, 4, h, w] raw latents (CPU) -> [B, 3, H, W] in [0, 1]: VAE decode, or the linear preview."""
+    if vae is None:
+        return latent_preview(raw * latent_scale)
+    return decode_raw(vae, raw, batch_size)
+
+
+# ------------------------------------------------------------------ styles
+
+@torch.no_grad()
+def latent_styles(mapping_network, domain_id, num_styles, latent_dim, seed, psi, device):
+    """K styles of one domain from F, optionally truncated toward the domain's mean style (StarGAN v2's
+    `psi`: s = s_avg + psi * (s - s_avg), s_avg = F over MEAN_STYLE_SAMPLES z). [K, S]"""
+    z = torch.randn(num_styles, latent_dim, generator=torch.Generator().manual_seed(seed))  # [K, L]
+    y = torch.full((num_styles,), domain_id, dtype=torch.long, device=device)
+    s = mapping_network(z.to(device), y)  # [K, S]
+    if psi != 1.0:
+        z_many = torch.randn(MEAN_STYLE_SAMPLES, latent_dim, generator=torch.Generator().manual_seed(MEAN_STYLE_SEED))
+        y_many = torch.full((MEAN_STYLE_SAMPLES,), domain_id, dtype=torch.long, device=device)
+        s_mean = mapping_network(z_many.to(device), y_many).mean(0, keepdim=True)  # [1, S]
+        s = torch.lerp(s_mean, s, psi)  # s_mean + psi * (s - s_mean)
+    return s
+
+
+@torch.no_grad()
+def reference_styles(style_encoder, refs_scaled, domain_id, batch_size, device):
+    """E of each (scaled) reference for the target domain, in chunks. [M, S]"""
+    styles = []
+    for chunk in refs_scaled.split(batch_size):
+        chunk = chunk.to(device)
+        y = torch.full((chunk.shape[0],), domain_id, dtype=torch.long, device=device)
+        styles.append(style_encoder(chunk, y))  # [b, S]
+    return torch.cat(styles)
+
+
+# ------------------------------------------------------------------ outputs
+
+def atomic_write(path, write):
+    """write(tmp_path) to a hidden temporary file in the same folder, then rename over `path`."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_outputs(raw, rgb, names, output_dir):
+    """Per output: `<name>.pt` (raw float32 [4, h, w]) and `<name>.png`."""
+    pixels = to_uint8(rgb)  # [B, H, W, 3]
+    for latent, image, name in zip(raw, pixels, names):
+        atomic_write(os.path.join(output_dir, f"{name}.pt"), lambda tmp: torch.save(latent.clone(), tmp))
+        atomic_write(os.path.join(output_dir, f"{name}.png"), lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+
+
+@torch.no_grad()
+def translate(args, generator, sources, styles, latent_scale, vae, names, sheet_cells, device):
+    """Every (source i, style k) pair, flattened as i * K + k and run in chunks of --batch-size: raw outputs
+    are written as they come; the RGB of pairs inside the sheet is kept in `sheet_cells[(i, k)]`."""
+    num_styles = styles.shape[0]
+    pairs = torch.arange(sources.shape[0] * num_styles)
+    for chunk in pairs.split(args.batch_size):
+        src_idx, style_idx = chunk // num_styles, chunk % num_styles
+        x = sources[src_idx].to(device) * latent_scale  # [b, 4, h, w] scaled
+        fake = generator(x, styles[style_idx.to(device)])  # [b, 4, h, w] scaled
+        raw = (fake.float() / latent_scale).cpu()  # [b, 4, h, w] raw: the one host transfer per chunk
+        rgb = to_rgb(raw, vae, latent_scale, args.batch_size)  # [b, 3, H, W]
+        save_outputs(raw, rgb, [names[i] for i in chunk.tolist()], args.output)
+        for j, (i, k) in enumerate(zip(src_idx.tolist(), style_idx.tolist())):
+            if i < SHEET_MAX_ROWS and k < SHEET_MAX_COLS:
+                sheet_cells[(i, k)] = rgb[j]
+
+
+def write_sheet(path, source_rgb, sheet_cells, num_styles, row_labels, col_labels, ref_rgb=None):
+    """Rows: sources (plus, reference-guided, a first row of the references); columns: source, outputs."""
+    rows, cols = source_rgb.shape[0], min(num_styles, SHEET_MAX_COLS)
+    blank = torch.ones_like(source_rgb[0])
+    cells = []
+    if ref_rgb is not None:
+        cells += [blank] + list(ref_rgb[:cols])
+        row_labels = ["references"] + row_labels
+    for i in range(rows):
+        cells += [source_rgb[i]] + [sheet_cells[(i, k)] for k in range(cols)]
+    return save_image_grid(path, torch.stack(cells), nrow=len(row_labels), row_labels=row_labels,
+                           col_labels=["source"] + col_labels[:cols])
+
+
+# ------------------------------------------------------------------ run
+
+def run(args):
+    device = resolve_device(args.device)
+    cfg, nets = load_networks(args.checkpoint, device)
+    domains = list(cfg["data"]["domains"])
+    if args.target_domain not in domains:
+        raise TranslateError(f"unknown target domain {args.target_domain!r}; the checkpoint's domains are: "
+                             f"{', '.join(domains)}")
+    domain_id = domains.index(args.target_domain)
+    latent_scale = cfg["training"]["latent_scale"]
+    source_paths = list_inputs(args.source, "--source")
+    ref_paths = list_inputs(args.reference, "--reference") if args.reference is not None else []
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise TranslateError(f"--output {args.output!r} exists and is not a folder")
+
+    vae, vae_problem = open_vae(args, cfg, device)
+    images = [p for p in source_paths + ref_paths if is_image(p)]
+    if images and vae is None:
+        raise TranslateError(f"image inputs ({images[0]}{' ...' if len(images) > 1 else ''}) need a VAE to be "
+                             f"encoded: {vae_problem}; pass --vae")
+    if vae is not None and vae.config.latent_channels != LATENT_CHANNELS:
+        raise TranslateError(f"the VAE has {vae.config.latent_channels} latent channels; the model works on "
+                             f"{LATENT_CHANNELS} (an SD1.5-style VAE)")
+    if vae is None:
+        warn(f"{vae_problem}: PNGs use the linear latent preview")
+
+    latents = read_latents([p for p in source_paths + ref_paths if not is_image(p)])
+    if images:
+        from_sources = [latents[p].shape[-1] for p in source_paths if p in latents]
+        latent_size = from_sources[0] if from_sources else training_latent_size(cfg)
+        image_size = latent_size * vae_downsample_factor(vae) if latent_size else DEFAULT_IMAGE_SIZE
+        print(f"encoding {len(images)} image(s) at {image_size}x{image_size} px "
+              f"({'latent size ' + str(latent_size) if latent_size else 'training latent size unknown'})")
+        latents.update(encode_images(vae, images, image_size, args.batch_size))
+    sources = stack_inputs(source_paths, latents, "--source")  # [N, 4, h, w] raw, CPU
+
+    # styles: [K, S] latent-guided, or [M, S] one per reference
+    if ref_paths:
+        refs = stack_inputs(ref_paths, latents, "--reference")  # [M, 4, h', w'] raw
+        styles = reference_styles(nets["style_encoder"], refs * latent_scale, domain_id, args.batch_size, device)
+        col_labels = [os.path.splitext(os.path.basename(p))[0] for p in ref_paths]
+    else:
+        styles = latent_styles(nets["mapping_network"], domain_id, args.num_styles, cfg["model"]["latent_dim"],
+                               args.seed, args.psi, device)
+        col_labels = [f"style {k}" for k in range(args.num_styles)]
+
+    os.makedirs(args.output, exist_ok=True)
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in source_paths]
+    names = [f"{stem}_to_{args.target_domain}_{k}" for stem in stems for k in range(styles.shape[0])]
+    sheet_cells = {}
+    translate(args, nets["generator"], sources, styles, latent_scale, vae, names, sheet_cells, device)
+
+    shown = sources[:SHEET_MAX_ROWS]
+    ref_rgb = to_rgb(refs[:SHEET_MAX_COLS], vae, latent_scale, args.batch_size) if ref_paths else None
+    if ref_rgb is not None and ref_rgb.shape[2:] != sheet_cells[(0, 0)].shape[1:]:
+        ref_rgb = None  # references of another size than the sources: leave their row out
+    sheet = write_sheet(os.path.join(args.output, "sheet.png"), to_rgb(shown, vae, latent_scale, args.batch_size),
+                        sheet_cells, styles.shape[0], stems[:SHEET_MAX_ROWS], col_labels, ref_rgb)
+    mode = "reference" if ref_paths else "style"
+    print(f"{len(source_paths)} source(s) x {styles.shape[0]} {mode}(s) -> {len(names)} outputs in {args.output} "
+          f"(PNGs: {'VAE decode' if vae is not None else 'latent preview'}); sheet {sheet}")
+    if ref_paths:
+        for k, p in enumerate(ref_paths):
+            print(f"  _{k}: reference {p}")
+    if len(source_paths) > SHEET_MAX_ROWS or styles.shape[0] > SHEET_MAX_COLS:
+        print(f"  the sheet shows the first {SHEET_MAX_ROWS} sources x {SHEET_MAX_COLS} outputs")
+    return 0
+
+
+def main(argv=None):
+    """Exit codes: 0 done, 2 bad arguments, checkpoint or inputs (message on stderr)."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # argparse: usage errors (2) and --help (0)
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return run(args)
+    except (TranslateError, ValueError, OSError) as e:  # ValueError: load_checkpoint's "not a checkpoint"
+        print(f"translate.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
