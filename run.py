@@ -15,6 +15,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", os.environ["PYTORCH_ALLOC_CONF"
 
 import argparse  # noqa: E402
 import random  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
 
@@ -168,7 +169,17 @@ def train(cfg, args, dist, local_rank, log):
     if dist.is_main:
         save_resolved(cfg, ckpt_dir)
     samples = fixed_samples(dataset)
-    trainer.install_signal_handlers()
+    trainer.latent_shape = dataset.shape
+    previous_handlers = trainer.install_signal_handlers()
+    try:
+        return train_epochs(trainer, dataset, cfg, args, start_epoch, start_batch, samples, log)
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+
+
+def train_epochs(trainer, dataset, cfg, args, start_epoch, start_batch, samples, log):
+    t, dist, ckpt_dir = cfg["training"], trainer.dist, cfg["training"]["checkpoint_dir"]
     quiet = lambda *a, **k: None  # noqa: E731  (loader notices once, not every epoch)
     loader_gen = torch.Generator()  # the loader's base seed must not draw from the global RNG (exact resume)
 

@@ -50,6 +50,8 @@ class Distributed:
 
     def __init__(self, rank=0, world_size=1):
         self.rank, self.world_size = rank, world_size
+        # host-side decisions (stop signals) travel through a CPU group: no GPU sync for a flag
+        self.cpu_group = torch.distributed.new_group(backend="gloo") if world_size > 1 else None
 
     @property
     def is_main(self):
@@ -82,6 +84,31 @@ class Distributed:
     def barrier(self):
         if self.enabled:
             torch.distributed.barrier()
+
+    def max_int(self, value):
+        """The largest of every rank's `value` (e.g. a stop signal number, 0 for none)."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.cpu_group)
+        return int(t.item())
+
+    def gather(self, obj):
+        """Every rank's `obj` in rank order (small host objects: RNG states)."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj, group=self.cpu_group)
+        return out
+
+    def check_in_sync(self, modules):
+        """Weights must stay identical on every rank: compare a float64 checksum of each net."""
+        if not self.enabled:
+            return
+        sums = [float(sum(p.detach().double().sum() for p in m.parameters())) for m in modules.values()]
+        ranks = self.gather(sums)
+        if any(r != ranks[0] for r in ranks):
+            raise RuntimeError(f"weights diverged across ranks: per-rank checksums {ranks}")
 
 
 def compile_options(mode, cudagraphs):
@@ -131,6 +158,7 @@ class Trainer:
         self.oom_skipped = 0
         self.last_r1 = torch.zeros((), device=self.device)
         self.stop_signal = None
+        self.latent_shape = None  # set by run.py from the dataset; recorded in checkpoints
         self._vae, self._vae_failed = None, False
         self.call = dict(self.nets)  # what the step calls: compiled or eager
         self._compile_unverified = set()
@@ -415,6 +443,8 @@ class Trainer:
                         record = {"step": self.step, "epoch": epoch, **{k: round(v, 6) if isinstance(v, float) else v
                                                                         for k, v in values.items()}}
                         display.write(json.dumps(record))
+                if self.dist.enabled:  # every rank stops at the same step (CPU all-reduce, no GPU sync)
+                    self.stop_signal = self.dist.max_int(self.stop_signal or 0) or None
                 if self.stop_signal is not None:
                     break
             self.check_nonfinite()
@@ -431,8 +461,10 @@ class Trainer:
             self.stop_signal = signum
             self.log(f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving latest.pt")
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
             signal.signal(sig, handler)
+        return previous
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -444,6 +476,7 @@ class Trainer:
             "position": position,  # batches completed inside epoch + 1 (0: the epoch is complete)
             "config": self.cfg,
             "domains": self.domains,
+            "latent_shape": list(self.latent_shape) if self.latent_shape else None,  # [4, h, w] trained on
             "models": {k: self.nets[k].state_dict() for k in NETS},
             "ema": {k: self.ema[k].state_dict() for k in EMA_NETS},
             "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
@@ -454,14 +487,20 @@ class Trainer:
         }
 
     def save_checkpoint(self, path, epoch, position=0):
-        """Atomic write: temporary file in the same folder, flushed, fsynced, renamed."""
+        """Atomic write: temporary file in the same folder, flushed, fsynced, renamed. Every rank
+        calls it (their RNG states are gathered); rank 0 alone writes."""
+        rng_per_rank = self.dist.gather(get_rng_state())
+        self.dist.check_in_sync(self.nets)
         if not self.dist.is_main:
             return path
         for name in NETS:
             for p in self.nets[name].parameters():
                 if not torch.isfinite(p).all():
                     raise NonFiniteError(f"refusing to save {path}: {name} has non-finite weights")
-        atomic_save(self.state_dict(epoch, position), path)
+        state = self.state_dict(epoch, position)
+        if self.dist.enabled:
+            state["rng_per_rank"] = rng_per_rank
+        atomic_save(state, path)
         return path
 
     def load_state_dict(self, ckpt):
@@ -480,13 +519,22 @@ class Trainer:
         self.nonfinite_run.fill_(c.get("nonfinite_run", 0))
         self.oom_skipped = int(c.get("oom_skipped", 0))
         self.last_r1 = torch.tensor(float(c.get("last_r1", 0.0)), device=self.device)
-        set_rng_state(ckpt["rng"], self.device)
+        per_rank = ckpt.get("rng_per_rank")
+        if self.dist.enabled and per_rank and len(per_rank) == self.dist.world_size:
+            set_rng_state(per_rank[self.dist.rank], self.device)
+        elif self.dist.enabled:  # another world size: a fresh, distinct stream per rank
+            torch.manual_seed(int(self.cfg["seed"]) + 1000003 * self.step + self.dist.rank)
+        else:
+            set_rng_state(ckpt["rng"], self.device)
 
     # ------------------------------------------------------------------ visualization
 
     def vae(self):
         """The VAE for grids, loaded once and lazily; None (latent preview) if it cannot be."""
         v = self.cfg["visualization"]
+        if self._vae is None and not self._vae_failed and not v["vae_path"]:
+            self._vae_failed = True
+            self.log("visualization.vae_path is null: grids use the linear latent preview")
         if self._vae is None and not self._vae_failed:
             try:
                 self._vae = load_vae(v["vae_path"], v["vae_subfolder"], self.device, torch.float32,

@@ -1,0 +1,169 @@
+"""Never lose work: exact resume (end of epoch and mid-epoch), SIGINT/SIGTERM, atomic checkpoints
+(issue 7). Straight and resumed runs are compared weight by weight, bitwise (CPU, fp32)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+import run
+import trainer as T
+from conftest import ROOT, tiny_run_config, write_latent_folders
+
+
+def write_config(tmp_path, out, **training):
+    cfg = tiny_run_config(tmp_path, training={"checkpoint_dir": str(tmp_path / out), **training},
+                          visualization={"every_epochs": 1, "vae_path": None})
+    cfg["data"]["samples_per_epoch"] = 12  # 3 steps of 4 per epoch
+    cfg["loss"]["ds_decay_steps"] = 10
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def final_state(folder):
+    return torch.load(os.path.join(folder, "latest.pt"), weights_only=True)
+
+
+def assert_same_weights(a, b):
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
+    for group in ("models", "ema"):
+        for net, sd in a[group].items():
+            for key, value in sd.items():
+                assert torch.equal(value, b[group][net][key]), f"{group}.{net}.{key} differs"
+    for net, sd in a["optimizers"].items():
+        for pid, state in sd["state"].items():
+            for key, value in state.items():
+                assert torch.equal(value, b["optimizers"][net]["state"][pid][key]), f"optimizer {net}.{key}"
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_latent_folders(tmp_path / "data")
+
+
+@pytest.fixture
+def straight(tmp_path, data):
+    cfg = write_config(tmp_path, "straight", epochs=3)
+    assert run.main(["--config", cfg]) == 0
+    return final_state(tmp_path / "straight")
+
+
+def test_resume_after_an_epoch_is_exact(tmp_path, straight):
+    cfg = write_config(tmp_path, "split", epochs=1)
+    assert run.main(["--config", cfg]) == 0
+    assert run.main(["--config", cfg, "--resume", "training.epochs=3"]) == 0
+    assert_same_weights(straight, final_state(tmp_path / "split"))
+
+
+def test_resume_mid_epoch_is_exact(tmp_path, straight, monkeypatch):
+    """Stop after step 4 (second batch of epoch 2), as a signal would, then resume."""
+    real_step = T.Trainer.train_step
+
+    def stop_after_four(self, batch):
+        out = real_step(self, batch)
+        if self.step == 4:
+            self.stop_signal = signal.SIGTERM
+        return out
+
+    monkeypatch.setattr(T.Trainer, "train_step", stop_after_four)
+    cfg = write_config(tmp_path, "mid", epochs=3)
+    assert run.main(["--config", cfg]) == 128 + signal.SIGTERM
+    ckpt = final_state(tmp_path / "mid")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["position"]) == (1, 4, 1)
+    monkeypatch.setattr(T.Trainer, "train_step", real_step)
+    assert run.main(["--config", cfg, "--resume"]) == 0
+    assert_same_weights(straight, final_state(tmp_path / "mid"))
+
+
+def test_sigint_mid_epoch_then_resume(tmp_path, data):
+    """A real process gets SIGINT mid-epoch: it finishes the step, saves latest.pt with the exact
+    position, prints how to resume, exits non-zero; the resumed run completes."""
+    cfg = write_config(tmp_path, "sig", epochs=1000, log_json=True, log_interval=1)
+    proc = subprocess.Popen([sys.executable, "-u", "run.py", "--config", cfg], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.time() + 120
+    for line in proc.stdout:  # wait until training is under way
+        lines.append(line)
+        if line.startswith('{"step": 5,') or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    sent = time.time()
+    out, _ = proc.communicate(timeout=60)
+    out = "".join(lines) + out
+    assert proc.returncode == 128 + signal.SIGINT, out
+    assert time.time() - sent < 30
+    assert "resume with: python run.py --config" in out and "--resume" in out
+    ckpt = final_state(tmp_path / "sig")
+    assert ckpt["step"] >= 5
+    assert ckpt["step"] == ckpt["epoch"] * 3 + ckpt["position"]
+    assert not [f for f in os.listdir(tmp_path / "sig") if ".tmp" in f]
+    # resume for just the rest of the next epoch
+    epochs = ckpt["epoch"] + 1
+    assert run.main(["--config", cfg, "--resume", f"training.epochs={epochs}", "training.log_json=false"]) == 0
+    assert final_state(tmp_path / "sig")["step"] == epochs * 3
+
+
+def test_kill_during_checkpoint_write_keeps_previous(tmp_path, data, monkeypatch):
+    cfg = write_config(tmp_path, "kill", epochs=1)
+    assert run.main(["--config", cfg]) == 0
+    before = final_state(tmp_path / "kill")
+
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(100)  # half-written, then the "crash"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        run.main(["--config", cfg, "--resume", "training.epochs=2"])
+    monkeypatch.undo()
+    after = final_state(tmp_path / "kill")  # still loadable, still the old one
+    assert after["step"] == before["step"] == 3
+    assert not [f for f in os.listdir(tmp_path / "kill") if ".tmp" in f]
+
+
+def test_checkpoint_never_holds_nonfinite_weights(tmp_path):
+    cfg = tiny_run_config(tmp_path)
+    from config import resolve_config
+    from model import build_models
+
+    tr = T.Trainer(resolve_config(cfg), build_models(num_domains=3, **cfg["model"]), "cpu", log=lambda *a: None)
+    with torch.no_grad():
+        next(tr.nets["generator"].parameters())[0].fill_(float("nan"))
+    with pytest.raises(T.NonFiniteError, match="non-finite"):
+        tr.save_checkpoint(str(tmp_path / "latest.pt"), 1)
+    assert not os.path.exists(tmp_path / "latest.pt")
+
+
+def test_poisoned_data_is_skipped_and_reported(tmp_path, capsys):
+    """One absurd (1e30) file among normal ones: steps that draw it are skipped and counted, the
+    run finishes, and the checkpoint is finite."""
+    root = write_latent_folders(tmp_path / "data")
+    torch.save(torch.full((4, 16, 16), 1e30), os.path.join(root, "a", "000.pt"))
+    cfg = write_config(tmp_path, "poison", epochs=2, log_json=True, log_interval=1)
+    assert run.main(["--config", cfg]) == 0
+    import json
+
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert records[-1]["nonfinite_skipped"] >= 1
+    ckpt = final_state(tmp_path / "poison")
+    assert all(torch.isfinite(v).all() for sd in ckpt["models"].values() for v in sd.values())
+
+
+def test_consecutive_skips_stop_the_run(tmp_path, capsys):
+    root = write_latent_folders(tmp_path / "data")
+    for d in ("a", "b", "c"):
+        for f in os.listdir(os.path.join(root, d)):
+            torch.save(torch.full((4, 16, 16), 1e30), os.path.join(root, d, f))
+    cfg = write_config(tmp_path, "allbad", epochs=5, max_nonfinite_steps=4)
+    assert run.main(["--config", cfg]) == 2
+    assert "max_nonfinite_steps=4" in capsys.readouterr().err
