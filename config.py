@@ -179,6 +179,8 @@ def flatten(cfg, prefix=""):
 
 def validate(cfg):
     defaults = dict(flatten(DEFAULTS))
+    if cfg["training"].get("progress_style") is False:  # YAML 1.1 reads a bare `off` as false
+        cfg["training"]["progress_style"] = "off"
     for key, value in flatten(cfg):
         expected = OPTIONAL_TYPES.get(key) or type(defaults[key])
         if value is None and (defaults[key] is None or key in OPTIONAL_TYPES):

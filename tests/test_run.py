@@ -118,6 +118,14 @@ def test_bad_config_errors_name_the_key(tmp_path, override, message, capsys):
     assert message in err, err
 
 
+def test_bare_off_in_yaml_means_off(tmp_path):
+    from config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  progress_style: off\n")
+    assert load_config(str(path))["training"]["progress_style"] == "off"
+
+
 def test_unknown_key_in_file(tmp_path, capsys):
     cfg = write_config(tmp_path, training={"epochz": 3})
     assert run.main(["--config", cfg]) == 2
