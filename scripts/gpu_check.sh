@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# The one prepared device command for the performance work (../shared/GPU.md, BENCHMARKS.md).
+# On a lent CUDA machine it runs, in this order (most important first, so a timeout loses the least):
+#   1. the cuda-marked tests (no host sync per step, no recompiles after warm-up, CUDA preload, ...)
+#   2. bench.py --matrix at the default config (bf16/fp32 x compile off/on, batch 32)
+#   3. a batch sweep, bf16 eager: peak memory and the largest batch that fits (doubling until OOM)
+#   4. bf16 + compile with CUDA graphs (compile_mode reduce-overhead, compile_cudagraphs true)
+# Every result lands under $OUT (8 files, the most that come back) and a short table ends the output.
+# Stages start only before START_BY seconds and each has its own timeout, so the whole command
+# ends before ~9.5 minutes (the device tool's limit is 10).
+#
+# From a session that has a device, in the repo root:
+#   echo /.whl/ >> .git/info/exclude; mkdir -p .whl && cp ../shared/wheels/*.whl .whl/
+#   device tool `run`: command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600
+# Dry run of every path on a CPU (tiny model, minutes):
+#   DEVICE=cpu QUICK=1 OUT=/tmp/gpu_check bash scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-/tmp/gpu_check}
+DEVICE=${DEVICE:-cuda}
+CONFIG=${CONFIG:-configs/stargan_v2_latent.yaml}
+STEPS=${STEPS:-30}
+WARMUP=${WARMUP:-10}
+SWEEP=${SWEEP:-"64 128 256 512 1024"}
+START_BY=${START_BY:-480}  # seconds: no stage starts later than this
+EXTRA=()
+if [ -n "${QUICK:-}" ]; then  # CPU dry run: tiny model, few steps, one thread, no warm-up to speak of
+  EXTRA=(model.gen_channels=8 model.n_res_blocks=2 model.style_dim=8 model.latent_dim=4
+         model.mapping_hidden_dim=16 model.mapping_shared_layers=2 model.style_encoder_channels=8
+         model.disc_channels=8 training.num_workers=0 --threads 1 --latent-size 16)
+  STEPS=2 WARMUP=1 SWEEP="8 16"
+fi
+mkdir -p "$OUT"
+ERR="$OUT/stderr.log"
+: > "$ERR"
+
+if ls .whl/*.whl >/dev/null 2>&1; then  # diffusers is not on the GPU machine (GPU.md)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>>"$ERR" \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || echo "warning: wheel install failed" | tee -a "$ERR"
+else
+  echo "warning: no .whl/ here: tests that need diffusers will fail or skip" | tee -a "$ERR"
+fi
+export PYTHONUNBUFFERED=1
+
+left() {  # seconds a stage may run: its cap, cut so that everything ends by START_BY + 80
+  local cap=$1 remain=$((START_BY + 80 - SECONDS))
+  echo $((remain < cap ? remain : cap))
+}
+stage() {  # stage NAME CAP OUTFILE CMD...: run CMD under a timeout unless it is too late
+  local name=$1 cap=$2 out=$3
+  shift 3
+  if [ "$SECONDS" -ge "$START_BY" ]; then
+    echo "$name: not started (${SECONDS}s elapsed)" | tee -a "$OUT/status.txt"
+    return 1
+  fi
+  local t0=$SECONDS limit
+  limit=$(left "$cap")
+  echo "== $name (limit ${limit}s) at ${SECONDS}s" | tee -a "$ERR"
+  timeout --kill-after=10 "$limit" "$@" >>"$out" 2>>"$ERR"
+  local rc=$?
+  echo "$name: rc=$rc in $((SECONDS - t0))s" | tee -a "$OUT/status.txt"
+  return $rc
+}
+
+{
+  date -u +"%Y-%m-%d %H:%M:%S UTC"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+                                  'available', torch.cuda.is_available())"
+  git log -1 --format='commit %H' 2>/dev/null; git status --short 2>/dev/null | head -20
+} > "$OUT/env.txt" 2>>"$ERR"
+: > "$OUT/status.txt"
+
+# 1. cuda-marked tests (the whole suite's; CPU dry run: only this file's CPU tests, as a path check)
+if [ "$DEVICE" = cpu ]; then
+  stage tests 180 "$OUT/cuda_tests.txt" python3 -m pytest -q -rfEs -p no:cacheprovider tests/test_bench.py
+else
+  stage tests 180 "$OUT/cuda_tests.txt" python3 -m pytest -m cuda -v -rfEs -p no:cacheprovider tests/
+fi
+
+# 2. the matrix at the default config (batch 32): JSON lines, then a markdown table
+stage matrix 300 "$OUT/matrix.txt" python3 bench.py --config "$CONFIG" --device "$DEVICE" --matrix \
+  --steps "$STEPS" --warmup "$WARMUP" "${EXTRA[@]}"
+
+# 3. batch sweep, bf16 eager: stop at the first batch that skipped a phase for OOM (or failed)
+for batch in $SWEEP; do
+  stage "sweep_b$batch" 60 "$OUT/sweep.txt" python3 bench.py --config "$CONFIG" --device "$DEVICE" \
+    --steps 5 --warmup 2 training.amp_dtype=bf16 training.batch_size="$batch" "${EXTRA[@]}" || break
+  tail -n 1 "$OUT/sweep.txt" | grep -q '"oom_skipped": 0,' || break
+done
+
+# 4. CUDA graphs through torch.compile (SPEC.md §8: compile_cudagraphs decides, whatever the mode)
+stage cudagraphs 150 "$OUT/cudagraphs.txt" python3 bench.py --config "$CONFIG" --device "$DEVICE" \
+  --steps "$STEPS" --warmup "$WARMUP" training.amp_dtype=bf16 training.use_compile=true \
+  training.compile_mode=reduce-overhead training.compile_cudagraphs=true "${EXTRA[@]}"
+
+python3 - "$OUT" <<'EOF' | tee "$OUT/summary.md"
+import json, os, sys
+
+out = sys.argv[1]
+
+
+def rows(name):
+    path = os.path.join(out, name)
+    if not os.path.exists(path):
+        return []
+    result = []
+    for line in open(path):
+        if line.startswith("{"):
+            try:
+                result.append(json.loads(line))
+            except ValueError:
+                pass
+    return result
+
+
+def mfu(r):
+    return "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+
+
+print("\n## gpu_check summary")
+if os.path.exists(os.path.join(out, "env.txt")):
+    print("\n".join(open(os.path.join(out, "env.txt")).read().splitlines()[:3]))
+print("| run | amp | compile | batch | step ms | samples/s | host ms | data % | MFU | peak MB | oom |")
+print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+for name in ("matrix.txt", "cudagraphs.txt", "sweep.txt"):
+    for r in rows(name):
+        compiled = (r["compile_mode"] + (" +graphs" if r["compile_cudagraphs"] else "")) if r["use_compile"] else "off"
+        if r.get("compile_fell_back_to_eager"):
+            compiled += " (fell back: " + ",".join(r["compile_fell_back_to_eager"]) + ")"
+        print(f"| {name[:-4]} | {r['amp_dtype']} | {compiled} | {r['batch_size']} | {r['step_ms']:.2f} | "
+              f"{r['samples_per_s']:.0f} | {r['host_ms']:.2f} | {100 * r['data_fraction']:.3f} | {mfu(r)} | "
+              f"{r['peak_memory_mb']:.0f} | {r['oom_skipped']} |")
+first = (rows("matrix.txt") or rows("sweep.txt") or [{}])[0]
+if first:
+    g = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+    print(f"flops_per_step {g(first['flops_per_step'])} (R1 step {g(first['flops_r1_step'])}, plain "
+          f"{g(first['flops_plain_step'])}, r1_interval {first['r1_interval']}); device {first['device']}; "
+          f"torch {first['torch']}")
+tests = open(os.path.join(out, "cuda_tests.txt")).read().strip().splitlines() if os.path.exists(
+    os.path.join(out, "cuda_tests.txt")) else []
+print("tests:", tests[-1] if tests else "no output")
+for line in tests:
+    if line.startswith(("FAILED", "ERROR")):
+        print("  " + line[:300])
+status = os.path.join(out, "status.txt")
+print("stages:", "; ".join(open(status).read().split("\n")).strip("; ") if os.path.exists(status) else "none")
+EOF
