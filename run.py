@@ -65,6 +65,14 @@ def resolve_device(requested, local_rank, log):
     return torch.device(requested)
 
 
+def configure_backends(device):
+    """cuDNN autotuning for the fixed latent shapes, TF32 matmuls/convs for the fp32 path."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -130,10 +138,7 @@ def main(argv=None):
 def train(cfg, args, dist, local_rank, log):
     t, d = cfg["training"], cfg["data"]
     device = resolve_device(t["device"], local_rank, log)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    configure_backends(device)
     ckpt_dir = t["checkpoint_dir"]
     if dist.is_main:
         check_writable(ckpt_dir)

@@ -328,7 +328,8 @@ class Trainer:
         with torch.no_grad(), self.autocast():
             s_lat = F(z, y_trg)  # [B, S]
             s_ref = E(b["x_ref"], y_trg)
-            fakes = torch.cat([G(x, s_lat), G(x, s_ref)])  # [2B, 4, H, W]
+            # both paths in one G call: samples are independent, so this equals two calls
+            fakes = G(torch.cat([x, x]), torch.cat([s_lat, s_ref]))  # [2B, 4, H, W]
         with self.autocast():
             logits = D(torch.cat([x, fakes.to(x.dtype)]), torch.cat([y_src, y_trg, y_trg]))  # [3B, 1, H', W']
         real, fake_lat, fake_ref = logits.float().chunk(3)
@@ -351,10 +352,9 @@ class Trainer:
         path degrades results). No requires_grad toggling, so compiled modules stay valid."""
         E = self.call["style_encoder"]
         x, y_src, y_trg = b["x"], b["y_src"], b["y_trg"]
-        with torch.no_grad(), self.autocast():
-            s_ref = E(b["x_ref"], y_trg)  # [B, S]
-            s_ref2 = E(b["x_ref2"], y_trg)
-            s_src_ref = E(x, y_src)
+        with torch.no_grad(), self.autocast():  # the reference path's styles, in one E call
+            s_ref, s_ref2, s_src_ref = E(torch.cat([b["x_ref"], b["x_ref2"], x]),
+                                         torch.cat([y_trg, y_trg, y_src])).chunk(3)  # [B, S] each
         ref = self._g_path(x, y_trg, s_ref, s_ref2, s_src_ref, w_ds)
         self.scalers["g"].scale(ref["total"]).backward()
         for p in self.nets["style_encoder"].parameters():

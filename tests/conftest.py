@@ -10,7 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one thread: tiny ops gain nothing from two, and a shared 2-core machine makes two threads crawl
+torch.set_num_threads(1)
 
 TINY_MODEL = dict(style_dim=8, latent_dim=4, gen_channels=8, n_res_blocks=2, mapping_hidden_dim=16,
                   mapping_shared_layers=2, style_encoder_channels=8, disc_channels=8)
