@@ -23,7 +23,7 @@ from PIL import Image
 
 from config import ConfigError, model_kwargs, resolve_config
 from dataset import LATENT_CHANNELS, LATENT_SUFFIXES, list_latent_files, load_latent_file
-from encode import IMAGE_EXTENSIONS, load_image, to_model_input
+from encode import IMAGE_EXTENSIONS, SetupError, load_image, resolve_device, to_model_input
 from model import build_models
 from trainer import EMA_NETS, load_checkpoint
 from vae import decode_raw, encode_raw, latent_preview, load_vae, save_image_grid, to_uint8, vae_downsample_factor
@@ -90,18 +90,6 @@ def parse_args(argv=None):
 
 def warn(message):
     print(f"translate.py: warning: {message}", file=sys.stderr)
-
-
-def resolve_device(name):
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as e:
-        raise TranslateError(f"--device {name!r} is not a device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TranslateError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
-    return device
 
 
 # ------------------------------------------------------------------ checkpoint
@@ -397,7 +385,7 @@ def main(argv=None):
         return e.code if isinstance(e.code, int) else 2
     try:
         return run(args)
-    except (TranslateError, ValueError, OSError) as e:  # ValueError: load_checkpoint's "not a checkpoint"
+    except (TranslateError, SetupError, ValueError, OSError) as e:  # ValueError: load_checkpoint's "not a checkpoint"
         print(f"translate.py: error: {e}", file=sys.stderr)
         return 2
 
