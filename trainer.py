@@ -597,7 +597,7 @@ class Display:
 
     def __init__(self, style, epoch, epochs, total, start):
         self.style, self.epoch, self.epochs, self.total, self.last = style, epoch, epochs, max(total, 1), start
-        self.bar = None
+        self.bar, self.width = None, 0  # width: length of the open percent line (0: none open)
         if style == "bar":
             from tqdm import tqdm
 
@@ -618,17 +618,20 @@ class Display:
             self.bar.set_postfix_str(self.text(values), refresh=True)
         elif self.style == "percent":
             pct = 100.0 * done / self.total
-            sys.stdout.write(f"\repoch {self.epoch}/{self.epochs} {pct:5.1f}% ({done}/{self.total})  {self.text(values)}")
+            line = f"epoch {self.epoch}/{self.epochs} {pct:5.1f}% ({done}/{self.total})  {self.text(values)}"
+            sys.stdout.write("\r" + line.ljust(self.width))  # padded: no residue of a longer line
             sys.stdout.flush()
+            self.width = len(line)
         self.last = done
 
     def write(self, line):
         """A JSON line: never inside the bar or the percent line."""
         if self.style == "bar":
             self.bar.write(line, file=sys.stdout)
-        elif self.style == "percent":
-            sys.stdout.write("\r\033[K" + line + "\n")
+        elif self.style == "percent":  # end the percent line first: a JSON line must begin with {
+            sys.stdout.write(("\n" if self.width else "") + line + "\n")
             sys.stdout.flush()
+            self.width = 0
         else:
             print(line, flush=True)
 

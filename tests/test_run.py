@@ -75,6 +75,16 @@ def test_percent_mode_refreshes_one_line(tmp_path, data, capsys):
     assert epoch_lines[0].count("\r") >= 2 and "100.0%" in epoch_lines[0] and "d_loss" in epoch_lines[0]
 
 
+def test_percent_mode_with_json_lines(tmp_path, data, capsys):
+    """JSON lines stay parseable lines that begin with { even between percent refreshes."""
+    cfg = write_config(tmp_path, training={"progress_style": "percent", "epochs": 1, "log_json": True,
+                                           "log_interval": 1}, visualization={"every_epochs": 5})
+    assert run.main(["--config", cfg]) == 0
+    out = capsys.readouterr().out
+    assert [r["step"] for r in json_lines(out)] == [1, 2]
+    assert all(line.startswith("{") or "{" not in line for line in out.split("\n"))
+
+
 def test_resume_continues_step_count(tmp_path, data, capsys):
     cfg = write_config(tmp_path, training={"epochs": 1, "log_json": True, "log_interval": 1})
     assert run.main(["--config", cfg]) == 0
