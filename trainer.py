@@ -234,7 +234,8 @@ class Trainer:
 
     def train_step(self, batch):
         """One iteration; returns a dict of 0-dim device tensors (see LOSS_KEYS) plus `w_ds`."""
-        if self._compile_unverified:
+        if self._compile_unverified:  # first compiled step: on failure, undo it and redo it eagerly
+            snapshot = copy.deepcopy(self.state_dict(self.epoch))
             try:
                 out = self._train_step(batch)
                 self._compile_unverified.clear()
@@ -242,6 +243,7 @@ class Trainer:
             except Exception as e:
                 if is_oom(e):
                     raise
+                self.load_state_dict(snapshot)  # a failure in the G phase must not leave D stepped twice
                 self._uncompile(e)
         return self._train_step(batch)
 
@@ -270,36 +272,42 @@ class Trainer:
         names = ("discriminator",) if phase == "d" else EMA_NETS
         params = [p for n in names for p in self.nets[n].parameters()]
         scaler = self.scalers[phase]
-        oom = torch.zeros((), device=self.device)
+        losses = None
         try:
             losses = losses_fn(*args)
         except Exception as e:
             if not is_oom(e):
                 raise
-            losses = None
-            self.oom_skipped += 1
-            for p in params:
-                p.grad = None
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            oom = torch.ones((), device=self.device)
-            self.log(f"out of memory in the {phase.upper()} step at step {self.step}: skipped "
-                     f"({self.oom_skipped} so far)")
-        total = losses[f"{phase}_loss"] if losses else oom
+        # OOM: clean up outside the except block, whose traceback still holds the activations
+        oom = torch.zeros((), device=self.device) if losses is not None else self._free_after_oom(phase, params)
+        total = losses[f"{phase}_loss"].detach().float() if losses is not None else oom
+        # one all-reduce (grads averaged, skip votes summed), then unscale and the finiteness test
+        bad = self.dist.average_gradients(params, (~torch.isfinite(total)).float() + oom)
         opts = [self.optimizers[n] for n in names]
         if scaler.is_enabled():
             for opt in opts:
                 scaler.unscale_(opt)
         grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros((), device=self.device)
-        bad = (~torch.isfinite(norm) | ~torch.isfinite(total.detach().float())).float() + oom
-        bad = self.dist.average_gradients(params, bad)
-        if self.dist.enabled:  # averaged grads: recheck, identically on every rank
-            grads = [p.grad for p in params]
+        if grads:  # the float32 total norm overflows to inf on absurd gradients
             bad = bad + (~torch.isfinite(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))).float()
         skip = (bad > 0).float()
         self._apply(opts, scaler, skip)
         return (losses or {}), skip
+
+    def _free_after_oom(self, phase, params):
+        """Count the OOM, release the cache, and give every parameter a zero grad so the skip
+        takes the same path as any other (the GradScaler needs grads to record; ranks stay in step)."""
+        self.oom_skipped += 1
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        oom = torch.ones((), device=self.device)
+        self.scalers[phase].scale(oom)  # creates the fp16 scale if the very first step ran out of memory
+        self.log(f"out of memory in the {phase.upper()} step at step {self.step}: skipped ({self.oom_skipped} so far)")
+        return oom
 
     def _apply(self, opts, scaler, skip):
         """Step every optimizer of the phase unless `skip` (a 0-dim device flag), without a sync."""
@@ -455,7 +463,11 @@ class Trainer:
 
     def install_signal_handlers(self):
         """SIGINT / SIGTERM: finish the current step, then the run loop saves and exits."""
+        owner = os.getpid()
+
         def handler(signum, frame):
+            if os.getpid() != owner:  # a forked loader worker: the main process decides
+                return
             if self.stop_signal is not None:  # a second Ctrl-C: stop now
                 raise KeyboardInterrupt
             self.stop_signal = signum

@@ -114,12 +114,15 @@ def load_networks(path, device):
             raise TranslateError(f"{path!r}: ema[{name!r}] does not match the architecture in its own config: "
                                  f"{str(e)[:500]}") from None
         nets[name] = models[name].to(device).eval().requires_grad_(False)
+    cfg["latent_shape"] = ckpt.get("latent_shape")  # [4, h, w] trained on (checkpoints since it was recorded)
     return cfg, nets
 
 
 def training_latent_size(cfg):
-    """Spatial size of the training latents, read from one file of the checkpoint's data.root when that
-    folder is reachable from here; None otherwise (the checkpoint itself does not record it)."""
+    """Spatial size of the training latents: the checkpoint's `latent_shape`, else one file of its
+    data.root when that folder is reachable from here (older checkpoints); None otherwise."""
+    if cfg.get("latent_shape"):
+        return int(cfg["latent_shape"][-1])
     root = os.path.expanduser(cfg["data"]["root"])
     for domain in cfg["data"]["domains"]:
         try:

@@ -128,6 +128,18 @@ def test_bad_config_errors_name_the_key(tmp_path, override, message, capsys):
     assert message in err, err
 
 
+def test_default_yaml_matches_code_defaults():
+    """configs/stargan_v2_latent.yaml documents config.DEFAULTS: every key, same value (the YAML
+    names visualization.every_epochs, which the code leaves absent for the eval_interval fallback)."""
+    from config import DEFAULTS, flatten, read_config_file
+
+    yaml_keys = dict(flatten(read_config_file(os.path.join(os.path.dirname(run.__file__), "configs",
+                                                           "stargan_v2_latent.yaml"))))
+    code = dict(flatten(DEFAULTS))
+    assert set(yaml_keys) == set(code)
+    assert {k for k in code if code[k] != yaml_keys[k]} == {"visualization.every_epochs"}
+
+
 def test_bare_off_in_yaml_means_off(tmp_path):
     from config import load_config
 

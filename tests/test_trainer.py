@@ -179,6 +179,19 @@ def test_oom_skips_and_goes_on(tmp_path):
     assert tr.step == 2
 
 
+@pytest.mark.parametrize("at_step", [0, 2])
+def test_fp16_oom_skips_and_goes_on(tmp_path, at_step):
+    tr = make_trainer(tmp_path, training={"amp_dtype": "fp16"})
+    for _ in range(at_step):
+        tr.train_step(make_batch())
+    tr.call["generator"] = OOMOnce(tr.nets["generator"])
+    d_before = params(tr.nets["discriminator"])
+    tr.train_step(make_batch())
+    assert tr.oom_skipped == 1 and same(d_before, params(tr.nets["discriminator"]))
+    out = tr.train_step(make_batch())
+    assert torch.isfinite(out["d_loss"]) and not same(d_before, params(tr.nets["discriminator"]))
+
+
 def test_nonfinite_batch_is_skipped_and_counted(tmp_path):
     tr = make_trainer(tmp_path)
     before = {k: params(tr.nets[k]) for k in T.NETS}
@@ -234,6 +247,25 @@ def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
         out = tr.train_step(make_batch())
     assert tr.call["discriminator"] is tr.nets["discriminator"]
     assert torch.isfinite(out["d_loss"])
+
+
+def test_compile_failure_in_g_phase_does_not_step_d_twice(tmp_path):
+    tr = make_trainer(tmp_path)
+    eager_d = tr.nets["discriminator"]
+
+    class FailsOnGPhase(torch.nn.Module):  # D sees 3B samples in the D step, B in the G step
+        def forward(self, x, y):
+            if x.shape[0] == B:
+                raise RuntimeError("Inductor exploded in the G step")
+            return eager_d(x, y)
+
+    tr.call["discriminator"] = FailsOnGPhase()
+    tr._compile_unverified.add("discriminator")
+    with pytest.warns(UserWarning, match="falling back to eager"):
+        tr.train_step(make_batch())
+    assert tr.step == 1
+    steps = [s["step"].item() for s in tr.optimizers["discriminator"].state.values()]
+    assert steps and all(v == 1 for v in steps)
 
 
 def test_compile_options_translate_mode_and_cudagraphs():

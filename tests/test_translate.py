@@ -225,3 +225,19 @@ def test_image_sources_without_a_vae_are_an_error(trained, tmp_path, capsys):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
     assert translate(ckpt, image, tmp_path / "out", "--num-styles", 1) == 2
     assert "need a VAE" in capsys.readouterr().err
+
+
+def test_image_size_comes_from_the_checkpoint_alone(trained, tiny_vae_dir, tmp_path):
+    """With data.root gone (another machine), images are still sized by the checkpoint's latent_shape."""
+    ckpt, _ = trained
+    state = torch.load(ckpt, weights_only=True)
+    assert state["latent_shape"] == [4, LATENT, LATENT]
+    state["config"]["data"]["root"] = str(tmp_path / "moved_away")
+    moved = tmp_path / "moved.pt"
+    torch.save(state, moved)
+    sources = tmp_path / "sources"
+    os.makedirs(sources)
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(sources / "x.png")
+    out = tmp_path / "out"
+    assert translate(str(moved), sources, out, "--num-styles", 1, "--vae", tiny_vae_dir) == 0
+    assert outputs(out, "x", 0).shape == (4, LATENT, LATENT)
