@@ -198,14 +198,7 @@ def train_epochs(trainer, dataset, cfg, args, start_epoch, start_batch, samples,
         done = trainer.train_epoch(loader, epoch, start_batch=skip // t["batch_size"], total_batches=steps)
         if trainer.stop_signal is not None:
             return stop(trainer, args, ckpt_dir, epoch, done, steps, log)
-        trainer.epoch = epoch
-        last = epoch == t["epochs"]
-        if epoch % t["save_interval"] == 0 or last:
-            if epoch % t["save_interval"] == 0:
-                trainer.save_checkpoint(os.path.join(ckpt_dir, f"epoch_{epoch:04d}.pt"), epoch)
-            trainer.save_checkpoint(os.path.join(ckpt_dir, "latest.pt"), epoch)
-            if dist.is_main:
-                prune_checkpoints(ckpt_dir, t["keep_checkpoints"])
+        save_epoch(trainer, t, epoch, latest=epoch == t["epochs"])
         if trainer.visualize_now(epoch):
             path = trainer.evaluate(epoch, samples)
             if path:
@@ -215,11 +208,25 @@ def train_epochs(trainer, dataset, cfg, args, start_epoch, start_batch, samples,
     return 0
 
 
+def save_epoch(trainer, t, epoch, latest=False):
+    """End of an epoch: every save_interval epochs write epoch_XXXX.pt and latest.pt (the seed's
+    semantics); `latest` forces latest.pt (last epoch, stop signal). Returns latest.pt's path."""
+    trainer.epoch = epoch
+    ckpt_dir = t["checkpoint_dir"]
+    path = os.path.join(ckpt_dir, "latest.pt")
+    if epoch % t["save_interval"] == 0:
+        trainer.save_checkpoint(os.path.join(ckpt_dir, f"epoch_{epoch:04d}.pt"), epoch)
+    if epoch % t["save_interval"] == 0 or latest:
+        trainer.save_checkpoint(path, epoch)
+        if trainer.dist.is_main:
+            prune_checkpoints(ckpt_dir, t["keep_checkpoints"])
+    return path
+
+
 def stop(trainer, args, ckpt_dir, epoch, done, steps, log):
     """After SIGINT/SIGTERM: save the exact position, say how to resume, exit non-zero."""
-    if done >= steps:  # the epoch happened to be complete
-        trainer.epoch = epoch
-        path = trainer.save_checkpoint(os.path.join(ckpt_dir, "latest.pt"), epoch)
+    if done >= steps:  # the epoch happened to be complete: save it as any other (no grid: exit promptly)
+        path = save_epoch(trainer, trainer.cfg["training"], epoch, latest=True)
     else:
         path = trainer.save_checkpoint(os.path.join(ckpt_dir, "latest.pt"), epoch - 1, position=done)
     trainer.dist.barrier()
