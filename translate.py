@@ -63,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--psi", type=float, default=None,
                    help="latent-guided: truncation toward the domain's mean style (mean of F over "
                         f"{MEAN_STYLE_SAMPLES} z): s = mean + psi * (s - mean); 1.0 (default) = none, 0 = the mean")
-    p.add_argument("--output", required=True, help="output folder (created if missing; existing outputs are replaced)")
+    p.add_argument("--output", required=True, help="output folder (created if missing; outputs of the same name are replaced, others kept with a warning)")
     p.add_argument("--vae", default=None,
                    help="diffusers AutoencoderKL (local folder or hub id) for PNGs and image inputs; default: "
                         "the checkpoint's visualization.vae_path. When none loads, PNGs use the linear latent "
@@ -360,6 +360,10 @@ def run(args):
     os.makedirs(args.output, exist_ok=True)
     stems = [os.path.splitext(os.path.basename(p))[0] for p in source_paths]
     names = [f"{stem}_to_{args.target_domain}_{k}" for stem in stems for k in range(styles.shape[0])]
+    stale = sorted(set(f[:-3] for f in os.listdir(args.output) if f.endswith(".pt") and "_to_" in f) - set(names))
+    if stale:  # never delete what a user has; say that the folder is not this run's alone
+        warn(f"{args.output} already holds {len(stale)} output latent(s) of an earlier run (e.g. {stale[0]}.pt); "
+             "they are kept: use a fresh --output folder for one latent per output of this run")
     sheet_cells = {}
     translate(args, nets["generator"], sources, styles, latent_scale, vae, names, sheet_cells, device)
 

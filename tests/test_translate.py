@@ -241,3 +241,14 @@ def test_image_size_comes_from_the_checkpoint_alone(trained, tiny_vae_dir, tmp_p
     out = tmp_path / "out"
     assert translate(str(moved), sources, out, "--num-styles", 1, "--vae", tiny_vae_dir) == 0
     assert outputs(out, "x", 0).shape == (4, LATENT, LATENT)
+
+
+def test_outputs_of_an_earlier_run_are_kept_with_a_warning(trained, tmp_path, capsys):
+    ckpt, data = trained
+    out = tmp_path / "out"
+    source = os.path.join(data, "a", "000.pt")
+    assert translate(ckpt, source, out, "--num-styles", 3) == 0
+    capsys.readouterr()
+    assert translate(ckpt, source, out, "--num-styles", 1) == 0
+    assert "already holds 2 output latent(s)" in capsys.readouterr().err
+    assert len(listing(out, ".pt")) == 3
