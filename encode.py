@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from vae import encode_raw, load_vae, vae_downsample_factor
+from vae import atomic_write, encode_raw, load_vae, vae_downsample_factor
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -115,20 +115,11 @@ def sample_generator(seed, rel_stem):
 
 
 def save_latent(latent, path, fmt):
-    """Write one [C, h, w] CPU tensor atomically: a hidden temporary file in the same folder, renamed."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            if fmt == "pt":
-                torch.save(latent.clone(), f)  # clone: a row of the batch would save the whole batch's storage
-            else:
-                np.save(f, latent.numpy(), allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write one [C, h, w] CPU tensor atomically (temporary file in the same folder, renamed)."""
+    if fmt == "pt":  # clone: a row of the batch would save the whole batch's storage
+        atomic_write(path, lambda f: torch.save(latent.clone(), f))
+    else:
+        atomic_write(path, lambda f: np.save(f, latent.numpy(), allow_pickle=False))
 
 
 def save_batch(latents, out_paths, fmt):

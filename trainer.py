@@ -12,7 +12,6 @@ phase) and `Distributed.is_main` (only rank 0 prints, logs and writes files).
 import copy
 import glob
 import json
-import math
 import os
 import random
 import re
@@ -27,7 +26,7 @@ import torch.nn as nn
 
 import loss as L
 from config import visualization_every
-from vae import decode_raw, latent_preview, load_vae, save_image_grid
+from vae import atomic_write, decode_raw, latent_preview, load_vae, save_image_grid
 
 NETS = ("generator", "mapping_network", "style_encoder", "discriminator")
 EMA_NETS = ("generator", "mapping_network", "style_encoder")
@@ -134,7 +133,7 @@ class Trainer:
         self.cfg, self.device = cfg, torch.device(device)
         self.dist = dist or Distributed()
         self._log = log
-        t, lcfg = cfg["training"], cfg["loss"]
+        t = cfg["training"]
         self.domains = list(cfg["data"]["domains"])
         self.latent_scale = t["latent_scale"]
         self.latent_dim = cfg["model"]["latent_dim"]
@@ -688,22 +687,8 @@ def set_rng_state(state, device=None):
 
 
 def atomic_save(obj, path):
-    """torch.save to `<path>.tmp-<pid>` in the same folder, fsync, then rename over `path`:
-    a crash at any moment leaves the previous file intact and no partial file behind."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    """torch.save through a temporary file in the same folder, fsynced, then renamed."""
+    return atomic_write(path, lambda f: torch.save(obj, f), fsync=True)
 
 
 def load_checkpoint(path, map_location="cpu"):

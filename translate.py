@@ -26,7 +26,7 @@ from dataset import LATENT_CHANNELS, LATENT_SUFFIXES, list_latent_files, load_la
 from encode import IMAGE_EXTENSIONS, SetupError, load_image, resolve_device, to_model_input
 from model import build_models
 from trainer import EMA_NETS, load_checkpoint
-from vae import decode_raw, encode_raw, latent_preview, load_vae, save_image_grid, to_uint8, vae_downsample_factor
+from vae import atomic_write, decode_raw, encode_raw, latent_preview, load_vae, save_image_grid, to_uint8, vae_downsample_factor
 
 MEAN_STYLE_SAMPLES = 10000  # z draws averaged into a domain's mean style for --psi (StarGAN v2's count)
 MEAN_STYLE_SEED = 0  # fixed: the mean style is a property of the model, not of --seed
@@ -257,25 +257,12 @@ def reference_styles(style_encoder, refs_scaled, domain_id, batch_size, device):
 
 # ------------------------------------------------------------------ outputs
 
-def atomic_write(path, write):
-    """write(tmp_path) to a hidden temporary file in the same folder, then rename over `path`."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_outputs(raw, rgb, names, output_dir):
     """Per output: `<name>.pt` (raw float32 [4, h, w]) and `<name>.png`."""
     pixels = to_uint8(rgb)  # [B, H, W, 3]
     for latent, image, name in zip(raw, pixels, names):
-        atomic_write(os.path.join(output_dir, f"{name}.pt"), lambda tmp: torch.save(latent.clone(), tmp))
-        atomic_write(os.path.join(output_dir, f"{name}.png"), lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+        atomic_write(os.path.join(output_dir, f"{name}.pt"), lambda f: torch.save(latent.clone(), f))
+        atomic_write(os.path.join(output_dir, f"{name}.png"), lambda f: Image.fromarray(image).save(f, format="PNG"))
 
 
 @torch.no_grad()

@@ -145,20 +145,38 @@ def grid_array(images, nrow, pad=2):
     return grid
 
 
-def save_image_grid(path, images, nrow, row_labels=None, col_labels=None):
-    """Write a grid PNG atomically; labelled when Pillow is there, else unlabelled via numpy->PNG."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.png"
+def atomic_write(path, write, fsync=False):
+    """write(f) into a hidden temporary file beside `path` (binary), then rename over `path`: a crash
+    at any moment leaves the previous file intact and no partial file behind. Shared by checkpoints,
+    latents, PNGs and grids."""
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
     try:
-        image_grid(images, nrow, row_labels, col_labels).save(tmp)
-    except ImportError:  # no Pillow: write an unlabelled grid with the minimal PNG writer
-        write_png(tmp, grid_array(images, nrow))
-    os.replace(tmp, path)
+        with open(tmp, "wb") as f:
+            write(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return path
 
 
-def write_png(path, array):
-    """Minimal RGB PNG writer (zlib) for environments without Pillow."""
+def save_image_grid(path, images, nrow, row_labels=None, col_labels=None):
+    """Write a grid PNG atomically; labelled when Pillow is there, else unlabelled via numpy->PNG."""
+    try:
+        grid = image_grid(images, nrow, row_labels, col_labels)
+        return atomic_write(path, lambda f: grid.save(f, format="PNG"))
+    except ImportError:  # no Pillow: an unlabelled grid with the minimal PNG writer
+        return atomic_write(path, lambda f: write_png(f, grid_array(images, nrow)))
+
+
+def write_png(f, array):
+    """Minimal RGB PNG writer (zlib) for environments without Pillow; `f` a binary file."""
     import struct
     import zlib
 
@@ -168,6 +186,5 @@ def write_png(path, array):
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))

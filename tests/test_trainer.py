@@ -1,7 +1,6 @@
 """Unit tests of the training step (SPEC.md §7): R1 schedule, which path trains what, w_ds decay,
 EMA, OOM and non-finite skips, fp16 with GradScaler."""
 
-import copy
 
 import pytest
 import torch
