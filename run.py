@@ -209,7 +209,7 @@ def train_epochs(trainer, dataset, cfg, args, start_epoch, start_batch, samples,
 
 
 def save_epoch(trainer, t, epoch, latest=False):
-    """End of an epoch: every save_interval epochs write epoch_XXXX.pt and latest.pt (the seed's
+    """End of an epoch: every save_interval epochs write epoch_NNNN.pt and latest.pt (the seed's
     semantics); `latest` forces latest.pt (last epoch, stop signal). Returns latest.pt's path."""
     trainer.epoch = epoch
     ckpt_dir = t["checkpoint_dir"]

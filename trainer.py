@@ -707,7 +707,7 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def prune_checkpoints(folder, keep):
-    """Keep the `keep` newest epoch_XXXX.pt files (None: keep all)."""
+    """Keep the `keep` newest epoch_NNNN.pt files (None: keep all)."""
     if not keep:
         return []
     files = sorted(glob.glob(os.path.join(folder, "epoch_*.pt")),
