@@ -46,6 +46,9 @@ def quiet_hf():
 
         dlogging.set_verbosity_error()
         dlogging.disable_progress_bar()
+        from huggingface_hub.utils import logging as hlogging
+
+        hlogging.set_verbosity_error()
     except Exception:  # an old or missing diffusers: nothing to silence
         pass
     warnings.filterwarnings("ignore", module="diffusers")
@@ -69,9 +72,10 @@ def load_vae(path, subfolder=None, device="cpu", dtype=torch.float32, quiet=True
     if looks_local(path) and not os.path.isdir(path):
         raise FileNotFoundError(f"VAE folder {path!r} does not exist (expected a diffusers AutoencoderKL "
                                 "folder with config.json, or a hub id such as 'stabilityai/sd-vae-ft-mse')")
-    if quiet:
-        quiet_hf()
     from diffusers import AutoencoderKL
+
+    if quiet:  # after the import: huggingface_hub sets its loggers' levels when it is imported
+        quiet_hf()
 
     vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder or None, torch_dtype=dtype)
     vae.to(device).eval().requires_grad_(False)
