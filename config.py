@@ -245,7 +245,7 @@ def model_kwargs(cfg, num_domains=None):
     return dict(num_domains=num_domains or len(cfg["data"]["domains"]), **cfg["model"])
 
 
-def visualization_every(cfg, raw_visualization=None):
+def visualization_every(cfg):
     """Epochs between grids: visualization.every_epochs, else training.eval_interval."""
     every = cfg["visualization"]["every_epochs"]
     return every if every is not None else cfg["training"]["eval_interval"]

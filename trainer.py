@@ -404,9 +404,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ epoch loop, display, log
 
-    def check_nonfinite(self):
-        """Host check of the device counters (display/log time only)."""
-        run_max = int(self.nonfinite_run_max.item())
+    def check_nonfinite(self, run_max=None):
+        """Stop on too many consecutive skipped steps. `run_max` comes from `scalars`' one sync at
+        display/log time; without it the device counter is read here."""
+        if run_max is None:
+            run_max = self.nonfinite_run_max.item()
+        run_max = int(run_max)
         self.nonfinite_run_max.zero_()
         limit = self.cfg["training"]["max_nonfinite_steps"]
         if run_max >= limit:
@@ -416,11 +419,14 @@ class Trainer:
                 "for absurd values, lower training.lr, or try training.amp_dtype=fp32.")
 
     def scalars(self, losses):
-        """One host sync: every loss, the skip counters and w_ds as Python numbers."""
+        """One host sync: every loss, the skip counters and w_ds as Python numbers; also checks the
+        consecutive-skip limit."""
         keys = [k for k in LOSS_KEYS if k in losses]
-        values = torch.stack([losses[k].float() for k in keys] + [self.nonfinite_total.float()]).tolist()
+        counters = [self.nonfinite_total.float(), self.nonfinite_run_max.float()]
+        *values, total, run_max = torch.stack([losses[k].float() for k in keys] + counters).tolist()
+        self.check_nonfinite(run_max)
         out = dict(zip(keys, values))
-        out["nonfinite_skipped"] = int(values[-1])
+        out["nonfinite_skipped"] = int(total)
         out["oom_skipped"] = self.oom_skipped
         out["w_ds"] = losses["w_ds"]
         return out
@@ -433,7 +439,7 @@ class Trainer:
         display = Display(t["progress_style"] if self.dist.is_main else "off", epoch, t["epochs"], total,
                           start_batch)
         done = start_batch
-        losses = None
+        losses = final = None
         start = time.perf_counter()
         try:
             for batch in loader:
@@ -442,8 +448,7 @@ class Trainer:
                 show = self.step % t["display_interval"] == 0
                 log = t["log_json"] and self.step % t["log_interval"] == 0
                 if show or log:
-                    self.check_nonfinite()
-                    values = self.scalars(losses)
+                    values = self.scalars(losses)  # the one sync of a display/log step
                     if show:
                         display.update(done, values)
                     if log and self.dist.is_main:
@@ -454,10 +459,10 @@ class Trainer:
                     self.stop_signal = self.dist.max_int(self.stop_signal or 0) or None
                 if self.stop_signal is not None:
                     break
-            self.check_nonfinite()
+            final = self.scalars(losses) if losses else self.check_nonfinite()
         finally:
             rate = (done - start_batch) / max(time.perf_counter() - start, 1e-9)
-            display.close(done, self.scalars(losses) if losses else None, rate)
+            display.close(done, final, rate)
         return done
 
     def install_signal_handlers(self):
@@ -587,9 +592,10 @@ class Trainer:
         rows.append(torch.cat([blank, refs]))
         rows += [torch.cat([src[i:i + 1], ref[i]]) for i in range(n)]
         cells = torch.cat(rows)  # [(2N+1)*(N+1), 4, h, w]
-        keep = ~torch.isnan(cells.flatten(1)).any(1)
-        rgb = torch.ones(cells.shape[0], 3, *self.to_rgb(cells[:1]).shape[2:])
-        rgb[keep.cpu()] = self.to_rgb(cells[keep]).cpu()
+        keep = ~torch.isnan(cells.flatten(1)).any(1)  # the blank corner stays white
+        decoded = self.to_rgb(cells[keep]).cpu()
+        rgb = torch.ones(cells.shape[0], *decoded.shape[1:])
+        rgb[keep.cpu()] = decoded
         labels = [f"{d} (latent)" for d in self.domains] + ["references"] + [f"{d} (ref)" for d in self.domains]
         path = os.path.join(self.vis_dir(), f"epoch_{epoch:04d}.png")
         return save_image_grid(path, rgb, nrow=2 * n + 1, row_labels=labels, col_labels=["source"] + self.domains)
