@@ -8,6 +8,7 @@ in step). `visualization.every_epochs: None` means "absent": visualization then 
 
 import copy
 import json
+import math
 import os
 
 import yaml
@@ -23,6 +24,7 @@ DEFAULTS = {
         "preload_max_fraction": 0.5,
         "samples_per_epoch": None,
         "hflip": False,
+        "reject_outliers": True,
         "synthetic": False,
         "synthetic_files_per_domain": 64,
     },
@@ -185,9 +187,10 @@ def validate(cfg):
         expected = OPTIONAL_TYPES.get(key) or type(defaults[key])
         if value is None and (defaults[key] is None or key in OPTIONAL_TYPES):
             continue
+        if expected is float:
+            set_key(cfg, key, to_float(key, value))
+            continue
         ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            ok = True
         if not ok:
             raise ConfigError(f"config key {key!r} must be {expected.__name__}, got {value!r}")
 
@@ -228,6 +231,30 @@ def validate(cfg):
     check(v["every_epochs"] is None or v["every_epochs"] >= 1, "visualization.every_epochs", "a positive int or null")
     if not t["progress_bar"]:  # the seed's older switch: progress_bar false means no display
         t["progress_style"] = "off"
+
+
+def to_float(key, value):
+    """A float key's value as a finite float. Numeric strings are accepted: YAML 1.1 (PyYAML) reads
+    `1e-4`, without a dot, as the string '1e-4', in files and in KEY=VALUE overrides alike."""
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ConfigError(f"config key {key!r} must be a number, got {value!r}") from None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+    if not math.isfinite(number):
+        raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
+    return number
+
+
+def set_key(cfg, key, value):
+    *sections, last = key.split(".")
+    for part in sections:
+        cfg = cfg[part]
+    cfg[last] = value
 
 
 def compile_modes():

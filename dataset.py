@@ -20,6 +20,11 @@ from torch.utils.data import DataLoader, Dataset
 
 LATENT_CHANNELS = 4  # SD1.5 VAE latent channels
 LATENT_SUFFIXES = (".pt", ".npy")
+# Raw SD1.5 latents have a standard deviation of about 5.5 (1 / 0.18215) and in practice stay within a
+# few tens. A max |value| above 1e3 (about 180 standard deviations) is no VAE latent: a file scaled
+# twice, saved as pixels, or corrupted. Such a value is finite, so the finiteness check misses it, yet
+# it drives activations and gradients to inf and every step that draws it is skipped.
+OUTLIER_LIMIT = 1e3
 
 
 def _mb(nbytes):
@@ -93,7 +98,7 @@ class MultiDomainLatentDataset(Dataset):
     """
 
     def __init__(self, root, domains, preload_to_gpu=True, device="cuda", samples_per_epoch=None,
-                 seed=0, hflip=False, preload_max_fraction=0.5, log=print):
+                 seed=0, hflip=False, preload_max_fraction=0.5, reject_outliers=True, log=print):
         domains = [domains] if isinstance(domains, str) else list(domains)
         if len(domains) < 2 or len(set(domains)) != len(domains):
             raise ValueError(f"data.domains must name at least 2 distinct domains (the target domain "
@@ -112,6 +117,7 @@ class MultiDomainLatentDataset(Dataset):
         self.files = [list_latent_files(os.path.join(self.root, d)) for d in domains]
         self.counts = [len(f) for f in self.files]
         self.data = self._load_all()  # [N_total, 4, H, W] float32, CPU
+        self._check_outliers(reject_outliers, log)
         self.shape = tuple(self.data.shape[1:])
         self.data = self._maybe_preload(self.data, preload_to_gpu, torch.device(device), preload_max_fraction, log)
         self.device = self.data.device
@@ -161,6 +167,23 @@ class MultiDomainLatentDataset(Dataset):
             raise ValueError(f"{flat[row]} holds a non-finite value (NaN or +-inf, possibly after the cast "
                              f"to float32); expected finite raw latents")
         return data
+
+    def _check_outliers(self, reject, log):
+        """Name every file whose max |value| exceeds OUTLIER_LIMIT: an error when `reject`, else a
+        warning (training then skips the steps that draw them as non-finite)."""
+        peak = self.data.abs().flatten(1).amax(dim=1)  # [N_total]: one vectorised pass
+        rows = (peak > OUTLIER_LIMIT).nonzero().flatten().tolist()
+        if not rows:
+            return
+        flat = [p for paths in self.files for p in paths]
+        listing = "\n  ".join(f"{flat[r]}: max |value| {peak[r].item():.3g}" for r in rows)
+        message = (f"{len(rows)} latent file(s) hold values far outside a VAE latent's range (max |value| > "
+                   f"{OUTLIER_LIMIT:g}; raw SD1.5 latents have a std of about 5.5):\n  {listing}")
+        if reject:
+            raise ValueError(f"{message}\nRe-encode or remove them, or set data.reject_outliers: false to train "
+                             "anyway (steps that draw them are then skipped as non-finite)")
+        log(f"warning: {message}\ndata.reject_outliers is false: training goes on; steps that draw them are "
+            "skipped as non-finite")
 
     def _maybe_preload(self, data, preload_to_gpu, device, max_fraction, log):
         """Move `data` to the GPU when asked and it fits in `max_fraction` of the free memory."""

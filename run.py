@@ -110,6 +110,20 @@ def rank_indices(n, dist, batch_size, drop_last):
     return indices, steps
 
 
+def check_epoch_has_steps(dataset, dist, t):
+    """An epoch of zero steps would write checkpoints and grids of untrained networks and exit 0."""
+    _, steps = rank_indices(len(dataset), dist, t["batch_size"], t["drop_last"])
+    if steps > 0:
+        return
+    files, per_rank = sum(dataset.counts), len(dataset) // dist.world_size
+    raise ConfigError(
+        f"an epoch would train 0 steps: {files} latent files, data.samples_per_epoch="
+        f"{dataset.samples_per_epoch} -> {len(dataset)} samples per epoch over {dist.world_size} process(es) = "
+        f"{per_rank} per process, fewer than training.batch_size={t['batch_size']}"
+        f"{' with training.drop_last true' if t['drop_last'] else ''}. Lower training.batch_size, raise "
+        f"data.samples_per_epoch to at least {t['batch_size'] * dist.world_size}, or add data")
+
+
 def fixed_samples(dataset):
     """One source and one reference latent per domain, for the grids: the first two files."""
     sources, refs = [], []
@@ -161,7 +175,8 @@ def train(cfg, args, dist, local_rank, log):
     seed_everything(cfg["seed"])  # same weights on every rank
     dataset = MultiDomainLatentDataset(d["root"], d["domains"], preload_to_gpu=d["preload_to_gpu"], device=device,
                                        samples_per_epoch=d["samples_per_epoch"], seed=cfg["seed"], hflip=d["hflip"],
-                                       preload_max_fraction=d["preload_max_fraction"], log=log)
+                                       preload_max_fraction=d["preload_max_fraction"],
+                                       reject_outliers=d["reject_outliers"], log=log)
     models = build_models(**model_kwargs(cfg))
     log("parameters: " + ", ".join(f"{k} {count_parameters(m) / 1e6:.2f}M" for k, m in models.items()))
     trainer = Trainer(cfg, models, device, dist=dist, log=log)
@@ -188,6 +203,8 @@ def train_epochs(trainer, dataset, cfg, args, start_epoch, start_batch, samples,
     quiet = lambda *a, **k: None  # noqa: E731  (loader notices once, not every epoch)
     loader_gen = torch.Generator()  # the loader's base seed must not draw from the global RNG (exact resume)
 
+    if start_epoch <= t["epochs"]:
+        check_epoch_has_steps(dataset, dist, t)
     for epoch in range(start_epoch, t["epochs"] + 1):
         dataset.set_epoch(epoch)
         indices, steps = rank_indices(len(dataset), dist, t["batch_size"], t["drop_last"])
@@ -204,7 +221,7 @@ def train_epochs(trainer, dataset, cfg, args, start_epoch, start_batch, samples,
             if path:
                 log(f"epoch {epoch}: grid {path}")
         dist.barrier()
-    log(f"done: {t['epochs']} epochs, {trainer.step} steps; checkpoints in {ckpt_dir}")
+    log(f"done: {t['epochs']} epochs, {trainer.step} steps{trainer.skipped_summary()}; checkpoints in {ckpt_dir}")
     return 0
 
 

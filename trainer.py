@@ -155,6 +155,7 @@ class Trainer:
         self.nonfinite_run = torch.zeros((), device=self.device)  # consecutive skipped steps
         self.nonfinite_run_max = torch.zeros((), device=self.device)  # longest run since last check
         self.oom_skipped = 0
+        self._skips_reported = (0, 0)  # (non-finite, OOM) totals at the last epoch-end report
         self.last_r1 = torch.zeros((), device=self.device)
         self.stop_signal = None
         self.latent_shape = None  # set by run.py from the dataset; recorded in checkpoints
@@ -279,7 +280,8 @@ class Trainer:
                 raise
         # OOM: clean up outside the except block, whose traceback still holds the activations
         oom = torch.zeros((), device=self.device) if losses is not None else self._free_after_oom(phase, params)
-        total = losses[f"{phase}_loss"].detach().float() if losses is not None else oom
+        # the back-propagated objective: a stale value (the last R1) never votes to skip a step
+        total = losses["d_objective" if phase == "d" else "g_loss"].float() if losses is not None else oom
         # one all-reduce (grads averaged, skip votes summed), then unscale and the finiteness test
         bad = self.dist.average_gradients(params, (~torch.isfinite(total)).float() + oom)
         opts = [self.optimizers[n] for n in names]
@@ -341,17 +343,20 @@ class Trainer:
             logits = D(torch.cat([x, fakes.to(x.dtype)]), torch.cat([y_src, y_trg, y_trg]))  # [3B, 1, H', W']
         real, fake_lat, fake_ref = logits.float().chunk(3)
         d_adv = L.d_hinge_loss(real, fake_lat) + L.d_hinge_loss(real, fake_ref)
-        d_loss = d_adv
+        objective = d_adv
         if self.step % lcfg["r1_interval"] == 0 and lcfg["w_r1"] > 0:
             # lazy R1 (StyleGAN2 §4): scaled by the interval so the average strength is unchanged;
             # eager D in float32 (double backward fails through torch.compile, fp16 grads underflow)
             x_r1 = x.detach().float().requires_grad_(True)
             with torch.autocast(self.device.type, enabled=False):
                 r1 = L.r1_penalty(self.nets["discriminator"](x_r1, y_src), x_r1)
-            d_loss = d_loss + lcfg["w_r1"] * lcfg["r1_interval"] * r1
+            objective = objective + lcfg["w_r1"] * lcfg["r1_interval"] * r1
             self.last_r1 = r1.detach()
-        self.scalers["d"].scale(d_loss).backward()
-        return {"d_loss": d_loss.detach(), "d_adv": d_adv.detach(), "r1": self.last_r1}
+        self.scalers["d"].scale(objective).backward()
+        d_adv = d_adv.detach()
+        # shown: the per-step average objective, the same on R1 and plain steps (r1 is its last value)
+        return {"d_objective": objective.detach(), "d_loss": d_adv + lcfg["w_r1"] * self.last_r1, "d_adv": d_adv,
+                "r1": self.last_r1}
 
     def g_losses(self, b, z, w_ds):
         """G step. Reference path first, trains G only: its grads on E are dropped before the
@@ -463,7 +468,18 @@ class Trainer:
         finally:
             rate = (done - start_batch) / max(time.perf_counter() - start, 1e-9)
             display.close(done, final, rate)
+        if final:
+            self.report_skips(epoch, final)
         return done
+
+    def report_skips(self, epoch, values):
+        """One line whenever steps of this epoch were skipped, whatever the display style."""
+        counts = (values["nonfinite_skipped"], values["oom_skipped"])
+        new = [now - before for now, before in zip(counts, self._skips_reported)]
+        self._skips_reported = counts
+        if any(new):
+            self.log(f"epoch {epoch}: {new[0]} step(s) skipped (non-finite loss or gradient), {new[1]} (out of "
+                     f"memory); {counts[0]} and {counts[1]} in all")
 
     def install_signal_handlers(self):
         """SIGINT / SIGTERM: finish the current step, then the run loop saves and exits."""
@@ -526,6 +542,7 @@ class Trainer:
             self.ema[k].load_state_dict(ckpt["ema"][k])
         for k, opt in self.optimizers.items():
             opt.load_state_dict(ckpt["optimizers"][k])
+        self._apply_config_hyperparameters()
         for k, s in self.scalers.items():
             if ckpt["scaler"].get(k):
                 s.load_state_dict(ckpt["scaler"][k])
@@ -534,6 +551,7 @@ class Trainer:
         self.nonfinite_total.fill_(c.get("nonfinite_total", 0))
         self.nonfinite_run.fill_(c.get("nonfinite_run", 0))
         self.oom_skipped = int(c.get("oom_skipped", 0))
+        self._skips_reported = (int(c.get("nonfinite_total", 0)), self.oom_skipped)
         self.last_r1 = torch.tensor(float(c.get("last_r1", 0.0)), device=self.device)
         per_rank = ckpt.get("rng_per_rank")
         if self.dist.enabled and per_rank and len(per_rank) == self.dist.world_size:
@@ -542,6 +560,25 @@ class Trainer:
             torch.manual_seed(int(self.cfg["seed"]) + 1000003 * self.step + self.dist.rank)
         else:
             set_rng_state(ckpt["rng"], self.device)
+
+    def _apply_config_hyperparameters(self):
+        """The config governs a resumed run: `load_state_dict` of an optimizer restores the saved
+        param_groups, so set lr (F: lr_mapping) and weight_decay again and say what changed."""
+        t = self.cfg["training"]
+        for name, opt in self.optimizers.items():
+            wanted = {"lr": t["lr_mapping"] if name == "mapping_network" else t["lr"], "weight_decay": t["weight_decay"]}
+            for key, value in wanted.items():
+                saved = opt.param_groups[0][key]
+                if saved != value:
+                    self.log(f"resume: {name} {key} {saved:g} -> {value:g} (from the config)")
+                for group in opt.param_groups:
+                    group[key] = value
+
+    def skipped_summary(self):
+        """', 3 skipped (non-finite)' etc. for the final line; '' when no step was skipped."""
+        parts = [f", {n} skipped ({why})" for n, why in ((int(self.nonfinite_total.item()), "non-finite"),
+                                                        (self.oom_skipped, "out of memory")) if n]
+        return "".join(parts)
 
     # ------------------------------------------------------------------ visualization
 

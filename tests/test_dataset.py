@@ -384,3 +384,23 @@ def test_hostile_pickle_is_never_executed(tmp_path, container):
         make_dataset(root, domains)
     assert str(hostile) in str(info.value) and "weights_only" in str(info.value)
     assert not marker.exists()
+
+
+def test_outlier_files_are_refused_by_name(tmp_path):
+    """A finite but absurd latent (1e30) is no VAE latent: the error names the file and its max |value|."""
+    root, domains = make_root(tmp_path, [3, 3])
+    bad = os.path.join(root, "d1", "00002.pt")
+    torch.save(torch.full((4, H, W), 1e30), bad)
+    with pytest.raises(ValueError, match="data.reject_outliers") as err:
+        make_dataset(root, domains)
+    assert f"{bad}: max |value| 1e+30" in str(err.value)
+    assert "00001.pt" not in str(err.value)
+
+
+def test_outliers_allowed_with_a_warning(tmp_path):
+    root, domains = make_root(tmp_path, [3, 3])
+    torch.save(torch.full((4, H, W), -2e3), os.path.join(root, "d0", "00000.pt"))
+    logged = []
+    ds = make_dataset(root, domains, reject_outliers=False, log=logged.append)
+    assert ds.data.abs().max() == 2e3
+    assert any("00000.pt: max |value| 2e+03" in line and "warning" in line for line in logged)

@@ -16,9 +16,10 @@ import trainer as T
 from conftest import ROOT, tiny_run_config, write_latent_folders
 
 
-def write_config(tmp_path, out, **training):
+def write_config(tmp_path, out, reject_outliers=True, **training):
     cfg = tiny_run_config(tmp_path, training={"checkpoint_dir": str(tmp_path / out), **training},
                           visualization={"every_epochs": 1, "vae_path": None})
+    cfg["data"]["reject_outliers"] = reject_outliers
     cfg["data"]["samples_per_epoch"] = 12  # 3 steps of 4 per epoch
     cfg["loss"]["ds_decay_steps"] = 10
     path = tmp_path / f"{out}.yaml"
@@ -145,11 +146,11 @@ def test_checkpoint_never_holds_nonfinite_weights(tmp_path):
 
 
 def test_poisoned_data_is_skipped_and_reported(tmp_path, capsys):
-    """One absurd (1e30) file among normal ones: steps that draw it are skipped and counted, the
-    run finishes, and the checkpoint is finite."""
+    """One absurd (1e30) file among normal ones, with data.reject_outliers off: steps that draw it
+    are skipped and counted, the run finishes, and the checkpoint is finite."""
     root = write_latent_folders(tmp_path / "data")
     torch.save(torch.full((4, 16, 16), 1e30), os.path.join(root, "a", "000.pt"))
-    cfg = write_config(tmp_path, "poison", epochs=2, log_json=True, log_interval=1)
+    cfg = write_config(tmp_path, "poison", epochs=2, log_json=True, log_interval=1, reject_outliers=False)
     assert run.main(["--config", cfg]) == 0
     import json
 
@@ -159,11 +160,37 @@ def test_poisoned_data_is_skipped_and_reported(tmp_path, capsys):
     assert all(torch.isfinite(v).all() for sd in ckpt["models"].values() for v in sd.values())
 
 
+def test_skipped_steps_are_reported_without_display_or_log(tmp_path, capsys):
+    """progress_style off, no JSON: skipped steps still get a line per epoch and one in `done:`."""
+    root = write_latent_folders(tmp_path / "data")
+    torch.save(torch.full((4, 16, 16), 1e30), os.path.join(root, "a", "000.pt"))
+    cfg = write_config(tmp_path, "quiet", epochs=2, reject_outliers=False)
+    assert run.main(["--config", cfg]) == 0
+    out = capsys.readouterr().out
+    skipped = final_state(tmp_path / "quiet")["counters"]["nonfinite_total"]
+    assert skipped >= 1
+    epoch_lines = [line for line in out.splitlines() if "step(s) skipped (non-finite loss or gradient)" in line]
+    assert 1 <= len(epoch_lines) <= 2
+    assert sum(int(line.split(": ")[1].split()[0]) for line in epoch_lines) == skipped
+    assert f"done: 2 epochs, 6 steps, {int(skipped)} skipped (non-finite)" in out
+
+
+def test_outlier_data_is_refused_before_training(tmp_path, capsys):
+    root = write_latent_folders(tmp_path / "data")
+    bad = os.path.join(root, "b", "003.pt")
+    torch.save(torch.full((4, 16, 16), 1e30), bad)
+    cfg = write_config(tmp_path, "refused", epochs=1)
+    assert run.main(["--config", cfg]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: max |value| 1e+30" in err and "data.reject_outliers: false" in err
+    assert not os.path.exists(tmp_path / "refused" / "latest.pt")
+
+
 def test_consecutive_skips_stop_the_run(tmp_path, capsys):
     root = write_latent_folders(tmp_path / "data")
     for d in ("a", "b", "c"):
         for f in os.listdir(os.path.join(root, d)):
             torch.save(torch.full((4, 16, 16), 1e30), os.path.join(root, d, f))
-    cfg = write_config(tmp_path, "allbad", epochs=5, max_nonfinite_steps=4)
+    cfg = write_config(tmp_path, "allbad", epochs=5, max_nonfinite_steps=4, reject_outliers=False)
     assert run.main(["--config", cfg]) == 2
     assert "max_nonfinite_steps=4" in capsys.readouterr().err

@@ -120,6 +120,9 @@ def test_overrides_and_json_config(tmp_path, data):
     ("training.compile_mode=warp-speed", "compile_mode"),
     ("data.domains=[only]", "data.domains"),
     ("training.lr=fast", "training.lr"),
+    ("training.lr=nan", "training.lr"),
+    ("training.lr=.inf", "training.lr"),
+    ("loss.w_ds=[1]", "loss.w_ds"),
 ])
 def test_bad_config_errors_name_the_key(tmp_path, override, message, capsys):
     cfg = write_config(tmp_path)
@@ -181,3 +184,56 @@ def test_unwritable_checkpoint_dir_fails_before_training(tmp_path, data, capsys)
     cfg = write_config(tmp_path, training={"checkpoint_dir": str(blocker / "sub")})
     assert run.main(["--config", cfg]) == 2
     assert "not writable" in capsys.readouterr().err
+
+
+def test_numeric_strings_for_float_keys(tmp_path):
+    """YAML 1.1 reads 1e-4 (no dot) as a string, in files and overrides alike: accepted as a float."""
+    from config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  lr: 1e-4\n  weight_decay: '0'\nloss:\n  w_r1: 2\n")
+    cfg = load_config(str(path), ["training.lr_mapping=1e-6", "loss.w_ds=5E-1"])
+    t = cfg["training"]
+    assert (t["lr"], t["lr_mapping"], t["weight_decay"]) == (1e-4, 1e-6, 0.0)
+    assert (cfg["loss"]["w_r1"], cfg["loss"]["w_ds"]) == (2.0, 0.5)
+    assert all(type(v) is float for v in (t["lr"], t["lr_mapping"], t["weight_decay"], cfg["loss"]["w_r1"]))
+
+
+def test_numeric_string_reaches_the_checkpoint_as_float(tmp_path, data):
+    cfg = write_config(tmp_path, training={"epochs": 1})
+    assert run.main(["--config", cfg, "training.lr=1e-3"]) == 0
+    ckpt = torch.load(tmp_path / "out" / "latest.pt", weights_only=True)
+    assert ckpt["config"]["training"]["lr"] == 1e-3 and type(ckpt["config"]["training"]["lr"]) is float
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["training"]["lr"] == 1e-3
+    assert ckpt["optimizers"]["generator"]["param_groups"][0]["lr"] == 1e-3
+
+
+def test_resume_reports_and_applies_the_configs_learning_rates(tmp_path, data, capsys):
+    cfg = write_config(tmp_path, training={"epochs": 1, "lr": 1e-4, "weight_decay": 1e-4})
+    assert run.main(["--config", cfg]) == 0
+    assert run.main(["--config", cfg, "--resume", "training.epochs=2", "training.lr=5e-4",
+                     "training.weight_decay=0"]) == 0
+    out = capsys.readouterr().out
+    assert "resume: generator lr 0.0001 -> 0.0005 (from the config)" in out
+    assert "resume: discriminator weight_decay 0.0001 -> 0 (from the config)" in out
+    groups = torch.load(tmp_path / "out" / "latest.pt", weights_only=True)["optimizers"]["discriminator"]["param_groups"]
+    assert groups[0]["lr"] == 5e-4 and groups[0]["weight_decay"] == 0
+
+
+def test_zero_step_epoch_is_an_error(tmp_path, capsys):
+    """9 files at batch 16 with drop_last: no step would ever run; refuse before writing anything."""
+    write_latent_folders(tmp_path / "data", files=3)
+    cfg = write_config(tmp_path, data={"samples_per_epoch": None}, training={"batch_size": 16})
+    assert run.main(["--config", cfg]) == 2
+    err = capsys.readouterr().err
+    for part in ("0 steps", "9 latent files", "data.samples_per_epoch=None", "1 process(es)",
+                 "training.batch_size=16", "drop_last"):
+        assert part in err, (part, err)
+    assert not os.path.exists(tmp_path / "out" / "latest.pt")
+
+
+def test_resuming_a_finished_run_is_not_a_zero_step_error(tmp_path, data, capsys):
+    cfg = write_config(tmp_path, training={"epochs": 1})
+    assert run.main(["--config", cfg]) == 0
+    assert run.main(["--config", cfg, "--resume", "training.batch_size=64"]) == 0
+    assert "done: 1 epochs, 2 steps" in capsys.readouterr().out

@@ -61,10 +61,60 @@ def test_r1_exactly_on_interval_steps(tmp_path, monkeypatch):
 
 
 def test_r1_term_is_scaled_by_interval(tmp_path, monkeypatch):
+    """Lazy R1 (StyleGAN2): the back-propagated objective carries w_r1 * r1_interval * r1 on R1 steps
+    and none on the others; the shown d_loss is the per-step average d_adv + w_r1 * r1 on every step."""
     monkeypatch.setattr(T.L, "r1_penalty", lambda logits, x: (logits * 0).sum() + 0.25)
     tr = make_trainer(tmp_path, loss={"r1_interval": 4, "w_r1": 2.0})
+    out = tr.train_step(make_batch())  # step 0: an R1 step
+    torch.testing.assert_close(out["d_objective"] - out["d_adv"], torch.tensor(0.25 * 2.0 * 4))
+    torch.testing.assert_close(out["d_loss"] - out["d_adv"], torch.tensor(0.25 * 2.0))
+    out = tr.train_step(make_batch())  # step 1: no R1
+    torch.testing.assert_close(out["d_objective"], out["d_adv"])
+    torch.testing.assert_close(out["d_loss"] - out["d_adv"], torch.tensor(0.25 * 2.0))
+
+
+def test_r1_objective_trains_d_with_the_interval_scale(tmp_path, monkeypatch):
+    """The R1 term reaches D's gradient scaled by r1_interval: compare D's gradient with a run whose
+    R1 is the same constant-gradient term at interval 1 and weight w_r1 * r1_interval."""
+    grads = {}
+    for interval, w_r1 in ((4, 1.0), (1, 4.0)):
+        tr = make_trainer(tmp_path, loss={"r1_interval": interval, "w_r1": w_r1})
+        monkeypatch.setattr(tr, "_apply", lambda opts, scaler, skip: None)  # keep the grads, step nothing
+        b = tr.prepare_batch(make_batch())
+        tr.d_losses(b, torch.randn(B, 4))
+        grads[interval] = [p.grad.clone() for p in tr.nets["discriminator"].parameters()]
+    for a, b in zip(grads[4], grads[1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_stale_r1_never_skips_a_step(tmp_path):
+    """A non-finite R1 from an earlier step is only shown: a plain step still updates D."""
+    tr = make_trainer(tmp_path, loss={"r1_interval": 4})
+    tr.step = 1  # not an R1 step
+    tr.last_r1 = torch.tensor(float("nan"))
+    before = params(tr.nets["discriminator"])
     out = tr.train_step(make_batch())
-    torch.testing.assert_close(out["d_loss"] - out["d_adv"], torch.tensor(0.25 * 2.0 * 4))
+    assert torch.isnan(out["d_loss"]) and torch.isfinite(out["d_objective"])
+    assert tr.nonfinite_total.item() == 0
+    assert not same(before, params(tr.nets["discriminator"]))
+
+
+def test_resume_takes_lr_and_weight_decay_from_the_config(tmp_path):
+    """load_state_dict restores the optimizers' saved param_groups; the config must win."""
+    tr = make_trainer(tmp_path, training={"lr": 1e-4, "lr_mapping": 1e-6, "weight_decay": 1e-4})
+    tr.train_step(make_batch())
+    state = tr.state_dict(epoch=1)
+    logged = []
+    tr2 = make_trainer(tmp_path, training={"lr": 5e-4, "lr_mapping": 2e-6, "weight_decay": 0.0})
+    tr2._log = logged.append
+    tr2.load_state_dict(state)
+    for name, opt in tr2.optimizers.items():
+        for group in opt.param_groups:
+            assert group["lr"] == (2e-6 if name == "mapping_network" else 5e-4), name
+            assert group["weight_decay"] == 0.0, name
+    assert "resume: generator lr 0.0001 -> 0.0005 (from the config)" in logged
+    assert "resume: mapping_network lr 1e-06 -> 2e-06 (from the config)" in logged
+    assert sum("weight_decay 0.0001 -> 0" in line for line in logged) == 4
 
 
 def test_reference_path_trains_g_only(tmp_path, monkeypatch):
