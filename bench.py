@@ -1,4 +1,4 @@
-"""Throughput, memory and FLOPs of the training step (SPEC.md §2, §7; BENCHMARKS.md).
+"""Throughput, memory and FLOPs of the training step (figures in BENCHMARKS.md).
 
     python bench.py --config configs/stargan_v2_latent.yaml [--device cuda|cpu] [--steps N] [--warmup N]
                     [--matrix] [--peak-tflops X] [--latent-size N] [--threads N] [--sync-check]
@@ -17,7 +17,7 @@ bf16/fp32 x compile off/on, each in a fresh Trainer, then prints a markdown tabl
   sync inside the timed window, so the host runs ahead as in training, and any sync the fetch or
   the step makes is part of the figure. CPU: perf_counter (CPU ops are synchronous).
   `step_ms_mean` is the mean over the same window (R1 steps included).
-- `samples_per_s` = batch_size x 1000 / step_ms (SPEC.md §2).
+- `samples_per_s` = batch_size x 1000 / step_ms.
 - `host_ms`: median host time of one `train_step` call, without the fetch and without a sync; on
   CUDA, host_ms ~ step_ms means the step is bound by Python and kernel launches, not by the GPU.
 - `data_ms`: median time of one batch fetch (`next()` on the loader, i.e. `__getitems__` plus the
@@ -54,11 +54,11 @@ import warnings  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from config import ConfigError, load_config, model_kwargs  # noqa: E402
-from dataset import LATENT_CHANNELS, MultiDomainLatentDataset, build_loader  # noqa: E402
-from model import build_models  # noqa: E402
-from run import configure_backends, resolve_device, seed_everything  # noqa: E402
-from trainer import NETS, Trainer  # noqa: E402
+from config import load_config, model_kwargs  # noqa: E402
+from dataset import LATENT_CHANNELS, MultiDomainLatentDataset, build_loader, write_latent_folders  # noqa: E402
+from model import NETS, build_models  # noqa: E402
+from runtime import InputError, configure_backends, resolve_device, seed_everything  # noqa: E402
+from trainer import Trainer  # noqa: E402
 
 LATENT_SIZE = 32  # SD1.5 latents of 256x256 images (VAE factor 8)
 FILES_PER_DOMAIN = 64
@@ -123,14 +123,10 @@ def release(device):
 
 # ---------------------------------------------------------------------- the real data path
 
-def write_random_latents(root, domains, files_per_domain=FILES_PER_DOMAIN, size=LATENT_SIZE, seed=0):
-    """root/<domain>/<k>.pt: raw latents [4, size, size], the shape and spread of SD1.5 latents."""
+def random_latents(domains, files_per_domain=FILES_PER_DOMAIN, size=LATENT_SIZE, seed=0):
+    """{domain: raw latents [files_per_domain, 4, size, size]} with the spread of SD1.5 latents (std ~5)."""
     g = torch.Generator().manual_seed(seed)
-    for domain in domains:
-        os.makedirs(os.path.join(root, domain))
-        for k in range(files_per_domain):
-            latent = torch.randn(LATENT_CHANNELS, size, size, generator=g) * 5  # raw SD1.5 latents: std ~5
-            torch.save(latent, os.path.join(root, domain, f"{k:04d}.pt"))
+    return {d: torch.randn(files_per_domain, LATENT_CHANNELS, size, size, generator=g) * 5 for d in domains}
 
 
 def build_data(cfg, device, num_batches, size=LATENT_SIZE):
@@ -139,7 +135,7 @@ def build_data(cfg, device, num_batches, size=LATENT_SIZE):
     The files live only while the dataset reads them: the dataset keeps everything in memory."""
     d, t = cfg["data"], cfg["training"]
     with tempfile.TemporaryDirectory(prefix="bench-latents-") as root:
-        write_random_latents(root, d["domains"], size=size, seed=cfg["seed"])
+        write_latent_folders(root, random_latents(d["domains"], size=size, seed=cfg["seed"]))
         dataset = MultiDomainLatentDataset(root, d["domains"], preload_to_gpu=d["preload_to_gpu"], device=device,
                                            samples_per_epoch=num_batches * t["batch_size"], seed=cfg["seed"],
                                            hflip=d["hflip"], preload_max_fraction=d["preload_max_fraction"],
@@ -440,12 +436,12 @@ def main(argv=None):
         cfg = load_config(args.config, args.overrides)
         if args.steps < 1 or args.warmup < 0:
             raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (InputError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device or cfg["training"]["device"], None, quiet)
+    device = resolve_device(args.device or cfg["training"]["device"], flag="--device")
     configure_backends(device)  # as run.train
     common = {"config": args.config, "overrides": args.overrides}
 

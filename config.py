@@ -1,4 +1,4 @@
-"""One config object, validated once (SPEC.md §8): YAML or JSON file -> defaults merged ->
+"""One config object, validated once: YAML or JSON file -> defaults merged ->
 unknown keys rejected by dotted path -> `KEY=VALUE` overrides -> values checked.
 
 The defaults below are the ones documented in configs/stargan_v2_latent.yaml (a test keeps the two
@@ -13,6 +13,7 @@ import os
 
 import yaml
 
+from runtime import InputError, atomic_write
 from vae import SD15_LATENT_SCALE
 
 DEFAULTS = {
@@ -102,23 +103,19 @@ OPTIONAL_TYPES = {
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-class ConfigError(ValueError):
-    """A config problem; the message names the file, the dotted key and what was expected."""
-
-
 def read_config_file(path):
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} not found")
+        raise InputError(f"config file {path!r} not found")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
         data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"config file {path!r} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {e}")
+        raise InputError(f"config file {path!r} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {e}")
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path!r} must hold a mapping of sections, got {type(data).__name__}")
+        raise InputError(f"config file {path!r} must hold a mapping of sections, got {type(data).__name__}")
     return data
 
 
@@ -127,11 +124,11 @@ def merge(base, update, source, prefix=""):
     for key, value in update.items():
         path = f"{prefix}{key}"
         if key not in base:
-            raise ConfigError(f"unknown config key {path!r} in {source}; known keys here: "
+            raise InputError(f"unknown config key {path!r} in {source}; known keys here: "
                               f"{', '.join(sorted(base))}")
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
-                raise ConfigError(f"config key {path!r} in {source} must be a section (mapping), got {value!r}")
+                raise InputError(f"config key {path!r} in {source} must be a section (mapping), got {value!r}")
             merge(base[key], value, source, prefix=f"{path}.")
         else:
             base[key] = value
@@ -140,12 +137,12 @@ def merge(base, update, source, prefix=""):
 def parse_override(text):
     """'training.batch_size=16' -> {'training': {'batch_size': 16}} (value parsed as YAML)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like KEY=VALUE, e.g. training.batch_size=16")
+        raise InputError(f"override {text!r} must look like KEY=VALUE, e.g. training.batch_size=16")
     key, _, raw = text.partition("=")
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}")
+        raise InputError(f"override {text!r}: value is not valid YAML: {e}")
     nested = value
     for part in reversed(key.strip().split(".")):
         nested = {part: nested}
@@ -192,14 +189,14 @@ def validate(cfg):
             continue
         ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
         if not ok:
-            raise ConfigError(f"config key {key!r} must be {expected.__name__}, got {value!r}")
+            raise InputError(f"config key {key!r} must be {expected.__name__}, got {value!r}")
 
     def check(ok, key, expected):
         if not ok:
             value = cfg
             for part in key.split("."):
                 value = value[part]
-            raise ConfigError(f"config key {key!r} = {value!r}: expected {expected}")
+            raise InputError(f"config key {key!r} = {value!r}: expected {expected}")
 
     d, m, l, t, v = cfg["data"], cfg["model"], cfg["loss"], cfg["training"], cfg["visualization"]
     check(len(d["domains"]) >= 2 and all(isinstance(x, str) and x for x in d["domains"]),
@@ -240,13 +237,13 @@ def to_float(key, value):
         try:
             number = float(value.strip())
         except ValueError:
-            raise ConfigError(f"config key {key!r} must be a number, got {value!r}") from None
+            raise InputError(f"config key {key!r} must be a number, got {value!r}") from None
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         number = float(value)
     else:
-        raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+        raise InputError(f"config key {key!r} must be a number, got {value!r}")
     if not math.isfinite(number):
-        raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
+        raise InputError(f"config key {key!r} must be a finite number, got {value!r}")
     return number
 
 
@@ -280,10 +277,5 @@ def visualization_every(cfg):
 
 def save_resolved(cfg, folder):
     """Write the resolved config next to the checkpoints (StyleGAN2's training_options.json)."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "config.yaml")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
-    os.replace(tmp, path)
-    return path
+    text = yaml.safe_dump(cfg, sort_keys=False).encode("utf-8")
+    return atomic_write(os.path.join(folder, "config.yaml"), lambda f: f.write(text))

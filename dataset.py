@@ -12,11 +12,14 @@ unpickle, so a hostile pickle cannot run code) and `.npy` through `np.load(allow
 Anything unexpected stops construction with an error naming the file by its full path.
 """
 
+import io
 import os
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from runtime import InputError, atomic_write
 
 LATENT_CHANNELS = 4  # SD1.5 VAE latent channels
 LATENT_SUFFIXES = (".pt", ".npy")
@@ -44,9 +47,34 @@ def list_latent_files(folder):
     files = sorted(name for name in os.listdir(folder)
                    if name.endswith(LATENT_SUFFIXES) and os.path.isfile(os.path.join(folder, name)))
     if not files:
-        raise ValueError(f"domain folder is empty: {folder} (expected *.pt or *.npy latent files "
+        raise InputError(f"domain folder is empty: {folder} (expected *.pt or *.npy latent files "
                          f"of shape [4, H, W] or [1, 4, H, W])")
     return [os.path.join(folder, name) for name in files]
+
+
+def save_latent(latent, path):
+    """One raw latent [4, H, W] to `path` (.pt, or .npy by suffix), atomically. A .pt goes through a
+    buffer so its bytes do not depend on the file's name (same tensor, same bytes in any folder), and
+    is cloned so a row of a batch never saves the whole batch's storage."""
+    latent = latent.detach().cpu()
+    if path.endswith(".npy"):
+        return atomic_write(path, lambda f: np.save(f, latent.numpy(), allow_pickle=False))
+    buffer = io.BytesIO()
+    torch.save(latent.clone(), buffer)
+    return atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def write_latent_folders(root, latents, stem="{index:05d}", suffix=".pt"):
+    """{domain: raw latents [N, 4, H, W]} -> root/<domain>/<stem><suffix>, one file per latent, the
+    layout MultiDomainLatentDataset reads. `stem` is formatted with `domain` and `index`. Returns
+    the paths written, in order."""
+    paths = []
+    for domain, batch in latents.items():
+        folder = os.path.join(str(root), domain)
+        os.makedirs(folder, exist_ok=True)
+        for index, latent in enumerate(batch):
+            paths.append(save_latent(latent, os.path.join(folder, stem.format(domain=domain, index=index) + suffix)))
+    return paths
 
 
 def load_latent_file(path):
@@ -61,29 +89,29 @@ def load_latent_file(path):
         try:
             array = np.load(path, allow_pickle=False)
         except Exception as e:  # object arrays, pickles, truncated or garbage bytes
-            raise ValueError(f"cannot read {path} as a .npy array ({type(e).__name__}: {e}); {expected}") from e
+            raise InputError(f"cannot read {path} as a .npy array ({type(e).__name__}: {e}); {expected}") from e
         if not isinstance(array, np.ndarray):  # e.g. an .npz archive renamed to .npy
-            raise ValueError(f"{path} holds {type(array).__name__}, not a single array; {expected}")
+            raise InputError(f"{path} holds {type(array).__name__}, not a single array; {expected}")
         if not np.issubdtype(array.dtype, np.floating):
-            raise ValueError(f"{path} has dtype {array.dtype}; {expected}")
+            raise InputError(f"{path} has dtype {array.dtype}; {expected}")
         with np.errstate(over="ignore"):  # float64 beyond float32's range: caught as inf below
             latent = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     else:
         try:
             latent = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refuses any pickle that is not plain tensor data
-            raise ValueError(f"cannot load {path} with torch.load(weights_only=True) "
+            raise InputError(f"cannot load {path} with torch.load(weights_only=True) "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                              f"{expected}, saved with torch.save(tensor)") from e
         if not isinstance(latent, torch.Tensor):
-            raise ValueError(f"{path} holds a {type(latent).__name__}, not a tensor; {expected}")
+            raise InputError(f"{path} holds a {type(latent).__name__}, not a tensor; {expected}")
         if latent.layout != torch.strided or not latent.is_floating_point() or latent.is_complex():
-            raise ValueError(f"{path} has dtype {latent.dtype} and layout {latent.layout}; {expected}")
+            raise InputError(f"{path} has dtype {latent.dtype} and layout {latent.layout}; {expected}")
         latent = latent.detach()
     if latent.dim() == 4 and latent.shape[0] == 1:
         latent = latent[0]  # [1, 4, H, W] -> [4, H, W]
     if latent.dim() != 3 or latent.shape[0] != LATENT_CHANNELS:
-        raise ValueError(f"{path} has shape {list(latent.shape)}; {expected}")
+        raise InputError(f"{path} has shape {list(latent.shape)}; {expected}")
     return latent  # [4, H, W]
 
 
@@ -101,12 +129,12 @@ class MultiDomainLatentDataset(Dataset):
                  seed=0, hflip=False, preload_max_fraction=0.5, reject_outliers=True, log=print):
         domains = [domains] if isinstance(domains, str) else list(domains)
         if len(domains) < 2 or len(set(domains)) != len(domains):
-            raise ValueError(f"data.domains must name at least 2 distinct domains (the target domain "
+            raise InputError(f"data.domains must name at least 2 distinct domains (the target domain "
                              f"is drawn among the others), got {domains}")
         if samples_per_epoch is not None and (not isinstance(samples_per_epoch, int) or samples_per_epoch < 1):
-            raise ValueError(f"samples_per_epoch must be a positive int or None, got {samples_per_epoch!r}")
+            raise InputError(f"samples_per_epoch must be a positive int or None, got {samples_per_epoch!r}")
         if not 0 < preload_max_fraction <= 1:
-            raise ValueError(f"preload_max_fraction must be in (0, 1], got {preload_max_fraction}")
+            raise InputError(f"preload_max_fraction must be in (0, 1], got {preload_max_fraction}")
         self.root = os.path.abspath(os.path.expanduser(str(root)))
         self.domains = domains
         self.num_domains = len(domains)
@@ -154,7 +182,7 @@ class MultiDomainLatentDataset(Dataset):
                     first_path = path
                     data = torch.empty(sum(self.counts), *latent.shape, dtype=torch.float32)
                 elif latent.shape != data.shape[1:]:
-                    raise ValueError(f"{path} has shape {list(latent.shape)}; expected {list(data.shape[1:])} "
+                    raise InputError(f"{path} has shape {list(latent.shape)}; expected {list(data.shape[1:])} "
                                      f"like {first_path} (every file of every domain must share one shape)")
                 data[row].copy_(latent)  # casts float16/bfloat16/float64 to float32
                 row += 1
@@ -164,7 +192,7 @@ class MultiDomainLatentDataset(Dataset):
         if not (torch.isfinite(low) and torch.isfinite(high)):
             row = int((~torch.isfinite(data).flatten(1).all(dim=1)).nonzero()[0, 0])
             flat = [p for paths in self.files for p in paths]
-            raise ValueError(f"{flat[row]} holds a non-finite value (NaN or +-inf, possibly after the cast "
+            raise InputError(f"{flat[row]} holds a non-finite value (NaN or +-inf, possibly after the cast "
                              f"to float32); expected finite raw latents")
         return data
 
@@ -180,7 +208,7 @@ class MultiDomainLatentDataset(Dataset):
         message = (f"{len(rows)} latent file(s) hold values far outside a VAE latent's range (max |value| > "
                    f"{OUTLIER_LIMIT:g}; raw SD1.5 latents have a std of about 5.5):\n  {listing}")
         if reject:
-            raise ValueError(f"{message}\nRe-encode or remove them, or set data.reject_outliers: false to train "
+            raise InputError(f"{message}\nRe-encode or remove them, or set data.reject_outliers: false to train "
                              "anyway (steps that draw them are then skipped as non-finite)")
         log(f"warning: {message}\ndata.reject_outliers is false: training goes on; steps that draw them are "
             "skipped as non-finite")
@@ -206,6 +234,13 @@ class MultiDomainLatentDataset(Dataset):
         except torch.cuda.OutOfMemoryError:
             log(f"dataset: out of memory moving {_mb(data.nbytes)} to {device}; data stays on the CPU")
             return data
+
+    def grid_samples(self):
+        """One source and one reference latent per domain, for the grids: each domain's first two
+        files. {"sources": [N, 4, H, W], "references": [N, 4, H, W]} raw."""
+        first = torch.tensor(self.offsets)
+        second = first + (torch.tensor(self.counts) > 1).long()
+        return {"sources": self.data[first.to(self.device)], "references": self.data[second.to(self.device)]}
 
     @property
     def on_gpu(self):

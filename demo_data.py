@@ -1,7 +1,7 @@
 """Synthetic multi-domain latents for the embedded demo (`configs/demo.yaml`): no data, no network.
 
 Each sample is composed as a small RGB picture, one pixel per latent position, and mapped into the
-SD1.5 latent space through the least-squares pseudo-inverse of the preview factors (SPEC §9), so
+SD1.5 latent space through the least-squares pseudo-inverse of vae.py's preview factors, so
 `vae.latent_preview` renders the latents as the pictures they were composed from:
 
 - content, shared by every domain: a few discs, rectangles and triangles at random places and sizes
@@ -11,10 +11,9 @@ SD1.5 latent space through the least-squares pseudo-inverse of the preview facto
   strength, jittered per sample so each style is a distribution rather than one point.
 
 Domain `i`'s style is a function of `(i, seed)` only; the domain names just label the folders.
-Files hold raw latents (scaled latent / latent_scale), as real encoded data sets do (SPEC §3).
+Files hold raw latents (scaled latent / latent_scale), as real encoded data sets do.
 """
 
-import io
 import json
 import os
 import re
@@ -23,6 +22,8 @@ import time
 import numpy as np
 import torch
 
+from dataset import write_latent_folders
+from runtime import atomic_write
 from vae import PREVIEW_FACTORS, SD15_LATENT_SCALE
 
 DEMO_DATA_VERSION = 1  # bump when the composition changes, so old demo folders are regenerated
@@ -159,15 +160,6 @@ def expected_files(root, domains, files_per_domain):
     return [os.path.join(root, d, f"{d}_{k:05d}.pt") for d in domains for k in range(files_per_domain)]
 
 
-def write_tensor(path, tensor):
-    """torch.save through a buffer: the archive name does not depend on the file name, so the same
-    tensor gives the same bytes in any folder."""
-    buffer = io.BytesIO()
-    torch.save(tensor.clone(), buffer)  # clone: a view would save the whole domain's storage
-    with open(path, "wb") as f:
-        f.write(buffer.getvalue())
-
-
 def generate_demo_data(root, domains, files_per_domain=64, size=32, seed=0, latent_scale=SD15_LATENT_SCALE,
                        log=print):
     """Write `root/<domain>/<domain>_<k:05d>.pt` raw latents [4, size, size] for every domain; return root.
@@ -208,12 +200,9 @@ def generate_demo_data(root, domains, files_per_domain=64, size=32, seed=0, late
                 os.remove(os.path.join(folder, name))
         rgb, _ = compose_domain_rgb(index, files_per_domain, size, seed)  # [n, 3, H, W]
         raw = rgb_to_scaled_latent(rgb) / latent_scale  # [n, 4, H, W] raw, as on disk for real data
-        for k in range(files_per_domain):
-            write_tensor(os.path.join(folder, f"{domain}_{k:05d}.pt"), raw[k])
-    tmp = f"{manifest_path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(tmp, manifest_path)
+        write_latent_folders(root, {domain: raw}, stem="{domain}_{index:05d}")
+    text = json.dumps(manifest, indent=2).encode()
+    atomic_write(manifest_path, lambda f: f.write(text))
     log(f"demo data: wrote {len(domains)} domains x {files_per_domain} latents [{LATENT_CHANNELS}, {size}, {size}] "
         f"to {root} (seed {seed}) in {time.perf_counter() - start:.1f}s")
     return root

@@ -1,4 +1,4 @@
-"""Images -> raw SD1.5 VAE latents: prepares `data.root` (SPEC.md §2).
+"""Images -> raw SD1.5 VAE latents: prepares `data.root`.
 
     python encode.py --input images/photo --output ../../latent-256/photo \\
         --vae stabilityai/sd-vae-ft-mse --size 256
@@ -22,20 +22,15 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from vae import atomic_write, encode_raw, load_vae, vae_downsample_factor
+from dataset import save_latent
+from runtime import InputError, resolve_device
+from vae import IMAGE_EXTENSIONS, encode_raw, load_image, load_vae, to_model_input, vae_downsample_factor
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PREFETCH_BATCHES = 2  # batches decoded ahead of the VAE: bounds memory on huge folders
-
-
-class SetupError(Exception):
-    """Bad arguments or inputs, found before anything is written (exit code 2)."""
 
 
 def parse_args(argv=None):
@@ -68,7 +63,7 @@ def parse_args(argv=None):
 def find_images(input_dir):
     """Sorted [(image path, output path relative to the output folder, without extension)].
 
-    Recursive; hidden files and folders (macOS `._x.jpg`, `.cache/`) are skipped. Raises SetupError
+    Recursive; hidden files and folders (macOS `._x.jpg`, `.cache/`) are skipped. Raises InputError
     when two images would write the same latent file.
     """
     found, by_stem = [], {}
@@ -85,27 +80,9 @@ def find_images(input_dir):
     clashes = [paths for paths in by_stem.values() if len(paths) > 1]
     if clashes:
         listing = "\n  ".join(" / ".join(paths) for paths in clashes)
-        raise SetupError(f"{len(clashes)} image name(s) in {input_dir!r} differ only by extension and would "
+        raise InputError(f"{len(clashes)} image name(s) in {input_dir!r} differ only by extension and would "
                          f"write the same latent file; rename one of each:\n  {listing}")
     return sorted(found, key=lambda item: item[1])
-
-
-def load_image(path, size):
-    """Image file -> uint8 [size, size, 3]: EXIF-rotated, RGB, centre square crop, bicubic resize."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)  # phone photos: crop what the viewer shows, not the sensor
-        image = image.convert("RGB")
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-    return np.asarray(image, dtype=np.uint8)
-
-
-def to_model_input(images):
-    """list of uint8 [H, W, 3] -> float32 [B, 3, H, W] in [-1, 1]."""
-    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # [B, 3, H, W] uint8
-    return batch.float() / 127.5 - 1
 
 
 def sample_generator(seed, rel_stem):
@@ -114,17 +91,9 @@ def sample_generator(seed, rel_stem):
     return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-def save_latent(latent, path, fmt):
-    """Write one [C, h, w] CPU tensor atomically (temporary file in the same folder, renamed)."""
-    if fmt == "pt":  # clone: a row of the batch would save the whole batch's storage
-        atomic_write(path, lambda f: torch.save(latent.clone(), f))
-    else:
-        atomic_write(path, lambda f: np.save(f, latent.numpy(), allow_pickle=False))
-
-
-def save_batch(latents, out_paths, fmt):
+def save_batch(latents, out_paths):
     for latent, path in zip(latents, out_paths):
-        save_latent(latent, path, fmt)
+        save_latent(latent, path)
 
 
 def submit(pool, fn, *args):
@@ -186,7 +155,7 @@ def encode_jobs(vae, jobs, args, device):
                 keep = [i for i, fin in enumerate(finite) if fin]
                 if pending_write is not None:
                     pending_write.result()  # surfaces a write error (disk full) and bounds memory
-                pending_write = writer.submit(save_batch, latents[keep], [ok[i][1] for i in keep], args.format)
+                pending_write = writer.submit(save_batch, latents[keep], [ok[i][1] for i in keep])
             for path, reason in failed:
                 tqdm.write(f"encode.py: skipping {path}: {reason}", file=sys.stderr)
             failures += failed
@@ -200,30 +169,18 @@ def encode_jobs(vae, jobs, args, device):
     return failures
 
 
-def resolve_device(name):
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as e:
-        raise SetupError(f"--device {name!r} is not a device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SetupError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
-    return device
-
-
 def run(args):
     input_dir = os.path.expanduser(args.input)
     output_dir = os.path.expanduser(args.output)
     if not os.path.isdir(input_dir):
-        raise SetupError(f"input folder {input_dir!r} does not exist or is not a folder")
+        raise InputError(f"input folder {input_dir!r} does not exist or is not a folder")
     if args.size <= 0 or args.batch_size <= 0 or args.workers < 0:
-        raise SetupError("--size and --batch-size must be positive, --workers non-negative")
+        raise InputError("--size and --batch-size must be positive, --workers non-negative")
     images = find_images(input_dir)
     if not images:
-        raise SetupError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {input_dir!r} or its subfolders")
+        raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {input_dir!r} or its subfolders")
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, fallback=False)
     try:
         vae = load_vae(args.vae, args.vae_subfolder, device=device, dtype=DTYPES[args.dtype])
     except Exception as e:
@@ -231,10 +188,10 @@ def run(args):
         hint = ""
         if not args.vae_subfolder and os.path.isdir(os.path.join(os.path.expanduser(args.vae), "vae")):
             hint = "\n  it has a 'vae' subfolder: for a full Stable Diffusion pipeline add --vae-subfolder vae"
-        raise SetupError(f"cannot load the VAE from {where}: {type(e).__name__}: {e}{hint}") from None
+        raise InputError(f"cannot load the VAE from {where}: {type(e).__name__}: {e}{hint}") from None
     factor = vae_downsample_factor(vae)
     if args.size % factor:
-        raise SetupError(f"--size {args.size} is not divisible by the VAE's downsampling factor {factor} "
+        raise InputError(f"--size {args.size} is not divisible by the VAE's downsampling factor {factor} "
                          f"(e.g. use {max(factor, args.size // factor * factor)})")
 
     jobs, skipped = [], 0
@@ -270,7 +227,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except SetupError as e:
+    except InputError as e:
         print(f"encode.py: error: {e}", file=sys.stderr)
         return 2
 

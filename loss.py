@@ -1,4 +1,4 @@
-"""StarGAN v2 losses (SPEC.md §5): pure functions, tensors in, scalar tensor out, no model calls."""
+"""StarGAN v2 losses: pure functions, tensors in, scalar tensor out, no model calls."""
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +34,10 @@ def r1_penalty(real_logits, real_inputs):
 
     P = patch logits per sample. The hinge loss averages over patches while the gradient of the
     summed logits adds every patch's gradient, so without `/ P` the penalty grows with the number
-    of patches and flattens a PatchGAN D (SPEC.md §5). `create_graph=True` makes the penalty
-    differentiable so it trains D. The square and sum run in float32, outside autocast.
+    of patches and, at w_r1 = 1, flattens a PatchGAN D until it stops learning (seen on a small
+    latent run: D loss stuck at the chance value of the two hinge terms). `create_graph=True`
+    makes the penalty differentiable so it trains D. The square and sum run in float32, outside
+    autocast.
     """
     (grad,) = torch.autograd.grad(real_logits.sum(), real_inputs, create_graph=True)  # [B, C, H, W]
     num_patches = real_logits[0].numel()

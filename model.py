@@ -1,4 +1,4 @@
-"""Latent StarGAN v2 networks (SPEC.md §4), on SD1.5 VAE latents [B, 4, H, W].
+"""Latent StarGAN v2 networks, on SD1.5 VAE latents [B, 4, H, W].
 
 G, F, E and D follow StarGAN v2 (Choi et al., CVPR 2020, core/model.py), adapted to latent space:
 G never changes the spatial size, E ends in global average pooling and D is a PatchGAN, so no
@@ -194,10 +194,14 @@ class Discriminator(nn.Module):
         return logits.gather(1, index)  # [B, 1, H', W']
 
 
+NETS = ("generator", "mapping_network", "style_encoder", "discriminator")  # checkpoint keys
+EMA_NETS = NETS[:3]  # the networks with an EMA copy: what translation uses
+
+
 def build_models(num_domains, style_dim=64, latent_dim=16, gen_channels=256, n_res_blocks=6,
                  mapping_hidden_dim=512, mapping_shared_layers=4, style_encoder_channels=128,
                  disc_channels=128):
-    """The four networks from the `model:` config section (SPEC.md §8), keyed as in checkpoints."""
+    """The four networks from the `model:` config section, keyed as in checkpoints (NETS)."""
     return {
         "generator": Generator(4, gen_channels, n_res_blocks, style_dim),
         "mapping_network": MappingNetwork(latent_dim, style_dim, num_domains, mapping_hidden_dim,

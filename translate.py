@@ -1,4 +1,4 @@
-"""Translate latents (or images) with a trained Latent StarGAN v2 checkpoint (SPEC.md §2, §10).
+"""Translate latents (or images) with a trained Latent StarGAN v2 checkpoint.
 
     # latent-guided: 4 random styles of the target domain per source, truncated toward its mean
     python translate.py --checkpoint runs/latest.pt --source photos/ --target-domain monet \\
@@ -21,22 +21,15 @@ import sys
 import torch
 from PIL import Image
 
-from config import ConfigError, model_kwargs, resolve_config
-from dataset import LATENT_CHANNELS, LATENT_SUFFIXES, list_latent_files, load_latent_file
-from encode import IMAGE_EXTENSIONS, SetupError, load_image, resolve_device, to_model_input
-from model import build_models
-from trainer import EMA_NETS, load_checkpoint
-from vae import atomic_write, decode_raw, encode_raw, latent_preview, load_vae, save_image_grid, to_uint8, vae_downsample_factor
-
-MEAN_STYLE_SAMPLES = 10000  # z draws averaged into a domain's mean style for --psi (StarGAN v2's count)
-MEAN_STYLE_SEED = 0  # fixed: the mean style is a property of the model, not of --seed
+from dataset import LATENT_CHANNELS, LATENT_SUFFIXES, load_latent_file
+from inference import (MEAN_STYLE_SAMPLES, domain_index, latent_styles, load_networks, reference_styles,
+                       training_latent_size, translate_pairs)
+from runtime import InputError, atomic_write, resolve_device
+from vae import (IMAGE_EXTENSIONS, encode_raw, load_image, load_vae_or_preview, save_image_grid, to_model_input, to_rgb,
+                 to_uint8, vae_downsample_factor)
 DEFAULT_IMAGE_SIZE = 256  # image sources when the training latent size is unknown (SD1.5: 32x32 latents)
 SHEET_MAX_ROWS = 32  # sources shown in sheet.png (every output still gets its own PNG)
 SHEET_MAX_COLS = 16  # outputs per source shown in sheet.png
-
-
-class TranslateError(Exception):
-    """Bad arguments, checkpoint or inputs: message to stderr, exit code 2."""
 
 
 def parse_args(argv=None):
@@ -92,46 +85,6 @@ def warn(message):
     print(f"translate.py: warning: {message}", file=sys.stderr)
 
 
-# ------------------------------------------------------------------ checkpoint
-
-def load_networks(path, device):
-    """Checkpoint -> (resolved config, {generator, mapping_network, style_encoder}: EMA weights, eval)."""
-    ckpt = load_checkpoint(path)  # ValueError "not a Latent StarGAN v2 checkpoint" for foreign files
-    if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["ema"], dict):
-        raise TranslateError(f"{path!r} is not a Latent StarGAN v2 checkpoint (config / ema are not dicts)")
-    try:
-        cfg = resolve_config(ckpt["config"], source=f"config saved in {path}")
-    except ConfigError as e:
-        raise TranslateError(f"{path!r}: its saved config is not valid for this code: {e}") from None
-    models = build_models(**model_kwargs(cfg))
-    nets = {}
-    for name in EMA_NETS:
-        if name not in ckpt["ema"]:
-            raise TranslateError(f"{path!r} is not a Latent StarGAN v2 checkpoint (no ema[{name!r}])")
-        try:
-            models[name].load_state_dict(ckpt["ema"][name])
-        except (RuntimeError, TypeError, AttributeError) as e:
-            raise TranslateError(f"{path!r}: ema[{name!r}] does not match the architecture in its own config: "
-                                 f"{str(e)[:500]}") from None
-        nets[name] = models[name].to(device).eval().requires_grad_(False)
-    cfg["latent_shape"] = ckpt.get("latent_shape")  # [4, h, w] trained on (checkpoints since it was recorded)
-    return cfg, nets
-
-
-def training_latent_size(cfg):
-    """Spatial size of the training latents: the checkpoint's `latent_shape`, else one file of its
-    data.root when that folder is reachable from here (older checkpoints); None otherwise."""
-    if cfg.get("latent_shape"):
-        return int(cfg["latent_shape"][-1])
-    root = os.path.expanduser(cfg["data"]["root"])
-    for domain in cfg["data"]["domains"]:
-        try:
-            return int(load_latent_file(list_latent_files(os.path.join(root, domain))[0]).shape[-1])
-        except (OSError, ValueError):
-            continue
-    return None
-
-
 # ------------------------------------------------------------------ inputs
 
 def list_inputs(path, flag):
@@ -140,21 +93,21 @@ def list_inputs(path, flag):
     suffixes = LATENT_SUFFIXES + IMAGE_EXTENSIONS
     if os.path.isfile(path):
         if not path.lower().endswith(suffixes):
-            raise TranslateError(f"{flag} {path!r}: expected a latent ({', '.join(LATENT_SUFFIXES)}) or an image "
+            raise InputError(f"{flag} {path!r}: expected a latent ({', '.join(LATENT_SUFFIXES)}) or an image "
                                  f"({', '.join(IMAGE_EXTENSIONS)})")
         return [path]
     if not os.path.isdir(path):
-        raise TranslateError(f"{flag} {path!r} does not exist")
+        raise InputError(f"{flag} {path!r} does not exist")
     files = sorted(os.path.join(path, name) for name in os.listdir(path)
                    if not name.startswith(".") and name.lower().endswith(suffixes)
                    and os.path.isfile(os.path.join(path, name)))
     if not files:
-        raise TranslateError(f"{flag} folder {path!r} holds no latents ({', '.join(LATENT_SUFFIXES)}) or images "
+        raise InputError(f"{flag} folder {path!r} holds no latents ({', '.join(LATENT_SUFFIXES)}) or images "
                              f"({', '.join(IMAGE_EXTENSIONS)})")
     stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
     clashes = sorted({s for s in stems if stems.count(s) > 1})
     if clashes:
-        raise TranslateError(f"{flag} folder {path!r}: files differ only by extension and would write the same "
+        raise InputError(f"{flag} folder {path!r}: files differ only by extension and would write the same "
                              f"outputs: {', '.join(clashes)}; rename one of each")
     return files
 
@@ -170,9 +123,9 @@ def read_latents(paths):
         try:
             latent = load_latent_file(path).float()  # [4, h, w]; ValueError names the file and the shape
         except ValueError as e:
-            raise TranslateError(str(e)) from None
+            raise InputError(str(e)) from None
         if not torch.isfinite(latent).all():
-            raise TranslateError(f"{path} holds non-finite values (NaN or inf)")
+            raise InputError(f"{path} holds non-finite values (NaN or inf)")
         latents[path] = latent
     return latents
 
@@ -188,7 +141,7 @@ def encode_images(vae, paths, image_size, batch_size):
             try:
                 images.append(load_image(path, image_size))  # uint8 [S, S, 3]
             except Exception as e:
-                raise TranslateError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+                raise InputError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
         raw = encode_raw(vae, to_model_input(images)).cpu()  # [b, 4, S/f, S/f]
         latents.update(zip(chunk, raw))
     return latents
@@ -199,60 +152,8 @@ def stack_inputs(paths, latents, flag):
     shapes = {tuple(latents[p].shape) for p in paths}
     if len(shapes) > 1:
         listing = "\n  ".join(f"{p}: {list(latents[p].shape)}" for p in paths)
-        raise TranslateError(f"{flag} inputs have different shapes; they must all share one [4, h, w]:\n  {listing}")
+        raise InputError(f"{flag} inputs have different shapes; they must all share one [4, h, w]:\n  {listing}")
     return torch.stack([latents[p] for p in paths])
-
-
-# ------------------------------------------------------------------ VAE
-
-def open_vae(args, cfg, device):
-    """(vae or None, description). An explicit --vae or the config's vae_path that fails to load falls back
-    to the latent preview, with one warning."""
-    path = args.vae or cfg["visualization"]["vae_path"]
-    subfolder = args.vae_subfolder if (args.vae or args.vae_subfolder) else cfg["visualization"]["vae_subfolder"]
-    origin = "--vae" if args.vae else "the checkpoint's visualization.vae_path"
-    if not path:
-        return None, "no VAE given (--vae) and none in the checkpoint's config"
-    try:
-        return load_vae(path, subfolder, device, torch.float32), None
-    except Exception as e:
-        first_line = str(e).splitlines()[0][:300] if str(e) else ""
-        return None, f"cannot load the VAE from {origin} = {path!r} ({type(e).__name__}: {first_line})"
-
-
-def to_rgb(raw, vae, latent_scale, batch_size):
-    """[B, 4, h, w] raw latents (CPU) -> [B, 3, H, W] in [0, 1]: VAE decode, or the linear preview."""
-    if vae is None:
-        return latent_preview(raw * latent_scale)
-    return decode_raw(vae, raw, batch_size)
-
-
-# ------------------------------------------------------------------ styles
-
-@torch.no_grad()
-def latent_styles(mapping_network, domain_id, num_styles, latent_dim, seed, psi, device):
-    """K styles of one domain from F, optionally truncated toward the domain's mean style (StarGAN v2's
-    `psi`: s = s_avg + psi * (s - s_avg), s_avg = F over MEAN_STYLE_SAMPLES z). [K, S]"""
-    z = torch.randn(num_styles, latent_dim, generator=torch.Generator().manual_seed(seed))  # [K, L]
-    y = torch.full((num_styles,), domain_id, dtype=torch.long, device=device)
-    s = mapping_network(z.to(device), y)  # [K, S]
-    if psi != 1.0:
-        z_many = torch.randn(MEAN_STYLE_SAMPLES, latent_dim, generator=torch.Generator().manual_seed(MEAN_STYLE_SEED))
-        y_many = torch.full((MEAN_STYLE_SAMPLES,), domain_id, dtype=torch.long, device=device)
-        s_mean = mapping_network(z_many.to(device), y_many).mean(0, keepdim=True)  # [1, S]
-        s = torch.lerp(s_mean, s, psi)  # s_mean + psi * (s - s_mean)
-    return s
-
-
-@torch.no_grad()
-def reference_styles(style_encoder, refs_scaled, domain_id, batch_size, device):
-    """E of each (scaled) reference for the target domain, in chunks. [M, S]"""
-    styles = []
-    for chunk in refs_scaled.split(batch_size):
-        chunk = chunk.to(device)
-        y = torch.full((chunk.shape[0],), domain_id, dtype=torch.long, device=device)
-        styles.append(style_encoder(chunk, y))  # [b, S]
-    return torch.cat(styles)
 
 
 # ------------------------------------------------------------------ outputs
@@ -265,22 +166,18 @@ def save_outputs(raw, rgb, names, output_dir):
         atomic_write(os.path.join(output_dir, f"{name}.png"), lambda f: Image.fromarray(image).save(f, format="PNG"))
 
 
-@torch.no_grad()
-def translate(args, generator, sources, styles, latent_scale, vae, names, sheet_cells, device):
-    """Every (source i, style k) pair, flattened as i * K + k and run in chunks of --batch-size: raw outputs
-    are written as they come; the RGB of pairs inside the sheet is kept in `sheet_cells[(i, k)]`."""
-    num_styles = styles.shape[0]
-    pairs = torch.arange(sources.shape[0] * num_styles)
-    for chunk in pairs.split(args.batch_size):
-        src_idx, style_idx = chunk // num_styles, chunk % num_styles
-        x = sources[src_idx].to(device) * latent_scale  # [b, 4, h, w] scaled
-        fake = generator(x, styles[style_idx.to(device)])  # [b, 4, h, w] scaled
-        raw = (fake.float() / latent_scale).cpu()  # [b, 4, h, w] raw: the one host transfer per chunk
+def write_outputs(args, nets, sources, styles, latent_scale, vae, names):
+    """Translate every (source, style) pair, writing each chunk's outputs as they come. Returns the RGB
+    of the pairs shown in the sheet, {(source i, style k): [3, H, W]}."""
+    num_styles, sheet_cells = styles.shape[0], {}
+    for chunk, raw in translate_pairs(nets["generator"], sources, styles, latent_scale, args.batch_size, args.device):
         rgb = to_rgb(raw, vae, latent_scale, args.batch_size)  # [b, 3, H, W]
         save_outputs(raw, rgb, [names[i] for i in chunk.tolist()], args.output)
-        for j, (i, k) in enumerate(zip(src_idx.tolist(), style_idx.tolist())):
+        for j, pair in enumerate(chunk.tolist()):
+            i, k = divmod(pair, num_styles)
             if i < SHEET_MAX_ROWS and k < SHEET_MAX_COLS:
                 sheet_cells[(i, k)] = rgb[j]
+    return sheet_cells
 
 
 def write_sheet(path, source_rgb, sheet_cells, num_styles, row_labels, col_labels, ref_rgb=None):
@@ -297,33 +194,36 @@ def write_sheet(path, source_rgb, sheet_cells, num_styles, row_labels, col_label
                            col_labels=["source"] + col_labels[:cols])
 
 
+def warn_about_stale_outputs(output_dir, names):
+    """Never delete what a user has; say when the folder also holds outputs of an earlier run."""
+    stale = sorted(set(f[:-3] for f in os.listdir(output_dir) if f.endswith(".pt") and "_to_" in f) - set(names))
+    if stale:
+        warn(f"{output_dir} already holds {len(stale)} output latent(s) of an earlier run (e.g. {stale[0]}.pt); "
+             "they are kept: use a fresh --output folder for one latent per output of this run")
+
+
 # ------------------------------------------------------------------ run
 
-def run(args):
-    device = resolve_device(args.device)
-    cfg, nets = load_networks(args.checkpoint, device)
-    domains = list(cfg["data"]["domains"])
-    if args.target_domain not in domains:
-        raise TranslateError(f"unknown target domain {args.target_domain!r}; the checkpoint's domains are: "
-                             f"{', '.join(domains)}")
-    domain_id = domains.index(args.target_domain)
-    latent_scale = cfg["training"]["latent_scale"]
-    source_paths = list_inputs(args.source, "--source")
-    ref_paths = list_inputs(args.reference, "--reference") if args.reference is not None else []
-    if os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise TranslateError(f"--output {args.output!r} exists and is not a folder")
+def open_vae(args, cfg, device):
+    """The VAE for PNGs and image inputs: --vae, else the checkpoint's visualization.vae_path; None
+    (linear latent preview, one warning) when it cannot be loaded. Returns (vae, why it is None)."""
+    path = args.vae or cfg["visualization"]["vae_path"]
+    subfolder = args.vae_subfolder if (args.vae or args.vae_subfolder) else cfg["visualization"]["vae_subfolder"]
+    problems = []
+    vae = load_vae_or_preview(path, subfolder, device, problems.append,
+                              origin="--vae" if args.vae else "the checkpoint's visualization.vae_path")
+    if vae is not None and vae.config.latent_channels != LATENT_CHANNELS:
+        raise InputError(f"the VAE has {vae.config.latent_channels} latent channels; the model works on "
+                         f"{LATENT_CHANNELS} (an SD1.5-style VAE)")
+    return vae, "; ".join(problems)
 
-    vae, vae_problem = open_vae(args, cfg, device)
+
+def load_inputs(args, cfg, vae, source_paths, ref_paths):
+    """{path: raw [4, h, w]} for every source and reference: latent files read, images encoded."""
     images = [p for p in source_paths + ref_paths if is_image(p)]
     if images and vae is None:
-        raise TranslateError(f"image inputs ({images[0]}{' ...' if len(images) > 1 else ''}) need a VAE to be "
-                             f"encoded: {vae_problem}; pass --vae")
-    if vae is not None and vae.config.latent_channels != LATENT_CHANNELS:
-        raise TranslateError(f"the VAE has {vae.config.latent_channels} latent channels; the model works on "
-                             f"{LATENT_CHANNELS} (an SD1.5-style VAE)")
-    if vae is None:
-        warn(f"{vae_problem}: PNGs use the linear latent preview")
-
+        raise InputError(f"image inputs ({images[0]}{' ...' if len(images) > 1 else ''}) need a VAE to be "
+                         "encoded; pass --vae")
     latents = read_latents([p for p in source_paths + ref_paths if not is_image(p)])
     if images:
         from_sources = [latents[p].shape[-1] for p in source_paths if p in latents]
@@ -332,43 +232,57 @@ def run(args):
         print(f"encoding {len(images)} image(s) at {image_size}x{image_size} px "
               f"({'latent size ' + str(latent_size) if latent_size else 'training latent size unknown'})")
         latents.update(encode_images(vae, images, image_size, args.batch_size))
+    return latents
+
+
+def run(args):
+    args.device = resolve_device(args.device, fallback=False)
+    cfg, nets = load_networks(args.checkpoint, args.device)
+    domain_id = domain_index(cfg, args.target_domain)
+    latent_scale = cfg["training"]["latent_scale"]
+    source_paths = list_inputs(args.source, "--source")
+    ref_paths = list_inputs(args.reference, "--reference") if args.reference is not None else []
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise InputError(f"--output {args.output!r} exists and is not a folder")
+    vae, vae_problem = open_vae(args, cfg, args.device)
+    latents = load_inputs(args, cfg, vae, source_paths, ref_paths)
+    if vae is None:
+        warn(f"{vae_problem}: PNGs use the linear latent preview")
     sources = stack_inputs(source_paths, latents, "--source")  # [N, 4, h, w] raw, CPU
 
-    # styles: [K, S] latent-guided, or [M, S] one per reference
-    if ref_paths:
+    if ref_paths:  # styles: [M, S] one per reference, or [K, S] from the mapping network
         refs = stack_inputs(ref_paths, latents, "--reference")  # [M, 4, h', w'] raw
-        styles = reference_styles(nets["style_encoder"], refs * latent_scale, domain_id, args.batch_size, device)
+        styles = reference_styles(nets["style_encoder"], refs, domain_id, latent_scale, args.batch_size, args.device)
         col_labels = [os.path.splitext(os.path.basename(p))[0] for p in ref_paths]
     else:
         styles = latent_styles(nets["mapping_network"], domain_id, args.num_styles, cfg["model"]["latent_dim"],
-                               args.seed, args.psi, device)
+                               args.seed, args.psi, args.device)
         col_labels = [f"style {k}" for k in range(args.num_styles)]
 
     os.makedirs(args.output, exist_ok=True)
     stems = [os.path.splitext(os.path.basename(p))[0] for p in source_paths]
     names = [f"{stem}_to_{args.target_domain}_{k}" for stem in stems for k in range(styles.shape[0])]
-    stale = sorted(set(f[:-3] for f in os.listdir(args.output) if f.endswith(".pt") and "_to_" in f) - set(names))
-    if stale:  # never delete what a user has; say that the folder is not this run's alone
-        warn(f"{args.output} already holds {len(stale)} output latent(s) of an earlier run (e.g. {stale[0]}.pt); "
-             "they are kept: use a fresh --output folder for one latent per output of this run")
-    sheet_cells = {}
-    translate(args, nets["generator"], sources, styles, latent_scale, vae, names, sheet_cells, device)
+    warn_about_stale_outputs(args.output, names)
+    sheet_cells = write_outputs(args, nets, sources, styles, latent_scale, vae, names)
 
-    shown = sources[:SHEET_MAX_ROWS]
     ref_rgb = to_rgb(refs[:SHEET_MAX_COLS], vae, latent_scale, args.batch_size) if ref_paths else None
     if ref_rgb is not None and ref_rgb.shape[2:] != sheet_cells[(0, 0)].shape[1:]:
         ref_rgb = None  # references of another size than the sources: leave their row out
-    sheet = write_sheet(os.path.join(args.output, "sheet.png"), to_rgb(shown, vae, latent_scale, args.batch_size),
-                        sheet_cells, styles.shape[0], stems[:SHEET_MAX_ROWS], col_labels, ref_rgb)
-    mode = "reference" if ref_paths else "style"
-    print(f"{len(source_paths)} source(s) x {styles.shape[0]} {mode}(s) -> {len(names)} outputs in {args.output} "
-          f"(PNGs: {'VAE decode' if vae is not None else 'latent preview'}); sheet {sheet}")
-    if ref_paths:
-        for k, p in enumerate(ref_paths):
-            print(f"  _{k}: reference {p}")
-    if len(source_paths) > SHEET_MAX_ROWS or styles.shape[0] > SHEET_MAX_COLS:
-        print(f"  the sheet shows the first {SHEET_MAX_ROWS} sources x {SHEET_MAX_COLS} outputs")
+    sheet = write_sheet(os.path.join(args.output, "sheet.png"),
+                        to_rgb(sources[:SHEET_MAX_ROWS], vae, latent_scale, args.batch_size), sheet_cells,
+                        styles.shape[0], stems[:SHEET_MAX_ROWS], col_labels, ref_rgb)
+    report(args, source_paths, ref_paths, styles.shape[0], len(names), vae, sheet)
     return 0
+
+
+def report(args, source_paths, ref_paths, num_styles, num_outputs, vae, sheet):
+    mode = "reference" if ref_paths else "style"
+    print(f"{len(source_paths)} source(s) x {num_styles} {mode}(s) -> {num_outputs} outputs in {args.output} "
+          f"(PNGs: {'VAE decode' if vae is not None else 'latent preview'}); sheet {sheet}")
+    for k, p in enumerate(ref_paths):
+        print(f"  _{k}: reference {p}")
+    if len(source_paths) > SHEET_MAX_ROWS or num_styles > SHEET_MAX_COLS:
+        print(f"  the sheet shows the first {SHEET_MAX_ROWS} sources x {SHEET_MAX_COLS} outputs")
 
 
 def main(argv=None):
@@ -379,7 +293,7 @@ def main(argv=None):
         return e.code if isinstance(e.code, int) else 2
     try:
         return run(args)
-    except (TranslateError, SetupError, ValueError, OSError) as e:  # ValueError: load_checkpoint's "not a checkpoint"
+    except (InputError, OSError) as e:
         print(f"translate.py: error: {e}", file=sys.stderr)
         return 2
 

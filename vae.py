@@ -1,5 +1,6 @@
-"""SD1.5 VAE helpers shared by the trainer, encode.py and translate.py: loading the diffusers
-`AutoencoderKL`, encoding/decoding raw latents, the cheap linear latent preview, labelled grids.
+"""Images <-> SD1.5 VAE latents, shared by the trainer, encode.py, translate.py, evaluation and the
+app: loading the diffusers `AutoencoderKL` (with the linear-preview fallback for pictures), image
+files -> model input, encoding/decoding raw latents, the cheap linear latent preview, labelled grids.
 
 Latents on disk are *raw* (unscaled). diffusers' `vae.decode` takes raw latents too; only the
 networks see `raw * latent_scale`.
@@ -11,6 +12,8 @@ import warnings
 
 import numpy as np
 import torch
+
+from runtime import atomic_write
 
 SD15_LATENT_SCALE = 0.18215  # the SD1.5 VAE's scaling_factor: scaled latents have roughly unit std
 
@@ -24,6 +27,7 @@ PREVIEW_FACTORS = torch.tensor([
 ])
 
 VAE_DOWNSAMPLE = 8  # SD1.5: 256px image <-> 32x32 latent
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def latent_preview(scaled_latents, upscale=VAE_DOWNSAMPLE):
@@ -82,6 +86,30 @@ def load_vae(path, subfolder=None, device="cpu", dtype=torch.float32, quiet=True
     return vae
 
 
+def load_vae_or_preview(path, subfolder, device, log, quiet=True, origin="visualization.vae_path"):
+    """The VAE for pictures (grids, PNGs), or None when it cannot be loaded: the caller then shows
+    the linear latent preview. `log` gets one line saying why. Evaluation never uses this: without a
+    VAE its numbers would mean something else, so it calls `load_vae` and fails."""
+    if not path:
+        log(f"{origin} is not set: pictures use the linear latent preview")
+        return None
+    try:
+        return load_vae(path, subfolder, device, torch.float32, quiet=quiet)
+    except Exception as e:
+        first_line = str(e).splitlines()[0][:300] if str(e) else ""
+        log(f"warning: cannot load the VAE from {origin}={path!r} ({type(e).__name__}: {first_line}); "
+            "pictures use the linear latent preview instead")
+        return None
+
+
+def to_rgb(raw_latents, vae, latent_scale, batch_size=16):
+    """[B, 4, h, w] raw latents -> [B, 3, H, W] RGB in [0, 1] on the CPU: the VAE's decode, or the
+    linear preview (of the scaled latents) when `vae` is None."""
+    if vae is None:
+        return latent_preview(raw_latents.float() * latent_scale).cpu()
+    return decode_raw(vae, raw_latents, batch_size)
+
+
 def vae_downsample_factor(vae):
     """Spatial factor between image and latent: 2 ** (number of down blocks - 1), 8 for SD1.5."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
@@ -103,6 +131,27 @@ def encode_raw(vae, images, sample=False, generator=None):
     draw from the posterior when `sample`."""
     dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
     return (dist.sample(generator) if sample else dist.mode()).float()
+
+
+def load_image(path, size):
+    """Image file -> uint8 [size, size, 3]: EXIF-rotated, RGB (alpha dropped, grey expanded),
+    centre square crop, bicubic resize."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)  # phone photos: crop what the viewer shows, not the sensor
+        image = image.convert("RGB")
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def to_model_input(images):
+    """list of uint8 [H, W, 3] -> float32 [B, 3, H, W] in [-1, 1]."""
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # [B, 3, H, W] uint8
+    return batch.float() / 127.5 - 1
 
 
 def to_uint8(images):
@@ -147,27 +196,6 @@ def grid_array(images, nrow, pad=2):
         r, c = divmod(k, ncol)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = tiles[k]
     return grid
-
-
-def atomic_write(path, write, fsync=False):
-    """write(f) into a hidden temporary file beside `path` (binary), then rename over `path`: a crash
-    at any moment leaves the previous file intact and no partial file behind. Shared by checkpoints,
-    latents, PNGs and grids."""
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
 
 
 def save_image_grid(path, images, nrow, row_labels=None, col_labels=None):

@@ -63,13 +63,12 @@ def tiny_vae_dir(tmp_path_factory):
 
 
 def write_latent_folders(root, domains=("a", "b", "c"), files=6, size=16, seed=0):
-    """root/<domain>/<k>.pt raw latents whose mean encodes the domain (domain i ~ 2*i - 2)."""
+    """root/<domain>/<k:03d>.pt raw latents whose mean encodes the domain (domain i ~ 2*i - 2)."""
+    from dataset import write_latent_folders as write
+
     g = torch.Generator().manual_seed(seed)
-    for i, d in enumerate(domains):
-        folder = os.path.join(str(root), d)
-        os.makedirs(folder, exist_ok=True)
-        for k in range(files):
-            torch.save(torch.randn(4, size, size, generator=g) * 4 + (2 * i - 2), os.path.join(folder, f"{k:03d}.pt"))
+    write(root, {d: torch.randn(files, 4, size, size, generator=g) * 4 + (2 * i - 2) for i, d in enumerate(domains)},
+          stem="{index:03d}")
     return str(root)
 
 

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 import run
+import runtime
 import trainer as T
 from conftest import ROOT, tiny_run_config, write_latent_folders
 
@@ -123,7 +124,7 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path, data, monkeypatch
         f.truncate(100)  # half-written, then the "crash"
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(T.torch, "save", dying_save)
+    monkeypatch.setattr(runtime.torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         run.main(["--config", cfg, "--resume", "training.epochs=2"])
     monkeypatch.undo()

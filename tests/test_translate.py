@@ -13,10 +13,9 @@ from PIL import Image
 import run
 from config import model_kwargs, resolve_config
 from conftest import tiny_run_config, write_latent_folders
-from encode import load_image, to_model_input
 from model import build_models
 from translate import main
-from vae import decode_raw, encode_raw, latent_preview, load_vae, to_uint8
+from vae import decode_raw, encode_raw, latent_preview, load_image, load_vae, to_model_input, to_uint8
 
 LATENT = 16  # write_latent_folders' latent size
 DOMAINS = ["a", "b", "c"]

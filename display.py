@@ -1,0 +1,73 @@
+"""The training display and the JSON log lines on stdout.
+
+`training.progress_style`: `bar` (tqdm on stderr), `percent` (one stdout line refreshed with \\r,
+ended by a newline per epoch, whether or not stdout is a terminal) or `off`. JSON lines are the only
+stdout lines that begin with `{`, so `grep '^{'` collects them; the display never splits one.
+"""
+
+import json
+import sys
+
+SHOWN = ("d_loss", "g_loss", "r1", "lat_sty", "lat_ds", "lat_cyc")
+
+
+def json_line(record):
+    """One log record as a JSON line: floats rounded to 6 digits."""
+    return json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()})
+
+
+class Display:
+    """The progress of one epoch: `update` at display steps, `write` for JSON lines, `close` at its end."""
+
+    def __init__(self, style, epoch, epochs, total, start):
+        self.style, self.epoch, self.epochs, self.total, self.last = style, epoch, epochs, max(total, 1), start
+        self.bar, self.width = None, 0  # width: length of the open percent line (0: none open)
+        if style == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=f"epoch {epoch}/{epochs}", dynamic_ncols=True,
+                            leave=True, file=sys.stderr)
+
+    @staticmethod
+    def text(values):
+        parts = [f"{k} {values[k]:.3f}" for k in SHOWN if k in values]
+        if values.get("nonfinite_skipped"):
+            parts.append(f"skipped {values['nonfinite_skipped']}")
+        if values.get("oom_skipped"):
+            parts.append(f"oom {values['oom_skipped']}")
+        return "  ".join(parts)
+
+    def update(self, done, values):
+        if self.style == "bar":
+            self.bar.update(done - self.last)
+            self.bar.set_postfix_str(self.text(values), refresh=True)
+        elif self.style == "percent":
+            pct = 100.0 * done / self.total
+            line = f"epoch {self.epoch}/{self.epochs} {pct:5.1f}% ({done}/{self.total})  {self.text(values)}"
+            sys.stdout.write("\r" + line.ljust(self.width))  # padded: no residue of a longer line
+            sys.stdout.flush()
+            self.width = len(line)
+        self.last = done
+
+    def write(self, line):
+        """A JSON line (or any whole line): never inside the bar or the percent line."""
+        if self.style == "bar":
+            self.bar.write(line, file=sys.stdout)
+        elif self.style == "percent":  # end the percent line first: a JSON line must begin with {
+            sys.stdout.write(("\n" if self.width else "") + line + "\n")
+            sys.stdout.flush()
+            self.width = 0
+        else:
+            print(line, flush=True)
+
+    def close(self, done, values, rate):
+        if self.style == "bar":
+            self.bar.update(done - self.last)
+            if values:
+                self.bar.set_postfix_str(self.text(values))
+            self.bar.close()
+        elif self.style == "percent":
+            if values:
+                self.update(done, values)
+            sys.stdout.write(f"  [{rate:.2f} it/s]\n")
+            sys.stdout.flush()

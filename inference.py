@@ -1,0 +1,109 @@
+"""Using a trained model: rebuild the EMA networks from a checkpoint alone (its saved config, as
+nanoGPT's `model_args`) and translate latents with them, latent-guided (a style from z through the
+mapping network F) or reference-guided (a style from a reference latent through the style encoder E).
+Shared by translate.py, the evaluation protocol and the app, so all three translate alike.
+
+Latents outside are raw; the networks see `raw * latent_scale`, and outputs are divided back.
+"""
+
+import os
+
+import torch
+
+from config import model_kwargs, resolve_config
+from dataset import list_latent_files, load_latent_file
+from model import EMA_NETS, build_models
+from runtime import InputError, load_checkpoint
+
+MEAN_STYLE_SAMPLES = 10000  # z draws averaged into a domain's mean style for psi (StarGAN v2's count)
+MEAN_STYLE_SEED = 0  # fixed: the mean style is a property of the model, not of the caller's seed
+
+
+def load_networks(path, device):
+    """Checkpoint -> (resolved config, {generator, mapping_network, style_encoder} with the EMA
+    weights, in eval mode). `cfg["latent_shape"]` is the [4, h, w] trained on (None in checkpoints
+    older than that record). InputError naming the file and key for anything else."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["ema"], dict):
+        raise InputError(f"{path!r} is not a Latent StarGAN v2 checkpoint (config / ema are not dicts)")
+    try:
+        cfg = resolve_config(ckpt["config"], source=f"config saved in {path}")
+    except InputError as e:
+        raise InputError(f"{path!r}: its saved config is not valid for this code: {e}") from None
+    models = build_models(**model_kwargs(cfg))
+    nets = {}
+    for name in EMA_NETS:
+        if name not in ckpt["ema"]:
+            raise InputError(f"{path!r} holds no EMA weights for the {name} (key ema[{name!r}]); "
+                             "expected a checkpoint written by run.py")
+        try:
+            models[name].load_state_dict(ckpt["ema"][name])
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise InputError(f"{path!r}: ema[{name!r}] does not match the architecture in its own config: "
+                             f"{str(e)[:500]}") from None
+        nets[name] = models[name].to(device).eval().requires_grad_(False)
+    cfg["latent_shape"] = ckpt.get("latent_shape")
+    return cfg, nets
+
+
+def training_latent_size(cfg):
+    """Spatial size of the training latents: the checkpoint's `latent_shape`, else one file of its
+    data.root when that folder is reachable from here (older checkpoints); None otherwise."""
+    if cfg.get("latent_shape"):
+        return int(cfg["latent_shape"][-1])
+    root = os.path.expanduser(cfg["data"]["root"])
+    for domain in cfg["data"]["domains"]:
+        try:
+            return int(load_latent_file(list_latent_files(os.path.join(root, domain))[0]).shape[-1])
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def domain_index(cfg, domain, flag="--target-domain"):
+    """The id of `domain` among the checkpoint's domains; InputError listing them otherwise."""
+    domains = list(cfg["data"]["domains"])
+    if domain not in domains:
+        raise InputError(f"unknown {flag} {domain!r}; the checkpoint's domains are: {', '.join(domains)}")
+    return domains.index(domain)
+
+
+@torch.no_grad()
+def latent_styles(mapping_network, domain_id, num_styles, latent_dim, seed=0, psi=1.0, device="cpu"):
+    """K styles of one domain from F (latent-guided synthesis), optionally truncated toward the
+    domain's mean style (StarGAN v2's psi: s = s_avg + psi * (s - s_avg), s_avg = F over
+    MEAN_STYLE_SAMPLES z). Style k is the same for any caller: z = randn(K, L, seed)[k]. [K, S]"""
+    z = torch.randn(num_styles, latent_dim, generator=torch.Generator().manual_seed(seed))  # [K, L]
+    y = torch.full((num_styles,), domain_id, dtype=torch.long, device=device)
+    s = mapping_network(z.to(device), y)  # [K, S]
+    if psi != 1.0:
+        z_many = torch.randn(MEAN_STYLE_SAMPLES, latent_dim, generator=torch.Generator().manual_seed(MEAN_STYLE_SEED))
+        y_many = torch.full((MEAN_STYLE_SAMPLES,), domain_id, dtype=torch.long, device=device)
+        s_mean = mapping_network(z_many.to(device), y_many).mean(0, keepdim=True)  # [1, S]
+        s = torch.lerp(s_mean, s, psi)  # s_mean + psi * (s - s_mean)
+    return s
+
+
+@torch.no_grad()
+def reference_styles(style_encoder, refs_raw, domain_id, latent_scale, batch_size=16, device="cpu"):
+    """E of each raw reference latent for the target domain (reference-guided synthesis), in
+    chunks. [M, S]"""
+    styles = []
+    for chunk in refs_raw.split(batch_size):
+        chunk = chunk.to(device).float() * latent_scale  # [b, 4, h, w] scaled
+        y = torch.full((chunk.shape[0],), domain_id, dtype=torch.long, device=device)
+        styles.append(style_encoder(chunk, y))  # [b, S]
+    return torch.cat(styles)
+
+
+@torch.no_grad()
+def translate_pairs(generator, sources_raw, styles, latent_scale, batch_size=16, device="cpu"):
+    """Every (source i, style k) pair, flattened as i * K + k and run in chunks of `batch_size`.
+    Yields (pair indices [b], raw outputs [b, 4, h, w] on the CPU): one host transfer per chunk, so a
+    caller can write outputs as they come."""
+    num_styles = styles.shape[0]
+    pairs = torch.arange(sources_raw.shape[0] * num_styles)
+    for chunk in pairs.split(batch_size):
+        x = sources_raw[chunk // num_styles].to(device).float() * latent_scale  # [b, 4, h, w] scaled
+        fake = generator(x, styles[(chunk % num_styles).to(styles.device)])  # [b, 4, h, w] scaled
+        yield chunk, (fake.float() / latent_scale).cpu()
