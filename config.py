@@ -77,6 +77,7 @@ DEFAULTS = {
         "save_interval": 1,
         "eval_interval": 1,
         "keep_checkpoints": None,
+        "tensorboard": False,
         "max_nonfinite_steps": 20,
         "checkpoint_dir": "outputs/stargan_v2_latent",
         "device": "cuda",

@@ -1,4 +1,4 @@
-"""Multi-domain SD1.5 latent dataset with GPU preload and two-stage uniform sampling (SPEC.md §6).
+"""Multi-domain SD1.5 latent dataset with GPU preload and two-stage uniform sampling.
 
 Every file of every domain is read once at start-up into ONE contiguous float32 tensor
 `data [N_total, 4, H, W]` (raw, unscaled latents; the trainer applies `latent_scale`), with per-domain
@@ -347,3 +347,25 @@ def build_loader(dataset, batch_size, num_workers=0, pin_memory=False, drop_last
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
                       collate_fn=collate_batch, persistent_workers=num_workers > 0, generator=generator)
+
+
+def rank_indices(n, dist, batch_size, drop_last):
+    """This rank's disjoint share of the epoch table (strided, equal length on every rank) and the
+    number of batches it makes."""
+    per_rank = n // dist.world_size
+    indices = list(range(dist.rank, per_rank * dist.world_size, dist.world_size))
+    steps = per_rank // batch_size if drop_last else -(-per_rank // batch_size)
+    return indices, steps
+
+
+def check_epoch_has_steps(dataset, dist, t):
+    """An epoch of zero steps would write checkpoints and grids of untrained networks and exit 0."""
+    _, steps = rank_indices(len(dataset), dist, t["batch_size"], t["drop_last"])
+    if steps > 0:
+        return
+    raise InputError(
+        f"an epoch would train 0 steps: {sum(dataset.counts)} latent files, data.samples_per_epoch="
+        f"{dataset.samples_per_epoch} -> {len(dataset)} samples per epoch over {dist.world_size} process(es) = "
+        f"{len(dataset) // dist.world_size} per process, fewer than training.batch_size={t['batch_size']}"
+        f"{' with training.drop_last true' if t['drop_last'] else ''}. Lower training.batch_size, raise "
+        f"data.samples_per_epoch to at least {t['batch_size'] * dist.world_size}, or add data")

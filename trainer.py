@@ -15,15 +15,16 @@ import signal
 import time
 import warnings
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 import loss as L
 from config import visualization_every
-from dataset import build_loader
+from dataset import build_loader, check_epoch_has_steps, rank_indices
 from display import Display, json_line
 from model import EMA_NETS, NETS
-from runtime import Distributed, InputError, atomic_save, get_rng_state, prune_checkpoints, set_rng_state
+from runtime import Distributed, atomic_save, get_rng_state, prune_checkpoints, set_rng_state
 from vae import load_vae_or_preview, save_image_grid, to_rgb
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -54,7 +55,7 @@ def step_all_or_none(optimizers, scaler, params, bad, fused):
       all or none and `scaler.update` backs the scale off;
     - fused Adam takes the flag as its `found_inf` attribute and skips inside the kernel;
     - any other optimizer reads the flag on the host (one tiny sync).
-    These are private torch details; tests/test_trainer.py checks each against the installed torch.
+    These are private torch details; tests/test_skip.py checks each against the installed torch.
     Returns the 0-dim float skip flag.
     """
     if scaler.is_enabled():
@@ -106,28 +107,6 @@ def compile_options(mode, cudagraphs):
     return opts
 
 
-def rank_indices(n, dist, batch_size, drop_last):
-    """This rank's disjoint share of the epoch table (strided, equal length on every rank) and the
-    number of batches it makes."""
-    per_rank = n // dist.world_size
-    indices = list(range(dist.rank, per_rank * dist.world_size, dist.world_size))
-    steps = per_rank // batch_size if drop_last else -(-per_rank // batch_size)
-    return indices, steps
-
-
-def check_epoch_has_steps(dataset, dist, t):
-    """An epoch of zero steps would write checkpoints and grids of untrained networks and exit 0."""
-    _, steps = rank_indices(len(dataset), dist, t["batch_size"], t["drop_last"])
-    if steps > 0:
-        return
-    raise InputError(
-        f"an epoch would train 0 steps: {sum(dataset.counts)} latent files, data.samples_per_epoch="
-        f"{dataset.samples_per_epoch} -> {len(dataset)} samples per epoch over {dist.world_size} process(es) = "
-        f"{len(dataset) // dist.world_size} per process, fewer than training.batch_size={t['batch_size']}"
-        f"{' with training.drop_last true' if t['drop_last'] else ''}. Lower training.batch_size, raise "
-        f"data.samples_per_epoch to at least {t['batch_size'] * dist.world_size}, or add data")
-
-
 class Trainer:
     """Owns the nets, their EMA copies, optimizers, scalers, counters and position.
 
@@ -168,6 +147,7 @@ class Trainer:
         self._vae, self._vae_tried = None, False
         self._loader_gen = torch.Generator()  # the loader's base seed must not draw from the global RNG
         self._loader_noted = False  # the loader's notices (workers, pinning): once per run
+        self.tb = None  # TensorBoard writer, opened by fit when training.tensorboard
         self.call = dict(self.nets)  # what the step calls: compiled or eager
         self._compile_unverified = set()
         self.cudagraphs = t["use_compile"] and t["compile_cudagraphs"]
@@ -388,6 +368,10 @@ class Trainer:
         if self.epoch < t["epochs"]:
             check_epoch_has_steps(dataset, self.dist, t)
         samples = dataset.grid_samples()
+        if t["tensorboard"] and self.dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(self.checkpoint_path("tb"))
         previous = self.install_signal_handlers()
         try:
             for epoch in range(self.epoch + 1, t["epochs"] + 1):
@@ -399,6 +383,8 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if self.tb is not None:
+                self.tb.close()
         self.log(f"done: {t['epochs']} epochs, {self.step} steps{self.skipped_summary()}; "
                  f"checkpoints in {t['checkpoint_dir']}")
         return 0
@@ -441,6 +427,7 @@ class Trainer:
         if not (show or log):
             return
         values = self.scalars(losses)
+        self.tensorboard_scalars("train", values)
         if show:
             display.update(done, values)
         if log and self.dist.is_main:
@@ -454,6 +441,10 @@ class Trainer:
             path = self.save_grid(epoch, samples)
             if path:
                 self.log(f"epoch {epoch}: grid {path}")
+                if self.tb is not None:
+                    from PIL import Image
+
+                    self.tb.add_image("grid", np.asarray(Image.open(path).convert("RGB")), epoch, dataformats="HWC")
         self.dist.barrier()
 
     def stop(self, epoch, done, steps):
@@ -498,6 +489,13 @@ class Trainer:
         out["oom_skipped"] = self.oom_skipped
         out["w_ds"] = losses["w_ds"]
         return out
+
+    def tensorboard_scalars(self, group, values):
+        """Every number of `values` as `group/key` at the current step (when TensorBoard is on)."""
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"{group}/{key}", value, self.step)
 
     def check_nonfinite(self, run_max=None):
         """Stop on too many consecutive skipped steps. `run_max` comes from `scalars`' one sync at

@@ -90,7 +90,7 @@ for batch in $SWEEP; do
   tail -n 1 "$OUT/sweep.txt" | grep -q '"oom_skipped": 0,' || break
 done
 
-# 4. CUDA graphs through torch.compile (SPEC.md §8: compile_cudagraphs decides, whatever the mode)
+# 4. CUDA graphs through torch.compile (compile_cudagraphs decides, whatever the mode)
 stage cudagraphs 150 "$OUT/cudagraphs.txt" python3 bench.py --config "$CONFIG" --device "$DEVICE" \
   --steps "$STEPS" --warmup "$WARMUP" training.amp_dtype=bf16 training.use_compile=true \
   training.compile_mode=reduce-overhead training.compile_cudagraphs=true "${EXTRA[@]}"

@@ -1,4 +1,4 @@
-"""Multi-GPU training through torchrun, run here as 2 CPU processes on gloo (issue 9)."""
+"""Multi-GPU training through torchrun, run here as 2 CPU processes on gloo."""
 
 import json
 import os

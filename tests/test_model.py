@@ -1,4 +1,4 @@
-"""model.py against SPEC.md §4: shapes, AdaIN maths, per-sample independence, branch selection."""
+"""model.py against the paper's architecture: shapes, AdaIN maths, per-sample independence, branch selection."""
 
 import pytest
 import torch

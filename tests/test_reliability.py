@@ -1,5 +1,5 @@
-"""Never lose work: exact resume (end of epoch and mid-epoch), SIGINT/SIGTERM, atomic checkpoints
-(issue 7). Straight and resumed runs are compared weight by weight, bitwise (CPU, fp32)."""
+"""Never lose work: exact resume (end of epoch and mid-epoch), SIGINT/SIGTERM, atomic checkpoints.
+Straight and resumed runs are compared weight by weight, bitwise (CPU, fp32)."""
 
 import os
 import signal

@@ -1,5 +1,5 @@
 """run.py end to end on the CPU with tiny models: checkpoints, grids, logs, display, resume,
-overrides, config errors (SPEC.md §8-10)."""
+overrides, config errors."""
 
 import json
 import os
@@ -237,3 +237,17 @@ def test_resuming_a_finished_run_is_not_a_zero_step_error(tmp_path, data, capsys
     assert run.main(["--config", cfg]) == 0
     assert run.main(["--config", cfg, "--resume", "training.batch_size=64"]) == 0
     assert "done: 1 epochs, 2 steps" in capsys.readouterr().out
+
+
+def test_tensorboard_curves_and_grids(tmp_path, data):
+    """training.tensorboard: losses, w_ds and skip counters at display steps, and the grids."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = write_config(tmp_path, training={"epochs": 2, "tensorboard": True, "display_interval": 1})
+    assert run.main(["--config", cfg]) == 0
+    events = EventAccumulator(str(tmp_path / "out" / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    tags = events.Tags()
+    for key in ("d_loss", "g_loss", "r1", "w_ds", "nonfinite_skipped", "oom_skipped"):
+        assert f"train/{key}" in tags["scalars"], key
+    assert [e.step for e in events.Scalars("train/d_loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Images("grid")] == [1, 2]

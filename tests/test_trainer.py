@@ -1,4 +1,4 @@
-"""Unit tests of the training step (SPEC.md §7): R1 schedule, which path trains what, w_ds decay,
+"""Unit tests of the training step: R1 schedule, which path trains what, w_ds decay,
 EMA, OOM and non-finite skips, fp16 with GradScaler."""
 
 
