@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import os
+import re
 
 import yaml
 
@@ -82,6 +83,15 @@ DEFAULTS = {
         "checkpoint_dir": "outputs/stargan_v2_latent",
         "device": "cuda",
     },
+    "evaluation": {
+        "every_epochs": None,
+        "num_sources": 32,
+        "num_outs": 4,
+        "best_metric": "FID_latent/mean",
+        "vae_path": None,
+        "inception_weights": None,
+        "lpips_weights": None,
+    },
     "visualization": {
         "every_epochs": None,
         "save_dir": None,
@@ -95,6 +105,10 @@ DEFAULTS = {
 OPTIONAL_TYPES = {
     "data.samples_per_epoch": int,
     "training.keep_checkpoints": int,
+    "evaluation.every_epochs": int,
+    "evaluation.vae_path": str,
+    "evaluation.inception_weights": str,
+    "evaluation.lpips_weights": str,
     "visualization.every_epochs": int,
     "visualization.save_dir": str,
     "visualization.vae_path": str,
@@ -227,6 +241,13 @@ def validate(cfg):
     check(t["compile_mode"] in compile_modes(), "training.compile_mode", f"one of {' | '.join(compile_modes())}")
     check(t["device"] == "cpu" or t["device"].startswith("cuda"), "training.device", "cuda, cuda:N or cpu")
     check(v["every_epochs"] is None or v["every_epochs"] >= 1, "visualization.every_epochs", "a positive int or null")
+    e = cfg["evaluation"]
+    check(e["every_epochs"] is None or e["every_epochs"] >= 1, "evaluation.every_epochs", "a positive int or null (off)")
+    check(e["num_sources"] >= 1, "evaluation.num_sources", "a positive int (sources per domain)")
+    check(e["num_outs"] >= 2, "evaluation.num_outs", "an int >= 2 (LPIPS compares the outputs of one source)")
+    check(re.fullmatch(r"(FID|KID|LPIPS)_(latent|reference)/\S+", e["best_metric"]) is not None,
+          "evaluation.best_metric", "a metric key such as FID_latent/mean, KID_reference/mean or "
+          "FID_latent/photo2monet")
     if not t["progress_bar"]:  # the seed's older switch: progress_bar false means no display
         t["progress_style"] = "off"
 
