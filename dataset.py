@@ -12,7 +12,9 @@ unpickle, so a hostile pickle cannot run code) and `.npy` through `np.load(allow
 Anything unexpected stops construction with an error naming the file by its full path.
 """
 
+import hashlib
 import io
+import json
 import os
 
 import numpy as np
@@ -234,6 +236,19 @@ class MultiDomainLatentDataset(Dataset):
         except torch.cuda.OutOfMemoryError:
             log(f"dataset: out of memory moving {_mb(data.nbytes)} to {device}; data stays on the CPU")
             return data
+
+    def by_domain(self):
+        """{domain: raw latents [N_d, 4, H, W]}: views of the data, in file order."""
+        return {d: self.data[first:first + count] for d, first, count in zip(self.domains, self.offsets, self.counts)}
+
+    def file_list_ids(self):
+        """{domain: sha256 of its files' paths, sizes and modification times}: names a real set for
+        caches (evaluation's real-domain features) without reading the data again."""
+        ids = {}
+        for d, paths in zip(self.domains, self.files):
+            stats = [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
+            ids[d] = hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+        return ids
 
     def grid_samples(self):
         """One source and one reference latent per domain, for the grids: each domain's first two

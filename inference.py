@@ -20,10 +20,14 @@ MEAN_STYLE_SEED = 0  # fixed: the mean style is a property of the model, not of 
 
 
 def load_networks(path, device):
-    """Checkpoint -> (resolved config, {generator, mapping_network, style_encoder} with the EMA
+    """Checkpoint file -> (resolved config, {generator, mapping_network, style_encoder} with the EMA
     weights, in eval mode). `cfg["latent_shape"]` is the [4, h, w] trained on (None in checkpoints
     older than that record). InputError naming the file and key for anything else."""
-    ckpt = load_checkpoint(path)
+    return networks_from_checkpoint(load_checkpoint(path), path, device)
+
+
+def networks_from_checkpoint(ckpt, path, device):
+    """`load_networks` for a checkpoint dict already loaded from `path`."""
     if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["ema"], dict):
         raise InputError(f"{path!r} is not a Latent StarGAN v2 checkpoint (config / ema are not dicts)")
     try:
@@ -107,3 +111,26 @@ def translate_pairs(generator, sources_raw, styles, latent_scale, batch_size=16,
         x = sources_raw[chunk // num_styles].to(device).float() * latent_scale  # [b, 4, h, w] scaled
         fake = generator(x, styles[(chunk % num_styles).to(styles.device)])  # [b, 4, h, w] scaled
         yield chunk, (fake.float() / latent_scale).cpu()
+
+
+@torch.no_grad()
+def grid_cells(generator, mapping_network, style_encoder, sources_raw, refs_raw, domains, latent_scale, latent_dim,
+               seed=0, device="cpu"):
+    """The training grid's cells: one source and one reference per domain (raw [N, 4, h, w] each),
+    every source translated to every domain. Rows: sources x latent-guided (one fixed z per domain),
+    the references, sources x reference-guided; columns: the source, then each domain. Returns
+    (raw latents [(2N+1)*(N+1), 4, h, w] on the CPU with NaN in the blank corner, row labels)."""
+    n = len(domains)
+    src = sources_raw.to(device).float() * latent_scale  # [N, 4, h, w]
+    refs = refs_raw.to(device).float() * latent_scale
+    z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(int(seed))).to(device)  # fixed z
+    y = torch.arange(n, device=device)
+    s_lat, s_ref = mapping_network(z, y), style_encoder(refs, y)  # [N, S]: style of domain j
+    x_rep = src.repeat_interleave(n, dim=0)  # [N*N, 4, h, w]: source i for each target j
+    lat = generator(x_rep, s_lat.repeat(n, 1)).view(n, n, *src.shape[1:])  # [N, N, 4, h, w]
+    ref = generator(x_rep, s_ref.repeat(n, 1)).view(n, n, *src.shape[1:])
+    rows = [torch.cat([src[i:i + 1], lat[i]]) for i in range(n)]
+    rows.append(torch.cat([torch.full_like(src[:1], float("nan")), refs]))
+    rows += [torch.cat([src[i:i + 1], ref[i]]) for i in range(n)]
+    labels = [f"{d} (latent)" for d in domains] + ["references"] + [f"{d} (ref)" for d in domains]
+    return (torch.cat(rows) / latent_scale).float().cpu(), labels

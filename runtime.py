@@ -1,14 +1,17 @@
 """What every script shares at run time: the one bad-input error, atomic file writes, checkpoint
-files (save, load, prune), RNG state, device resolution and the process group.
+files (save, load, prune), RNG state, devices and their capabilities (fused Adam, torch.compile
+options), stop signals and the process group.
 
 Imported by the library (trainer, dataset, vae, inference, metrics) and by every script (run.py,
 encode.py, translate.py, bench.py, evaluate.py, app.py); it imports nothing of the project.
 """
 
+import datetime
 import glob
 import os
 import random
 import re
+import signal
 import warnings
 
 import numpy as np
@@ -144,6 +147,45 @@ def configure_backends(device):
         torch.backends.cudnn.allow_tf32 = True
 
 
+def fused_adam_supported(device):
+    """Whether fused Adam runs on `device` (CUDA and, in recent torch, the CPU): probe it once."""
+    try:
+        p = torch.nn.Parameter(torch.zeros(1, device=device))
+        p.grad = torch.zeros(1, device=device)
+        torch.optim.Adam([p], fused=True).step()
+        return True
+    except Exception:
+        return False
+
+
+def compile_options(mode, cudagraphs):
+    """torch refuses `mode` and `options` together: translate the pair into options alone, so
+    `compile_cudagraphs` decides CUDA graphs whatever the mode."""
+    try:
+        import torch._inductor
+
+        opts = dict(torch._inductor.list_mode_options(mode)) if mode != "default" else {}
+    except Exception:
+        opts = {}
+    opts["triton.cudagraphs"] = bool(cudagraphs)
+    return opts
+
+
+def on_stop_signal(callback):
+    """Call `callback(signum)` on SIGINT / SIGTERM in this process (forked loader workers ignore
+    them: the main process decides). Returns the previous handlers, for `signal.signal` to restore."""
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() == owner:
+            callback(signum)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, handler)
+    return previous
+
+
 # ---------------------------------------------------------------------- process group
 
 class Distributed:
@@ -151,8 +193,10 @@ class Distributed:
 
     def __init__(self, rank=0, world_size=1):
         self.rank, self.world_size = rank, world_size
-        # host-side decisions (stop signals) travel through a CPU group: no GPU sync for a flag
-        self.cpu_group = torch.distributed.new_group(backend="gloo") if world_size > 1 else None
+        # host-side decisions (stop signals, evaluation verdicts) travel through a CPU group: no GPU
+        # sync for a flag. Its long timeout lets the other ranks wait while rank 0 evaluates.
+        self.cpu_group = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(hours=6)) \
+            if world_size > 1 else None
 
     @property
     def is_main(self):

@@ -17,14 +17,15 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 import loss as L
 from config import visualization_every
 from dataset import build_loader, check_epoch_has_steps, rank_indices
 from display import Display, json_line
+from inference import grid_cells
 from model import EMA_NETS, NETS
-from runtime import Distributed, atomic_save, get_rng_state, prune_checkpoints, set_rng_state
+from runtime import (Distributed, InputError, atomic_save, compile_options, fused_adam_supported, get_rng_state,
+                     on_stop_signal, prune_checkpoints, set_rng_state)
 from vae import load_vae_or_preview, save_image_grid, to_rgb
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -83,30 +84,6 @@ def step_all_or_none(optimizers, scaler, params, bad, fused):
     return skip
 
 
-def fused_adam_supported(device):
-    """Whether fused Adam runs on `device` (CUDA and, in recent torch, the CPU): probe it once."""
-    try:
-        p = nn.Parameter(torch.zeros(1, device=device))
-        p.grad = torch.zeros(1, device=device)
-        torch.optim.Adam([p], fused=True).step()
-        return True
-    except Exception:
-        return False
-
-
-def compile_options(mode, cudagraphs):
-    """torch refuses `mode` and `options` together: translate the pair into options alone, so
-    `compile_cudagraphs` decides CUDA graphs whatever the mode."""
-    try:
-        import torch._inductor
-
-        opts = dict(torch._inductor.list_mode_options(mode)) if mode != "default" else {}
-    except Exception:
-        opts = {}
-    opts["triton.cudagraphs"] = bool(cudagraphs)
-    return opts
-
-
 class Trainer:
     """Owns the nets, their EMA copies, optimizers, scalers, counters and position.
 
@@ -148,6 +125,7 @@ class Trainer:
         self._loader_gen = torch.Generator()  # the loader's base seed must not draw from the global RNG
         self._loader_noted = False  # the loader's notices (workers, pinning): once per run
         self.tb = None  # TensorBoard writer, opened by fit when training.tensorboard
+        self.evaluator, self.best = None, None  # evaluation.every_epochs; best: {metric, value, epoch, step}
         self.call = dict(self.nets)  # what the step calls: compiled or eager
         self._compile_unverified = set()
         self.cudagraphs = t["use_compile"] and t["compile_cudagraphs"]
@@ -368,18 +346,20 @@ class Trainer:
         if self.epoch < t["epochs"]:
             check_epoch_has_steps(dataset, self.dist, t)
         samples = dataset.grid_samples()
+        if self.cfg["evaluation"]["every_epochs"] and self.epoch < t["epochs"]:
+            self.open_evaluator()
         if t["tensorboard"] and self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(self.checkpoint_path("tb"))
-        previous = self.install_signal_handlers()
+        previous = on_stop_signal(self.request_stop)
         try:
             for epoch in range(self.epoch + 1, t["epochs"] + 1):
                 start, self.position = self.position, 0
                 done, steps = self.train_epoch(dataset, epoch, start)
                 if self.stop_signal is not None:
                     return self.stop(epoch, done, steps)
-                self.end_epoch(epoch, samples)
+                self.end_epoch(epoch, dataset, samples)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -433,8 +413,8 @@ class Trainer:
         if log and self.dist.is_main:
             display.write(json_line({"step": self.step, "epoch": epoch, **values}))
 
-    def end_epoch(self, epoch, samples):
-        """# save, then # grid, at their epoch intervals."""
+    def end_epoch(self, epoch, dataset, samples):
+        """# save, # grid, # evaluate, each at its epoch interval."""
         self.epoch = epoch
         self.save_epoch(latest=epoch == self.cfg["training"]["epochs"])
         if epoch % visualization_every(self.cfg) == 0:
@@ -445,7 +425,18 @@ class Trainer:
                     from PIL import Image
 
                     self.tb.add_image("grid", np.asarray(Image.open(path).convert("RGB")), epoch, dataformats="HWC")
+        every = self.cfg["evaluation"]["every_epochs"]
+        if every and epoch % every == 0:
+            self.evaluate(epoch, dataset)
         self.dist.barrier()
+
+    def request_stop(self, signum):
+        """SIGINT / SIGTERM: finish the current step, then `fit` saves and returns; a second one
+        stops at once."""
+        if self.stop_signal is not None:
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+        self.log(f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving latest.pt")
 
     def stop(self, epoch, done, steps):
         """After SIGINT / SIGTERM: save the exact position and return 128 + the signal's number."""
@@ -458,22 +449,55 @@ class Trainer:
         self.log(f"stopped at step {self.step} (epoch {epoch}, batch {done}/{steps}); saved {path}")
         return 128 + int(self.stop_signal)
 
-    def install_signal_handlers(self):
-        """SIGINT / SIGTERM: finish the current step, then `fit` saves and returns."""
-        owner = os.getpid()
+    # ------------------------------------------------------------------ evaluation
 
-        def handler(signum, frame):
-            if os.getpid() != owner:  # a forked loader worker: the main process decides
-                return
-            if self.stop_signal is not None:  # a second Ctrl-C: stop now
-                raise KeyboardInterrupt
-            self.stop_signal = signum
-            self.log(f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving latest.pt")
+    def open_evaluator(self):
+        """Load the evaluation's VAE, Inception and LPIPS now, on rank 0, so a missing file is an
+        error before the first step rather than after an epoch; every rank learns of a failure."""
+        e, v = self.cfg["evaluation"], self.cfg["visualization"]
+        problem = None
+        if self.dist.is_main:
+            from metrics import Evaluator, metric_keys
 
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        for sig in previous:
-            signal.signal(sig, handler)
-        return previous
+            try:
+                if e["best_metric"] not in metric_keys(self.domains):
+                    raise InputError(f"evaluation.best_metric={e['best_metric']!r} is not a metric of these domains; "
+                                     f"e.g. {', '.join(metric_keys(self.domains)[:4])}, ...")
+                self.evaluator = Evaluator.load(
+                    e["vae_path"] or v["vae_path"], None if e["vae_path"] else v["vae_subfolder"],
+                    e["inception_weights"], e["lpips_weights"], self.device,
+                    amp_dtype=self.amp_dtype if self.device.type == "cuda" else None,
+                    batch_size=self.cfg["training"]["batch_size"], cache_dir=self.checkpoint_path("eval_cache"),
+                    what="evaluation.every_epochs is set: ")
+            except (InputError, FileNotFoundError) as err:
+                problem = err
+        if self.dist.max_int(int(problem is not None)):
+            raise problem or InputError("evaluation could not be set up on rank 0 (its error is above)")
+
+    def evaluate(self, epoch, dataset):
+        """FID / KID / LPIPS of the EMA networks (evaluation.num_sources per domain x num_outs) on
+        the training latents, by rank 0: a line in <checkpoint_dir>/metrics.jsonl and on stdout,
+        TensorBoard, and best.pt when evaluation.best_metric improves. The other ranks wait for the
+        verdict in a CPU collective with a long timeout."""
+        e = self.cfg["evaluation"]
+        improved = 0
+        if self.dist.is_main:
+            real = dataset.by_domain()
+            results = self.evaluator({n: self.ema[n] for n in EMA_NETS}, self.domains, real, real, self.latent_scale,
+                                     self.latent_dim, num_outs=e["num_outs"], max_sources=e["num_sources"],
+                                     seed=self.cfg["seed"], real_ids=dataset.file_list_ids())
+            line = json_line({"step": self.step, "epoch": epoch, **results})
+            with open(self.checkpoint_path("metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+            self.log(line)
+            self.tensorboard_scalars("eval", results)
+            value, higher = results[e["best_metric"]], e["best_metric"].startswith("LPIPS")
+            if self.best is None or (value > self.best["value"] if higher else value < self.best["value"]):
+                self.best = {"metric": e["best_metric"], "value": value, "epoch": epoch, "step": self.step}
+                improved = 1
+        if self.dist.max_int(improved):
+            self.save_checkpoint(self.checkpoint_path("best.pt"))
+            self.log(f"epoch {epoch}: best {self.best['metric']} {self.best['value']:.4f} so far: best.pt")
 
     # ------------------------------------------------------------------ counters shown
 
@@ -544,6 +568,7 @@ class Trainer:
             "counters": {"nonfinite_total": self.nonfinite_total.item(), "nonfinite_run": self.nonfinite_run.item(),
                          "oom_skipped": self.oom_skipped, "last_r1": self.last_r1.item()},
             "rng": get_rng_state(),
+            "best": self.best,  # the best evaluation so far: best.pt's metric, value, epoch and step
         }
 
     def save_checkpoint(self, path, epoch=None, position=0):
@@ -594,6 +619,11 @@ class Trainer:
         self.oom_skipped = int(c.get("oom_skipped", 0))
         self._skips_reported = (int(c.get("nonfinite_total", 0)), self.oom_skipped)
         self.last_r1 = torch.tensor(float(c.get("last_r1", 0.0)), device=self.device)
+        best = ckpt.get("best")
+        self.best = best if best and best["metric"] == self.cfg["evaluation"]["best_metric"] else None
+        if best and self.best is None:
+            self.log(f"resume: evaluation.best_metric is now {self.cfg['evaluation']['best_metric']} (was "
+                     f"{best['metric']}): best.pt is replaced at the next evaluation")
         per_rank = ckpt.get("rng_per_rank")
         if self.dist.enabled and per_rank and len(per_rank) == self.dist.world_size:
             set_rng_state(per_rank[self.dist.rank])
@@ -625,35 +655,17 @@ class Trainer:
                                             quiet=v["suppress_hf_warnings"])
         return self._vae
 
-    @torch.no_grad()
     def save_grid(self, epoch, samples):
-        """Grid of fixed samples (`samples`: sources [N, 4, h, w], refs [N, 4, h, w], raw, one per
-        domain) translated to every domain by the EMA nets. Rows: sources x latent-guided, then the
-        references, then sources x reference-guided; columns: the source, then each domain."""
+        """The grid of `grid_cells` (fixed sources and references, EMA nets), rank 0 only."""
         if not self.dist.is_main:
             return None
         G, F, E = (self.ema[n] for n in EMA_NETS)
-        n = len(self.domains)
-        src = samples["sources"].to(self.device).float() * self.latent_scale  # [N, 4, h, w]
-        refs = samples["references"].to(self.device).float() * self.latent_scale
-        gen = torch.Generator(device="cpu").manual_seed(int(self.cfg["seed"]))  # fixed z, global RNG untouched
-        z = torch.randn(n, self.latent_dim, generator=gen).to(self.device)
-        y = torch.arange(n, device=self.device)
-        s_lat, s_ref = F(z, y), E(refs, y)  # [N, S]: style of domain j
-        x_rep = src.repeat_interleave(n, dim=0)  # [N*N, ...]: source i for each target j
-        lat = G(x_rep, s_lat.repeat(n, 1)).view(n, n, *src.shape[1:])
-        ref = G(x_rep, s_ref.repeat(n, 1)).view(n, n, *src.shape[1:])
-        blank = torch.full_like(src[:1], float("nan"))
-        rows = [torch.cat([src[i:i + 1], lat[i]]) for i in range(n)]
-        rows.append(torch.cat([blank, refs]))
-        rows += [torch.cat([src[i:i + 1], ref[i]]) for i in range(n)]
-        cells = torch.cat(rows)  # [(2N+1)*(N+1), 4, h, w]
+        cells, row_labels = grid_cells(G, F, E, samples["sources"], samples["references"], self.domains,
+                                       self.latent_scale, self.latent_dim, self.cfg["seed"], self.device)
         keep = ~torch.isnan(cells.flatten(1)).any(1)  # the blank corner stays white
-        decoded = to_rgb(cells[keep] / self.latent_scale, self.vae(), self.latent_scale)
+        decoded = to_rgb(cells[keep], self.vae(), self.latent_scale)
         rgb = torch.ones(cells.shape[0], *decoded.shape[1:])
-        rgb[keep.cpu()] = decoded
-        labels = [f"{d} (latent)" for d in self.domains] + ["references"] + [f"{d} (ref)" for d in self.domains]
-        v = self.cfg["visualization"]
-        folder = v["save_dir"] or self.checkpoint_path("vis")
-        return save_image_grid(os.path.join(folder, f"epoch_{epoch:04d}.png"), rgb, nrow=2 * n + 1,
-                               row_labels=labels, col_labels=["source"] + self.domains)
+        rgb[keep] = decoded
+        folder = self.cfg["visualization"]["save_dir"] or self.checkpoint_path("vis")
+        return save_image_grid(os.path.join(folder, f"epoch_{epoch:04d}.png"), rgb, nrow=len(row_labels),
+                               row_labels=row_labels, col_labels=["source"] + self.domains)

@@ -319,10 +319,10 @@ def test_compile_failure_in_g_phase_does_not_step_d_twice(tmp_path):
 
 
 def test_compile_options_translate_mode_and_cudagraphs():
-    opts = T.compile_options("reduce-overhead", False)
+    opts = runtime.compile_options("reduce-overhead", False)
     assert opts["triton.cudagraphs"] is False
-    assert T.compile_options("default", True) == {"triton.cudagraphs": True}
-    assert T.compile_options("max-autotune", False)["triton.cudagraphs"] is False
+    assert runtime.compile_options("default", True) == {"triton.cudagraphs": True}
+    assert runtime.compile_options("max-autotune", False)["triton.cudagraphs"] is False
 
 
 def test_state_dict_round_trip_is_exact(tmp_path):
