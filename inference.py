@@ -7,6 +7,7 @@ Latents outside are raw; the networks see `raw * latent_scale`, and outputs are 
 """
 
 import os
+import weakref
 
 import torch
 
@@ -17,6 +18,8 @@ from runtime import InputError, load_checkpoint
 
 MEAN_STYLE_SAMPLES = 10000  # z draws averaged into a domain's mean style for psi (StarGAN v2's count)
 MEAN_STYLE_SEED = 0  # fixed: the mean style is a property of the model, not of the caller's seed
+DEFAULT_LATENT_SIZE = 32  # SD1.5 latents of 256 px images: when a checkpoint records no latent shape
+_mean_styles = weakref.WeakKeyDictionary()  # mapping network -> {domain id: mean style [1, S]}
 
 
 def load_networks(path, device):
@@ -50,9 +53,9 @@ def networks_from_checkpoint(ckpt, path, device):
     return cfg, nets
 
 
-def training_latent_size(cfg):
+def training_latent_size(cfg, default=DEFAULT_LATENT_SIZE):
     """Spatial size of the training latents: the checkpoint's `latent_shape`, else one file of its
-    data.root when that folder is reachable from here (older checkpoints); None otherwise."""
+    data.root when that folder is reachable from here (older checkpoints); `default` otherwise."""
     if cfg.get("latent_shape"):
         return int(cfg["latent_shape"][-1])
     root = os.path.expanduser(cfg["data"]["root"])
@@ -61,7 +64,7 @@ def training_latent_size(cfg):
             return int(load_latent_file(list_latent_files(os.path.join(root, domain))[0]).shape[-1])
         except (OSError, ValueError):
             continue
-    return None
+    return default
 
 
 def domain_index(cfg, domain, flag="--target-domain"):
@@ -81,11 +84,20 @@ def latent_styles(mapping_network, domain_id, num_styles, latent_dim, seed=0, ps
     y = torch.full((num_styles,), domain_id, dtype=torch.long, device=device)
     s = mapping_network(z.to(device), y)  # [K, S]
     if psi != 1.0:
-        z_many = torch.randn(MEAN_STYLE_SAMPLES, latent_dim, generator=torch.Generator().manual_seed(MEAN_STYLE_SEED))
-        y_many = torch.full((MEAN_STYLE_SAMPLES,), domain_id, dtype=torch.long, device=device)
-        s_mean = mapping_network(z_many.to(device), y_many).mean(0, keepdim=True)  # [1, S]
-        s = torch.lerp(s_mean, s, psi)  # s_mean + psi * (s - s_mean)
+        s = torch.lerp(mean_style(mapping_network, domain_id, latent_dim, device), s, psi)  # s_mean + psi * (s - s_mean)
     return s
+
+
+@torch.no_grad()
+def mean_style(mapping_network, domain_id, latent_dim, device="cpu"):
+    """A domain's mean style, F averaged over MEAN_STYLE_SAMPLES fixed z; computed once per network
+    and domain (a trained network is fixed here: translation, the app). [1, S]"""
+    cache = _mean_styles.setdefault(mapping_network, {})
+    if domain_id not in cache:
+        z = torch.randn(MEAN_STYLE_SAMPLES, latent_dim, generator=torch.Generator().manual_seed(MEAN_STYLE_SEED))
+        y = torch.full((MEAN_STYLE_SAMPLES,), domain_id, dtype=torch.long, device=device)
+        cache[domain_id] = mapping_network(z.to(device), y).mean(0, keepdim=True)  # [1, S]
+    return cache[domain_id].to(device)
 
 
 @torch.no_grad()

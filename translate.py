@@ -22,12 +22,11 @@ import torch
 from PIL import Image
 
 from dataset import LATENT_CHANNELS, LATENT_SUFFIXES, load_latent_file
-from inference import (MEAN_STYLE_SAMPLES, domain_index, latent_styles, load_networks, reference_styles,
-                       training_latent_size, translate_pairs)
+from inference import (DEFAULT_LATENT_SIZE, MEAN_STYLE_SAMPLES, domain_index, latent_styles, load_networks,
+                       reference_styles, training_latent_size, translate_pairs)
 from runtime import InputError, atomic_write, resolve_device
 from vae import (IMAGE_EXTENSIONS, encode_raw, load_image, load_vae_or_preview, save_image_grid, to_model_input, to_rgb,
                  to_uint8, vae_downsample_factor)
-DEFAULT_IMAGE_SIZE = 256  # image sources when the training latent size is unknown (SD1.5: 32x32 latents)
 SHEET_MAX_ROWS = 32  # sources shown in sheet.png (every output still gets its own PNG)
 SHEET_MAX_COLS = 16  # outputs per source shown in sheet.png
 
@@ -227,8 +226,8 @@ def load_inputs(args, cfg, vae, source_paths, ref_paths):
     latents = read_latents([p for p in source_paths + ref_paths if not is_image(p)])
     if images:
         from_sources = [latents[p].shape[-1] for p in source_paths if p in latents]
-        latent_size = from_sources[0] if from_sources else training_latent_size(cfg)
-        image_size = latent_size * vae_downsample_factor(vae) if latent_size else DEFAULT_IMAGE_SIZE
+        latent_size = from_sources[0] if from_sources else training_latent_size(cfg, default=None)
+        image_size = (latent_size or DEFAULT_LATENT_SIZE) * vae_downsample_factor(vae)
         print(f"encoding {len(images)} image(s) at {image_size}x{image_size} px "
               f"({'latent size ' + str(latent_size) if latent_size else 'training latent size unknown'})")
         latents.update(encode_images(vae, images, image_size, args.batch_size))

@@ -1,0 +1,484 @@
+"""Try a trained Latent StarGAN v2 in the browser: one Gradio page over a checkpoint.
+
+    python app.py --checkpoint outputs/stargan_v2_latent/latest.pt --vae stabilityai/sd-vae-ft-mse
+    # then open http://127.0.0.1:7860
+
+The EMA networks and the VAE are loaded once, when the server starts; every request reuses them and
+runs as one batch (CUDA with autocast when there is a GPU, else the CPU). Requests wait in Gradio's
+queue and run one at a time. The page offers:
+
+- a source: an uploaded image, centre-cropped, resized and encoded to the posterior mode as encode.py
+  does, at the training latent size; or one of a few latents from the checkpoint's data.root when
+  that folder is on this machine;
+- the target: one domain, or every domain side by side;
+- the style: latent-guided (K random styles from the mapping network, a seed, the psi truncation) or
+  reference-guided (an uploaded image or a latent from the data, through the style encoder);
+- the outputs as a gallery (each a PNG to download), their raw latents as one .pt, and a line saying
+  what ran.
+
+Without a VAE the page still works on the data's latents, and shows the linear latent preview
+instead of decodes. The translation is the library's (inference.py, vae.py), as in translate.py.
+Exit codes: 2 for a bad checkpoint, VAE or flag (the message on stderr), else the server's.
+"""
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+from PIL import Image
+
+from dataset import LATENT_CHANNELS, list_latent_files, load_latent_file
+from inference import (domain_index, latent_styles, load_networks, reference_styles, training_latent_size,
+                       translate_pairs)
+from runtime import InputError, configure_backends, resolve_device
+from vae import (encode_raw, load_image, load_vae_or_preview, to_model_input, to_rgb, to_uint8,
+                 vae_downsample_factor)
+
+# before gradio is imported: no telemetry thread and no version check (on a closed network they only
+# wait), no hub telemetry from the VAE loader
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+import gradio as gr  # noqa: E402
+
+ALL_DOMAINS = "__all__"  # the target choice "every domain, side by side"
+UPLOAD, DATA = "upload", "data"  # where a source or reference comes from
+LATENT_GUIDED, REFERENCE_GUIDED = "latent", "reference"
+MAX_STYLES = 8  # latent-guided styles per domain: one row of the gallery
+EXAMPLES_PER_DOMAIN = 4  # latents offered from each domain folder of data.root
+MAX_UPSCALE = 4  # an upload's shorter side must be at least 1/4 of the model's input size
+KEEP_REQUESTS = 64  # request folders of outputs kept on disk (Gradio serves its own copies)
+MAX_UPLOAD = "25mb"  # Gradio refuses bigger uploads before they reach the handler
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="A web page to try a Latent StarGAN v2 checkpoint: upload an image (or pick a latent from "
+                    "the checkpoint's data), pick a target domain and a style, get the translations.")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint written by run.py (e.g. <checkpoint_dir>/latest.pt)")
+    p.add_argument("--vae", default=None,
+                   help="diffusers AutoencoderKL (local folder or hub id) to encode uploads and decode outputs; "
+                        "default: the checkpoint's visualization.vae_path. Without one, sources are latents "
+                        "from the data and pictures are the linear latent preview")
+    p.add_argument("--vae-subfolder", default=None,
+                   help="subfolder of the VAE ('vae' for a full Stable Diffusion pipeline); default none "
+                        "(with --vae) or the checkpoint's visualization.vae_subfolder")
+    p.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available)")
+    p.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 serves the network)")
+    p.add_argument("--share", action="store_true",
+                   help="also ask Gradio for a temporary public link (needs the internet)")
+    args = p.parse_args(argv)
+    if not 0 < args.port < 65536:
+        p.error(f"--port {args.port} is not a port (1-65535)")
+    return args
+
+
+def safe_stem(name, fallback="source"):
+    """A file stem safe in download names: letters, digits, '-' and '_', at most 40 characters."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", os.path.splitext(os.path.basename(name or ""))[0]).strip("_")
+    return stem[:40] or fallback
+
+
+# ---------------------------------------------------------------------- the model, loaded once
+
+class Translator:
+    """The checkpoint's EMA networks, the VAE (or None: linear preview) and the data's example
+    latents, loaded once. `translate` serves one request; it never reloads anything."""
+
+    def __init__(self, checkpoint, vae=None, vae_subfolder=None, device=None, log=print):
+        self.device = resolve_device(device, fallback=False)
+        configure_backends(self.device)
+        self.checkpoint = checkpoint
+        self.cfg, self.nets = load_networks(checkpoint, self.device)
+        self.domains = list(self.cfg["data"]["domains"])
+        self.latent_scale = self.cfg["training"]["latent_scale"]
+        self.latent_dim = self.cfg["model"]["latent_dim"]
+        self.vae, self.vae_problem = self._open_vae(vae, vae_subfolder, log)
+        self.latent_size = training_latent_size(self.cfg)
+        self.image_size = self.latent_size * vae_downsample_factor(self.vae) if self.vae is not None else None
+        self.examples = self._find_examples()  # {"domain/file.pt": path}
+        amp = AMP_DTYPES[self.cfg["training"]["amp_dtype"]]
+        if amp is torch.bfloat16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            amp = torch.float16
+        self.amp_dtype = amp if self.device.type == "cuda" else None  # CPU: fp32, autocast gains little there
+
+    def _open_vae(self, path, subfolder, log):
+        """--vae, else the checkpoint's visualization.vae_path; (None, why) when none loads."""
+        vis = self.cfg["visualization"]
+        origin = "--vae" if path else "the checkpoint's visualization.vae_path"
+        subfolder = subfolder if (path or subfolder) else vis["vae_subfolder"]
+        problems = []
+        vae = load_vae_or_preview(path or vis["vae_path"], subfolder, self.device, problems.append, origin=origin)
+        for line in problems:
+            log(line)
+        if vae is not None and vae.config.latent_channels != LATENT_CHANNELS:
+            raise InputError(f"the VAE has {vae.config.latent_channels} latent channels; the model works on "
+                             f"{LATENT_CHANNELS} (an SD1.5-style VAE)")
+        return vae, "; ".join(problems)
+
+    def _find_examples(self):
+        """The first EXAMPLES_PER_DOMAIN latent files of each domain folder under data.root, when
+        the folder is on this machine (the checkpoint may come from another one)."""
+        root = os.path.expanduser(self.cfg["data"]["root"])
+        examples = {}
+        for domain in self.domains:
+            try:
+                files = list_latent_files(os.path.join(root, domain))
+            except (OSError, InputError):
+                continue
+            for path in files[:EXAMPLES_PER_DOMAIN]:
+                examples[f"{domain}/{os.path.basename(path)}"] = path
+        return examples
+
+    @property
+    def device_label(self):
+        if self.device.type != "cuda":
+            return str(self.device)
+        precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast", None: "fp32"}[self.amp_dtype]
+        return f"{self.device} ({torch.cuda.get_device_name(self.device)}, {precision})"
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # ------------------------------------------------------------------ inputs
+
+    def read_image(self, path, what):
+        """An uploaded image -> (raw latent [1, 4, h, w], notes): checked, then centre-cropped,
+        resized and encoded by the library's load_image / encode_raw, as encode.py does."""
+        if self.vae is None:
+            raise InputError(f"the {what} is an image, but no VAE is loaded to encode it ({self.vae_problem}); "
+                             "restart with --vae, or pick a latent from the data")
+        if not path:
+            raise InputError(f"no {what} image: upload one first")
+        try:
+            with Image.open(path) as image:
+                width, height, mode, info = image.width, image.height, image.mode, dict(image.info)
+        except Exception as e:  # not an image, a truncated file, a decompression bomb
+            raise InputError(f"the {what} upload is not an image this app can read "
+                             f"({type(e).__name__}: {str(e)[:200]}); upload a PNG, JPEG, WebP or BMP") from None
+        min_side = max(1, self.image_size // MAX_UPSCALE)
+        if min(width, height) < min_side:
+            raise InputError(f"the {what} image is {width}x{height} px, too small: the model takes "
+                             f"{self.image_size}x{self.image_size} px, so its shorter side needs at least "
+                             f"{min_side} px")
+        notes = [f"{what} {width}x{height}"]
+        if mode in ("1", "L", "LA", "I", "I;16", "F"):
+            notes.append("grayscale, used as RGB")
+        if mode in ("RGBA", "LA", "PA") or "transparency" in info:
+            notes.append("transparency dropped, as encode.py does")
+        try:
+            pixels = load_image(path, self.image_size)  # uint8 [S, S, 3], centre square crop
+        except Exception as e:
+            raise InputError(f"cannot decode the {what} image ({type(e).__name__}: {str(e)[:200]})") from None
+        raw = encode_raw(self.vae, to_model_input([pixels])).cpu()  # [1, 4, S/f, S/f] raw
+        return raw, notes
+
+    def read_example(self, label, what):
+        """A latent from the data -> (raw latent [1, 4, h, w], notes)."""
+        if label not in self.examples:
+            offered = ", ".join(self.examples) or "none: data.root is not on this machine"
+            raise InputError(f"no {what} latent {label!r} in the data; offered: {offered}")
+        try:
+            latent = load_latent_file(self.examples[label]).float()  # [4, h, w] raw
+        except (OSError, ValueError) as e:
+            raise InputError(str(e)) from None
+        if not torch.isfinite(latent).all():
+            raise InputError(f"{self.examples[label]} holds non-finite values (NaN or inf)")
+        return latent[None], [f"{what} `{label}`"]
+
+    def read_input(self, mode, image_path, label, what):
+        if mode == UPLOAD:
+            return self.read_image(image_path, what)
+        if mode == DATA:
+            return self.read_example(label, what)
+        raise InputError(f"{what} mode {mode!r}: expected {UPLOAD!r} or {DATA!r}")
+
+    # ------------------------------------------------------------------ one request
+
+    def styles(self, domain_ids, style_mode, num_styles, seed, psi, reference):
+        """Styles ordered style-major, [K * D, S] (latent) or [D, S] (reference): row k of the
+        gallery holds style k in every target domain."""
+        if style_mode == LATENT_GUIDED:
+            per_domain = [latent_styles(self.nets["mapping_network"], d, num_styles, self.latent_dim, seed, psi,
+                                        self.device) for d in domain_ids]  # D x [K, S]
+            return torch.stack(per_domain, dim=1).flatten(0, 1)  # [K * D, S]
+        return torch.cat([reference_styles(self.nets["style_encoder"], reference, d, self.latent_scale,
+                                           device=self.device) for d in domain_ids])  # [D, S]
+
+    def translate(self, source_mode=UPLOAD, source_image=None, source_latent=None, target=ALL_DOMAINS,
+                  style_mode=LATENT_GUIDED, num_styles=1, seed=0, psi=1.0, reference_mode=UPLOAD,
+                  reference_image=None, reference_latent=None):
+        """One request -> dict(rgb [N, 3, H, W] in [0, 1], latents [N, 4, h, w] raw, names, captions,
+        columns, source_rgb [3, H, W], source_stem, status). InputError for bad input."""
+        if target == ALL_DOMAINS:
+            domain_ids = list(range(len(self.domains)))
+        else:
+            domain_ids = [domain_index(self.cfg, target, "target")]
+        num_styles, seed, psi = check_style_args(style_mode, num_styles, seed, psi)
+        source, notes = self.read_input(source_mode, source_image, source_latent, "source")  # [1, 4, h, w]
+        reference = None
+        if style_mode == REFERENCE_GUIDED:
+            reference, ref_notes = self.read_input(reference_mode, reference_image, reference_latent, "reference")
+            notes += ref_notes
+
+        start = time.perf_counter()
+        with self.autocast():
+            styles = self.styles(domain_ids, style_mode, num_styles, seed, psi, reference)  # [N, S]
+            # one batch: every (source, style) pair in a single generator call
+            _, latents = next(translate_pairs(self.nets["generator"], source, styles, self.latent_scale,
+                                              batch_size=styles.shape[0], device=self.device))  # [N, 4, h, w] raw
+        rgb = to_rgb(latents, self.vae, self.latent_scale, batch_size=latents.shape[0])  # [N, 3, H, W], on the CPU
+        seconds = time.perf_counter() - start  # the .cpu() copies above waited for the device
+
+        source_stem = safe_stem(source_latent.replace("/", "_") if source_mode == DATA else source_image)
+        names, captions = [], []
+        for k in range(styles.shape[0] // len(domain_ids)):  # style-major, as `styles` orders them
+            for d in domain_ids:
+                tag = f"style {k}" if style_mode == LATENT_GUIDED else "reference"
+                names.append(f"{source_stem}_to_{self.domains[d]}_{k if style_mode == LATENT_GUIDED else 'ref'}")
+                captions.append(f"{self.domains[d]} · {tag}")
+        pictures = "VAE decode" if self.vae is not None else "linear latent preview"
+        status = (f"{len(names)} output(s) on {self.device_label} in {seconds * 1000:.0f} ms "
+                  f"({seconds * 1000 / len(names):.0f} ms per image: styles, generator and {pictures}) · "
+                  + " · ".join(notes))
+        if style_mode == LATENT_GUIDED:
+            status += f" · seed {seed}, psi {psi:g}"
+        # every domain: one column each, so a row is one style; one domain: up to 4 styles a row
+        columns = len(domain_ids) if len(domain_ids) > 1 else max(2, min(len(names), 4))
+        return dict(rgb=rgb, latents=latents, names=names, captions=captions, columns=columns,
+                    source_rgb=to_rgb(source, self.vae, self.latent_scale)[0], source_stem=source_stem, status=status)
+
+
+def check_style_args(style_mode, num_styles, seed, psi):
+    """The latent-guided knobs as numbers in range (an API caller can send anything); ignored,
+    whatever they are, when the style comes from a reference."""
+    if style_mode not in (LATENT_GUIDED, REFERENCE_GUIDED):
+        raise InputError(f"style mode {style_mode!r}: expected {LATENT_GUIDED!r} or {REFERENCE_GUIDED!r}")
+    if style_mode == REFERENCE_GUIDED:
+        return 1, 0, 1.0  # unused: the reference gives the style
+    try:
+        num_styles, seed, psi = int(num_styles), int(seed), float(psi)
+    except (TypeError, ValueError):
+        raise InputError(f"number of styles, seed and psi must be numbers, got {num_styles!r}, {seed!r}, "
+                         f"{psi!r}") from None
+    if not 1 <= num_styles <= MAX_STYLES:
+        raise InputError(f"number of styles {num_styles}: expected 1 to {MAX_STYLES}")
+    if not 0 <= seed < 2 ** 63:
+        raise InputError(f"seed {seed}: expected an integer from 0 to 2**63 - 1")
+    if not 0.0 <= psi <= 1.0:
+        raise InputError(f"psi {psi}: expected 0 (the domain's mean style) to 1 (no truncation)")
+    return num_styles, seed, psi
+
+
+# ---------------------------------------------------------------------- the page
+
+def write_outputs(result, folder):
+    """The request's PNGs and its latents .pt into `folder`. Returns (gallery items, .pt path,
+    source PNG path)."""
+    os.makedirs(folder, exist_ok=True)
+    items = []
+    for pixels, name, caption in zip(to_uint8(result["rgb"]), result["names"], result["captions"]):
+        path = os.path.join(folder, f"{name}.png")
+        Image.fromarray(pixels).save(path, format="PNG")
+        items.append((path, caption))
+    source_png = os.path.join(folder, f"{result['source_stem']}_as_seen.png")
+    Image.fromarray(to_uint8(result["source_rgb"][None])[0]).save(source_png, format="PNG")
+    latents_pt = os.path.join(folder, f"{result['source_stem']}_latents.pt")
+    # loadable with torch.load(weights_only=True): tensors and lists of str only
+    torch.save({"latents": result["latents"].clone(), "names": result["names"], "captions": result["captions"]},
+               latents_pt)
+    return items, latents_pt, source_png
+
+
+def prune_requests(root, keep=KEEP_REQUESTS):
+    """Keep the `keep` newest request folders under `root`; Gradio has copied their files to its cache."""
+    folders = sorted((os.path.join(root, n) for n in os.listdir(root)), key=os.path.getmtime)
+    for folder in folders[:-keep]:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def upload_path(value):
+    """The uploaded file's path: the page sends its raw upload record (see build_page), a direct
+    caller a path."""
+    return value.get("path") if isinstance(value, dict) else value
+
+
+def make_handler(translator, output_root):
+    """The page's request function: inputs in the order of the page's widgets -> (gallery, latents
+    file, source as seen, status line). Bad input raises gr.Error with the message; anything else is
+    printed to the server's log and reported in one line, never as a stack trace on the page."""
+
+    def handle(source_mode, source_image, source_latent, target, style_mode, num_styles, seed, psi,
+               reference_mode, reference_image, reference_latent):
+        try:
+            result = translator.translate(source_mode, upload_path(source_image), source_latent, target, style_mode,
+                                          num_styles, seed, psi, reference_mode, upload_path(reference_image),
+                                          reference_latent)
+            os.makedirs(output_root, exist_ok=True)
+            prune_requests(output_root)
+            items, latents_pt, source_png = write_outputs(result, tempfile.mkdtemp(dir=output_root))
+        except InputError as e:
+            raise gr.Error(str(e), title="Cannot translate", print_exception=False) from None
+        except Exception as e:
+            traceback.print_exc()
+            raise gr.Error(f"internal error ({type(e).__name__}: {str(e)[:300]}); the server's log has the details",
+                           print_exception=False) from None
+        return gr.update(value=items, columns=result["columns"]), latents_pt, source_png, result["status"]
+
+    return handle
+
+
+def header_markdown(translator):
+    size = translator.latent_size
+    if translator.vae is not None:
+        vae_line = f"VAE: {translator.image_size}x{translator.image_size} px images ↔ 4x{size}x{size} latents"
+    else:
+        vae_line = "**No VAE loaded**"
+    lines = [
+        "# Latent StarGAN v2",
+        f"Checkpoint `{translator.checkpoint}` · domains: {', '.join(translator.domains)} · "
+        f"device: {translator.device_label} · {vae_line}",
+    ]
+    if translator.vae is None:
+        lines.append("> **No VAE**: sources and references are latents from the data, and every picture is the "
+                     "linear latent preview (colours roughly right, no detail), not a VAE decode. Restart with "
+                     f"`--vae` to upload images. (Why: {translator.vae_problem}.)")
+        if not translator.examples:
+            lines.append(f"> Nothing to translate: no latents under data.root "
+                         f"(`{translator.cfg['data']['root']}`) on this machine either.")
+    return "\n\n".join(lines)
+
+
+CSS = """
+#results .grid-wrap { min-height: 200px; }  /* Gradio's 450 px minimum leaves a blank half under one row */
+#source-seen img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+"""
+
+
+def build_page(translator, output_root):
+    """The Gradio Blocks page over a loaded Translator."""
+    has_vae, examples = translator.vae is not None, list(translator.examples)
+    source_choices = ([("Upload an image", UPLOAD)] if has_vae else []) + \
+                     ([("A latent from the data", DATA)] if examples else [])
+    first_source = source_choices[0][1] if source_choices else None
+    domains = [(d, d) for d in translator.domains] + [("all domains (one row)", ALL_DOMAINS)]
+
+    with gr.Blocks(title="Latent StarGAN v2", delete_cache=(600, 3600)) as page:
+        gr.Markdown(header_markdown(translator))
+        with gr.Row():
+            with gr.Column(scale=2, min_width=320):
+                source_mode = gr.Radio(source_choices, value=first_source, label="Source")
+                source_image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                                           label="Source image (centre-cropped to a square)", height=260,
+                                           visible=first_source == UPLOAD, elem_id="source-image")
+                source_latent = gr.Dropdown(examples, value=examples[0] if examples else None,
+                                            label="Source latent", visible=first_source == DATA)
+                target = gr.Radio(domains, value=translator.domains[-1], label="Target domain")
+                style_mode = gr.Radio([("Random styles (latent-guided)", LATENT_GUIDED),
+                                       ("Style of a reference (reference-guided)", REFERENCE_GUIDED)],
+                                      value=LATENT_GUIDED, label="Style")
+                with gr.Group(visible=True) as latent_group:
+                    with gr.Row():
+                        num_styles = gr.Slider(1, MAX_STYLES, value=4, step=1, label="Number of styles", scale=2)
+                        seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", scale=1, min_width=100)
+                    psi = gr.Slider(0.0, 1.0, value=1.0, step=0.05,
+                                    label="psi: truncation toward the domain's mean style (1: none, 0: the mean)")
+                with gr.Group(visible=False) as reference_group:
+                    reference_mode = gr.Radio(source_choices, value=first_source, label="Reference")
+                    reference_image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                                                  label="Reference image", height=200,
+                                                  visible=first_source == UPLOAD)
+                    reference_latent = gr.Dropdown(examples, value=examples[-1] if examples else None,
+                                                   label="Reference latent", visible=first_source == DATA)
+                button = gr.Button("Translate", variant="primary", elem_id="translate-button")
+            with gr.Column(scale=3, min_width=400):
+                gallery = gr.Gallery(label="Outputs (click one to enlarge; download as PNG)", format="png",
+                                     columns=4, object_fit="contain", buttons=["download", "fullscreen"],
+                                     interactive=False, elem_id="results")
+                status = gr.Markdown("Choose a source, a target and a style, then press **Translate**.",
+                                     elem_id="status")
+                with gr.Row():
+                    source_seen = gr.Image(label="The source as the model sees it", type="filepath", format="png",
+                                           interactive=False, height=180, elem_id="source-seen")
+                    latents_file = gr.File(label="Raw output latents (.pt)", interactive=False, height=180)
+
+        def show_for(mode):  # the upload widget or the data dropdown
+            return gr.update(visible=mode == UPLOAD), gr.update(visible=mode == DATA)
+
+        source_mode.change(show_for, source_mode, [source_image, source_latent], api_visibility="private", queue=False)
+        reference_mode.change(show_for, reference_mode, [reference_image, reference_latent],
+                              api_visibility="private", queue=False)
+        style_mode.change(lambda m: (gr.update(visible=m == LATENT_GUIDED), gr.update(visible=m == REFERENCE_GUIDED)),
+                          style_mode, [latent_group, reference_group], api_visibility="private", queue=False)
+        # preprocess=False: the handler gets the upload's record as sent (Gradio still checks that
+        # its path is in the upload folder) and checks the file itself; gr.Image's own
+        # preprocessing would fail in Pillow on a non-image with a bare "Error" on the page
+        button.click(make_handler(translator, output_root),
+                     [source_mode, source_image, source_latent, target, style_mode, num_styles, seed, psi,
+                      reference_mode, reference_image, reference_latent],
+                     [gallery, latents_file, source_seen, status], api_name="translate", preprocess=False)
+    # one request at a time: the model is on one device, and two batches at once only compete for it
+    page.queue(default_concurrency_limit=1, max_size=64)
+    return page
+
+
+def launch(page, output_root, host="127.0.0.1", port=7860, share=False, block=True, quiet=False):
+    """Serve the page; with block=False return at once (tests), page.close() stops it."""
+    return page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
+                       quiet=quiet, show_error=False, max_file_size=MAX_UPLOAD, allowed_paths=[output_root],
+                       css=CSS)
+
+
+def stop_on_sigterm():
+    """SIGTERM (what `kill` and service managers send) stops the server as Ctrl-C does: Gradio
+    closes it, and main() removes its outputs folder. Returns the handler it replaced."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
+def main(argv=None):
+    """Exit codes: 0 after the server stops (Ctrl-C, SIGTERM), 2 for bad arguments, checkpoint, VAE
+    or an address that cannot be served."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        translator = Translator(args.checkpoint, args.vae, args.vae_subfolder, args.device,
+                                log=lambda line: print(f"app.py: {line}", file=sys.stderr))
+    except (InputError, OSError) as e:
+        print(f"app.py: error: {e}", file=sys.stderr)
+        return 2
+    output_root = tempfile.mkdtemp(prefix="latent-stargan-app-")
+    print(f"loaded {args.checkpoint} on {translator.device_label}; "
+          f"{'VAE decodes' if translator.vae is not None else 'no VAE: linear latent preview'}; "
+          f"{len(translator.examples)} latent(s) from the data")
+    previous_handler = stop_on_sigterm()
+    try:
+        launch(build_page(translator, output_root), output_root, args.host, args.port, args.share)
+    except OSError as e:  # the port is taken, the host is not an address of this machine
+        print(f"app.py: error: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        shutil.rmtree(output_root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,416 @@
+"""app.py on the CPU: the request handler over a 1-epoch tiny checkpoint and the tiny random VAE
+(image in, images out, checked against an independent G / F / E / VAE computation; reference-guided;
+every domain at once; bad uploads -> a message), the page without a VAE, the CLI's errors, the real
+server on 127.0.0.1 through gradio_client (the page's own API), and headless Chromium pressing the
+button.
+
+The browser test saves its screenshot to the README's docs/app.png when UPDATE_SCREENSHOT=1 or when
+that file is missing, else to the test's temporary folder, so a CI run leaves the tree clean.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import app
+import run
+from config import model_kwargs, resolve_config
+from conftest import ROOT, tiny_run_config, write_latent_folders
+from model import build_models
+from vae import decode_raw, encode_raw, load_image, load_vae, to_model_input, to_uint8
+
+gr = app.gr
+LATENT = 16  # write_latent_folders' latent size
+IMAGE = 32  # the tiny VAE's factor 2 x LATENT: the size uploads are encoded at
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]  # root, no display, closed network
+SCREENSHOT = os.path.join(ROOT, "docs", "app.png")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(checkpoint path, data root) of a 1-epoch tiny run on domains a, b, c; a high lr so styles matter."""
+    tmp = tmp_path_factory.mktemp("run")
+    data = write_latent_folders(tmp / "data")
+    cfg = tiny_run_config(tmp, training={"epochs": 1, "lr": 1e-2, "lr_mapping": 1e-2})
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert run.main(["--config", str(path)]) == 0
+    return os.path.join(cfg["training"]["checkpoint_dir"], "latest.pt"), data
+
+
+@pytest.fixture(scope="module")
+def translator(trained, tiny_vae_dir):
+    return app.Translator(trained[0], vae=tiny_vae_dir, device="cpu", log=print)
+
+
+@pytest.fixture
+def handle(translator, tmp_path):
+    return app.make_handler(translator, str(tmp_path / "outputs"))
+
+
+@pytest.fixture(scope="module")
+def nets(trained):
+    """G, F, E rebuilt independently of app.py, with the checkpoint's EMA weights."""
+    ckpt = torch.load(trained[0], weights_only=True)
+    cfg = resolve_config(ckpt["config"])
+    models = build_models(**model_kwargs(cfg))
+    for name in ("generator", "mapping_network", "style_encoder"):
+        models[name].load_state_dict(ckpt["ema"][name])
+        models[name].eval()
+    return cfg, models
+
+
+def save_photo(path, size=(44, 30), mode="RGB", seed=0):
+    """A random non-square picture (the app must centre-crop it)."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGBA")
+    (image.convert("RGB") if mode == "P" else image).convert(mode).save(path)
+    return str(path)
+
+
+def request(handle, **kw):
+    """Call the page's handler with the page's defaults, overridden by keyword."""
+    args = dict(source_mode=app.UPLOAD, source_image=None, source_latent=None, target="c",
+                style_mode=app.LATENT_GUIDED, num_styles=1, seed=0, psi=1.0, reference_mode=app.DATA,
+                reference_image=None, reference_latent=None)
+    args.update(kw)
+    gallery, latents_pt, source_png, status = handle(*args.values())
+    return gallery, torch.load(latents_pt, weights_only=True), source_png, status
+
+
+def expected_image_latent(vae_dir, path):
+    """The source as encode.py would write it: centre crop, resize to IMAGE, posterior mode."""
+    return encode_raw(load_vae(vae_dir), to_model_input([load_image(path, IMAGE)]))  # [1, 4, 16, 16]
+
+
+# ---------------------------------------------------------------------- the request handler
+
+def test_image_in_images_out(handle, translator, nets, tiny_vae_dir, tmp_path, monkeypatch):
+    cfg, models = nets
+    photo = save_photo(tmp_path / "holiday photo.png")
+    for loader in ("load_networks", "load_vae_or_preview"):  # a reload per request would fail here
+        monkeypatch.setattr(app, loader, None)
+    gallery, saved, source_png, status = request(handle, source_image=photo, target="b", num_styles=3, seed=7)
+
+    paths, captions = zip(*gallery["value"])
+    assert [os.path.basename(p) for p in paths] == [f"holiday_photo_to_b_{k}.png" for k in range(3)]
+    assert captions == ("b · style 0", "b · style 1", "b · style 2") and gallery["columns"] == 3
+    latents = saved["latents"]
+    assert latents.shape == (3, 4, LATENT, LATENT) and latents.dtype == torch.float32
+    assert saved["names"] == [f"holiday_photo_to_b_{k}" for k in range(3)]
+    # independent: G(encode(photo) * scale, F(z_k, b)) / scale, z from the documented generator
+    scale = cfg["training"]["latent_scale"]
+    x = expected_image_latent(tiny_vae_dir, photo)
+    z = torch.randn(3, cfg["model"]["latent_dim"], generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        s = models["mapping_network"](z, torch.full((3,), 1))  # [3, S]
+        expected = models["generator"](x.expand(3, -1, -1, -1) * scale, s) / scale  # [3, 4, h, w]
+    torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
+    assert (latents[0] - latents[1]).abs().mean() > 1e-3  # the styles differ
+    # each PNG is the VAE decode of its latent
+    decoded = to_uint8(decode_raw(translator.vae, latents))  # [3, 32, 32, 3]
+    for path, pixels in zip(paths, decoded):
+        png = Image.open(path)
+        assert png.format == "PNG" and png.mode == "RGB" and png.size == (IMAGE, IMAGE)
+        assert np.abs(np.asarray(png).astype(int) - pixels.astype(int)).max() <= 1
+    assert Image.open(source_png).size == (IMAGE, IMAGE)
+    assert status.startswith("3 output(s) on cpu in ") and "ms per image" in status and "VAE decode" in status
+    assert "source 44x30" in status and "seed 7, psi 1" in status
+
+
+def test_reference_guided_from_the_data(handle, trained, nets):
+    cfg, models = nets
+    _, data = trained
+    ref = "b/001.pt"
+    gallery, saved, _, status = request(handle, source_mode=app.DATA, source_latent="a/000.pt", target="c",
+                                        style_mode=app.REFERENCE_GUIDED, reference_mode=app.DATA, reference_latent=ref)
+    assert [c for _, c in gallery["value"]] == ["c · reference"]
+    assert saved["names"] == ["a_000_to_c_ref"]
+    scale = cfg["training"]["latent_scale"]
+    x = torch.load(os.path.join(data, "a", "000.pt"), weights_only=True)[None]
+    r = torch.load(os.path.join(data, "b", "001.pt"), weights_only=True)[None]
+    with torch.no_grad():
+        s_ref = models["style_encoder"](r * scale, torch.full((1,), 2))
+        expected = models["generator"](x * scale, s_ref) / scale
+    torch.testing.assert_close(saved["latents"], expected, rtol=1e-4, atol=1e-4)
+    assert "reference `b/001.pt`" in status
+
+
+def test_reference_image_with_every_domain_gives_one_row(handle, nets, tiny_vae_dir, tmp_path):
+    cfg, models = nets
+    photo, ref = save_photo(tmp_path / "p.png"), save_photo(tmp_path / "r.jpg", (40, 52), seed=1)
+    gallery, saved, _, _ = request(handle, source_image=photo, target=app.ALL_DOMAINS,
+                                   style_mode=app.REFERENCE_GUIDED, reference_mode=app.UPLOAD, reference_image=ref)
+    assert [c for _, c in gallery["value"]] == ["a · reference", "b · reference", "c · reference"]
+    assert gallery["columns"] == 3
+    scale = cfg["training"]["latent_scale"]
+    x, r = expected_image_latent(tiny_vae_dir, photo), expected_image_latent(tiny_vae_dir, ref)
+    with torch.no_grad():
+        s_ref = models["style_encoder"](r.expand(3, -1, -1, -1) * scale, torch.arange(3))  # E(ref, d) per domain
+        expected = models["generator"](x.expand(3, -1, -1, -1) * scale, s_ref) / scale
+    torch.testing.assert_close(saved["latents"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_every_domain_latent_guided_rows_are_styles(handle, trained, nets):
+    cfg, models = nets
+    _, data = trained
+    gallery, saved, _, _ = request(handle, source_mode=app.DATA, source_latent="c/002.pt", target=app.ALL_DOMAINS,
+                                   num_styles=2, seed=3, psi=0.5)
+    assert [c for _, c in gallery["value"]] == [f"{d} · style {k}" for k in range(2) for d in "abc"]
+    assert gallery["columns"] == 3 and saved["latents"].shape == (6, 4, LATENT, LATENT)
+    # row k, column d: style k of domain d (the same z_k in every domain), pulled toward d's mean style
+    d, scale, latent_dim = 1, cfg["training"]["latent_scale"], cfg["model"]["latent_dim"]
+    z = torch.randn(2, latent_dim, generator=torch.Generator().manual_seed(3))
+    z_many = torch.randn(10000, latent_dim, generator=torch.Generator().manual_seed(0))
+    x = torch.load(os.path.join(data, "c", "002.pt"), weights_only=True)[None]
+    with torch.no_grad():
+        s = models["mapping_network"](z, torch.full((2,), d))  # [2, S]
+        s_mean = models["mapping_network"](z_many, torch.full((10000,), d)).mean(0, keepdim=True)  # [1, S]
+        expected = models["generator"](x.expand(2, -1, -1, -1) * scale, s_mean + 0.5 * (s - s_mean)) / scale
+    torch.testing.assert_close(saved["latents"][[d, 3 + d]], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("upload, message", [
+    ("text", "not an image this app can read"),
+    ("tiny", "too small"),
+    (None, "upload one first"),
+])
+def test_bad_uploads_are_a_message(handle, tmp_path, upload, message):
+    path = None
+    if upload == "text":
+        path = tmp_path / "notes.png"
+        path.write_text("this is not a picture")
+    elif upload == "tiny":
+        path = save_photo(tmp_path / "icon.png", (4, 6))
+    with pytest.raises(gr.Error) as err:
+        request(handle, source_image=path and str(path))
+    assert message in err.value.message and "Traceback" not in err.value.message
+
+
+@pytest.mark.parametrize("mode, note", [("L", "grayscale, used as RGB"), ("LA", "transparency dropped"),
+                                        ("RGBA", "transparency dropped"), ("P", None)])
+def test_grayscale_alpha_and_palette_uploads_work(handle, tmp_path, mode, note):
+    photo = save_photo(tmp_path / "x.png", mode=mode)
+    gallery, saved, _, status = request(handle, source_image=photo)
+    assert len(gallery["value"]) == 1 and torch.isfinite(saved["latents"]).all()
+    assert note is None or note in status
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(target="zebra"), "a, b, c"),
+    (dict(num_styles=0), "number of styles 0"),
+    (dict(num_styles=app.MAX_STYLES + 1), "expected 1 to"),
+    (dict(psi=1.5), "psi 1.5"),
+    (dict(seed=-1), "seed -1"),
+    (dict(seed="x"), "must be numbers"),
+    (dict(source_mode=app.DATA, source_latent="a/nope.pt"), "no source latent 'a/nope.pt'"),
+    (dict(style_mode="other"), "style mode 'other'"),
+])
+def test_bad_requests_are_a_message(handle, tmp_path, kw, message):
+    with pytest.raises(gr.Error) as err:
+        request(handle, **{"source_image": save_photo(tmp_path / "x.png"), **kw})
+    assert message in err.value.message
+
+
+def test_an_unexpected_failure_is_one_line_not_a_trace(handle, translator, tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(translator, "styles", broken)
+    with pytest.raises(gr.Error) as err:
+        request(handle, source_image=save_photo(tmp_path / "x.png"))
+    assert err.value.message.startswith("internal error (RuntimeError: boom)") and "\n" not in err.value.message
+    assert "Traceback" in capsys.readouterr().err  # the details go to the server's log
+
+
+def test_without_a_vae_the_page_works_on_latents(trained, tmp_path):
+    without = app.Translator(trained[0], vae=None, device="cpu", log=lambda line: None)  # vae_path is null
+    assert without.vae is None and len(without.examples) == 3 * app.EXAMPLES_PER_DOMAIN
+    assert "No VAE loaded" in app.header_markdown(without) and "linear latent preview" in app.header_markdown(without)
+    handle = app.make_handler(without, str(tmp_path / "outputs"))
+    gallery, saved, _, status = request(handle, source_mode=app.DATA, source_latent="a/001.pt", num_styles=2)
+    assert Image.open(gallery["value"][0][0]).size == (LATENT * 8, LATENT * 8)  # the preview's upscale
+    assert "linear latent preview" in status
+    with pytest.raises(gr.Error, match="no VAE is loaded"):
+        request(handle, source_image=save_photo(tmp_path / "x.png"))
+    page = app.build_page(without, str(tmp_path / "outputs"))
+    radios = [b for b in page.blocks.values() if isinstance(b, gr.Radio) and b.label == "Source"]
+    assert [value for _, value in radios[0].choices] == [app.DATA]  # no upload choice without a VAE
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp_dtype", ["fp32", "bf16"])
+def test_cuda_matches_the_cpu(trained, translator, tiny_vae_dir, tmp_path, amp_dtype):
+    on_gpu = app.Translator(trained[0], vae=tiny_vae_dir, device="cuda", log=print)
+    on_gpu.amp_dtype = app.AMP_DTYPES[amp_dtype]  # the tiny run trained in fp32; bf16 as a real config has it
+    photo = save_photo(tmp_path / "x.png")
+    kw = dict(source_image=photo, target=app.ALL_DOMAINS, num_styles=2, seed=1)
+    cpu, gpu = translator.translate(**kw), on_gpu.translate(**kw)
+    assert gpu["status"].startswith("6 output(s) on cuda") and gpu["latents"].device.type == "cpu"
+    # a sanity bound, not a precision claim: TF32 (fp32 path) and bf16 each round every layer
+    error = (gpu["latents"] - cpu["latents"]).abs().mean() / cpu["latents"].abs().mean()
+    assert error < (2e-2 if amp_dtype == "fp32" else 1e-1)
+
+
+# ---------------------------------------------------------------------- command line
+
+def test_cli_errors_exit_2(trained, tmp_path, capsys):
+    assert app.main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "app.py: error: checkpoint" in capsys.readouterr().err
+    fake = tmp_path / "fake.pt"
+    torch.save({"generator": torch.zeros(3)}, fake)
+    assert app.main(["--checkpoint", str(fake), "--device", "cpu"]) == 2
+    assert "not a Latent StarGAN v2 checkpoint" in capsys.readouterr().err
+    assert app.main(["--checkpoint", trained[0], "--port", "0"]) == 2
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert app.main(["--checkpoint", trained[0], "--device", "cpu", "--port", str(taken.getsockname()[1])]) == 2
+        assert "cannot serve on 127.0.0.1:" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert app.main(["--checkpoint", trained[0], "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_the_training_path_does_not_import_gradio():
+    code = "import sys, run, trainer, translate, encode, inference, vae; sys.exit('gradio' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+# ---------------------------------------------------------------------- the real server
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening_addresses(port):
+    """Local IPv4/IPv6 addresses in LISTEN state on `port`, from /proc/net/tcp*."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:
+                    found.append(address)
+    return found
+
+
+@pytest.fixture
+def server(trained, tiny_vae_dir, tmp_path):
+    """`python app.py` on 127.0.0.1 and a free port, in its own process; stopped after the test."""
+    port = free_port()
+    log = open(tmp_path / "server.log", "w+")
+    os.makedirs(tmp_path / "tmp")
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "TMPDIR": str(tmp_path / "tmp")}
+    run_dir = os.path.dirname(os.path.dirname(trained[0]))  # the page names the checkpoint as given: out/latest.pt
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "app.py"), "--checkpoint",
+                             os.path.relpath(trained[0], run_dir), "--vae", tiny_vae_dir, "--device", "cpu",
+                             "--port", str(port)], cwd=run_dir, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read()}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("app.py did not serve within 90 s")
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}/", port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert proc.returncode == 0, "SIGTERM stops the server as Ctrl-C does"
+    assert listening_addresses(port) == []  # stopped: nothing listens on its port any more
+    assert os.listdir(tmp_path / "tmp") == []  # and its outputs folder is gone
+
+
+@pytest.mark.slow
+def test_server_round_trip_through_gradio_client(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    url, port = server
+    assert listening_addresses(port) == ["0100007F"]  # 127.0.0.1 only, in /proc's byte order
+    client = Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "downloads"))
+    gallery, latents_pt, source_png, status = client.predict(
+        app.UPLOAD, handle_file(save_photo(tmp_path / "cat.png")), None, app.ALL_DOMAINS, app.LATENT_GUIDED,
+        2, 5, 1.0, app.DATA, None, None, api_name="/translate")
+    # the gallery comes as an update: its items, and the columns that make each domain a column
+    assert gallery["columns"] == 3
+    assert [item["caption"] for item in gallery["value"]] == [f"{d} · style {k}" for k in range(2) for d in "abc"]
+    assert all(Image.open(item["image"]).size == (IMAGE, IMAGE) for item in gallery["value"])
+    assert torch.load(latents_pt, weights_only=True)["latents"].shape == (6, 4, LATENT, LATENT)
+    assert os.path.isfile(source_png) and status.startswith("6 output(s) on cpu")
+    # a bad upload comes back as the handler's message
+    bad = tmp_path / "bad.png"
+    bad.write_text("not a picture")
+    with pytest.raises(Exception, match="not an image this app can read"):
+        client.predict(app.UPLOAD, handle_file(str(bad)), None, "a", app.LATENT_GUIDED, 1, 0, 1.0, app.DATA,
+                       None, None, api_name="/translate")
+
+
+@pytest.fixture
+def playwright_api():
+    """Playwright, to drive Debian's Chromium; skip, saying why, where there is no browser (before
+    the server fixture starts anything)."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install chromium; .ci/run does)")
+    return pytest.importorskip("playwright.sync_api", reason="playwright is not installed (requirements-app.txt)")
+
+
+@pytest.mark.slow
+def test_browser_uploads_translates_and_shows_the_gallery(playwright_api, server, tmp_path):
+    url, _ = server
+    photo = tmp_path / "photo.png"
+    # a picture with shapes, so the screenshot shows a recognisable source
+    canvas = np.full((120, 160, 3), (120, 170, 220), np.uint8)
+    canvas[60:, :] = (90, 140, 60)
+    canvas[25:70, 50:95] = (230, 200, 60)
+    Image.fromarray(canvas).save(photo)
+    update = os.environ.get("UPDATE_SCREENSHOT") == "1" or not os.path.exists(SCREENSHOT)
+    shot = SCREENSHOT if update else str(tmp_path / "app.png")
+    with playwright_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            requested = []
+            page.on("request", lambda r: requested.append(r.url))
+            page.goto(url, timeout=60_000)
+            page.locator("#source-image input[type=file]").set_input_files(str(photo))
+            page.locator("#source-image img").first.wait_for(timeout=30_000)  # the upload's preview
+            page.locator("#translate-button").click()
+            page.locator("#results img").nth(3).wait_for(timeout=60_000)  # 4 styles by default
+            assert page.locator("#results img").count() >= 4
+            assert "c · style 3" in page.locator("#results").inner_text()
+            assert "output(s) on cpu" in page.locator("#status").inner_text()
+            page.wait_for_timeout(500)  # let images finish painting
+            page.screenshot(path=shot, full_page=True)
+        finally:
+            browser.close()
+    outside = [u for u in requested if not u.startswith((url, "data:", "blob:"))]
+    assert outside == [], "the page loads nothing from outside this server (fonts, scripts, analytics)"
+    assert Image.open(shot).size[0] == 1280
