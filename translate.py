@@ -27,6 +27,7 @@ from inference import (DEFAULT_LATENT_SIZE, MEAN_STYLE_SAMPLES, domain_index, la
 from runtime import InputError, atomic_write, resolve_device
 from vae import (IMAGE_EXTENSIONS, encode_raw, load_image, load_vae_or_preview, save_image_grid, to_model_input, to_rgb,
                  to_uint8, vae_downsample_factor)
+
 SHEET_MAX_ROWS = 32  # sources shown in sheet.png (every output still gets its own PNG)
 SHEET_MAX_COLS = 16  # outputs per source shown in sheet.png
 
