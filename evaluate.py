@@ -1,0 +1,127 @@
+"""FID, KID and LPIPS of a Latent StarGAN v2 checkpoint, as the StarGAN v2 paper reports them.
+
+    python evaluate.py --checkpoint outputs/stargan_v2_latent/latest.pt [--data-root DIR]
+        [--source-root DIR] [--vae PATH] [--out DIR] [--num-outs 10] [--max-sources N]
+
+The official protocol (StarGAN v2's metrics/eval.py) on latents: for every ordered pair of the
+checkpoint's domains (source != target) and both modes (latent-guided: z through F;
+reference-guided: a random target-domain latent through E), each source latent is translated
+--num-outs times by the EMA networks with a fixed seed. FID and KID compare the translations with the
+target domain's real latents, both decoded by the same VAE; LPIPS is the mean distance among each
+source's outputs (diversity). Prints a table and writes <out>/metrics.json with the official keys
+(`FID_latent/photo2Hayao`, `LPIPS_reference/mean`, ...). Exit codes: 0 done, 2 bad input.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from dataset import MultiDomainLatentDataset
+from inference import networks_from_checkpoint
+from metrics import Evaluator, format_table
+from runtime import InputError, atomic_write, load_checkpoint, resolve_device
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="FID / KID / LPIPS of a Latent StarGAN v2 checkpoint (StarGAN v2's "
+                                            "evaluation protocol on VAE-decoded latents).")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by run.py (its EMA networks are used)")
+    p.add_argument("--data-root", default=None,
+                   help="the real latents FID/KID compare with, one folder per domain (default: the checkpoint's "
+                        "data.root, the training latents, as the official code uses its train split)")
+    p.add_argument("--source-root", default=None,
+                   help="sources and references, same layout (e.g. a held-out split; default: --data-root)")
+    p.add_argument("--vae", default=None, help="diffusers AutoencoderKL that decodes reals and fakes (default: "
+                                              "the checkpoint's evaluation.vae_path, else visualization.vae_path)")
+    p.add_argument("--vae-subfolder", default=None, help="subfolder of --vae ('vae' for a full SD pipeline)")
+    p.add_argument("--out", default=None, help="folder for metrics.json (default: eval_<checkpoint name>/ beside "
+                                               "the checkpoint)")
+    p.add_argument("--num-outs", type=int, default=10, help="translations per source (the paper: 10)")
+    p.add_argument("--max-sources", type=int, default=None, help="at most N sources per domain (quick looks)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the z and reference draws")
+    p.add_argument("--batch-size", type=int, default=32, help="images per decode / feature batch")
+    p.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                   help="autocast of the networks and the decode (default: bf16 on CUDA, fp32 on the CPU); "
+                        "features and LPIPS stay float32")
+    p.add_argument("--inception-weights", default=None,
+                   help="TF-Inception TorchScript (default: the checkpoint's evaluation.inception_weights, else "
+                        "inception-2015-12-05.pt in the torch hub cache, downloaded once)")
+    p.add_argument("--lpips-weights", default=None,
+                   help="torchvision AlexNet state dict (default: evaluation.lpips_weights, else "
+                        "alexnet-owt-7be5be79.pth in the torch hub cache, downloaded once)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the real domains' Inception features")
+    args = p.parse_args(argv)
+    if args.num_outs < 2:
+        p.error("--num-outs must be >= 2 (LPIPS compares a source's outputs)")
+    if args.max_sources is not None and args.max_sources < 1:
+        p.error("--max-sources must be >= 1")
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    return args
+
+
+def read_domains(root, domains, flag):
+    """({domain: raw latents [N, 4, h, w]}, {domain: an id of its file list}) from root/<domain>/."""
+    try:
+        ds = MultiDomainLatentDataset(root, domains, preload_to_gpu=False, device="cpu", reject_outliers=False,
+                                      log=lambda *a: None)
+    except FileNotFoundError as e:
+        raise InputError(f"{flag} {root!r}: {e}; the checkpoint's domains are {', '.join(domains)}") from None
+    return ds.by_domain(), ds.file_list_ids()
+
+
+def run(args):
+    device = resolve_device(args.device, fallback=False)
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg, nets = networks_from_checkpoint(ckpt, args.checkpoint, device)
+    domains, e = list(cfg["data"]["domains"]), cfg["evaluation"]
+    data_root = args.data_root or cfg["data"]["root"]
+    real, real_ids = read_domains(data_root, domains, "--data-root")
+    sources = real if not args.source_root else read_domains(args.source_root, domains, "--source-root")[0]
+
+    vae_path = args.vae or e["vae_path"] or cfg["visualization"]["vae_path"]
+    subfolder = args.vae_subfolder if args.vae else cfg["visualization"]["vae_subfolder"]
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                   "eval_" + os.path.splitext(os.path.basename(args.checkpoint))[0])
+    evaluator = Evaluator.load(vae_path, subfolder, args.inception_weights or e["inception_weights"],
+                               args.lpips_weights or e["lpips_weights"], device, amp_dtype=dtype,
+                               batch_size=args.batch_size,
+                               cache_dir=None if args.no_cache else os.path.join(os.path.dirname(out), "eval_cache"))
+    n_src = sum(len(v) if args.max_sources is None else min(len(v), args.max_sources) for v in sources.values())
+    print(f"evaluating {args.checkpoint} (epoch {ckpt['epoch']}, step {ckpt['step']}) on {device}: "
+          f"{len(domains) * (len(domains) - 1)} tasks x 2 modes, {n_src} sources x {args.num_outs} outputs; "
+          f"reals from {data_root}", flush=True)
+    start = time.perf_counter()
+    results = evaluator(nets, domains, real, sources, cfg["training"]["latent_scale"], cfg["model"]["latent_dim"],
+                        num_outs=args.num_outs, max_sources=args.max_sources, seed=args.seed, real_ids=real_ids,
+                        log=lambda line: print("  " + line, flush=True))
+    seconds = time.perf_counter() - start
+    print(format_table(results))
+    record = {**results, "checkpoint": os.path.abspath(args.checkpoint), "epoch": ckpt["epoch"], "step": ckpt["step"],
+              "num_outs": args.num_outs, "max_sources": args.max_sources, "seed": args.seed,
+              "data_root": os.path.abspath(data_root), "source_root": os.path.abspath(args.source_root or data_root),
+              "vae": vae_path, "inception": evaluator.inception.identity, "seconds": round(seconds, 1)}
+    path = atomic_write(os.path.join(out, "metrics.json"), lambda f: f.write(json.dumps(record, indent=2).encode()))
+    print(f"wrote {path} ({seconds:.1f}s)")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (InputError, FileNotFoundError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

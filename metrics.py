@@ -1,0 +1,670 @@
+"""Evaluation of latent translations as StarGAN v2 reports it (Choi et al., CVPR 2020, metrics/eval.py).
+
+For every ordered pair (source, target) of domains, source != target, and each mode (latent-guided:
+z ~ N(0, I) through F; reference-guided: a random target-domain latent through E), every source
+latent is translated `num_outs` times by the EMA networks with a fixed seed and decoded to RGB.
+
+- FID (Heusel et al., NeurIPS 2017) and KID (Binkowski et al., ICLR 2018) of the translations
+  against the target domain's real latents, decoded by the same VAE (so the VAE's own
+  reconstruction error is on both sides), on the 2048-d pool features of the TF-Inception that
+  pytorch-fid, clean-fid and StyleGAN2-ADA use. The maths is torchmetrics'.
+- LPIPS (Zhang et al., CVPR 2018, AlexNet with the v0.1 linear layers): the mean pairwise distance
+  among the `num_outs` outputs of each source, averaged over sources (diversity; higher is more).
+
+This module takes tensors and networks; it knows nothing of checkpoints or data folders. Weights
+come from explicit paths or, on a machine with a network, download once into the torch hub cache.
+"""
+
+import functools
+import hashlib
+import http.client
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import urllib.request
+import warnings
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from runtime import InputError, atomic_write
+
+MODES = ("latent", "reference")
+METRICS = ("FID", "KID", "LPIPS")
+
+# The StyleGAN2-ADA TorchScript of the TF-Inception graph (2015-12-05), also what clean-fid downloads.
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
+INCEPTION_SIZE = 299  # TF-Inception's input resolution
+INCEPTION_DIM = 2048  # pool_3 features
+FORM_STYLEGAN = "stylegan2-ada"  # net(uint8 [N, 3, H, W] in 0..255, return_features=True), resizes inside
+FORM_PLAIN = "plain"  # net(x [N, 3, 299, 299] in [-1, 1]) -> [N, 2048]
+
+# torchvision's ImageNet AlexNet; the name carries the first 8 hex digits of its sha256 (torch hub's rule)
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+ALEXNET_URL = "https://download.pytorch.org/models/" + ALEXNET_FILE
+ALEXNET_SHA256_PREFIX = "7be5be79"
+ALEXNET_CONVS = (0, 3, 6, 8, 10)  # indices of the five convolutions in torchvision's alexnet().features
+ALEXNET_CHANNELS = (64, 192, 384, 256, 256)
+LPIPS_MIN_SIZE = 32  # AlexNet's stride-4 conv and two 3x3/2 max-pools need about 31 px on a side
+
+DOWNLOAD_TIMEOUT_S = 10  # per socket operation: an offline machine fails fast instead of hanging
+KID_MAX_SUBSET = 1000  # StyleGAN2-ADA's max_subset_size
+KID_SUBSETS = 100  # StyleGAN2-ADA's num_subsets, torchmetrics' default
+CACHE_VERSION = 1  # bump when the way real features are computed changes
+
+
+# ---------------------------------------------------------------------------------------------
+# weight files
+
+
+def hub_checkpoint(filename):
+    """Where torch hub keeps downloaded weights: `torch.hub.get_dir()/checkpoints/<filename>`."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+
+
+def sha256_file(path, chunk=1 << 20):
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url, dest, sha256_prefix=None):
+    """Fetch `url` into `dest` through a temporary file (a broken download never sits at `dest`).
+
+    Every socket operation times out after DOWNLOAD_TIMEOUT_S, so an offline machine gets an error
+    in seconds, never a retry loop.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    partial = f"{dest}.{os.getpid()}.part"
+    print(f"downloading {url} -> {dest}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(partial, "wb") as f:
+            shutil.copyfileobj(response, f, 1 << 20)
+        if sha256_prefix and not sha256_file(partial).startswith(sha256_prefix):
+            raise ValueError(f"the file downloaded from {url} does not have sha256 {sha256_prefix}...")
+        os.replace(partial, dest)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return dest
+
+
+def resolve_weights(path, filename, url, what, flag, key, sha256_prefix=None):
+    """The weight file to load: `path` when given (it must exist), else the torch hub cache copy,
+    downloaded once. Failing that, a ValueError that says which file, where to put it and which
+    flag / config key names it."""
+    if path:
+        path = os.path.expanduser(str(path))
+        if not os.path.isfile(path):
+            raise InputError(f"{what} weights {path!r} (given by {flag} / {key}) do not exist; expected {filename}")
+        return path
+    cached = hub_checkpoint(filename)
+    if os.path.isfile(cached):
+        return cached
+    try:
+        return download(url, cached, sha256_prefix)
+    except (OSError, ValueError, http.client.HTTPException) as err:  # URLError and timeouts are OSErrors
+        raise InputError(
+            f"{what} weights {filename} are not in the torch hub cache ({cached}) and downloading them from "
+            f"{url} failed: {err}. On a machine without a network, download {filename} elsewhere and either "
+            f"copy it to {cached} or pass its path with {flag} PATH (config key {key})."
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Inception features
+
+
+def inception_form(net):
+    """Which of the two accepted TorchScript forms `net` is, read from its forward's signature."""
+    try:
+        names = [arg.name for arg in net.forward.schema.arguments][1:]  # drop `self`
+    except AttributeError:
+        return None
+    if "return_features" in names:
+        return FORM_STYLEGAN
+    if len(names) == 1:
+        return FORM_PLAIN
+    return None
+
+
+class InceptionFeatures(nn.Module):
+    """TF-Inception pool features [N, 2048] float32 of RGB images [N, 3, H, W] in [0, 1], any size.
+
+    Images are first quantised to 8 bits, as the official protocol does by writing PNG files. Then:
+    - FORM_STYLEGAN: `net(uint8, return_features=True)`; the network resizes to 299 itself (its
+      TF1-compatible bilinear) and scales by (x - 128) / 128.
+    - FORM_PLAIN: we scale by (x - 128) / 128, the TF graph's own input scaling (pytorch-fid's
+      2x - 1 maps 255 to 1 rather than 0.992), and resize to 299x299 bilinearly with align_corners=False, as
+      pytorch-fid and torchmetrics do (for 256 -> 299, an upsampling, antialiasing changes nothing).
+    Always float32, whatever autocast is active. `identity` names the weights for caches.
+    """
+
+    def __init__(self, net, form, identity="", num_features=INCEPTION_DIM):
+        super().__init__()
+        if form not in (FORM_STYLEGAN, FORM_PLAIN):
+            raise ValueError(f"unknown Inception form {form!r}; expected {FORM_STYLEGAN!r} or {FORM_PLAIN!r}")
+        self.net, self.form, self.identity, self.num_features = net, form, identity, num_features
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):  # a feature extractor never leaves eval mode
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images):
+        n = images.shape[0]
+        with torch.autocast(images.device.type, enabled=False):
+            levels = (images.float().clamp(0, 1) * 255).round()  # [N, 3, H, W] in 0..255
+            if self.form == FORM_STYLEGAN:
+                feats = self.net(levels.to(torch.uint8), return_features=True)  # [N, 2048]
+            else:
+                x = (levels - 128) / 128  # [N, 3, H, W] in [-1, 0.992]
+                if tuple(x.shape[-2:]) != (INCEPTION_SIZE, INCEPTION_SIZE):
+                    x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+                feats = self.net(x)  # [N, 2048]
+        return feats.reshape(n, -1).float()
+
+
+def load_inception(path=None, device="cpu"):
+    """The TF-Inception feature extractor from a TorchScript file, as an `InceptionFeatures`.
+
+    `path`: the StyleGAN2-ADA / clean-fid `inception-2015-12-05.pt`, or a plain TorchScript
+    `forward(x)` taking x in [-1, 1] at 299x299 and returning [N, 2048]; the form is read from the
+    forward's signature. None: the torch hub cache copy, downloaded once on a machine with a network.
+    A missing file, or one in another format, is a ValueError naming it.
+    """
+    file = resolve_weights(path, INCEPTION_FILE, INCEPTION_URL, "Inception", "--inception-weights",
+                           "evaluation.inception_weights")
+    expected = (f"expected a TorchScript TF-Inception: {INCEPTION_FILE} (forward(img, return_features=...)) or "
+                f"a plain forward(x) with x in [-1, 1] at {INCEPTION_SIZE}x{INCEPTION_SIZE} -> [N, {INCEPTION_DIM}]")
+    try:
+        net = torch.jit.load(file, map_location="cpu")
+    except Exception as err:  # torch raises RuntimeError, ValueError, ... for non-TorchScript files
+        raise InputError(f"Inception weights {file!r} are not a TorchScript archive ({err.__class__.__name__}); "
+                         f"{expected}") from None
+    form = inception_form(net)
+    if form is None:
+        raise InputError(f"Inception weights {file!r}: the TorchScript forward has an unexpected signature; {expected}")
+    module = InceptionFeatures(net, form, identity=f"{os.path.basename(file)}:{sha256_file(file)[:16]}").to(device)
+    try:  # one small image now, rather than an error after an hour of decoding
+        probe = module(torch.full((1, 3, 64, 64), 0.5, device=device))
+    except Exception as err:
+        raise InputError(f"Inception weights {file!r} failed on a test image ({err}); {expected}") from None
+    if tuple(probe.shape) != (1, INCEPTION_DIM) or not torch.isfinite(probe).all():
+        raise InputError(f"Inception weights {file!r} return {tuple(probe.shape)} for one image; {expected}")
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# LPIPS
+
+
+class AlexNetTrunk(nn.Module):
+    """The five-convolution feature trunk of torchvision's `alexnet()`, up to relu5.
+
+    Same layer indices as torchvision's `features` Sequential, so its published state dict
+    (`features.{0,3,6,8,10}.weight/bias`) loads as is. Returns the five relu outputs LPIPS uses.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(),
+        )
+
+    def forward(self, x):
+        maps = []
+        for layer in self.features:
+            x = layer(x)
+            if isinstance(layer, nn.ReLU):
+                maps.append(x)  # relu1 [N, 64, H/4, W/4] ... relu5 [N, 256, H/16, W/16]
+        return maps
+
+
+def unit_normalize(feat, eps=1e-10):
+    """Each position's channel vector to unit length (LPIPS' normalize_tensor, eps as in v0.1)."""
+    return feat / (feat.square().sum(dim=1, keepdim=True).sqrt() + eps)
+
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1 with AlexNet (Zhang et al., CVPR 2018): `forward(a, b)` on RGB [N, 3, H, W] in
+    [0, 1] returns [N] distances.
+
+    d(a, b) = sum_l mean_hw( w_l . (f_l(a) - f_l(b))^2 ), f_l the unit-normalised relu_l maps of
+    AlexNet on the input scaled to [-1, 1] and shifted/scaled by the ScalingLayer. Always float32.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = AlexNetTrunk()
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in ALEXNET_CHANNELS)
+        # ScalingLayer: ImageNet mean/std expressed for inputs in [-1, 1]
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def features(self, images):
+        """[N, 3, H, W] in [0, 1] -> five unit-normalised maps [N, C_l, H_l, W_l], float32."""
+        if min(images.shape[-2:]) < LPIPS_MIN_SIZE:
+            raise InputError(f"LPIPS needs images of at least {LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE}, got {tuple(images.shape)}")
+        with torch.autocast(images.device.type, enabled=False):
+            x = (images.float() * 2 - 1 - self.shift) / self.scale  # [N, 3, H, W]
+            return [unit_normalize(m) for m in self.trunk(x)]
+
+    def distance(self, feats_a, feats_b):
+        """Distances [N] between two lists of `features` maps."""
+        with torch.autocast(feats_a[0].device.type, enabled=False):
+            return sum(lin((fa - fb).square()).mean(dim=(1, 2, 3))  # [N]
+                       for fa, fb, lin in zip(feats_a, feats_b, self.lins))
+
+    @torch.no_grad()
+    def forward(self, a, b):
+        return self.distance(self.features(a), self.features(b))
+
+
+def torchmetrics_lpips_linear_layers():
+    """Path of the 6 KB LPIPS v0.1 AlexNet linear layers that ship inside torchmetrics (located
+    without importing its LPIPS module, which wants torchvision)."""
+    spec = importlib.util.find_spec("torchmetrics")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("LPIPS needs the torchmetrics package (pip install torchmetrics), which ships its "
+                         "v0.1 linear layers")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "functional", "image", "lpips_models", "alex.pth")
+    if not os.path.isfile(path):
+        raise InputError(f"the LPIPS v0.1 linear layers are missing from the installed torchmetrics ({path})")
+    return path
+
+
+def load_lpips(path=None, device="cpu"):
+    """LPIPS (AlexNet, v0.1 linear layers) in eval mode on `device`.
+
+    `path`: torchvision's AlexNet state dict (`alexnet-owt-7be5be79.pth`); None: the torch hub cache
+    copy, downloaded once on a machine with a network. The linear layers come from torchmetrics.
+    """
+    file = resolve_weights(path, ALEXNET_FILE, ALEXNET_URL, "LPIPS AlexNet", "--lpips-weights",
+                           "evaluation.lpips_weights", ALEXNET_SHA256_PREFIX)
+    expected = (f"expected torchvision's AlexNet state dict ({ALEXNET_FILE}) with "
+                + ", ".join(f"features.{i}.weight/bias" for i in ALEXNET_CONVS))
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise InputError(f"LPIPS weights {file!r} cannot be read as a state dict ({err.__class__.__name__}); "
+                         f"{expected}") from None
+    model = LPIPS()
+    trunk_state = model.trunk.state_dict()
+    if not isinstance(state, dict) or any(
+            not isinstance(state.get(k), torch.Tensor) or state[k].shape != v.shape for k, v in trunk_state.items()):
+        raise InputError(f"LPIPS weights {file!r} are not in the expected format; {expected}")
+    model.trunk.load_state_dict({k: state[k] for k in trunk_state})
+    lins = torch.load(torchmetrics_lpips_linear_layers(), map_location="cpu", weights_only=True)
+    for k, lin in enumerate(model.lins):
+        lin.weight.copy_(lins[f"lin{k}.model.1.weight"])  # [1, C_l, 1, 1]
+    return model.to(device)
+
+
+@torch.no_grad()
+def mean_pairwise_lpips(lpips, groups):
+    """[S, K, 3, H, W] -> [S]: per group, the mean LPIPS over its K(K-1)/2 pairs (StarGAN v2's
+    diversity LPIPS). Each image goes through AlexNet once, not once per pair."""
+    s, k = groups.shape[:2]
+    if k < 2:
+        raise InputError(f"LPIPS diversity needs at least 2 outputs per source, got {k}")
+    feats = [f.view(s, k, *f.shape[1:]) for f in lpips.features(groups.flatten(0, 1))]  # [S, K, C_l, H_l, W_l]
+    i, j = torch.triu_indices(k, k, 1, device=groups.device)  # the P = K(K-1)/2 pairs
+    dist = lpips.distance([f[:, i].flatten(0, 1) for f in feats], [f[:, j].flatten(0, 1) for f in feats])  # [S*P]
+    return dist.view(s, -1).mean(dim=1)  # [S]
+
+
+# ---------------------------------------------------------------------------------------------
+# FID and KID on features (torchmetrics' maths)
+
+
+class PrecomputedFeatures(nn.Module):
+    """Identity 'feature extractor', so torchmetrics' FID / KID take features computed (and cached)
+    elsewhere; `num_features` spares FID its dummy forward."""
+
+    def __init__(self, num_features):
+        super().__init__()
+        self.num_features = int(num_features)
+
+    def forward(self, features):
+        return features
+
+
+def check_feature_pair(real_feats, fake_feats, what):
+    """Two [N, D] feature sets of one D, at least 2 samples each (a covariance needs 2), or a ValueError."""
+    if real_feats.dim() != 2 or fake_feats.dim() != 2 or real_feats.shape[1] != fake_feats.shape[1]:
+        raise InputError(f"{what} needs two [N, D] feature sets of the same D, got {tuple(real_feats.shape)} "
+                         f"and {tuple(fake_feats.shape)}")
+    if min(len(real_feats), len(fake_feats)) < 2:
+        raise InputError(f"{what} needs at least 2 samples on each side, got {len(real_feats)} real and "
+                         f"{len(fake_feats)} fake")
+
+
+def frechet_distance(real_feats, fake_feats):
+    """FID (Heusel et al., 2017) between two feature sets [N, D], [M, D]: the Frechet distance of
+    the Gaussians fitted to them, by torchmetrics' FrechetInceptionDistance (float64 statistics)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance  # on first use: its import takes about a second
+
+    check_feature_pair(real_feats, fake_feats, "FID")
+    fid = FrechetInceptionDistance(feature=PrecomputedFeatures(real_feats.shape[1])).to(real_feats.device)
+    fid.update(real_feats.double(), real=True)  # float64 in: the result is not rounded to float32
+    fid.update(fake_feats.to(real_feats.device).double(), real=False)
+    return float(fid.compute())
+
+
+def kernel_inception_distance(real_feats, fake_feats, subset_size, subsets=KID_SUBSETS, seed=0):
+    """KID (Binkowski et al., 2018) between two feature sets: the unbiased MMD^2 with the cubic
+    polynomial kernel (x.y / D + 1)^3, averaged over `subsets` random subsets of `subset_size` on
+    each side, by torchmetrics' KernelInceptionDistance. Returns (mean, std).
+
+    The subsets are drawn from a generator seeded by `seed`; the global RNG is left as it was.
+    """
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    check_feature_pair(real_feats, fake_feats, "KID")
+    if not 2 <= subset_size <= min(len(real_feats), len(fake_feats)):
+        raise InputError(f"KID subset size must be in [2, {min(len(real_feats), len(fake_feats))}] for "
+                         f"{len(real_feats)} real and {len(fake_feats)} fake samples, got {subset_size}")
+    with warnings.catch_warnings():  # its note that features are kept in memory: that is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=PrecomputedFeatures(real_feats.shape[1]), subsets=subsets,
+                                      subset_size=int(subset_size))
+    kid.update(real_feats, real=True)
+    kid.update(fake_feats.to(real_feats.device), real=False)
+    with torch.random.fork_rng(devices=[]):  # compute() draws its subsets with the global CPU RNG
+        torch.manual_seed(seed)
+        mean, std = kid.compute()
+    return float(mean), float(std)
+
+
+# ---------------------------------------------------------------------------------------------
+# the protocol
+
+
+def autocast_context(device, amp_dtype):
+    """torch.autocast on `device`'s type with `amp_dtype`; nothing for None or float32."""
+    if amp_dtype is None or amp_dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=amp_dtype)
+
+
+def in_batches(fn, x, batch_size):
+    """fn over `x` in chunks of `batch_size` along dim 0, concatenated."""
+    return torch.cat([fn(chunk) for chunk in x.split(batch_size)])
+
+
+@torch.no_grad()
+def latent_features(latents, decode, inception, batch_size=32, device="cpu", amp_dtype=None):
+    """Raw latents [N, 4, h, w] -> decode -> Inception features [N, D] float32 on `device`."""
+    def features(chunk):
+        with autocast_context(device, amp_dtype):
+            images = decode(chunk.to(device))  # [b, 3, H, W] in [0, 1]
+        return inception(images.to(device).float())  # [b, D]
+    return in_batches(features, latents, batch_size)
+
+
+def content_hash(tensor):
+    """sha256 of a tensor's shape, dtype and bytes: identifies a real set given as tensors."""
+    t = tensor.detach().contiguous().cpu()
+    digest = hashlib.sha256(f"{tuple(t.shape)}{t.dtype}".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_real_features(domain, latents, compute, cache_dir, key):
+    """Real-domain features from `cache_dir` when a file with this exact `key` is there, else
+    `compute()` and store them (atomically), so a re-evaluation decodes only the fakes."""
+    if not cache_dir:
+        return compute()
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = os.path.join(cache_dir, f"inception_real_{name}.pt")
+    if os.path.isfile(path):
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("key") == key and saved["features"].shape[0] == len(latents):
+                return saved["features"]
+        except Exception:  # unreadable or from another version: recompute and overwrite
+            pass
+    feats = compute()
+    atomic_write(path, lambda f: torch.save({"key": key, "domain": domain, "features": feats.cpu()}, f))
+    return feats
+
+
+def task_generator(seed, mode, src_idx, trg_idx):
+    """A CPU generator for one (mode, source, target) task: the draws of a task do not depend on
+    which other tasks, modes or devices run, and the global RNG is never touched."""
+    state = np.random.SeedSequence([seed, MODES.index(mode), src_idx, trg_idx]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+@torch.no_grad()
+def translate_task(generator, mapping_network, style_encoder, content_raw, trg_idx, mode, refs_raw, decode,
+                   inception, lpips, latent_scale, latent_dim, num_outs, rng, batch_size, device, amp_dtype):
+    """One task: every source latent translated `num_outs` times. Returns fake features
+    [N*num_outs, D] and per-source LPIPS diversity [N]."""
+    n, k = len(content_raw), num_outs
+    if mode == "latent":
+        codes = torch.randn(n, k, latent_dim, generator=rng)  # [N, K, L]
+    else:
+        codes = torch.randint(len(refs_raw), (n, k), generator=rng)  # [N, K] reference indices
+    per_chunk = max(1, batch_size // k)  # sources per chunk: a chunk holds all K outputs of each
+
+    def decoded(chunk):
+        with autocast_context(device, amp_dtype):
+            return decode(chunk).to(device).float()  # [b, 3, H, W] in [0, 1]
+
+    feats, diversity = [], []
+    for start in range(0, n, per_chunk):
+        content = content_raw[start:start + per_chunk].to(device).float() * latent_scale  # [S, 4, h, w]
+        s = len(content)
+        content = content.repeat_interleave(k, dim=0)  # [S*K, 4, h, w], a source's outputs adjacent
+        y_trg = torch.full((s * k,), trg_idx, dtype=torch.long, device=device)
+        with autocast_context(device, amp_dtype):
+            if mode == "latent":
+                style = mapping_network(codes[start:start + s].flatten(0, 1).to(device), y_trg)  # [S*K, S_dim]
+            else:
+                refs = refs_raw[codes[start:start + s].flatten().to(refs_raw.device)]  # [S*K, 4, h, w]
+                style = style_encoder(refs.to(device).float() * latent_scale, y_trg)  # [S*K, S_dim]
+            fake = generator(content, style).float() / latent_scale  # [S*K, 4, h, w] raw
+        images = in_batches(decoded, fake, batch_size)  # [S*K, 3, H, W]
+        feats.append(in_batches(inception, images, batch_size))  # [S*K, D]
+        diversity.append(mean_pairwise_lpips(lpips, images.view(s, k, *images.shape[1:])))  # [S]
+    return torch.cat(feats), torch.cat(diversity)
+
+
+@torch.no_grad()
+def evaluate_translations(generator, mapping_network, style_encoder, domains, real, sources, decode, inception,
+                          lpips, latent_scale, latent_dim, num_outs=10, seed=0, max_sources=None, batch_size=32,
+                          device="cpu", amp_dtype=None, cache_dir=None, vae_id=None, real_ids=None, modes=MODES,
+                          kid_subsets=KID_SUBSETS, log=None):
+    """The StarGAN v2 evaluation protocol on given (EMA) networks; returns {key: float}.
+
+    generator G(x, s), mapping_network F(z, y), style_encoder E(x, y) see scaled latents
+    (raw * latent_scale); domain i of `domains` is branch i. `real` {domain: raw latents [N, 4, h, w]}:
+    the target sets FID/KID compare with. `sources` {domain: raw latents}: the sources, and the
+    reference pool of the reference-guided mode (may be `real`). `decode`: raw latents [n, 4, h, w]
+    -> RGB [n, 3, H, W] in [0, 1], applied to reals and fakes alike. Per source, at most
+    `max_sources` latents (the first ones), each translated `num_outs` times. Random draws come from
+    `seed` alone (same numbers twice; the global RNG is untouched). `batch_size` images per decode /
+    feature batch; `amp_dtype` (e.g. torch.bfloat16) autocasts the networks and the decode, while
+    features and LPIPS stay float32. `cache_dir` keeps the real domains' features, keyed by
+    `real_ids[domain]` (e.g. a hash of the file list; default: a hash of the latents), `vae_id`,
+    the Inception identity and the dtype. `log`: an optional callable for progress lines.
+
+    Keys, as the official code writes them: `FID_latent/photo2Hayao`, `KID_latent/...`,
+    `LPIPS_latent/...`, `FID_latent/mean`, ... for each mode, and `KID_subset_size`
+    (min(1000, smallest real set, fewest fakes per task), one size for every task so all KIDs compare).
+    """
+    domains = [str(d) for d in domains]
+    for name, sets in (("real", real), ("sources", sources)):
+        missing = [d for d in domains if d not in sets]
+        if missing:
+            raise InputError(f"evaluation: no {name} latents for domain(s) {missing} (domains: {domains})")
+        for d in domains:
+            if sets[d].dim() != 4 or sets[d].shape[1] != 4:
+                raise InputError(f"evaluation: {name} latents of domain {d!r} must be [N, 4, h, w], "
+                                 f"got {tuple(sets[d].shape)}")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise InputError(f"evaluation modes must be among {MODES}, got {list(modes)}")
+    if len(domains) < 2:
+        raise InputError(f"evaluation needs at least two domains, got {domains}")
+    if num_outs < 2:
+        raise InputError(f"num_outs must be at least 2 (LPIPS is the mean distance between a source's outputs), "
+                         f"got {num_outs}")
+    if cache_dir and not vae_id:
+        raise InputError("a real-feature cache_dir needs a vae_id: features of another VAE must never be reused")
+    n_sources = {d: len(sources[d]) if max_sources is None else min(int(max_sources), len(sources[d])) for d in domains}
+    n_real = {d: len(real[d]) for d in domains}
+    for d in domains:
+        if n_real[d] < 2 or n_sources[d] < 1:
+            raise InputError(f"evaluation needs at least 2 samples on each side: domain {d!r} has {n_real[d]} real "
+                             f"latents and {n_sources[d]} source latents x {num_outs} outputs")
+    subset_size = min(KID_MAX_SUBSET, min(n_real.values()), min(n_sources.values()) * num_outs)
+    log = log or (lambda line: None)
+
+    real_feats = {}
+
+    def real_features(d):
+        if d not in real_feats:
+            key = {"version": CACHE_VERSION, "real": (real_ids or {}).get(d) or content_hash(real[d]),
+                   "vae": str(vae_id), "inception": getattr(inception, "identity", type(inception).__name__),
+                   "dtype": str(amp_dtype or torch.float32)}
+            compute = functools.partial(latent_features, real[d], decode, inception, batch_size, device, amp_dtype)
+            real_feats[d] = cached_real_features(d, real[d], compute, cache_dir, key).to(device)
+        return real_feats[d]
+
+    results = {}
+    for mode in modes:
+        per_metric = {m: {} for m in METRICS}
+        for trg_idx, trg in enumerate(domains):  # the official order: targets outer, sources inner
+            target_feats = real_features(trg)
+            for src_idx, src in enumerate(domains):
+                if src == trg:
+                    continue
+                task = f"{src}2{trg}"
+                fake_feats, diversity = translate_task(
+                    generator, mapping_network, style_encoder, sources[src][:n_sources[src]], trg_idx, mode,
+                    sources[trg], decode, inception, lpips, latent_scale, latent_dim, num_outs,
+                    task_generator(seed, mode, src_idx, trg_idx), batch_size, device, amp_dtype)
+                per_metric["FID"][task] = frechet_distance(target_feats, fake_feats)
+                per_metric["KID"][task] = kernel_inception_distance(target_feats, fake_feats, subset_size,
+                                                                    kid_subsets, seed)[0]
+                per_metric["LPIPS"][task] = float(diversity.mean())
+                log(f"{mode} {task}: " + "  ".join(f"{m} {per_metric[m][task]:.4f}" for m in METRICS))
+        for metric in METRICS:
+            for task, value in per_metric[metric].items():
+                results[f"{metric}_{mode}/{task}"] = value
+            results[f"{metric}_{mode}/mean"] = float(np.mean(list(per_metric[metric].values())))
+    results["KID_subset_size"] = subset_size
+    return results
+
+
+def metric_keys(domains, modes=MODES):
+    """Every metric key `evaluate_translations` returns for these domains: the means first
+    (`FID_latent/mean`, ...), then each task (`FID_latent/photo2Hayao`, ...)."""
+    domains = [str(d) for d in domains]
+    tasks = [f"{src}2{trg}" for trg in domains for src in domains if src != trg]
+    means = [f"{metric}_{mode}/mean" for mode in modes for metric in METRICS]
+    return means + [f"{metric}_{mode}/{task}" for mode in modes for metric in METRICS for task in tasks]
+
+
+def vae_identity(vae, path, subfolder=None):
+    """Names a VAE's decoding for caches: its path and a hash of the weights decode uses."""
+    digest = hashlib.sha256()
+    for part in (vae.post_quant_conv, vae.decoder):
+        for name, tensor in part.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"{path}|{subfolder or ''}|{digest.hexdigest()[:16]}"
+
+
+class Evaluator:
+    """The protocol's fixed parts, loaded once: the VAE decode, Inception, LPIPS, device, dtype,
+    batch size and real-feature cache. Calling it evaluates a set of EMA networks."""
+
+    def __init__(self, vae, vae_id, inception, lpips, device, amp_dtype=None, batch_size=32, cache_dir=None):
+        self.vae, self.vae_id, self.inception, self.lpips = vae, vae_id, inception, lpips
+        self.device, self.amp_dtype, self.batch_size, self.cache_dir = torch.device(device), amp_dtype, batch_size, cache_dir
+
+    @classmethod
+    def load(cls, vae_path, vae_subfolder, inception_weights, lpips_weights, device, amp_dtype=None, batch_size=32,
+             cache_dir=None, what=""):
+        """Load the VAE (diffusers AutoencoderKL; never the linear preview: without the real VAE the
+        numbers would mean something else), Inception and LPIPS. Any missing or wrong file is an
+        InputError that starts with `what` (e.g. which setting asked for evaluation)."""
+        from vae import load_vae
+
+        try:
+            vae = load_vae(vae_path, vae_subfolder, device=device, dtype=torch.float32)
+        except Exception as err:  # diffusers / huggingface_hub raise OSError, ValueError, ImportError, ...
+            raise InputError(
+                f"{what}evaluation decodes reals and fakes with the SD VAE, and {vae_path!r} could not be loaded "
+                f"({err.__class__.__name__}: {err}). Set evaluation.vae_path (or visualization.vae_path) / --vae to a "
+                "local diffusers AutoencoderKL folder or a hub id; metrics never use the linear latent preview."
+            ) from None
+        try:
+            inception = load_inception(inception_weights, device)
+            lpips = load_lpips(lpips_weights, device)
+        except InputError as err:
+            raise InputError(f"{what}{err}") from None
+        return cls(vae, vae_identity(vae, vae_path, vae_subfolder), inception, lpips, device, amp_dtype, batch_size,
+                   cache_dir)
+
+    @torch.no_grad()
+    def decode(self, raw):
+        """Raw latents [n, 4, h, w] -> RGB [n, 3, H, W] in [0, 1]."""
+        images = self.vae.decode(raw.to(self.device, self.vae.dtype)).sample  # [n, 3, H, W] in [-1, 1]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def __call__(self, nets, domains, real, sources, latent_scale, latent_dim, num_outs=10, max_sources=None, seed=0,
+                 real_ids=None, modes=MODES, log=None):
+        """`evaluate_translations` with `nets` = {generator, mapping_network, style_encoder} (EMA)."""
+        return evaluate_translations(
+            nets["generator"], nets["mapping_network"], nets["style_encoder"], domains, real, sources, self.decode,
+            self.inception, self.lpips, latent_scale, latent_dim, num_outs=num_outs, seed=seed,
+            max_sources=max_sources, batch_size=self.batch_size, device=self.device, amp_dtype=self.amp_dtype,
+            cache_dir=self.cache_dir, vae_id=self.vae_id, real_ids=real_ids, modes=modes, log=log)
+
+
+def format_table(results):
+    """A plain-text table of `evaluate_translations` results: one row per task plus the means, one
+    column per metric and mode, and the KID subset size."""
+    columns, tasks = [], []
+    for key in results:
+        if "/" not in key:
+            continue
+        column, task = key.split("/", 1)
+        if column not in columns:
+            columns.append(column)
+        if task not in tasks:
+            tasks.append(task)
+    tasks = [t for t in tasks if t != "mean"] + (["mean"] if "mean" in tasks else [])
+    width = max([len("task")] + [len(t) for t in tasks])
+    lines = ["  ".join([f"{'task':<{width}}"] + [f"{c:>{max(len(c), 10)}}" for c in columns])]
+    for task in tasks:
+        cells = []
+        for c in columns:
+            value = results.get(f"{c}/{task}")
+            text = "-" if value is None else (f"{value:.5f}" if c.startswith("KID") else f"{value:.4f}")
+            cells.append(f"{text:>{max(len(c), 10)}}")
+        lines.append("  ".join([f"{task:<{width}}"] + cells))
+    if "KID_subset_size" in results:
+        lines.append(f"KID subset size: {results['KID_subset_size']}")
+    return "\n".join(lines)
