@@ -12,8 +12,9 @@ SHOWN = ("d_loss", "g_loss", "r1", "lat_sty", "lat_ds", "lat_cyc")
 
 
 def json_line(record):
-    """One log record as a JSON line: floats rounded to 6 digits."""
-    return json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()})
+    """One log record as a JSON line: floats to 7 significant digits (small metrics such as KID
+    stay readable)."""
+    return json.dumps({k: float(f"{v:.7g}") if isinstance(v, float) else v for k, v in record.items()})
 
 
 class Display:

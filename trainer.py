@@ -414,8 +414,12 @@ class Trainer:
             display.write(json_line({"step": self.step, "epoch": epoch, **values}))
 
     def end_epoch(self, epoch, dataset, samples):
-        """# save, # grid, # evaluate, each at its epoch interval."""
+        """# evaluate (first: the checkpoints then carry the best value so far), # save, # grid, each
+        at its epoch interval."""
         self.epoch = epoch
+        every = self.cfg["evaluation"]["every_epochs"]
+        if every and epoch % every == 0:
+            self.evaluate(epoch, dataset)
         self.save_epoch(latest=epoch == self.cfg["training"]["epochs"])
         if epoch % visualization_every(self.cfg) == 0:
             path = self.save_grid(epoch, samples)
@@ -425,9 +429,6 @@ class Trainer:
                     from PIL import Image
 
                     self.tb.add_image("grid", np.asarray(Image.open(path).convert("RGB")), epoch, dataformats="HWC")
-        every = self.cfg["evaluation"]["every_epochs"]
-        if every and epoch % every == 0:
-            self.evaluate(epoch, dataset)
         self.dist.barrier()
 
     def request_stop(self, signum):

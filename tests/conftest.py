@@ -86,3 +86,18 @@ def tiny_run_config(tmp_path, **sections):
     for name, values in sections.items():
         cfg[name] = {**cfg.get(name, {}), **values} if isinstance(values, dict) else values
     return cfg
+
+
+def write_random_alexnet(path, seed=5):
+    """Random AlexNet weights in torchvision's state-dict format (He init, so activations neither
+    vanish nor explode), plus a classifier key that the LPIPS loader must ignore. Returns the state."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
+    state = {}
+    for i, shape in shapes.items():
+        fan_in = shape[1] * shape[2] * shape[3]
+        state[f"features.{i}.weight"] = torch.randn(shape, generator=g) * (2 / fan_in) ** 0.5
+        state[f"features.{i}.bias"] = torch.randn(shape[0], generator=g) * 0.01
+    state["classifier.6.bias"] = torch.zeros(1000)
+    torch.save(state, str(path))
+    return state

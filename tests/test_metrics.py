@@ -16,7 +16,7 @@ from scipy import linalg
 
 import metrics
 from runtime import InputError
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, write_random_alexnet
 from model import AdaIN, build_models
 
 DOMAINS = ("a", "b", "c")
@@ -102,17 +102,8 @@ def test_fid_and_kid_need_two_samples_a_side():
 def alexnet_weights(tmp_path_factory):
     """Random AlexNet weights in torchvision's state-dict format (He init, so activations neither
     vanish nor explode), plus a classifier key that the loader must ignore."""
-    g = torch.Generator().manual_seed(5)
-    shapes = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
-    state = {}
-    for i, shape in shapes.items():
-        fan_in = shape[1] * shape[2] * shape[3]
-        state[f"features.{i}.weight"] = torch.randn(shape, generator=g) * math.sqrt(2 / fan_in)
-        state[f"features.{i}.bias"] = torch.randn(shape[0], generator=g) * 0.01
-    state["classifier.6.bias"] = torch.zeros(1000)
     path = tmp_path_factory.mktemp("alexnet") / metrics.ALEXNET_FILE
-    torch.save(state, path)
-    return str(path), state
+    return str(path), write_random_alexnet(path)
 
 
 @pytest.fixture(scope="module")

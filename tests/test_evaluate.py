@@ -1,0 +1,208 @@
+"""evaluate.py end to end and evaluation during training, on a tiny checkpoint, the tiny random VAE
+(factor 2: 16x16 latents -> 32x32 RGB), stand-in TorchScript Inceptions in both accepted forms and
+random AlexNet weights in torchvision's format. The stand-ins emit 16-d features (metrics'
+INCEPTION_DIM patched): a 2048-d Frechet distance costs seconds per task on 2 cores."""
+
+import json
+import math
+import os
+import socket
+import time
+
+import pytest
+import torch
+import yaml
+
+import evaluate
+import metrics
+import run
+from conftest import tiny_run_config, write_latent_folders, write_random_alexnet
+from test_metrics import PlainFormStandIn, StyleGANFormStandIn, script_to
+
+DOMAINS = ["a", "b", "c"]
+DIM = 16
+
+
+@pytest.fixture
+def small_inception(monkeypatch):
+    monkeypatch.setattr(metrics, "INCEPTION_DIM", DIM)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """{'stylegan2-ada': path, 'plain': path, 'alexnet': path}."""
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    return {metrics.FORM_STYLEGAN: script_to(folder / "inception-2015-12-05.pt", StyleGANFormStandIn(dim=DIM)),
+            metrics.FORM_PLAIN: script_to(folder / "plain_inception.pt", PlainFormStandIn(dim=DIM)),
+            "alexnet": str(folder / metrics.ALEXNET_FILE)} if write_random_alexnet(folder / metrics.ALEXNET_FILE) else None
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """(checkpoint path, data root) of a 1-epoch tiny run."""
+    tmp = tmp_path_factory.mktemp("run")
+    data = write_latent_folders(tmp / "data", files=4)
+    cfg = tiny_run_config(tmp, training={"epochs": 1, "lr": 1e-2})
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert run.main(["--config", str(path)]) == 0
+    return os.path.join(cfg["training"]["checkpoint_dir"], "latest.pt"), data
+
+
+def evaluate_args(checkpoint, weights, tiny_vae_dir, out, form=metrics.FORM_STYLEGAN, *extra):
+    return ["--checkpoint", checkpoint, "--vae", tiny_vae_dir, "--out", str(out), "--num-outs", "2",
+            "--max-sources", "2", "--device", "cpu", "--batch-size", "8", "--inception-weights", weights[form],
+            "--lpips-weights", weights["alexnet"], *extra]
+
+
+@pytest.mark.parametrize("form", [metrics.FORM_STYLEGAN, metrics.FORM_PLAIN])
+def test_evaluate_writes_every_task_of_both_modes(checkpoint, weights, tiny_vae_dir, tmp_path, small_inception,
+                                                  form, capsys):
+    assert evaluate.main(evaluate_args(checkpoint[0], weights, tiny_vae_dir, tmp_path / "eval", form)) == 0
+    record = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    tasks = [f"{s}2{t}" for t in DOMAINS for s in DOMAINS if s != t]
+    assert len(tasks) == 6  # n (n - 1) ordered pairs
+    for mode in ("latent", "reference"):
+        for metric in ("FID", "KID", "LPIPS"):
+            for task in tasks + ["mean"]:
+                value = record[f"{metric}_{mode}/{task}"]
+                assert isinstance(value, float) and math.isfinite(value), (metric, mode, task)
+            mean = sum(record[f"{metric}_{mode}/{t}"] for t in tasks) / len(tasks)
+            assert record[f"{metric}_{mode}/mean"] == pytest.approx(mean)
+        assert all(record[f"LPIPS_{mode}/{t}"] > 0 for t in tasks)  # different z / references differ
+    assert record["KID_subset_size"] == 4  # min(1000, 4 reals, 2 sources x 2 outputs)
+    assert record["step"] == 2 and record["num_outs"] == 2 and record["inception"].startswith(
+        os.path.basename(weights[form]))
+    out = capsys.readouterr().out
+    assert "FID_latent" in out and "mean" in out and "metrics.json" in out
+
+
+def test_evaluate_is_seeded_and_caches_the_real_features(checkpoint, weights, tiny_vae_dir, tmp_path,
+                                                         small_inception, monkeypatch):
+    decoded = []
+    real_decode = metrics.Evaluator.decode
+
+    def counting(self, raw):
+        decoded.append(len(raw))
+        return real_decode(self, raw)
+
+    monkeypatch.setattr(metrics.Evaluator, "decode", counting)
+    args = evaluate_args(checkpoint[0], weights, tiny_vae_dir, tmp_path / "one")
+    assert evaluate.main(args) == 0
+    first_run = sum(decoded)
+    decoded.clear()
+    assert evaluate.main(evaluate_args(checkpoint[0], weights, tiny_vae_dir, tmp_path / "two")) == 0
+    fakes = 2 * 6 * 2 * 2  # modes x tasks x sources x outputs
+    assert first_run == fakes + 3 * 4 and sum(decoded) == fakes  # the reals come from eval_cache
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert {k: v for k, v in one.items() if "/" in k} == {k: v for k, v in two.items() if "/" in k}
+
+
+def test_evaluate_bad_input_names_it(checkpoint, weights, tiny_vae_dir, tmp_path, small_inception, capsys):
+    ckpt_path, data = checkpoint
+    # a data root without one of the checkpoint's domains
+    partial = write_latent_folders(tmp_path / "partial", domains=("a", "b"), files=3)
+    assert evaluate.main(evaluate_args(ckpt_path, weights, tiny_vae_dir, tmp_path / "o", metrics.FORM_STYLEGAN,
+                                       "--data-root", partial)) == 2
+    err = capsys.readouterr().err
+    assert os.path.join(partial, "c") in err and "a, b, c" in err
+    # a checkpoint without EMA weights
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    del ckpt["ema"]["style_encoder"]
+    no_ema = str(tmp_path / "no_ema.pt")
+    torch.save(ckpt, no_ema)
+    assert evaluate.main(evaluate_args(no_ema, weights, tiny_vae_dir, tmp_path / "o")) == 2
+    assert "ema['style_encoder']" in capsys.readouterr().err
+    # Inception weights of the wrong format
+    wrong = str(tmp_path / "wrong.pt")
+    torch.save({"weight": torch.zeros(2)}, wrong)
+    args = evaluate_args(ckpt_path, weights, tiny_vae_dir, tmp_path / "o")
+    args[args.index("--inception-weights") + 1] = wrong
+    assert evaluate.main(args) == 2
+    assert "wrong.pt" in capsys.readouterr().err
+    # no loadable VAE: an error, never the linear preview
+    args = evaluate_args(ckpt_path, weights, str(tmp_path / "no_vae"), tmp_path / "o")
+    assert evaluate.main(args) == 2
+    assert "linear latent preview" in capsys.readouterr().err
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """An empty torch hub cache and download addresses on a loopback port that refuses connections."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    monkeypatch.setattr(metrics, "INCEPTION_URL", f"http://127.0.0.1:{port}/{metrics.INCEPTION_FILE}")
+    monkeypatch.setattr(metrics, "ALEXNET_URL", f"http://127.0.0.1:{port}/{metrics.ALEXNET_FILE}")
+
+
+def training_config(tmp_path, tiny_vae_dir, weights, epochs=2, **evaluation):
+    cfg = tiny_run_config(tmp_path, training={"epochs": epochs, "lr": 1e-2, "log_json": True, "log_interval": 100},
+                          visualization={"every_epochs": 10, "vae_path": None})
+    cfg["evaluation"] = {"every_epochs": 1, "num_sources": 2, "num_outs": 2, "vae_path": tiny_vae_dir,
+                         "inception_weights": weights[metrics.FORM_STYLEGAN], "lpips_weights": weights["alexnet"],
+                         **evaluation}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_training_evaluates_writes_best_and_resume_keeps_it(tmp_path, tiny_vae_dir, weights, small_inception, capsys):
+    write_latent_folders(tmp_path / "data")
+    cfg = training_config(tmp_path, tiny_vae_dir, weights)
+    assert run.main(["--config", cfg]) == 0
+    out = tmp_path / "out"
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in lines] == [(1, 2), (2, 4)]
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"step"')]
+    assert printed == lines  # the same records, as JSON lines on stdout
+    for record in lines:
+        assert math.isfinite(record["FID_latent/mean"]) and len([k for k in record if "/" in k]) == 2 * 3 * 7
+    best_line = min(lines, key=lambda r: r["FID_latent/mean"])
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["step"] == best_line["step"]
+    assert best["best"] == {"metric": "FID_latent/mean", "value": pytest.approx(best_line["FID_latent/mean"], rel=1e-6),
+                            "epoch": best_line["epoch"], "step": best_line["step"]}
+    assert torch.load(out / "latest.pt", weights_only=True)["best"] == best["best"]
+    assert (out / "eval_cache").is_dir()
+
+    assert run.main(["--config", cfg, "--resume", "training.epochs=3"]) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    best_line = min(lines, key=lambda r: r["FID_latent/mean"])  # over all three: the value survived resume
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["step"] == best_line["step"]
+    assert best["best"]["value"] == pytest.approx(best_line["FID_latent/mean"], rel=1e-6)
+
+
+def test_lpips_as_best_metric_means_higher_is_better(tmp_path, tiny_vae_dir, weights, small_inception):
+    write_latent_folders(tmp_path / "data")
+    assert run.main(["--config", training_config(tmp_path, tiny_vae_dir, weights, best_metric="LPIPS_reference/mean")]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    best = max(lines, key=lambda r: r["LPIPS_reference/mean"])
+    assert torch.load(tmp_path / "out" / "best.pt", weights_only=True)["step"] == best["step"]
+
+
+def test_training_without_weights_offline_fails_before_the_first_step(tmp_path, tiny_vae_dir, weights, offline,
+                                                                     capsys):
+    write_latent_folders(tmp_path / "data")
+    cfg = training_config(tmp_path, tiny_vae_dir, weights, inception_weights=None)
+    start = time.perf_counter()
+    assert run.main(["--config", cfg]) == 2
+    assert time.perf_counter() - start < 30
+    err = capsys.readouterr().err
+    assert "evaluation.every_epochs is set" in err and "evaluation.inception_weights" in err
+    assert metrics.INCEPTION_FILE in err
+    assert not os.path.exists(tmp_path / "out" / "latest.pt")
+
+
+def test_unknown_best_metric_is_refused_before_training(tmp_path, tiny_vae_dir, weights, capsys):
+    write_latent_folders(tmp_path / "data")
+    cfg = training_config(tmp_path, tiny_vae_dir, weights, best_metric="FID_latent/a2zebra")
+    assert run.main(["--config", cfg]) == 2
+    assert "evaluation.best_metric='FID_latent/a2zebra'" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out" / "latest.pt")
