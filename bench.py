@@ -3,6 +3,7 @@
     python bench.py --config configs/stargan_v2_latent.yaml [--device cuda|cpu] [--steps N] [--warmup N]
                     [--matrix] [--peak-tflops X] [--latent-size N] [--threads N] [--sync-check]
                     [--forward-flops] [KEY=VALUE ...]
+    python bench.py --config ... --evaluation --inception-weights FILE [--lpips-weights FILE] [--eval-batch N]
 
 Times the real `Trainer.train_step` (imported from trainer.py, the code run.py runs) fed by the real
 batch path: a `MultiDomainLatentDataset` over a temporary folder of random latents of the configured
@@ -58,7 +59,7 @@ from config import load_config, model_kwargs  # noqa: E402
 from dataset import LATENT_CHANNELS, MultiDomainLatentDataset, build_loader, write_latent_folders  # noqa: E402
 from model import NETS, build_models  # noqa: E402
 from runtime import InputError, configure_backends, resolve_device, seed_everything  # noqa: E402
-from trainer import Trainer  # noqa: E402
+from trainer import AMP_DTYPES, Trainer  # noqa: E402
 
 LATENT_SIZE = 32  # SD1.5 latents of 256x256 images (VAE factor 8)
 FILES_PER_DOMAIN = 64
@@ -389,6 +390,62 @@ def count_recompiles(cfg, device, steps=6, warmup=3):
     return warm - start, after - warm, eager
 
 
+# ---------------------------------------------------------------------- evaluation throughput
+
+SD15_VAE_CONFIG = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+                       up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=4,
+                       norm_num_groups=32, sample_size=256)  # diffusers' SD1.5 AutoencoderKL, random weights
+PROTOCOL = dict(domains=5, sources_per_domain=500, num_outs=10)  # the full protocol at AFHQ-like sizes
+
+
+def evaluation_throughput(device, inception_weights, lpips_weights=None, latent_size=LATENT_SIZE, batch_size=16,
+                          batches=3, amp_dtype=None):
+    """Images/s through the evaluation's hot path on random latents: SD1.5-config VAE decode, then
+    Inception features (and LPIPS pairs when weights are given), batched as metrics.py runs them;
+    plus the full protocol's time extrapolated from it (PROTOCOL: n (n - 1) tasks x 2 modes x
+    sources x outputs fakes, and every domain's reals once)."""
+    from diffusers import AutoencoderKL
+
+    import metrics
+
+    device = torch.device(device)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**SD15_VAE_CONFIG).to(device).eval().requires_grad_(False)
+    inception = metrics.load_inception(inception_weights, device)
+    lpips = metrics.load_lpips(lpips_weights, device) if lpips_weights else None
+    evaluator = metrics.Evaluator(vae, "random-sd15", inception, lpips, device, amp_dtype, batch_size)
+    latents = torch.randn(batch_size, 4, latent_size, latent_size, device=device) * 5  # [B, 4, h, w] raw
+    times = {"decode": [], "decode_features": [], "lpips": []}
+    for i in range(batches + 1):  # the first batch warms up (cuDNN autotuning, allocator)
+        synchronize(device)
+        start = time.perf_counter()
+        with metrics.autocast_context(device, amp_dtype):
+            images = evaluator.decode(latents)  # [B, 3, H, W]
+        synchronize(device)
+        decoded = time.perf_counter()
+        inception(images)
+        synchronize(device)
+        featured = time.perf_counter()
+        if lpips is not None:  # a batch of num_outs = 2 groups: B / 2 pairs
+            metrics.mean_pairwise_lpips(lpips, images.view(batch_size // 2, 2, *images.shape[1:]))
+            synchronize(device)
+        if i:
+            times["decode"].append(decoded - start)
+            times["decode_features"].append(featured - start)
+            times["lpips"].append(time.perf_counter() - featured)
+    per_image = {k: statistics.median(v) / batch_size for k, v in times.items()}
+    n = PROTOCOL["domains"]
+    fakes = n * (n - 1) * 2 * PROTOCOL["sources_per_domain"] * PROTOCOL["num_outs"]
+    reals = n * PROTOCOL["sources_per_domain"]
+    seconds = (fakes + reals) * per_image["decode_features"] + (fakes * per_image["lpips"] if lpips else 0)
+    return {"images_per_s_decode": 1 / per_image["decode"],
+            "images_per_s_decode_features": 1 / per_image["decode_features"],
+            "lpips_ms_per_image": 1e3 * per_image["lpips"] if lpips else None,
+            "protocol_images": fakes + reals, "protocol_minutes_extrapolated": seconds / 60,
+            "batch_size": batch_size, "image_size": latent_size * 8, "amp_dtype": str(amp_dtype or "fp32"),
+            "inception": inception.identity, "device": device_name(device), "torch": torch.__version__}
+
+
 # ---------------------------------------------------------------------- CLI
 
 def fmt(value, spec):
@@ -425,6 +482,12 @@ def parse_args(argv=None):
                    help="CUDA: run steady-state steps and fetches under set_sync_debug_mode('error')")
     p.add_argument("--forward-flops", action="store_true",
                    help="print FLOPs per sample of one forward of G, F, E, D instead of timing")
+    p.add_argument("--evaluation", action="store_true",
+                   help="time the evaluation instead: images/s through a random SD1.5-config VAE decode and "
+                        "Inception features (--inception-weights), and the full protocol's extrapolated time")
+    p.add_argument("--inception-weights", default=None, help="with --evaluation: the TF-Inception TorchScript")
+    p.add_argument("--lpips-weights", default=None, help="with --evaluation: AlexNet weights (LPIPS timed too)")
+    p.add_argument("--eval-batch", type=int, default=16, help="with --evaluation: images per batch")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="override a dotted config key, value parsed as YAML (e.g. training.batch_size=16)")
     return p.parse_args(argv)
@@ -445,6 +508,12 @@ def main(argv=None):
     configure_backends(device)  # as run.train
     common = {"config": args.config, "overrides": args.overrides}
 
+    if args.evaluation:
+        dtype = AMP_DTYPES[cfg["training"]["amp_dtype"]] if device.type == "cuda" else None
+        result = evaluation_throughput(device, args.inception_weights, args.lpips_weights, args.latent_size,
+                                       args.eval_batch, amp_dtype=dtype)
+        print(json.dumps({**result, **common}), flush=True)
+        return 0
     if args.forward_flops:
         flops = forward_flops(cfg, device, args.latent_size)
         print(json.dumps({"forward_gflops_per_sample": {k: v / 1e9 for k, v in flops.items()},

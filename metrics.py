@@ -362,7 +362,10 @@ def frechet_distance(real_feats, fake_feats):
     from torchmetrics.image.fid import FrechetInceptionDistance  # on first use: its import takes about a second
 
     check_feature_pair(real_feats, fake_feats, "FID")
-    fid = FrechetInceptionDistance(feature=PrecomputedFeatures(real_feats.shape[1])).to(real_feats.device)
+    # sync_on_compute off: these are one process's features (under torchrun rank 0 evaluates alone, and
+    # torchmetrics' default gather would wait for ranks that never call it)
+    fid = FrechetInceptionDistance(feature=PrecomputedFeatures(real_feats.shape[1]),
+                                   sync_on_compute=False).to(real_feats.device)
     fid.update(real_feats.double(), real=True)  # float64 in: the result is not rounded to float32
     fid.update(fake_feats.to(real_feats.device).double(), real=False)
     return float(fid.compute())
@@ -384,7 +387,7 @@ def kernel_inception_distance(real_feats, fake_feats, subset_size, subsets=KID_S
     with warnings.catch_warnings():  # its note that features are kept in memory: that is the point here
         warnings.simplefilter("ignore", UserWarning)
         kid = KernelInceptionDistance(feature=PrecomputedFeatures(real_feats.shape[1]), subsets=subsets,
-                                      subset_size=int(subset_size))
+                                      subset_size=int(subset_size), sync_on_compute=False)
     kid.update(real_feats, real=True)
     kid.update(fake_feats.to(real_feats.device), real=False)
     with torch.random.fork_rng(devices=[]):  # compute() draws its subsets with the global CPU RNG
@@ -626,6 +629,19 @@ class Evaluator:
             raise InputError(f"{what}{err}") from None
         return cls(vae, vae_identity(vae, vae_path, vae_subfolder), inception, lpips, device, amp_dtype, batch_size,
                    cache_dir)
+
+    @classmethod
+    def from_config(cls, cfg, device, cache_dir, amp_dtype=None):
+        """`load` from a training config's evaluation section (the VAE: evaluation.vae_path, else
+        visualization.vae_path); its best_metric must name a metric of the config's domains."""
+        e, v, domains = cfg["evaluation"], cfg["visualization"], list(cfg["data"]["domains"])
+        if e["best_metric"] not in metric_keys(domains):
+            raise InputError(f"evaluation.best_metric={e['best_metric']!r} is not a metric of these domains; "
+                             f"e.g. {', '.join(metric_keys(domains)[:4])}, ...")
+        return cls.load(e["vae_path"] or v["vae_path"], None if e["vae_path"] else v["vae_subfolder"],
+                        e["inception_weights"], e["lpips_weights"], device, amp_dtype=amp_dtype,
+                        batch_size=cfg["training"]["batch_size"], cache_dir=cache_dir,
+                        what="evaluation.every_epochs is set: ")
 
     @torch.no_grad()
     def decode(self, raw):

@@ -139,6 +139,12 @@ def resolve_device(requested=None, local_rank=None, fallback=True, flag="--devic
     return device
 
 
+def is_oom(err):
+    """An out-of-memory error, whichever way the device reported it."""
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
 def configure_backends(device):
     """cuDNN autotuning for the fixed latent shapes, TF32 matmuls/convs for the fp32 path."""
     if device.type == "cuda":

@@ -25,7 +25,7 @@ from display import Display, json_line
 from inference import grid_cells
 from model import EMA_NETS, NETS
 from runtime import (Distributed, InputError, atomic_save, compile_options, fused_adam_supported, get_rng_state,
-                     on_stop_signal, prune_checkpoints, set_rng_state)
+                     is_oom, on_stop_signal, prune_checkpoints, set_rng_state)
 from vae import load_vae_or_preview, save_image_grid, to_rgb
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -36,11 +36,6 @@ LOSS_KEYS = ("d_loss", "d_adv", "r1", "g_loss", "lat_adv", "lat_sty", "lat_ds", 
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite steps (training.max_nonfinite_steps)."""
-
-
-def is_oom(err):
-    return isinstance(err, torch.cuda.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
 
 
 def step_all_or_none(optimizers, scaler, params, bad, fused):
@@ -455,21 +450,13 @@ class Trainer:
     def open_evaluator(self):
         """Load the evaluation's VAE, Inception and LPIPS now, on rank 0, so a missing file is an
         error before the first step rather than after an epoch; every rank learns of a failure."""
-        e, v = self.cfg["evaluation"], self.cfg["visualization"]
         problem = None
         if self.dist.is_main:
-            from metrics import Evaluator, metric_keys
+            from metrics import Evaluator
 
             try:
-                if e["best_metric"] not in metric_keys(self.domains):
-                    raise InputError(f"evaluation.best_metric={e['best_metric']!r} is not a metric of these domains; "
-                                     f"e.g. {', '.join(metric_keys(self.domains)[:4])}, ...")
-                self.evaluator = Evaluator.load(
-                    e["vae_path"] or v["vae_path"], None if e["vae_path"] else v["vae_subfolder"],
-                    e["inception_weights"], e["lpips_weights"], self.device,
-                    amp_dtype=self.amp_dtype if self.device.type == "cuda" else None,
-                    batch_size=self.cfg["training"]["batch_size"], cache_dir=self.checkpoint_path("eval_cache"),
-                    what="evaluation.every_epochs is set: ")
+                self.evaluator = Evaluator.from_config(self.cfg, self.device, self.checkpoint_path("eval_cache"),
+                                                       amp_dtype=self.amp_dtype if self.device.type == "cuda" else None)
             except (InputError, FileNotFoundError) as err:
                 problem = err
         if self.dist.max_int(int(problem is not None)):
@@ -496,9 +483,10 @@ class Trainer:
             if self.best is None or (value > self.best["value"] if higher else value < self.best["value"]):
                 self.best = {"metric": e["best_metric"], "value": value, "epoch": epoch, "step": self.step}
                 improved = 1
-        if self.dist.max_int(improved):
+        if self.dist.max_int(improved):  # every rank saves (a collective); rank 0 alone knows the value
             self.save_checkpoint(self.checkpoint_path("best.pt"))
-            self.log(f"epoch {epoch}: best {self.best['metric']} {self.best['value']:.4f} so far: best.pt")
+            if self.dist.is_main:
+                self.log(f"epoch {epoch}: best {self.best['metric']} {self.best['value']:.4f} so far: best.pt")
 
     # ------------------------------------------------------------------ counters shown
 

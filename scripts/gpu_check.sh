@@ -5,6 +5,7 @@
 #   2. bench.py --matrix at the default config (bf16/fp32 x compile off/on, batch 32)
 #   3. a batch sweep, bf16 eager: peak memory and the largest batch that fits (doubling until OOM)
 #   4. bf16 + compile with CUDA graphs (compile_mode reduce-overhead, compile_cudagraphs true)
+#   5. evaluation throughput (bench.py --evaluation): SD1.5-config VAE decode + Inception features
 # Every result lands under $OUT (8 files, the most that come back) and a short table ends the output.
 # Stages start only before START_BY seconds and each has its own timeout, so the whole command
 # ends before ~9.5 minutes (the device tool's limit is 10).
@@ -29,7 +30,7 @@ if [ -n "${QUICK:-}" ]; then  # CPU dry run: tiny model, few steps, one thread, 
   EXTRA=(model.gen_channels=8 model.n_res_blocks=2 model.style_dim=8 model.latent_dim=4
          model.mapping_hidden_dim=16 model.mapping_shared_layers=2 model.style_encoder_channels=8
          model.disc_channels=8 training.num_workers=0 --threads 1 --latent-size 16)
-  STEPS=2 WARMUP=1 SWEEP="8 16"
+  STEPS=2 WARMUP=1 SWEEP="8 16" EVAL_BATCH=2
 fi
 mkdir -p "$OUT"
 ERR="$OUT/stderr.log"
@@ -95,7 +96,30 @@ stage cudagraphs 150 "$OUT/cudagraphs.txt" python3 bench.py --config "$CONFIG" -
   --steps "$STEPS" --warmup "$WARMUP" training.amp_dtype=bf16 training.use_compile=true \
   training.compile_mode=reduce-overhead training.compile_cudagraphs=true "${EXTRA[@]}"
 
-python3 - "$OUT" <<'EOF' | tee "$OUT/summary.md"
+# 5. evaluation throughput: random SD1.5-config VAE decode + Inception features (+ LPIPS). The real
+# TF-Inception cannot be downloaded there: torchvision's Inception v3 with random weights has the same
+# cost (a tiny stand-in where torchvision is missing, e.g. the CPU dry run). Output kept out of $OUT
+# (8 files come back at most); the summary below prints it.
+EVAL_OUT=/tmp/gpu_check_eval.txt
+: > "$EVAL_OUT"
+python3 - /tmp/inception_random.pt >>"$ERR" 2>&1 <<'PY'
+import sys
+
+import torch
+
+try:
+    import torchvision
+
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+    net.fc = torch.nn.Identity()  # 2048-d pool features
+except Exception:  # no torchvision: a stand-in with the right interface
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 2048, 8, stride=8), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+torch.jit.save(torch.jit.script(net.eval()), sys.argv[1])
+PY
+stage evaluation 120 "$EVAL_OUT" python3 bench.py --config "$CONFIG" --device "$DEVICE" --evaluation \
+  --inception-weights /tmp/inception_random.pt --eval-batch "${EVAL_BATCH:-32}" "${EXTRA[@]}"
+
+EVAL_OUT="$EVAL_OUT" python3 - "$OUT" <<'EOF' | tee "$OUT/summary.md"
 import json, os, sys
 
 out = sys.argv[1]
@@ -144,6 +168,12 @@ print("tests:", tests[-1] if tests else "no output")
 for line in tests:
     if line.startswith(("FAILED", "ERROR")):
         print("  " + line[:300])
+for line in open(os.environ["EVAL_OUT"]) if os.path.exists(os.environ.get("EVAL_OUT", "")) else []:
+    if line.startswith("{"):
+        e = json.loads(line)
+        print(f"evaluation: {e['images_per_s_decode']:.1f} img/s decode, {e['images_per_s_decode_features']:.1f} img/s "
+              f"decode+features ({e['amp_dtype']}, batch {e['batch_size']}, {e['image_size']} px); full protocol "
+              f"({e['protocol_images']} images) ~{e['protocol_minutes_extrapolated']:.1f} min")
 status = os.path.join(out, "status.txt")
 print("stages:", "; ".join(open(status).read().split("\n")).strip("; ") if os.path.exists(status) else "none")
 EOF

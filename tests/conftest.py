@@ -101,3 +101,20 @@ def write_random_alexnet(path, seed=5):
     state["classifier.6.bias"] = torch.zeros(1000)
     torch.save(state, str(path))
     return state
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """(checkpoint path, data root) of a 1-epoch tiny run on domains a, b, c (6 latents each, 16x16);
+    a high lr so styles visibly matter. Shared by the translate, app and evaluation tests."""
+    import yaml
+
+    import run
+
+    tmp = tmp_path_factory.mktemp("run")
+    data = write_latent_folders(tmp / "data")
+    cfg = tiny_run_config(tmp, training={"epochs": 1, "lr": 1e-2, "lr_mapping": 1e-2})
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert run.main(["--config", str(path)]) == 0
+    return os.path.join(cfg["training"]["checkpoint_dir"], "latest.pt"), data

@@ -17,13 +17,11 @@ import time
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 import app
-import run
 from config import model_kwargs, resolve_config
-from conftest import ROOT, tiny_run_config, write_latent_folders
+from conftest import ROOT
 from model import build_models
 from vae import decode_raw, encode_raw, load_image, load_vae, to_model_input, to_uint8
 
@@ -34,18 +32,6 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]  # root, no display, closed network
 SCREENSHOT = os.path.join(ROOT, "docs", "app.png")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(checkpoint path, data root) of a 1-epoch tiny run on domains a, b, c; a high lr so styles matter."""
-    tmp = tmp_path_factory.mktemp("run")
-    data = write_latent_folders(tmp / "data")
-    cfg = tiny_run_config(tmp, training={"epochs": 1, "lr": 1e-2, "lr_mapping": 1e-2})
-    path = tmp / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    assert run.main(["--config", str(path)]) == 0
-    return os.path.join(cfg["training"]["checkpoint_dir"], "latest.pt"), data
 
 
 @pytest.fixture(scope="module")

@@ -196,3 +196,21 @@ def test_bench_on_cuda_reports_device_memory():
     assert r["data_device"].startswith("cuda")
     if bench.peak_tflops_for(r["device"], "bf16") is not None:
         assert 0 < r["mfu"] < 1
+
+
+def test_evaluation_throughput_and_protocol_extrapolation(tmp_path, monkeypatch):
+    """--evaluation: images/s through decode + features, and the full protocol's time from it."""
+    import metrics
+    from test_metrics import PlainFormStandIn, script_to
+
+    monkeypatch.setattr(metrics, "INCEPTION_DIM", 16)
+    monkeypatch.setattr(bench, "SD15_VAE_CONFIG", dict(block_out_channels=[8, 16], latent_channels=4, norm_num_groups=8,
+                                                       down_block_types=["DownEncoderBlock2D"] * 2,
+                                                       up_block_types=["UpDecoderBlock2D"] * 2))
+    weights = script_to(tmp_path / "inception.pt", PlainFormStandIn(dim=16))
+    r = bench.evaluation_throughput("cpu", weights, latent_size=8, batch_size=4, batches=2)
+    assert r["protocol_images"] == 5 * 4 * 2 * 500 * 10 + 5 * 500  # 20 tasks x 2 modes x 500 x 10, and the reals
+    assert r["images_per_s_decode"] > r["images_per_s_decode_features"] > 0
+    assert r["protocol_minutes_extrapolated"] == pytest.approx(
+        r["protocol_images"] / r["images_per_s_decode_features"] / 60)
+    assert r["lpips_ms_per_image"] is None and r["inception"].startswith("inception.pt:")

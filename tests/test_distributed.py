@@ -89,3 +89,31 @@ def test_gradient_average_and_sync_check(perturb):
     for rank in (0, 1):
         ok, diverged, max_int = results[rank]
         assert ok and diverged == perturb and max_int == 7
+
+
+@pytest.mark.slow
+def test_two_process_run_evaluates_on_rank_zero(tmp_path, tiny_vae_dir):
+    """evaluation.every_epochs under torchrun: rank 0 evaluates (one metrics.jsonl line per epoch,
+    printed once), the other rank waits for its verdict, and both write best.pt together."""
+    import metrics
+    from conftest import write_random_alexnet
+    from test_metrics import PlainFormStandIn, script_to
+
+    write_latent_folders(tmp_path / "data", domains=("a", "b"), files=4)
+    cfg = tiny_run_config(tmp_path, training={"epochs": 2, "log_json": True, "log_interval": 100},
+                          visualization={"every_epochs": 10, "vae_path": None})
+    cfg["data"].update(domains=["a", "b"], samples_per_epoch=16)
+    torch.manual_seed(0)
+    cfg["evaluation"] = {"every_epochs": 1, "num_sources": 2, "num_outs": 2, "vae_path": tiny_vae_dir,
+                         "inception_weights": script_to(tmp_path / "inception.pt", PlainFormStandIn()),
+                         "lpips_weights": str(tmp_path / metrics.ALEXNET_FILE)}
+    write_random_alexnet(tmp_path / metrics.ALEXNET_FILE)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = torchrun(str(path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert [line for line in proc.stdout.splitlines() if line.startswith('{"step"')] == lines
+    best = torch.load(tmp_path / "out" / "best.pt", weights_only=True)
+    assert best["best"]["metric"] == "FID_latent/mean" and len(best["rng_per_rank"]) == 2

@@ -38,16 +38,9 @@ def weights(tmp_path_factory):
             "alexnet": str(folder / metrics.ALEXNET_FILE)} if write_random_alexnet(folder / metrics.ALEXNET_FILE) else None
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """(checkpoint path, data root) of a 1-epoch tiny run."""
-    tmp = tmp_path_factory.mktemp("run")
-    data = write_latent_folders(tmp / "data", files=4)
-    cfg = tiny_run_config(tmp, training={"epochs": 1, "lr": 1e-2})
-    path = tmp / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    assert run.main(["--config", str(path)]) == 0
-    return os.path.join(cfg["training"]["checkpoint_dir"], "latest.pt"), data
+@pytest.fixture
+def checkpoint(trained):
+    return trained
 
 
 def evaluate_args(checkpoint, weights, tiny_vae_dir, out, form=metrics.FORM_STYLEGAN, *extra):
@@ -71,7 +64,7 @@ def test_evaluate_writes_every_task_of_both_modes(checkpoint, weights, tiny_vae_
             mean = sum(record[f"{metric}_{mode}/{t}"] for t in tasks) / len(tasks)
             assert record[f"{metric}_{mode}/mean"] == pytest.approx(mean)
         assert all(record[f"LPIPS_{mode}/{t}"] > 0 for t in tasks)  # different z / references differ
-    assert record["KID_subset_size"] == 4  # min(1000, 4 reals, 2 sources x 2 outputs)
+    assert record["KID_subset_size"] == 4  # min(1000, 6 reals, 2 sources x 2 outputs)
     assert record["step"] == 2 and record["num_outs"] == 2 and record["inception"].startswith(
         os.path.basename(weights[form]))
     out = capsys.readouterr().out
@@ -94,7 +87,7 @@ def test_evaluate_is_seeded_and_caches_the_real_features(checkpoint, weights, ti
     decoded.clear()
     assert evaluate.main(evaluate_args(checkpoint[0], weights, tiny_vae_dir, tmp_path / "two")) == 0
     fakes = 2 * 6 * 2 * 2  # modes x tasks x sources x outputs
-    assert first_run == fakes + 3 * 4 and sum(decoded) == fakes  # the reals come from eval_cache
+    assert first_run == fakes + 3 * 6 and sum(decoded) == fakes  # the reals come from eval_cache
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert {k: v for k, v in one.items() if "/" in k} == {k: v for k, v in two.items() if "/" in k}

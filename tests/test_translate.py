@@ -7,30 +7,15 @@ import os
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
-import run
 from config import model_kwargs, resolve_config
-from conftest import tiny_run_config, write_latent_folders
 from model import build_models
 from translate import main
 from vae import decode_raw, encode_raw, latent_preview, load_image, load_vae, to_model_input, to_uint8
 
 LATENT = 16  # write_latent_folders' latent size
 DOMAINS = ["a", "b", "c"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(checkpoint path, data root) of a 1-epoch tiny run; a high lr so styles visibly matter."""
-    tmp = tmp_path_factory.mktemp("run")
-    data = write_latent_folders(tmp / "data")
-    cfg = tiny_run_config(tmp, training={"epochs": 1, "lr": 1e-2, "lr_mapping": 1e-2})
-    path = tmp / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    assert run.main(["--config", str(path)]) == 0
-    return os.path.join(cfg["training"]["checkpoint_dir"], "latest.pt"), data
 
 
 @pytest.fixture(scope="module")
