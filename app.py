@@ -35,11 +35,11 @@ import traceback
 import torch
 from PIL import Image
 
-from dataset import LATENT_CHANNELS, list_latent_files, load_latent_file
-from inference import (domain_index, latent_styles, load_networks, reference_styles, training_latent_size,
-                       translate_pairs)
+from dataset import list_latent_files, load_latent_file
+from inference import (domain_index, latent_styles, load_networks, open_vae_for, reference_styles,
+                       training_latent_size, translate_pairs)
 from runtime import InputError, configure_backends, resolve_device
-from vae import (encode_raw, load_image, load_vae_or_preview, to_model_input, to_rgb, to_uint8,
+from vae import (encode_raw, load_image, to_model_input, to_rgb, to_uint8,
                  vae_downsample_factor)
 
 # before gradio is imported: no telemetry thread and no version check (on a closed network they only
@@ -115,16 +115,10 @@ class Translator:
 
     def _open_vae(self, path, subfolder, log):
         """--vae, else the checkpoint's visualization.vae_path; (None, why) when none loads."""
-        vis = self.cfg["visualization"]
-        origin = "--vae" if path else "the checkpoint's visualization.vae_path"
-        subfolder = subfolder if (path or subfolder) else vis["vae_subfolder"]
         problems = []
-        vae = load_vae_or_preview(path or vis["vae_path"], subfolder, self.device, problems.append, origin=origin)
+        vae = open_vae_for(self.cfg, path, subfolder, self.device, problems.append)
         for line in problems:
             log(line)
-        if vae is not None and vae.config.latent_channels != LATENT_CHANNELS:
-            raise InputError(f"the VAE has {vae.config.latent_channels} latent channels; the model works on "
-                             f"{LATENT_CHANNELS} (an SD1.5-style VAE)")
         return vae, "; ".join(problems)
 
     def _find_examples(self):

@@ -12,9 +12,10 @@ import weakref
 import torch
 
 from config import model_kwargs, resolve_config
-from dataset import list_latent_files, load_latent_file
+from dataset import LATENT_CHANNELS, list_latent_files, load_latent_file
 from model import EMA_NETS, build_models
 from runtime import InputError, load_checkpoint
+from vae import load_vae_or_preview
 
 MEAN_STYLE_SAMPLES = 10000  # z draws averaged into a domain's mean style for psi (StarGAN v2's count)
 MEAN_STYLE_SEED = 0  # fixed: the mean style is a property of the model, not of the caller's seed
@@ -65,6 +66,20 @@ def training_latent_size(cfg, default=DEFAULT_LATENT_SIZE):
         except (OSError, ValueError):
             continue
     return default
+
+
+def open_vae_for(cfg, path=None, subfolder=None, device="cpu", log=print):
+    """The VAE for pictures and image inputs of a checkpoint's model: `path` (a --vae flag), else the
+    checkpoint's visualization.vae_path; None (linear latent preview) when none loads, with `log`
+    told why. A VAE of another latent width than the model's is an InputError."""
+    v = cfg["visualization"]
+    subfolder = subfolder if (path or subfolder) else v["vae_subfolder"]
+    vae = load_vae_or_preview(path or v["vae_path"], subfolder, device, log,
+                              origin="--vae" if path else "the checkpoint's visualization.vae_path")
+    if vae is not None and vae.config.latent_channels != LATENT_CHANNELS:
+        raise InputError(f"the VAE has {vae.config.latent_channels} latent channels; the model works on "
+                         f"{LATENT_CHANNELS} (an SD1.5-style VAE)")
+    return vae
 
 
 def domain_index(cfg, domain, flag="--target-domain"):

@@ -21,11 +21,11 @@ import sys
 import torch
 from PIL import Image
 
-from dataset import LATENT_CHANNELS, LATENT_SUFFIXES, load_latent_file
+from dataset import LATENT_SUFFIXES, load_latent_file
 from inference import (DEFAULT_LATENT_SIZE, MEAN_STYLE_SAMPLES, domain_index, latent_styles, load_networks,
-                       reference_styles, training_latent_size, translate_pairs)
+                       open_vae_for, reference_styles, training_latent_size, translate_pairs)
 from runtime import InputError, atomic_write, resolve_device
-from vae import (IMAGE_EXTENSIONS, encode_raw, load_image, load_vae_or_preview, save_image_grid, to_model_input, to_rgb,
+from vae import (IMAGE_EXTENSIONS, encode_raw, load_image, save_image_grid, to_model_input, to_rgb,
                  to_uint8, vae_downsample_factor)
 
 SHEET_MAX_ROWS = 32  # sources shown in sheet.png (every output still gets its own PNG)
@@ -205,17 +205,9 @@ def warn_about_stale_outputs(output_dir, names):
 # ------------------------------------------------------------------ run
 
 def open_vae(args, cfg, device):
-    """The VAE for PNGs and image inputs: --vae, else the checkpoint's visualization.vae_path; None
-    (linear latent preview, one warning) when it cannot be loaded. Returns (vae, why it is None)."""
-    path = args.vae or cfg["visualization"]["vae_path"]
-    subfolder = args.vae_subfolder if (args.vae or args.vae_subfolder) else cfg["visualization"]["vae_subfolder"]
+    """The VAE for PNGs and image inputs, or None (linear latent preview); and why it is None."""
     problems = []
-    vae = load_vae_or_preview(path, subfolder, device, problems.append,
-                              origin="--vae" if args.vae else "the checkpoint's visualization.vae_path")
-    if vae is not None and vae.config.latent_channels != LATENT_CHANNELS:
-        raise InputError(f"the VAE has {vae.config.latent_channels} latent channels; the model works on "
-                         f"{LATENT_CHANNELS} (an SD1.5-style VAE)")
-    return vae, "; ".join(problems)
+    return open_vae_for(cfg, args.vae, args.vae_subfolder, device, problems.append), "; ".join(problems)
 
 
 def load_inputs(args, cfg, vae, source_paths, ref_paths):

@@ -118,3 +118,19 @@ def trained(tmp_path_factory):
     path.write_text(yaml.safe_dump(cfg))
     assert run.main(["--config", str(path)]) == 0
     return os.path.join(cfg["training"]["checkpoint_dir"], "latest.pt"), data
+
+
+@pytest.fixture(scope="session")
+def ema_nets(trained):
+    """(config, models) with `trained`'s EMA weights for G, F, E, rebuilt here independently of the
+    code under test."""
+    from config import model_kwargs, resolve_config
+    from model import build_models
+
+    ckpt = torch.load(trained[0], weights_only=True)
+    cfg = resolve_config(ckpt["config"])
+    models = build_models(**model_kwargs(cfg))
+    for name in ("generator", "mapping_network", "style_encoder"):
+        models[name].load_state_dict(ckpt["ema"][name])
+        models[name].eval()
+    return cfg, models

@@ -20,9 +20,7 @@ import torch
 from PIL import Image
 
 import app
-from config import model_kwargs, resolve_config
 from conftest import ROOT
-from model import build_models
 from vae import decode_raw, encode_raw, load_image, load_vae, to_model_input, to_uint8
 
 gr = app.gr
@@ -45,15 +43,9 @@ def handle(translator, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def nets(trained):
+def nets(ema_nets):
     """G, F, E rebuilt independently of app.py, with the checkpoint's EMA weights."""
-    ckpt = torch.load(trained[0], weights_only=True)
-    cfg = resolve_config(ckpt["config"])
-    models = build_models(**model_kwargs(cfg))
-    for name in ("generator", "mapping_network", "style_encoder"):
-        models[name].load_state_dict(ckpt["ema"][name])
-        models[name].eval()
-    return cfg, models
+    return ema_nets
 
 
 def save_photo(path, size=(44, 30), mode="RGB", seed=0):
@@ -85,7 +77,7 @@ def expected_image_latent(vae_dir, path):
 def test_image_in_images_out(handle, translator, nets, tiny_vae_dir, tmp_path, monkeypatch):
     cfg, models = nets
     photo = save_photo(tmp_path / "holiday photo.png")
-    for loader in ("load_networks", "load_vae_or_preview"):  # a reload per request would fail here
+    for loader in ("load_networks", "open_vae_for"):  # a reload per request would fail here
         monkeypatch.setattr(app, loader, None)
     gallery, saved, source_png, status = request(handle, source_image=photo, target="b", num_styles=3, seed=7)
 

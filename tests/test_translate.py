@@ -9,8 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from config import model_kwargs, resolve_config
-from model import build_models
 from translate import main
 from vae import decode_raw, encode_raw, latent_preview, load_image, load_vae, to_model_input, to_uint8
 
@@ -18,16 +16,6 @@ LATENT = 16  # write_latent_folders' latent size
 DOMAINS = ["a", "b", "c"]
 
 
-@pytest.fixture(scope="module")
-def ema_nets(trained):
-    """G, F, E rebuilt independently of translate.py, with the checkpoint's EMA weights."""
-    ckpt = torch.load(trained[0], weights_only=True)
-    cfg = resolve_config(ckpt["config"])
-    models = build_models(**model_kwargs(cfg))
-    for name in ("generator", "mapping_network", "style_encoder"):
-        models[name].load_state_dict(ckpt["ema"][name])
-        models[name].eval()
-    return cfg, models
 
 
 def translate(ckpt, source, out, *extra, domain="c"):
