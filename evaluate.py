@@ -87,7 +87,10 @@ def run(args):
     sources = real if not args.source_root else read_domains(args.source_root, domains, "--source-root")[0]
 
     vae_path = args.vae or e["vae_path"] or cfg["visualization"]["vae_path"]
-    subfolder = args.vae_subfolder if args.vae else cfg["visualization"]["vae_subfolder"]
+    # the subfolder belongs to the path it came with: --vae's flag, else visualization.vae_subfolder
+    # only for visualization.vae_path (as training-time evaluation does)
+    subfolder = args.vae_subfolder if (args.vae or args.vae_subfolder) else (
+        None if e["vae_path"] else cfg["visualization"]["vae_subfolder"])
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                    "eval_" + os.path.splitext(os.path.basename(args.checkpoint))[0])

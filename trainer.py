@@ -10,6 +10,7 @@ epochs: batches, the display, stop signals, checkpoints and grids.
 """
 
 import copy
+import math
 import os
 import signal
 import time
@@ -351,9 +352,9 @@ class Trainer:
         try:
             for epoch in range(self.epoch + 1, t["epochs"] + 1):
                 start, self.position = self.position, 0
-                done, steps = self.train_epoch(dataset, epoch, start)
-                if self.stop_signal is not None:
-                    return self.stop(epoch, done, steps)
+                done, steps, stop = self.train_epoch(dataset, epoch, start)
+                if stop:
+                    return self.stop(epoch, done, steps, stop)
                 self.end_epoch(epoch, dataset, samples)
         finally:
             for sig, handler in previous.items():
@@ -366,8 +367,9 @@ class Trainer:
 
     def train_epoch(self, dataset, epoch, start_batch=0):
         """One epoch from batch `start_batch`, through a loader built for it (this rank's share of
-        the epoch's index table). Returns (batches done, batches in the epoch): fewer done only when
-        a stop signal arrived."""
+        the epoch's index table). Returns (batches done, batches in the epoch, the stop signal every
+        rank agreed on after the last step, 0 for none): fewer done only when one arrived. A signal
+        that lands later is taken up at the next step's agreement, so ranks never part ways."""
         t = self.cfg["training"]
         dataset.set_epoch(epoch)
         indices, total = rank_indices(len(dataset), self.dist, t["batch_size"], t["drop_last"])
@@ -377,22 +379,21 @@ class Trainer:
                               generator=self._loader_gen)
         self._loader_noted = True
         display = Display(t["progress_style"] if self.dist.is_main else "off", epoch, t["epochs"], total, start_batch)
-        done, losses, final, start = start_batch, None, None, time.perf_counter()
+        done, losses, final, stop, start = start_batch, None, None, 0, time.perf_counter()
         try:
             for batch in loader:
                 losses = self.train_step(batch)
                 done += 1
                 self.show(display, losses, epoch, done)
-                if self.dist.enabled:  # every rank stops at the same step (CPU all-reduce, no GPU sync)
-                    self.stop_signal = self.dist.max_int(self.stop_signal or 0) or None
-                if self.stop_signal is not None:
+                stop = self.dist.max_int(self.stop_signal or 0)  # one agreed value (CPU all-reduce, no GPU sync)
+                if stop:
                     break
             final = self.scalars(losses) if losses else self.check_nonfinite()
         finally:
             display.close(done, final, (done - start_batch) / max(time.perf_counter() - start, 1e-9))
         if final:
             self.report_skips(epoch, final)
-        return done, total
+        return done, total, stop
 
     def show(self, display, losses, epoch, done):
         """# display / log: at their intervals only, with the step's one host sync."""
@@ -434,7 +435,7 @@ class Trainer:
         self.stop_signal = signum
         self.log(f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving latest.pt")
 
-    def stop(self, epoch, done, steps):
+    def stop(self, epoch, done, steps, signum):
         """After SIGINT / SIGTERM: save the exact position and return 128 + the signal's number."""
         if done >= steps:  # the epoch happened to be complete: save it as any other (no grid: exit promptly)
             self.epoch = epoch
@@ -443,7 +444,7 @@ class Trainer:
             path = self.save_checkpoint(self.checkpoint_path("latest.pt"), position=done)
         self.dist.barrier()
         self.log(f"stopped at step {self.step} (epoch {epoch}, batch {done}/{steps}); saved {path}")
-        return 128 + int(self.stop_signal)
+        return 128 + int(signum)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -475,12 +476,15 @@ class Trainer:
                                      self.latent_dim, num_outs=e["num_outs"], max_sources=e["num_sources"],
                                      seed=self.cfg["seed"], real_ids=dataset.file_list_ids())
             line = json_line({"step": self.step, "epoch": epoch, **results})
+            os.makedirs(self.cfg["training"]["checkpoint_dir"], exist_ok=True)
             with open(self.checkpoint_path("metrics.jsonl"), "a", encoding="utf-8") as f:
                 f.write(line + "\n")
             self.log(line)
             self.tensorboard_scalars("eval", results)
             value, higher = results[e["best_metric"]], e["best_metric"].startswith("LPIPS")
-            if self.best is None or (value > self.best["value"] if higher else value < self.best["value"]):
+            if not math.isfinite(value):  # diverged networks: never the best, and never a NaN to compare with
+                self.log(f"warning: epoch {epoch}: {e['best_metric']} is {value}; best.pt is left as it is")
+            elif self.best is None or (value > self.best["value"] if higher else value < self.best["value"]):
                 self.best = {"metric": e["best_metric"], "value": value, "epoch": epoch, "step": self.step}
                 improved = 1
         if self.dist.max_int(improved):  # every rank saves (a collective); rank 0 alone knows the value

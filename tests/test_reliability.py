@@ -195,3 +195,24 @@ def test_consecutive_skips_stop_the_run(tmp_path, capsys):
     cfg = write_config(tmp_path, "allbad", epochs=5, max_nonfinite_steps=4, reject_outliers=False)
     assert run.main(["--config", cfg]) == 2
     assert "max_nonfinite_steps=4" in capsys.readouterr().err
+
+
+def test_a_signal_after_the_epochs_last_agreement_waits_for_the_next_step(tmp_path, data, monkeypatch):
+    """Every rank must take the same path at an epoch's end: the stop decision is the value agreed
+    after the last step, never a flag a handler set afterwards (under torchrun one rank would stop
+    while another went on to its next collective: a deadlock). A signal landing there stops the run
+    after the next step, with the exact position saved."""
+    real_epoch = T.Trainer.train_epoch
+
+    def signal_after_epoch_one(self, dataset, epoch, start_batch=0):
+        out = real_epoch(self, dataset, epoch, start_batch)
+        if epoch == 1:
+            self.stop_signal = signal.SIGTERM  # as the handler would, after the loop's last agreement
+        return out
+
+    monkeypatch.setattr(T.Trainer, "train_epoch", signal_after_epoch_one)
+    cfg = write_config(tmp_path, "late", epochs=3)
+    assert run.main(["--config", cfg]) == 128 + signal.SIGTERM
+    ckpt = final_state(tmp_path / "late")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["position"]) == (1, 4, 1)
+    assert os.path.exists(tmp_path / "late" / "epoch_0001.pt")  # epoch 1 ended as any other

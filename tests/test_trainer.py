@@ -385,3 +385,21 @@ def test_load_checkpoint_never_runs_pickled_code(tmp_path):
 def _save(path, obj):
     torch.save(obj, path)
     return str(path)
+
+
+def test_a_nonfinite_metric_never_becomes_the_best(tmp_path):
+    """A NaN first evaluation (diverged EMA) must not freeze best.pt: comparisons with NaN are False."""
+    from types import SimpleNamespace
+
+    tr = make_trainer(tmp_path, evaluation={"every_epochs": 1})
+    values = iter([float("nan"), 5.0, 7.0, 4.0])
+    tr.evaluator = lambda *args, **kwargs: {"FID_latent/mean": next(values)}
+    data = SimpleNamespace(by_domain=lambda: {}, file_list_ids=lambda: {})
+    best = tmp_path / "out" / "best.pt"
+    tr.evaluate(1, data)
+    assert tr.best is None and not best.exists()
+    for epoch, expected in ((2, 5.0), (3, 5.0), (4, 4.0)):
+        tr.epoch = epoch
+        tr.evaluate(epoch, data)
+        assert tr.best["value"] == expected
+        assert torch.load(best, weights_only=True)["best"]["value"] == expected
