@@ -35,10 +35,10 @@ import traceback
 import torch
 from PIL import Image
 
-from dataset import list_latent_files, load_latent_file
+from dataset import list_latent_files, read_latent
 from inference import (domain_index, latent_styles, load_networks, open_vae_for, reference_styles,
                        training_latent_size, translate_pairs)
-from runtime import InputError, configure_backends, resolve_device
+from runtime import InputError, configure_backends, resolve_device, run_script
 from vae import (encode_raw, load_image, to_model_input, to_rgb, to_uint8,
                  vae_downsample_factor)
 
@@ -186,11 +186,9 @@ class Translator:
             offered = ", ".join(self.examples) or "none: data.root is not on this machine"
             raise InputError(f"no {what} latent {label!r} in the data; offered: {offered}")
         try:
-            latent = load_latent_file(self.examples[label]).float()  # [4, h, w] raw
-        except (OSError, ValueError) as e:
+            latent = read_latent(self.examples[label])  # [4, h, w] raw
+        except OSError as e:
             raise InputError(str(e)) from None
-        if not torch.isfinite(latent).all():
-            raise InputError(f"{self.examples[label]} holds non-finite values (NaN or inf)")
         return latent[None], [f"{what} `{label}`"]
 
     def read_input(self, mode, image_path, label, what):
@@ -452,12 +450,14 @@ def main(argv=None):
         args = parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
-    try:
-        translator = Translator(args.checkpoint, args.vae, args.vae_subfolder, args.device,
-                                log=lambda line: print(f"app.py: {line}", file=sys.stderr))
-    except (InputError, OSError) as e:
-        print(f"app.py: error: {e}", file=sys.stderr)
-        return 2
+    return run_script("app.py", serve, args, errors=(InputError, OSError))
+
+
+def serve(args):
+    """Load the model once, then serve until Ctrl-C / SIGTERM; an address that cannot be served is
+    bad input."""
+    translator = Translator(args.checkpoint, args.vae, args.vae_subfolder, args.device,
+                            log=lambda line: print(f"app.py: {line}", file=sys.stderr))
     output_root = tempfile.mkdtemp(prefix="latent-stargan-app-")
     print(f"loaded {args.checkpoint} on {translator.device_label}; "
           f"{'VAE decodes' if translator.vae is not None else 'no VAE: linear latent preview'}; "
@@ -466,8 +466,7 @@ def main(argv=None):
     try:
         launch(build_page(translator, output_root), output_root, args.host, args.port, args.share)
     except OSError as e:  # the port is taken, the host is not an address of this machine
-        print(f"app.py: error: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
-        return 2
+        raise InputError(f"cannot serve on {args.host}:{args.port}: {e}") from None
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         shutil.rmtree(output_root, ignore_errors=True)

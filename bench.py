@@ -58,7 +58,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from config import load_config, model_kwargs  # noqa: E402
 from dataset import LATENT_CHANNELS, MultiDomainLatentDataset, build_loader, write_latent_folders  # noqa: E402
 from model import NETS, build_models  # noqa: E402
-from runtime import InputError, configure_backends, resolve_device, seed_everything  # noqa: E402
+from runtime import InputError, configure_backends, resolve_device, run_script, seed_everything  # noqa: E402
 from trainer import AMP_DTYPES, Trainer  # noqa: E402
 
 LATENT_SIZE = 32  # SD1.5 latents of 256x256 images (VAE factor 8)
@@ -494,14 +494,13 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.steps < 1 or args.warmup < 0:
-            raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
-    except (InputError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_script("bench.py", run, parse_args(argv))
+
+
+def run(args):
+    cfg = load_config(args.config, args.overrides)
+    if args.steps < 1 or args.warmup < 0:
+        raise InputError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device or cfg["training"]["device"], flag="--device")

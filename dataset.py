@@ -117,6 +117,15 @@ def load_latent_file(path):
     return latent  # [4, H, W]
 
 
+def read_latent(path):
+    """One latent file to translate: float32 [4, H, W], finite; InputError naming the file otherwise.
+    (Training checks finiteness once on all its data instead.)"""
+    latent = load_latent_file(path).float()  # [4, H, W]
+    if not torch.isfinite(latent).all():
+        raise InputError(f"{path} holds non-finite values (NaN or inf)")
+    return latent
+
+
 class MultiDomainLatentDataset(Dataset):
     """Latents from `root/<domain>/*.pt|*.npy`, sampled as (content, two target-domain references).
 

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from dataset import save_latent
-from runtime import InputError, resolve_device
+from runtime import InputError, resolve_device, run_script
 from vae import IMAGE_EXTENSIONS, encode_raw, load_image, load_vae, to_model_input, vae_downsample_factor
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -224,12 +224,7 @@ def run(args):
 
 def main(argv=None):
     """Exit codes: 0 all done, 1 some images failed (the rest written), 2 setup error (nothing written)."""
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except InputError as e:
-        print(f"encode.py: error: {e}", file=sys.stderr)
-        return 2
+    return run_script("encode.py", run, parse_args(argv))
 
 
 if __name__ == "__main__":

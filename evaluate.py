@@ -23,7 +23,7 @@ import torch
 from dataset import MultiDomainLatentDataset
 from inference import networks_from_checkpoint
 from metrics import Evaluator, format_table
-from runtime import InputError, atomic_write, load_checkpoint, resolve_device
+from runtime import InputError, atomic_write, load_checkpoint, resolve_device, run_script
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -118,12 +118,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (InputError, FileNotFoundError) as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        return 2
+    return run_script("evaluate.py", run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -645,9 +645,10 @@ class Evaluator:
 
     @torch.no_grad()
     def decode(self, raw):
-        """Raw latents [n, 4, h, w] -> RGB [n, 3, H, W] in [0, 1]."""
-        images = self.vae.decode(raw.to(self.device, self.vae.dtype)).sample  # [n, 3, H, W] in [-1, 1]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        """Raw latents [n, 4, h, w] -> RGB [n, 3, H, W] in [0, 1] on the device."""
+        from vae import decode
+
+        return decode(self.vae, raw)
 
     def __call__(self, nets, domains, real, sources, latent_scale, latent_dim, num_outs=10, max_sources=None, seed=0,
                  real_ids=None, modes=MODES, log=None):

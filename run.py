@@ -22,8 +22,8 @@ import torch  # noqa: E402
 from config import load_config, model_kwargs, save_resolved  # noqa: E402
 from dataset import MultiDomainLatentDataset  # noqa: E402
 from model import build_models, count_parameters  # noqa: E402
-from runtime import (InputError, configure_backends, load_checkpoint, resolve_device, seed_everything,  # noqa: E402
-                     setup_distributed)
+from runtime import (BAD_INPUT, InputError, configure_backends, load_checkpoint, resolve_device,  # noqa: E402
+                     run_script, seed_everything, setup_distributed)
 from trainer import NonFiniteError, Trainer  # noqa: E402
 
 
@@ -70,15 +70,12 @@ def main(argv=None):
     dist, local_rank = setup_distributed()
     log = print if dist.is_main else (lambda *a, **k: None)
     try:
-        cfg = load_config(args.config, args.overrides)
-        code = train(cfg, args.resume, dist, local_rank, log)
-    except (InputError, FileNotFoundError, NonFiniteError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        code = run_script("run.py", lambda: train(load_config(args.config, args.overrides), args.resume, dist,
+                                                  local_rank, log), errors=BAD_INPUT + (NonFiniteError,))
     finally:
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    if code:  # stopped by a signal: latest.pt holds the exact position
+    if code > 2:  # stopped by a signal (128 + its number): latest.pt holds the exact position
         log("resume with: " + " ".join(["python run.py", "--config", args.config, *args.overrides, "--resume"]))
     return code
 

@@ -12,6 +12,7 @@ import os
 import random
 import re
 import signal
+import sys
 import warnings
 
 import numpy as np
@@ -21,6 +22,19 @@ import torch
 class InputError(ValueError):
     """Bad input from the user (a config key, a flag, a file, a folder): the message names it and
     says what was expected. Every command-line script prints the message and exits with code 2."""
+
+
+BAD_INPUT = (InputError, FileNotFoundError)
+
+
+def run_script(prog, run, *args, errors=BAD_INPUT):
+    """`run(*args)` for a command-line script: bad input (`errors`) prints `prog: error: message` on
+    stderr and gives exit code 2, instead of a traceback."""
+    try:
+        return run(*args)
+    except errors as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
 
 
 # ---------------------------------------------------------------------- files

@@ -21,10 +21,10 @@ import sys
 import torch
 from PIL import Image
 
-from dataset import LATENT_SUFFIXES, load_latent_file
+from dataset import LATENT_SUFFIXES, read_latent
 from inference import (DEFAULT_LATENT_SIZE, MEAN_STYLE_SAMPLES, domain_index, latent_styles, load_networks,
                        open_vae_for, reference_styles, training_latent_size, translate_pairs)
-from runtime import InputError, atomic_write, resolve_device
+from runtime import InputError, atomic_write, resolve_device, run_script
 from vae import (IMAGE_EXTENSIONS, encode_raw, load_image, save_image_grid, to_model_input, to_rgb,
                  to_uint8, vae_downsample_factor)
 
@@ -118,16 +118,7 @@ def is_image(path):
 
 def read_latents(paths):
     """Latent files -> {path: raw [4, h, w] float32}; errors name the file."""
-    latents = {}
-    for path in paths:
-        try:
-            latent = load_latent_file(path).float()  # [4, h, w]; ValueError names the file and the shape
-        except ValueError as e:
-            raise InputError(str(e)) from None
-        if not torch.isfinite(latent).all():
-            raise InputError(f"{path} holds non-finite values (NaN or inf)")
-        latents[path] = latent
-    return latents
+    return {path: read_latent(path) for path in paths}
 
 
 @torch.no_grad()
@@ -283,11 +274,7 @@ def main(argv=None):
         args = parse_args(argv)
     except SystemExit as e:  # argparse: usage errors (2) and --help (0)
         return e.code if isinstance(e.code, int) else 2
-    try:
-        return run(args)
-    except (InputError, OSError) as e:
-        print(f"translate.py: error: {e}", file=sys.stderr)
-        return 2
+    return run_script("translate.py", run, args, errors=(InputError, OSError))  # OSError: an unwritable --output
 
 
 if __name__ == "__main__":

@@ -116,13 +116,16 @@ def vae_downsample_factor(vae):
 
 
 @torch.no_grad()
+def decode(vae, raw_latents):
+    """[B, 4, h, w] raw latents -> [B, 3, h*f, w*f] RGB in [0, 1], float32 on the VAE's device."""
+    out = vae.decode(raw_latents.to(vae.device, vae.dtype)).sample  # [B, 3, H, W] in [-1, 1]
+    return (out.float() / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
 def decode_raw(vae, raw_latents, batch_size=16):
-    """[B, 4, h, w] raw latents -> [B, 3, h*f, w*f] RGB in [0, 1] (float32, on the CPU)."""
-    images = []
-    for chunk in raw_latents.split(batch_size):
-        out = vae.decode(chunk.to(vae.device, vae.dtype)).sample  # [b, 3, H, W] in [-1, 1]
-        images.append((out.float() / 2 + 0.5).clamp(0, 1).cpu())
-    return torch.cat(images)
+    """`decode` in chunks of `batch_size`, gathered on the CPU."""
+    return torch.cat([decode(vae, chunk).cpu() for chunk in raw_latents.split(batch_size)])
 
 
 @torch.no_grad()
