@@ -14,7 +14,7 @@ import re
 
 import yaml
 
-from runtime import InputError, atomic_write
+from runtime import InputError, atomic_write, path_component_problem
 from vae import SD15_LATENT_SCALE
 
 DEFAULTS = {
@@ -117,6 +117,20 @@ OPTIONAL_TYPES = {
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
+# Upper bounds: far beyond any sensible run, low enough that a typo or a tampered checkpoint's config
+# is an error naming the key instead of a terabyte allocation.
+UPPER_BOUNDS = {
+    "model.style_dim": 4096, "model.latent_dim": 4096, "model.gen_channels": 4096, "model.n_res_blocks": 64,
+    "model.mapping_hidden_dim": 8192, "model.mapping_shared_layers": 64, "model.style_encoder_channels": 4096,
+    "model.disc_channels": 4096,
+    "data.samples_per_epoch": 10 ** 8,  # the epoch's index table is ~40 bytes per sample
+    "data.synthetic_files_per_domain": 100_000,
+    "training.epochs": 10 ** 7, "training.batch_size": 65_536, "training.num_workers": 1024,
+    "evaluation.num_sources": 1_000_000, "evaluation.num_outs": 1000,
+}
+MAX_DOMAINS = 1024
+MAX_PARAMETERS = 2 * 10 ** 9  # G + F + E + D; the default model has about 10M
+
 
 def read_config_file(path):
     if not os.path.isfile(path):
@@ -214,9 +228,16 @@ def validate(cfg):
             raise InputError(f"config key {key!r} = {value!r}: expected {expected}")
 
     d, m, l, t, v = cfg["data"], cfg["model"], cfg["loss"], cfg["training"], cfg["visualization"]
-    check(len(d["domains"]) >= 2 and all(isinstance(x, str) and x for x in d["domains"]),
-          "data.domains", "a list of at least two domain folder names")
+    check(2 <= len(d["domains"]) <= MAX_DOMAINS and all(isinstance(x, str) and x for x in d["domains"]),
+          "data.domains", f"a list of 2 to {MAX_DOMAINS} domain folder names")
+    for name in d["domains"]:  # each becomes a folder under data.root and part of output file names
+        problem = path_component_problem(name)
+        if problem:
+            raise InputError(f"config key 'data.domains': domain name {name!r} is not a plain folder name: {problem}")
     check(len(set(d["domains"])) == len(d["domains"]), "data.domains", "distinct names")
+    for key, limit in UPPER_BOUNDS.items():
+        section, name = key.split(".")
+        check(cfg[section][name] is None or cfg[section][name] <= limit, key, f"at most {limit:,}")
     check(0 < d["preload_max_fraction"] <= 1, "data.preload_max_fraction", "a fraction in (0, 1]")
     check(d["samples_per_epoch"] is None or d["samples_per_epoch"] > 0, "data.samples_per_epoch", "a positive int or null")
     check(d["synthetic_files_per_domain"] > 0, "data.synthetic_files_per_domain", "a positive int")
@@ -238,7 +259,8 @@ def validate(cfg):
           "null (keep all) or an int >= 1")
     check(t["amp_dtype"] in ("bf16", "fp16", "fp32"), "training.amp_dtype", "one of bf16 | fp16 | fp32")
     check(t["progress_style"] in ("bar", "percent", "off"), "training.progress_style", "one of bar | percent | off")
-    check(t["compile_mode"] in compile_modes(), "training.compile_mode", f"one of {' | '.join(compile_modes())}")
+    if t["compile_mode"] not in COMPILE_MODES:  # listing this torch's modes imports Inductor (seconds)
+        check(t["compile_mode"] in compile_modes(), "training.compile_mode", f"one of {' | '.join(compile_modes())}")
     check(t["device"] == "cpu" or t["device"].startswith("cuda"), "training.device", "cuda, cuda:N or cpu")
     check(v["every_epochs"] is None or v["every_epochs"] >= 1, "visualization.every_epochs", "a positive int or null")
     e = cfg["evaluation"]
@@ -250,6 +272,19 @@ def validate(cfg):
           "FID_latent/photo2monet")
     if not t["progress_bar"]:  # the seed's older switch: progress_bar false means no display
         t["progress_style"] = "off"
+    check_model_size(cfg)
+
+
+def check_model_size(cfg):
+    """The four networks' parameter count, from shapes alone (nothing allocated), within MAX_PARAMETERS."""
+    from model import expected_state
+
+    _, params = expected_state(**model_kwargs(cfg))
+    total = sum(math.prod(shape) for shapes in params.values() for shape in shapes)
+    if total > MAX_PARAMETERS:
+        raise InputError(f"config section 'model' describes {total:,} parameters in all (G, F, E, D), more than the "
+                         f"{MAX_PARAMETERS:,} this code accepts; lower model.gen_channels, n_res_blocks or the other "
+                         "widths")
 
 
 def to_float(key, value):

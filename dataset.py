@@ -382,11 +382,17 @@ def rank_indices(n, dist, batch_size, drop_last):
     return indices, steps
 
 
-def check_epoch_has_steps(dataset, dist, t):
-    """An epoch of zero steps would write checkpoints and grids of untrained networks and exit 0."""
+def check_epoch_has_steps(dataset, dist, t, position=0):
+    """An epoch of zero steps would write checkpoints and grids of untrained networks and exit 0; a
+    resumed position (batches done in the next epoch) must lie inside that epoch."""
     _, steps = rank_indices(len(dataset), dist, t["batch_size"], t["drop_last"])
-    if steps > 0:
+    if steps > 0 and position < steps:
         return
+    if steps > 0:
+        raise InputError(
+            f"the checkpoint stopped after batch {position} of its epoch, but an epoch now has {steps} batches "
+            f"(training.batch_size={t['batch_size']}, {len(dataset)} samples per epoch, {dist.world_size} "
+            "process(es)): resume with the batch size and data it was saved with, or from an epoch_NNNN.pt")
     raise InputError(
         f"an epoch would train 0 steps: {sum(dataset.counts)} latent files, data.samples_per_epoch="
         f"{dataset.samples_per_epoch} -> {len(dataset)} samples per epoch over {dist.world_size} process(es) = "

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 def init_weights(module, leaky_slope=0.2):
     """He (Kaiming) init for every conv and linear under `module`, zero biases."""
     for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and not m.weight.is_meta:  # meta: a shape-only build
             nn.init.kaiming_normal_(m.weight, a=leaky_slope, nonlinearity="leaky_relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -147,7 +147,11 @@ class DownBlock(nn.Module):
         return (skip + h) * (2 ** -0.5)
 
 
-def conv_trunk(in_channels, channels, n_down=3):
+N_DOWN = 3  # DownBlocks in E's and D's trunks: a 32x32 latent becomes 4x4
+MIN_LATENT_SIZE = 2 ** N_DOWN  # the smallest H and W the trunks take: each DownBlock halves (floor)
+
+
+def conv_trunk(in_channels, channels, n_down=N_DOWN):
     """conv in, then `n_down` DownBlocks (channels -> 2*channels at the second): /2**n_down."""
     dims = [channels] + [channels * 2] * n_down
     dims[1] = channels
@@ -213,3 +217,14 @@ def build_models(num_domains, style_dim=64, latent_dim=16, gen_channels=256, n_r
 
 def count_parameters(module):
     return sum(p.numel() for p in module.parameters())
+
+
+def expected_state(num_domains, **model_kwargs):
+    """What checkpoints of `build_models(num_domains, **model_kwargs)` hold, without allocating a
+    weight (the networks are built on the meta device): {net: {state key: (shape, dtype)}}, and
+    {net: [parameter shapes in `parameters()` order]} (the optimizers' state indices)."""
+    with torch.device("meta"):
+        models = build_models(num_domains, **model_kwargs)
+    states = {name: {k: (tuple(v.shape), v.dtype) for k, v in m.state_dict().items()} for name, m in models.items()}
+    params = {name: [tuple(p.shape) for p in m.parameters()] for name, m in models.items()}
+    return states, params

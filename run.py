@@ -15,6 +15,8 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", os.environ["PYTORCH_ALLOC_CONF"])
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import shlex  # noqa: E402
 import sys  # noqa: E402
 
 import torch  # noqa: E402
@@ -22,8 +24,9 @@ import torch  # noqa: E402
 from config import load_config, model_kwargs, save_resolved  # noqa: E402
 from dataset import MultiDomainLatentDataset  # noqa: E402
 from model import build_models, count_parameters  # noqa: E402
-from runtime import (BAD_INPUT, InputError, configure_backends, load_checkpoint, resolve_device,  # noqa: E402
-                     run_script, seed_everything, setup_distributed)
+from runtime import (BAD_INPUT, LOCK_NAME, FolderLock, InputError, WriteError, check_writable_folder,  # noqa: E402
+                     configure_backends, load_checkpoint, remove_orphaned_temporaries, resolve_device, run_script,
+                     seed_everything, setup_distributed)
 from trainer import NonFiniteError, Trainer  # noqa: E402
 
 
@@ -53,16 +56,37 @@ def check_architecture(ckpt_cfg, cfg, path):
                          + "\n  ".join(diff))
 
 
-def check_writable(folder):
-    """An unwritable checkpoint folder is an error before the first step, not after an hour."""
+@contextlib.contextmanager
+def claimed_folder(folder, dist, log):
+    """The checkpoint folder for this run alone, for the run's life: rank 0 checks that it is
+    writable before the first step, takes its lock (a second run on it is refused, naming the
+    holder) and removes temporary files that killed saves left. Every rank learns of a refusal. A
+    folder this run created and left empty (it failed before writing anything) is removed."""
+    lock, created, problem = FolderLock(folder), False, None
+    if dist.is_main:
+        try:
+            created = check_writable_folder(folder, "training.checkpoint_dir")
+            lock.acquire()
+            for sub in ("", "vis", "eval_cache"):
+                remove_orphaned_temporaries(os.path.join(folder, sub), log)
+        except InputError as err:
+            problem = err
+    if dist.max_int(int(problem is not None)):
+        raise problem or InputError("rank 0 could not claim training.checkpoint_dir (its error is above)")
     try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-test-{os.getpid()}")
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-        os.remove(probe)
-    except OSError as e:
-        raise InputError(f"training.checkpoint_dir={folder!r} is not writable: {e}") from None
+        yield folder
+    finally:
+        if dist.is_main and created and set(os.listdir(folder)) <= {LOCK_NAME}:
+            with contextlib.suppress(OSError):
+                os.remove(lock.path)
+                os.rmdir(folder)
+        lock.release()
+
+
+def resume_command(args, path=None):
+    """The command that continues this run (from `path` when it is not the folder's latest.pt)."""
+    return shlex.join(["python", "run.py", "--config", args.config, *args.overrides, "--resume",
+                       *([path] if path else [])])
 
 
 def main(argv=None):
@@ -71,29 +95,44 @@ def main(argv=None):
     log = print if dist.is_main else (lambda *a, **k: None)
     try:
         code = run_script("run.py", lambda: train(load_config(args.config, args.overrides), args.resume, dist,
-                                                  local_rank, log), errors=BAD_INPUT + (NonFiniteError,))
+                                                  local_rank, log, args), errors=BAD_INPUT + (NonFiniteError,))
     finally:
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if code > 2:  # stopped by a signal (128 + its number): latest.pt holds the exact position
-        log("resume with: " + " ".join(["python run.py", "--config", args.config, *args.overrides, "--resume"]))
+        log("resume with: " + resume_command(args))
     return code
 
 
-def train(cfg, resume, dist, local_rank, log):
+def train(cfg, resume, dist, local_rank, log, args):
     t, d = cfg["training"], cfg["data"]
     device = resolve_device(t["device"], local_rank, flag="training.device")
     configure_backends(device)
-    if dist.is_main:
-        check_writable(t["checkpoint_dir"])
-
     ckpt = None
-    if resume is not None:
+    if resume is not None:  # checked completely before the folder is claimed or anything is built
         path = resume or os.path.join(t["checkpoint_dir"], "latest.pt")
         ckpt = load_checkpoint(path)
         check_architecture(ckpt["config"], cfg, path)
-        log(f"resuming from {path}: epoch {ckpt['epoch']} done, step {ckpt['step']}")
+    with claimed_folder(t["checkpoint_dir"], dist, log):
+        if ckpt is not None:
+            log(f"resuming from {path}: epoch {ckpt['epoch']} done, step {ckpt['step']}")
+        trainer, dataset = build(cfg, ckpt, dist, device, log)
+        if ckpt is not None:
+            trainer.last_saved = (path, ckpt["epoch"], ckpt["step"])
+        try:
+            return trainer.fit(dataset)
+        except WriteError as err:  # disk full, read-only folder: say what is intact and how to go on
+            if trainer.last_saved is None:
+                raise
+            saved = trainer.last_saved[0]
+            latest = os.path.abspath(saved) == os.path.abspath(os.path.join(t["checkpoint_dir"], "latest.pt"))
+            raise WriteError(err.errno, f"{err}\nresume with: {resume_command(args, None if latest else saved)}") \
+                from None
 
+
+def build(cfg, ckpt, dist, device, log):
+    """The data set, the networks and the Trainer (resumed from `ckpt` when given)."""
+    t, d = cfg["training"], cfg["data"]
     if d["synthetic"]:
         from demo_data import generate_demo_data
 
@@ -116,7 +155,7 @@ def train(cfg, resume, dist, local_rank, log):
         seed_everything(cfg["seed"] + dist.rank)  # different z on each rank
     if dist.is_main:
         save_resolved(cfg, t["checkpoint_dir"])
-    return trainer.fit(dataset)
+    return trainer, dataset
 
 
 if __name__ == "__main__":

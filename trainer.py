@@ -25,8 +25,9 @@ from dataset import build_loader, check_epoch_has_steps, rank_indices
 from display import Display, json_line
 from inference import grid_cells
 from model import EMA_NETS, NETS
-from runtime import (Distributed, InputError, atomic_save, compile_options, fused_adam_supported, get_rng_state,
-                     is_oom, on_stop_signal, prune_checkpoints, set_rng_state)
+from runtime import (CheckpointError, Distributed, InputError, WriteError, atomic_save, compile_options,
+                     fused_adam_supported, get_rng_state, is_oom, on_stop_signal, prune_checkpoints, set_rng_state,
+                     validate_checkpoint, write_failure)
 from vae import load_vae_or_preview, save_image_grid, to_rgb
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -105,6 +106,9 @@ class Trainer:
                                 betas=(0.0, 0.99), weight_decay=t["weight_decay"], fused=self.fused or None)
             for k in NETS
         }
+        # how this process steps (fused, foreach, ...): a loaded state must not bring another device's choice back
+        self._optimizer_flags = {k: {key: v for key, v in opt.param_groups[0].items() if v is None or isinstance(v, bool)}
+                                 for k, opt in self.optimizers.items()}
         fp16 = self.amp_dtype == torch.float16
         self.scalers = {phase: torch.amp.GradScaler(self.device.type, enabled=fp16) for phase in PHASE_NETS}
         self.step, self.epoch, self.position = 0, 0, 0
@@ -122,6 +126,7 @@ class Trainer:
         self._loader_noted = False  # the loader's notices (workers, pinning): once per run
         self.tb = None  # TensorBoard writer, opened by fit when training.tensorboard
         self.evaluator, self.best = None, None  # evaluation.every_epochs; best: {metric, value, epoch, step}
+        self.last_saved = None  # (path, epoch, step) of the newest checkpoint a run can resume from
         self.call = dict(self.nets)  # what the step calls: compiled or eager
         self._compile_unverified = set()
         self.cudagraphs = t["use_compile"] and t["compile_cudagraphs"]
@@ -340,7 +345,7 @@ class Trainer:
         t = self.cfg["training"]
         self.latent_shape = dataset.shape
         if self.epoch < t["epochs"]:
-            check_epoch_has_steps(dataset, self.dist, t)
+            check_epoch_has_steps(dataset, self.dist, t, self.position)
         samples = dataset.grid_samples()
         if self.cfg["evaluation"]["every_epochs"] and self.epoch < t["epochs"]:
             self.open_evaluator()
@@ -356,6 +361,8 @@ class Trainer:
                 if stop:
                     return self.stop(epoch, done, steps, stop)
                 self.end_epoch(epoch, dataset, samples)
+        except WriteError as err:
+            raise WriteError(err.errno, f"{err}; training stopped at step {self.step}. {self.saved_summary()}") from None
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -476,9 +483,13 @@ class Trainer:
                                      self.latent_dim, num_outs=e["num_outs"], max_sources=e["num_sources"],
                                      seed=self.cfg["seed"], real_ids=dataset.file_list_ids())
             line = json_line({"step": self.step, "epoch": epoch, **results})
-            os.makedirs(self.cfg["training"]["checkpoint_dir"], exist_ok=True)
-            with open(self.checkpoint_path("metrics.jsonl"), "a", encoding="utf-8") as f:
-                f.write(line + "\n")
+            path = self.checkpoint_path("metrics.jsonl")
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(line + "\n")
+            except OSError as err:
+                raise write_failure(path, err) or err from None
             self.log(line)
             self.tensorboard_scalars("eval", results)
             value, higher = results[e["best_metric"]], e["best_metric"].startswith("LPIPS")
@@ -566,20 +577,35 @@ class Trainer:
 
     def save_checkpoint(self, path, epoch=None, position=0):
         """Atomic write (temporary file, fsync, rename). Every rank calls it (their RNG states are
-        gathered); rank 0 alone writes. Never writes non-finite weights."""
+        gathered); rank 0 alone writes, after the same complete check a loaded checkpoint gets, so a
+        checkpoint never holds non-finite weights. Every rank learns whether the write failed."""
         rng_per_rank = self.dist.gather(get_rng_state())
         self.dist.check_in_sync(self.nets)
-        if not self.dist.is_main:
-            return path
-        for name in NETS:
-            for p in self.nets[name].parameters():
-                if not torch.isfinite(p).all():
-                    raise NonFiniteError(f"refusing to save {path}: {name} has non-finite weights")
-        state = self.state_dict(epoch, position)
-        if self.dist.enabled:
-            state["rng_per_rank"] = rng_per_rank
-        atomic_save(state, path)
+        failed = None
+        if self.dist.is_main:
+            state = self.state_dict(epoch, position)
+            if self.dist.enabled:
+                state["rng_per_rank"] = rng_per_rank
+            try:
+                validate_checkpoint(state, path)
+            except CheckpointError as err:
+                raise NonFiniteError(f"refusing to save: {err}") from None
+            try:
+                atomic_save(state, path)
+            except WriteError as err:
+                failed = err
+        if self.dist.max_int(int(failed is not None)):
+            raise failed or WriteError(0, f"rank 0 could not write {path}")
+        if os.path.basename(path) != "best.pt":
+            self.last_saved = (path, self.epoch if epoch is None else epoch, self.step)
         return path
+
+    def saved_summary(self):
+        """What a failed write leaves: the newest checkpoint this run can resume from, intact."""
+        if self.last_saved is None:
+            return "No checkpoint of this run was written yet."
+        path, epoch, step = self.last_saved
+        return f"The last good checkpoint, {path} (epoch {epoch}, step {step}), is intact."
 
     def save_epoch(self, latest=False):
         """End of epoch `self.epoch`: every save_interval epochs write epoch_NNNN.pt and latest.pt;
@@ -602,6 +628,9 @@ class Trainer:
         for k, opt in self.optimizers.items():
             opt.load_state_dict(ckpt["optimizers"][k])
         self._apply_config_hyperparameters()
+        for k, opt in self.optimizers.items():
+            for group in opt.param_groups:
+                group.update(self._optimizer_flags[k])
         for k, s in self.scalers.items():
             if ckpt["scaler"].get(k):
                 s.load_state_dict(ckpt["scaler"][k])

@@ -41,7 +41,7 @@ def test_two_process_run_and_resume(tmp_path):
     steps = [json.loads(line)["step"] for line in proc.stdout.splitlines() if line.startswith("{")]
     assert steps == [1, 2, 3, 4]  # each step logged once (rank 0 only), 2 steps per epoch
     out = tmp_path / "out"
-    assert sorted(os.listdir(out)) == ["config.yaml", "epoch_0001.pt", "epoch_0002.pt", "latest.pt", "vis"]
+    assert sorted(os.listdir(out)) == [".run.lock", "config.yaml", "epoch_0001.pt", "epoch_0002.pt", "latest.pt", "vis"]
     assert sorted(os.listdir(out / "vis")) == ["epoch_0001.png", "epoch_0002.png"]
     ckpt = torch.load(out / "latest.pt", weights_only=True)
     assert ckpt["step"] == 4 and len(ckpt["rng_per_rank"]) == 2

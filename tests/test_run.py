@@ -33,7 +33,7 @@ def test_two_epochs_with_tiny_vae(tmp_path, data, tiny_vae_dir, capsys):
                        visualization={"every_epochs": 1, "vae_path": tiny_vae_dir})
     assert run.main(["--config", cfg]) == 0
     out_dir = tmp_path / "out"
-    assert sorted(os.listdir(out_dir)) == ["config.yaml", "epoch_0001.pt", "epoch_0002.pt", "latest.pt", "vis"]
+    assert sorted(os.listdir(out_dir)) == [".run.lock", "config.yaml", "epoch_0001.pt", "epoch_0002.pt", "latest.pt", "vis"]
     ckpt = torch.load(out_dir / "latest.pt", weights_only=True)
     for key in ("epoch", "step", "config", "models", "ema", "optimizers", "scaler", "rng"):
         assert key in ckpt, key
