@@ -38,8 +38,8 @@ from PIL import Image
 from dataset import list_latent_files, read_latent
 from inference import (domain_index, latent_styles, load_networks, open_vae_for, reference_styles,
                        training_latent_size, translate_pairs)
-from runtime import InputError, configure_backends, resolve_device, run_script
-from vae import (encode_raw, load_image, to_model_input, to_rgb, to_uint8,
+from runtime import InputError, check_psi, check_seed, configure_backends, resolve_device, run_script
+from vae import (MAX_IMAGE_PIXELS, encode_raw, inspect_image, load_image, to_model_input, to_rgb, to_uint8,
                  vae_downsample_factor)
 
 # before gradio is imported: no telemetry thread and no version check (on a closed network they only
@@ -53,7 +53,6 @@ UPLOAD, DATA = "upload", "data"  # where a source or reference comes from
 LATENT_GUIDED, REFERENCE_GUIDED = "latent", "reference"
 MAX_STYLES = 8  # latent-guided styles per domain: one row of the gallery
 EXAMPLES_PER_DOMAIN = 4  # latents offered from each domain folder of data.root
-MAX_UPSCALE = 4  # an upload's shorter side must be at least 1/4 of the model's input size
 KEEP_REQUESTS = 64  # request folders of outputs kept on disk (Gradio serves its own copies)
 MAX_UPLOAD = "25mb"  # Gradio refuses bigger uploads before they reach the handler
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -123,7 +122,8 @@ class Translator:
 
     def _find_examples(self):
         """The first EXAMPLES_PER_DOMAIN latent files of each domain folder under data.root, when
-        the folder is on this machine (the checkpoint may come from another one)."""
+        the folder is on this machine (the checkpoint may come from another one). A file name that
+        is not valid UTF-8 cannot travel to the page as text: it is left out."""
         root = os.path.expanduser(self.cfg["data"]["root"])
         examples = {}
         for domain in self.domains:
@@ -131,8 +131,15 @@ class Translator:
                 files = list_latent_files(os.path.join(root, domain))
             except (OSError, InputError):
                 continue
-            for path in files[:EXAMPLES_PER_DOMAIN]:
-                examples[f"{domain}/{os.path.basename(path)}"] = path
+            for path in files:
+                label = f"{domain}/{os.path.basename(path)}"
+                try:
+                    label.encode("utf-8")
+                except UnicodeEncodeError:  # undecodable bytes, kept by Python as surrogates
+                    continue
+                examples[label] = path
+                if sum(key.startswith(f"{domain}/") for key in examples) == EXAMPLES_PER_DOMAIN:
+                    break
         return examples
 
     @property
@@ -150,45 +157,32 @@ class Translator:
     # ------------------------------------------------------------------ inputs
 
     def read_image(self, path, what):
-        """An uploaded image -> (raw latent [1, 4, h, w], notes): checked, then centre-cropped,
-        resized and encoded by the library's load_image / encode_raw, as encode.py does."""
+        """An uploaded image -> (raw latent [1, 4, h, w], notes): checked by the rule encode.py
+        follows (vae.inspect_image), then centre-cropped, resized and encoded as encode.py does."""
         if self.vae is None:
-            raise InputError(f"the {what} is an image, but no VAE is loaded to encode it ({self.vae_problem}); "
-                             "restart with --vae, or pick a latent from the data")
+            raise InputError(f"the {what} is an image, but no VAE is loaded to encode it; restart the app with "
+                             "--vae, or pick a latent from the data")
         if not path:
             raise InputError(f"no {what} image: upload one first")
-        try:
-            with Image.open(path) as image:
-                width, height, mode, info = image.width, image.height, image.mode, dict(image.info)
-        except Exception as e:  # not an image, a truncated file, a decompression bomb
-            raise InputError(f"the {what} upload is not an image this app can read "
-                             f"({type(e).__name__}: {str(e)[:200]}); upload a PNG, JPEG, WebP or BMP") from None
-        min_side = max(1, self.image_size // MAX_UPSCALE)
-        if min(width, height) < min_side:
-            raise InputError(f"the {what} image is {width}x{height} px, too small: the model takes "
-                             f"{self.image_size}x{self.image_size} px, so its shorter side needs at least "
-                             f"{min_side} px")
-        notes = [f"{what} {width}x{height}"]
-        if mode in ("1", "L", "LA", "I", "I;16", "F"):
-            notes.append("grayscale, used as RGB")
-        if mode in ("RGBA", "LA", "PA") or "transparency" in info:
-            notes.append("transparency dropped, as encode.py does")
+        info = inspect_image(path, self.image_size, MAX_IMAGE_PIXELS, what=f"{what} upload")
         try:
             pixels = load_image(path, self.image_size)  # uint8 [S, S, 3], centre square crop
-        except Exception as e:
-            raise InputError(f"cannot decode the {what} image ({type(e).__name__}: {str(e)[:200]})") from None
+        except Exception as e:  # a truncated file: PIL's text would name the server's path
+            raise InputError(f"cannot decode the {what} image ({type(e).__name__}); upload it again or use another "
+                             "file") from None
         raw = encode_raw(self.vae, to_model_input([pixels])).cpu()  # [1, 4, S/f, S/f] raw
-        return raw, notes
+        return raw, [f"{what} {info.width}x{info.height}"] + info.notes
 
     def read_example(self, label, what):
         """A latent from the data -> (raw latent [1, 4, h, w], notes)."""
         if label not in self.examples:
             offered = ", ".join(self.examples) or "none: data.root is not on this machine"
             raise InputError(f"no {what} latent {label!r} in the data; offered: {offered}")
+        path = self.examples[label]
         try:
-            latent = read_latent(self.examples[label])  # [4, h, w] raw
-        except OSError as e:
-            raise InputError(str(e)) from None
+            latent = read_latent(path)  # [4, h, w] raw
+        except (OSError, InputError) as e:  # the page sees the label, never the server's path
+            raise InputError(str(e).replace(path, f"`{label}`")) from None
         return latent[None], [f"{what} `{label}`"]
 
     def read_input(self, mode, image_path, label, what):
@@ -262,17 +256,12 @@ def check_style_args(style_mode, num_styles, seed, psi):
     if style_mode == REFERENCE_GUIDED:
         return 1, 0, 1.0  # unused: the reference gives the style
     try:
-        num_styles, seed, psi = int(num_styles), int(seed), float(psi)
-    except (TypeError, ValueError):
-        raise InputError(f"number of styles, seed and psi must be numbers, got {num_styles!r}, {seed!r}, "
-                         f"{psi!r}") from None
+        num_styles, seed = int(num_styles), int(seed)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
+        raise InputError(f"number of styles and seed must be integers, got {num_styles!r}, {seed!r}") from None
     if not 1 <= num_styles <= MAX_STYLES:
         raise InputError(f"number of styles {num_styles}: expected 1 to {MAX_STYLES}")
-    if not 0 <= seed < 2 ** 63:
-        raise InputError(f"seed {seed}: expected an integer from 0 to 2**63 - 1")
-    if not 0.0 <= psi <= 1.0:
-        raise InputError(f"psi {psi}: expected 0 (the domain's mean style) to 1 (no truncation)")
-    return num_styles, seed, psi
+    return num_styles, check_seed(seed, "seed"), check_psi(psi, "psi")
 
 
 # ---------------------------------------------------------------------- the page
@@ -302,31 +291,47 @@ def prune_requests(root, keep=KEEP_REQUESTS):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def upload_path(value):
-    """The uploaded file's path: the page sends its raw upload record (see build_page), a direct
-    caller a path."""
-    return value.get("path") if isinstance(value, dict) else value
+def received_upload(value, what, upload_root=None):
+    """The path of a file that Gradio received for this server, from the upload record the page
+    sends (or a path). The translate API is open to any caller, and with preprocess=False Gradio
+    checks only records that carry its `meta` tag: so every path is checked here, and anything
+    that is not a regular file inside Gradio's upload folder (`upload_root`) gets one message,
+    whatever the path, so an error never tells whether a file exists on the server."""
+    path = value.get("path") if isinstance(value, dict) else value
+    if path is None or path == "":
+        return None
+    root = os.path.realpath(upload_root or gr.utils.get_upload_folder())
+    try:
+        real = os.path.realpath(path) if isinstance(path, str) and "\0" not in path else None
+    except (OSError, ValueError):
+        real = None
+    if real is None or os.path.commonpath([real, root]) != root or not os.path.isfile(real):
+        raise InputError(f"the {what} image is not a file uploaded to this page; upload it again")
+    return real
 
 
-def make_handler(translator, output_root):
+def make_handler(translator, output_root, upload_root=None):
     """The page's request function: inputs in the order of the page's widgets -> (gallery, latents
-    file, source as seen, status line). Bad input raises gr.Error with the message; anything else is
-    printed to the server's log and reported in one line, never as a stack trace on the page."""
+    file, source as seen, status line). Images are accepted only from `upload_root` (default:
+    Gradio's upload folder). Bad input raises gr.Error with the message; anything else is printed to
+    the server's log and reported in one line (no server path, no stack trace) on the page."""
 
     def handle(source_mode, source_image, source_latent, target, style_mode, num_styles, seed, psi,
                reference_mode, reference_image, reference_latent):
         try:
-            result = translator.translate(source_mode, upload_path(source_image), source_latent, target, style_mode,
-                                          num_styles, seed, psi, reference_mode, upload_path(reference_image),
-                                          reference_latent)
+            source_path = received_upload(source_image, "source", upload_root) if source_mode == UPLOAD else None
+            reference_path = received_upload(reference_image, "reference", upload_root) \
+                if style_mode == REFERENCE_GUIDED and reference_mode == UPLOAD else None
+            result = translator.translate(source_mode, source_path, source_latent, target, style_mode,
+                                          num_styles, seed, psi, reference_mode, reference_path, reference_latent)
             os.makedirs(output_root, exist_ok=True)
             prune_requests(output_root)
             items, latents_pt, source_png = write_outputs(result, tempfile.mkdtemp(dir=output_root))
         except InputError as e:
             raise gr.Error(str(e), title="Cannot translate", print_exception=False) from None
-        except Exception as e:
+        except Exception as e:  # its text may name server paths: the log has it, the page the type
             traceback.print_exc()
-            raise gr.Error(f"internal error ({type(e).__name__}: {str(e)[:300]}); the server's log has the details",
+            raise gr.Error(f"internal error ({type(e).__name__}); the server's log has the details",
                            print_exception=False) from None
         return gr.update(value=items, columns=result["columns"]), latents_pt, source_png, result["status"]
 
@@ -339,18 +344,18 @@ def header_markdown(translator):
         vae_line = f"VAE: {translator.image_size}x{translator.image_size} px images ↔ 4x{size}x{size} latents"
     else:
         vae_line = "**No VAE loaded**"
-    lines = [
+    lines = [  # file names only: the page is for visitors, who have no business with the server's paths
         "# Latent StarGAN v2",
-        f"Checkpoint `{translator.checkpoint}` · domains: {', '.join(translator.domains)} · "
+        f"Checkpoint `{os.path.basename(translator.checkpoint)}` · domains: {', '.join(translator.domains)} · "
         f"device: {translator.device_label} · {vae_line}",
     ]
     if translator.vae is None:
         lines.append("> **No VAE**: sources and references are latents from the data, and every picture is the "
                      "linear latent preview (colours roughly right, no detail), not a VAE decode. Restart with "
-                     f"`--vae` to upload images. (Why: {translator.vae_problem}.)")
+                     "`--vae` to upload images (the server's log says why none loaded).")
         if not translator.examples:
-            lines.append(f"> Nothing to translate: no latents under data.root "
-                         f"(`{translator.cfg['data']['root']}`) on this machine either.")
+            lines.append("> Nothing to translate: the checkpoint's data.root holds no latents on this server "
+                         "either.")
     return "\n\n".join(lines)
 
 

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from runtime import InputError, atomic_write
+from model import MIN_LATENT_SIZE
+from runtime import MAX_LATENT_SIZE, InputError, atomic_write, load_error_reason
 
 LATENT_CHANNELS = 4  # SD1.5 VAE latent channels
 LATENT_SUFFIXES = (".pt", ".npy")
@@ -30,6 +31,7 @@ LATENT_SUFFIXES = (".pt", ".npy")
 # twice, saved as pixels, or corrupted. Such a value is finite, so the finiteness check misses it, yet
 # it drives activations and gradients to inf and every step that draws it is skipped.
 OUTLIER_LIMIT = 1e3
+MAX_LISTED = 20  # files named in one error; the rest are counted
 
 
 def _mb(nbytes):
@@ -79,51 +81,85 @@ def write_latent_folders(root, latents, stem="{index:05d}", suffix=".pt"):
     return paths
 
 
-def load_latent_file(path):
-    """One latent file -> CPU float tensor [4, H, W] (dtype as stored); ValueError naming `path`.
+def check_latent_shape(path, shape):
+    """[4, H, W] or [1, 4, H, W] with MIN_LATENT_SIZE <= H, W <= MAX_LATENT_SIZE, else InputError."""
+    shape = list(shape)
+    expected = "expected a float tensor of shape [4, H, W] or [1, 4, H, W] (an SD VAE latent)"
+    if len(shape) == 4 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 3 or shape[0] != LATENT_CHANNELS:
+        raise InputError(f"{path} has shape {shape}; {expected}")
+    if not all(MIN_LATENT_SIZE <= side <= MAX_LATENT_SIZE for side in shape[1:]):
+        raise InputError(f"{path} has shape {shape}: a latent's H and W must be from {MIN_LATENT_SIZE} (the "
+                         f"networks halve them {MIN_LATENT_SIZE.bit_length() - 1} times) to {MAX_LATENT_SIZE}")
 
-    Shape and dtype are checked here, where files enter the program; finiteness is checked once on
-    the assembled float32 tensor (one vectorised pass, which also catches float64 values that
-    overflow float32).
+
+def load_latent_file(path):
+    """One latent file -> CPU float tensor [4, H, W] (dtype as stored); InputError naming `path`.
+
+    Shape, size and dtype are checked here, where files enter the program (a .npy's from its header,
+    before its data is read); finiteness is checked once on the assembled float32 tensor (one
+    vectorised pass, which also catches float64 values that overflow float32).
     """
     expected = "expected a float tensor of shape [4, H, W] or [1, 4, H, W] (an SD VAE latent)"
     if path.endswith(".npy"):
-        try:
-            array = np.load(path, allow_pickle=False)
+        try:  # memory-mapped: the header's shape is checked before a byte of data is read
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as e:  # object arrays, pickles, truncated or garbage bytes
-            raise InputError(f"cannot read {path} as a .npy array ({type(e).__name__}: {e}); {expected}") from e
+            raise InputError(f"cannot read {path} as a .npy array ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); {expected}") from None
         if not isinstance(array, np.ndarray):  # e.g. an .npz archive renamed to .npy
             raise InputError(f"{path} holds {type(array).__name__}, not a single array; {expected}")
         if not np.issubdtype(array.dtype, np.floating):
             raise InputError(f"{path} has dtype {array.dtype}; {expected}")
+        check_latent_shape(path, array.shape)
         with np.errstate(over="ignore"):  # float64 beyond float32's range: caught as inf below
-            latent = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+            latent = torch.from_numpy(np.array(array, dtype=np.float32))
     else:
         try:
             latent = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refuses any pickle that is not plain tensor data
-            raise InputError(f"cannot load {path} with torch.load(weights_only=True) "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                             f"{expected}, saved with torch.save(tensor)") from e
+            raise InputError(f"cannot load {path} with torch.load(weights_only=True): {load_error_reason(e)}; "
+                             f"{expected}, saved with torch.save(tensor)") from None
         if not isinstance(latent, torch.Tensor):
             raise InputError(f"{path} holds a {type(latent).__name__}, not a tensor; {expected}")
         if latent.layout != torch.strided or not latent.is_floating_point() or latent.is_complex():
             raise InputError(f"{path} has dtype {latent.dtype} and layout {latent.layout}; {expected}")
+        check_latent_shape(path, latent.shape)
         latent = latent.detach()
-    if latent.dim() == 4 and latent.shape[0] == 1:
-        latent = latent[0]  # [1, 4, H, W] -> [4, H, W]
-    if latent.dim() != 3 or latent.shape[0] != LATENT_CHANNELS:
-        raise InputError(f"{path} has shape {list(latent.shape)}; {expected}")
-    return latent  # [4, H, W]
+    return latent.reshape(latent.shape[-3:])  # [4, H, W]
 
 
 def read_latent(path):
-    """One latent file to translate: float32 [4, H, W], finite; InputError naming the file otherwise.
-    (Training checks finiteness once on all its data instead.)"""
+    """One latent file to translate: float32 [4, H, W], finite, no outlier; InputError naming the
+    file otherwise. (Training checks all its data at once instead.)"""
     latent = load_latent_file(path).float()  # [4, H, W]
     if not torch.isfinite(latent).all():
         raise InputError(f"{path} holds non-finite values (NaN or inf)")
+    found = outliers(latent[None], [path])
+    if found:
+        raise InputError(outlier_message(found) + "\nRe-encode it, or use another file")
     return latent
+
+
+def outliers(latents, names):
+    """[(name, max |value|)] of the latents [N, 4, H, W] beyond OUTLIER_LIMIT: one vectorised pass."""
+    peak = latents.abs().flatten(1).amax(dim=1)  # [N]
+    rows = (peak > OUTLIER_LIMIT).nonzero().flatten().tolist()
+    return [(names[r], peak[r].item()) for r in rows]
+
+
+def outlier_message(found):
+    listing = listed(f"{name}: max |value| {peak:.3g}" for name, peak in found)
+    return (f"{len(found)} latent file(s) hold values far outside a VAE latent's range (max |value| > "
+            f"{OUTLIER_LIMIT:g}; raw SD1.5 latents have a std of about 5.5):\n  {listing}")
+
+
+def listed(lines, limit=MAX_LISTED):
+    """Lines joined for an error message, the first `limit` of them and a count of the rest."""
+    lines = list(lines)
+    more = f"\n  ... and {len(lines) - limit} more" if len(lines) > limit else ""
+    return "\n  ".join(lines[:limit]) + more
 
 
 class MultiDomainLatentDataset(Dataset):
@@ -182,47 +218,63 @@ class MultiDomainLatentDataset(Dataset):
     # loading
 
     def _load_all(self):
-        """Read every file once into one preallocated tensor: no list of tensors, no stack copy."""
-        data = None
-        first_path = None
-        row = 0
+        """Read every file once into one preallocated tensor: no list of tensors, no stack copy.
+        Every unreadable file, and every file whose shape differs from most files', is named in one
+        error, so one run finds them all."""
+        data, shape, row = None, None, 0
+        problems, odd_shapes = [], []  # (path, message) / (path, shape)
         for paths in self.files:
             for path in paths:
-                latent = load_latent_file(path)  # [4, H, W]
+                try:
+                    latent = load_latent_file(path)  # [4, H, W]
+                except InputError as err:
+                    problems.append(str(err))
+                    continue
                 if data is None:
-                    first_path = path
-                    data = torch.empty(sum(self.counts), *latent.shape, dtype=torch.float32)
-                elif latent.shape != data.shape[1:]:
-                    raise InputError(f"{path} has shape {list(latent.shape)}; expected {list(data.shape[1:])} "
-                                     f"like {first_path} (every file of every domain must share one shape)")
+                    shape = latent.shape
+                    data = torch.empty(sum(self.counts), *shape, dtype=torch.float32)
+                if latent.shape != shape:
+                    odd_shapes.append((path, tuple(latent.shape)))
+                    continue
                 data[row].copy_(latent)  # casts float16/bfloat16/float64 to float32
                 row += 1
+        if odd_shapes:  # the majority shape is the expected one
+            counts = {tuple(shape): row}
+            for _, s in odd_shapes:
+                counts[s] = counts.get(s, 0) + 1
+            majority = max(counts, key=counts.get)
+            odd_shapes = [(p, s) for p, s in odd_shapes if s != majority]
+            if majority != tuple(shape):
+                odd_shapes += [(p, tuple(shape)) for p in self._files_of_shape(tuple(shape))]
+            problems += [f"{p} has shape {list(s)}; expected {list(majority)} like {counts[majority]} other "
+                         "file(s) (every file of every domain must share one shape)" for p, s in odd_shapes]
+        if problems:
+            raise InputError(f"{len(problems)} latent file(s) under {self.root} cannot be used:\n  {listed(problems)}")
         # min and max propagate NaN and are +-inf only if some value is: one cheap pass over all
-        # the data; the per-file scan that names the file runs only on failure
+        # the data; the per-file scan that names the files runs only on failure
         low, high = torch.aminmax(data)
         if not (torch.isfinite(low) and torch.isfinite(high)):
-            row = int((~torch.isfinite(data).flatten(1).all(dim=1)).nonzero()[0, 0])
+            rows = (~torch.isfinite(data).flatten(1).all(dim=1)).nonzero().flatten().tolist()
             flat = [p for paths in self.files for p in paths]
-            raise InputError(f"{flat[row]} holds a non-finite value (NaN or +-inf, possibly after the cast "
-                             f"to float32); expected finite raw latents")
+            raise InputError(f"{len(rows)} latent file(s) hold a non-finite value (NaN or +-inf, possibly after the "
+                             f"cast to float32); expected finite raw latents:\n  {listed(flat[r] for r in rows)}")
         return data
+
+    def _files_of_shape(self, shape):
+        """Paths of the files of `shape` (only when reporting: reads the headers again)."""
+        return [p for paths in self.files for p in paths if tuple(load_latent_file(p).shape) == shape]
 
     def _check_outliers(self, reject, log):
         """Name every file whose max |value| exceeds OUTLIER_LIMIT: an error when `reject`, else a
         warning (training then skips the steps that draw them as non-finite)."""
-        peak = self.data.abs().flatten(1).amax(dim=1)  # [N_total]: one vectorised pass
-        rows = (peak > OUTLIER_LIMIT).nonzero().flatten().tolist()
-        if not rows:
+        found = outliers(self.data, [p for paths in self.files for p in paths])
+        if not found:
             return
-        flat = [p for paths in self.files for p in paths]
-        listing = "\n  ".join(f"{flat[r]}: max |value| {peak[r].item():.3g}" for r in rows)
-        message = (f"{len(rows)} latent file(s) hold values far outside a VAE latent's range (max |value| > "
-                   f"{OUTLIER_LIMIT:g}; raw SD1.5 latents have a std of about 5.5):\n  {listing}")
         if reject:
-            raise InputError(f"{message}\nRe-encode or remove them, or set data.reject_outliers: false to train "
-                             "anyway (steps that draw them are then skipped as non-finite)")
-        log(f"warning: {message}\ndata.reject_outliers is false: training goes on; steps that draw them are "
-            "skipped as non-finite")
+            raise InputError(f"{outlier_message(found)}\nRe-encode or remove them (training: data.reject_outliers: "
+                             "false trains anyway, skipping the steps that draw them as non-finite)")
+        log(f"warning: {outlier_message(found)}\ndata.reject_outliers is false: training goes on; steps that draw "
+            "them are skipped as non-finite")
 
     def _maybe_preload(self, data, preload_to_gpu, device, max_fraction, log):
         """Move `data` to the GPU when asked and it fits in `max_fraction` of the free memory."""

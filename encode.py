@@ -8,6 +8,10 @@ converted to RGB, centre-cropped to a square, resized to --size (bicubic), scale
 encoded by a diffusers `AutoencoderKL`. Each becomes one float32 file `<stem>.pt` or `<stem>.npy`
 holding the raw, unscaled posterior mode `[C, size/f, size/f]` (`[4, 32, 32]` for SD1.5 at 256px).
 
+Images whose shorter side is under --size / 4 are refused (upscaling them would invent the
+picture), as the app refuses such uploads; what encoding changed (upscaled, grayscale used as RGB,
+transparency dropped) is reported at the end, one line per kind.
+
 Resumable: outputs that already exist are skipped, and each file is written to a temporary name and
 renamed, so an existing output is always complete. A broken image is named, skipped, and makes the
 exit code 1 once everything else is encoded. Setup errors (missing folder, no images, bad --size,
@@ -27,7 +31,8 @@ from tqdm import tqdm
 
 from dataset import save_latent
 from runtime import InputError, resolve_device, run_script
-from vae import IMAGE_EXTENSIONS, encode_raw, load_image, load_vae, to_model_input, vae_downsample_factor
+from vae import (IMAGE_EXTENSIONS, encode_raw, inspect_image, load_image, load_vae, to_model_input,
+                 vae_downsample_factor)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PREFETCH_BATCHES = 2  # batches decoded ahead of the VAE: bounds memory on huge folders
@@ -108,9 +113,17 @@ def submit(pool, fn, *args):
     return future
 
 
+def read_image(path, size):
+    """(uint8 [size, size, 3], notes): checked by the rule the app follows (vae.inspect_image: too
+    small to upscale is refused), then decoded, centre-cropped and resized."""
+    notes = inspect_image(path, size).notes
+    return load_image(path, size), notes
+
+
 def decoded_batches(jobs, size, batch_size, workers):
-    """Yield (jobs decoded, their uint8 [size, size, 3] images, [(image path, reason)] failures) per
-    batch of `jobs`, decoded by `workers` threads up to PREFETCH_BATCHES batches ahead."""
+    """Yield (jobs decoded, their uint8 [size, size, 3] images, [(image path, reason)] failures,
+    [(image path, notes)]) per batch of `jobs`, decoded by `workers` threads up to PREFETCH_BATCHES
+    batches ahead."""
     batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
     decoder = ThreadPoolExecutor(workers, thread_name_prefix="decode") if workers > 0 else None
     pending = deque()
@@ -118,34 +131,45 @@ def decoded_batches(jobs, size, batch_size, workers):
         for k in range(len(batches)):
             while len(pending) < PREFETCH_BATCHES and k + len(pending) < len(batches):
                 upcoming = batches[k + len(pending)]
-                pending.append([submit(decoder, load_image, src, size) for src, _, _ in upcoming])
-            ok, images, failed = [], [], []
+                pending.append([submit(decoder, read_image, src, size) for src, _, _ in upcoming])
+            ok, images, failed, changed = [], [], [], []
             for job, future in zip(batches[k], pending.popleft()):
                 try:
-                    images.append(future.result())
-                    ok.append(job)
+                    image, notes = future.result()
+                except InputError as e:
+                    failed.append((job[0], str(e)))
+                    continue
                 except Exception as e:
                     failed.append((job[0], f"unreadable image: {type(e).__name__}: {e}"))
-            yield ok, images, failed
+                    continue
+                images.append(image)
+                ok.append(job)
+                if notes:
+                    changed.append((job[0], notes))
+            yield ok, images, failed, changed
     finally:
         if decoder is not None:
             decoder.shutdown(wait=True, cancel_futures=True)
 
 
 def encode_jobs(vae, jobs, args, device):
-    """Encode [(image path, output path, rel_stem)] in batches. Returns [(image path, reason)] failures.
+    """Encode [(image path, output path, rel_stem)] in batches. Returns ([(image path, reason)]
+    failures, {note: [image paths]} for images that encoding changed: upscaled, grayscale, alpha).
 
     Each batch is encoded on the device and moved to the CPU once; its files are written by one
     background thread while the next batch decodes and encodes.
     """
-    failures = []
+    failures, changed = [], {}
     writer = ThreadPoolExecutor(1, thread_name_prefix="write")
     pending_write = None
     bar = tqdm(total=len(jobs), unit="img", desc="encode", dynamic_ncols=True)
     batches = decoded_batches(jobs, args.size, args.batch_size, args.workers)
     try:
-        for ok, images, failed in batches:
+        for ok, images, failed, notes in batches:
             batch_len = len(ok) + len(failed)
+            for path, image_notes in notes:
+                for note in image_notes:
+                    changed.setdefault(note, []).append(path)
             if ok:
                 generator = [sample_generator(args.seed, rel) for _, _, rel in ok] if args.sample else None
                 latents = encode_raw(vae, to_model_input(images).to(device), args.sample, generator)
@@ -166,7 +190,14 @@ def encode_jobs(vae, jobs, args, device):
         batches.close()  # stops the decoding threads now, also when encoding raised
         bar.close()
         writer.shutdown(wait=True)
-    return failures
+    return failures, changed
+
+
+def report_changes(changed, shown=5):
+    """One line per kind of change encoding made (upscaled, grayscale, transparency), with examples."""
+    for note, paths in sorted(changed.items()):
+        examples = ", ".join(os.path.basename(p) for p in paths[:shown]) + (" ..." if len(paths) > shown else "")
+        print(f"encode.py: {len(paths)} image(s) {note}: {examples}", flush=True)
 
 
 def run(args):
@@ -209,11 +240,12 @@ def run(args):
           f"{len(jobs)} to encode -> {latent_shape} float32 .{args.format} "
           f"({'posterior sample' if args.sample else 'posterior mode'}, {device}, {args.dtype})", flush=True)
     start = time.perf_counter()
-    failures = encode_jobs(vae, jobs, args, device) if jobs else []
+    failures, changed = encode_jobs(vae, jobs, args, device) if jobs else ([], {})
     seconds = time.perf_counter() - start
     encoded = len(jobs) - len(failures)
     print(f"encoded {encoded}, skipped {skipped}, failed {len(failures)} in {seconds:.1f}s "
           f"({encoded / max(seconds, 1e-9):.3g} images/s)", flush=True)
+    report_changes(changed)
     if failures:
         print(f"encode.py: {len(failures)} image(s) failed and were not written:", file=sys.stderr)
         for path, reason in failures:

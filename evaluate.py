@@ -23,7 +23,8 @@ import torch
 from dataset import MultiDomainLatentDataset
 from inference import networks_from_checkpoint
 from metrics import Evaluator, format_table
-from runtime import InputError, atomic_write, load_checkpoint, resolve_device, run_script
+from runtime import (InputError, atomic_write, check_seed, check_writable_folder, load_checkpoint, remove_if_empty,
+                     resolve_device, run_script)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,14 +65,17 @@ def parse_args(argv=None):
         p.error("--max-sources must be >= 1")
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
+    try:
+        check_seed(args.seed)
+    except InputError as e:
+        p.error(str(e))
     return args
 
 
 def read_domains(root, domains, flag):
     """({domain: raw latents [N, 4, h, w]}, {domain: an id of its file list}) from root/<domain>/."""
-    try:
-        ds = MultiDomainLatentDataset(root, domains, preload_to_gpu=False, device="cpu", reject_outliers=False,
-                                      log=lambda *a: None)
+    try:  # outliers (max |value| > 1e3) are refused, naming each file, as training does
+        ds = MultiDomainLatentDataset(root, domains, preload_to_gpu=False, device="cpu", log=lambda *a: None)
     except FileNotFoundError as e:
         raise InputError(f"{flag} {root!r}: {e}; the checkpoint's domains are {', '.join(domains)}") from None
     return ds.by_domain(), ds.file_list_ids()
@@ -81,6 +85,17 @@ def run(args):
     device = resolve_device(args.device, fallback=False)
     ckpt = load_checkpoint(args.checkpoint)
     cfg, nets = networks_from_checkpoint(ckpt, args.checkpoint, device)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                   "eval_" + os.path.splitext(os.path.basename(args.checkpoint))[0])
+    created = check_writable_folder(out, "--out")  # before the data, the weights and the evaluation
+    try:
+        return evaluate(args, ckpt, cfg, nets, device, out)
+    finally:
+        if created:  # a run that failed before writing metrics.json leaves no empty folder behind
+            remove_if_empty(out)
+
+
+def evaluate(args, ckpt, cfg, nets, device, out):
     domains, e = list(cfg["data"]["domains"]), cfg["evaluation"]
     data_root = args.data_root or cfg["data"]["root"]
     real, real_ids = read_domains(data_root, domains, "--data-root")
@@ -92,8 +107,6 @@ def run(args):
     subfolder = args.vae_subfolder if (args.vae or args.vae_subfolder) else (
         None if e["vae_path"] else cfg["visualization"]["vae_subfolder"])
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                   "eval_" + os.path.splitext(os.path.basename(args.checkpoint))[0])
     evaluator = Evaluator.load(vae_path, subfolder, args.inception_weights or e["inception_weights"],
                                args.lpips_weights or e["lpips_weights"], device, amp_dtype=dtype,
                                batch_size=args.batch_size,

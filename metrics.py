@@ -614,6 +614,10 @@ class Evaluator:
         InputError that starts with `what` (e.g. which setting asked for evaluation)."""
         from vae import load_vae
 
+        if not vae_path:
+            raise InputError(f"{what}evaluation decodes reals and fakes with the SD VAE, and none is set: pass --vae, or "
+                             "set evaluation.vae_path (or visualization.vae_path), to a local diffusers AutoencoderKL "
+                             "folder or a hub id; metrics never use the linear latent preview")
         try:
             vae = load_vae(vae_path, vae_subfolder, device=device, dtype=torch.float32)
         except Exception as err:  # diffusers / huggingface_hub raise OSError, ValueError, ImportError, ...

@@ -293,6 +293,24 @@ class CheckpointError(InputError):
     """A checkpoint that is not what run.py writes: the message names the file and the entry."""
 
 
+def load_error_reason(err):
+    """Why torch.load(weights_only=True) refused a file, in one line. torch's own message advises
+    retrying with weights_only=False: wrong for a corrupt file and unsafe for a hostile one."""
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"it holds a pickled {found.group(1)}, which is refused: only tensors and plain containers load "
+                "safely (unpickling anything else could run code)")
+    found = re.search(r"WeightsUnpickler error: \s*(.+)", text)
+    if found or "Weights only load failed" in text:
+        detail = found.group(1).strip().splitlines()[0] if found else "unsupported content"
+        return f"it is not a torch.save file of tensors (the weights-only unpickler stopped: {detail})"
+    if "zip archive" in text or "central directory" in text:
+        return "it is not a torch.save file, or a truncated or corrupted one"
+    first = text.strip().splitlines()[0][:200] if text.strip() else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
 def load_checkpoint(path, map_location="cpu"):
     """torch.load with weights_only=True (never a full unpickle: a hostile file cannot run code),
     then `validate_checkpoint` (weights_only stops code, not bad values). CheckpointError (an
@@ -301,10 +319,8 @@ def load_checkpoint(path, map_location="cpu"):
         raise InputError(f"checkpoint {path!r} not found")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # the first line only: torch's advice to retry without weights_only is unsafe
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise CheckpointError(f"{path}: not a Latent StarGAN v2 checkpoint (it cannot be loaded with "
-                              f"weights_only=True: {type(e).__name__}: {reason})") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a Latent StarGAN v2 checkpoint ({load_error_reason(e)})") from None
     validate_checkpoint(ckpt, path)
     return ckpt
 

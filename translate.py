@@ -24,8 +24,9 @@ from PIL import Image
 from dataset import LATENT_SUFFIXES, read_latent
 from inference import (DEFAULT_LATENT_SIZE, MEAN_STYLE_SAMPLES, domain_index, latent_styles, load_networks,
                        open_vae_for, reference_styles, training_latent_size, translate_pairs)
-from runtime import InputError, atomic_write, resolve_device, run_script
-from vae import (IMAGE_EXTENSIONS, encode_raw, load_image, save_image_grid, to_model_input, to_rgb,
+from runtime import (InputError, atomic_write, check_psi, check_seed, check_writable_folder, remove_if_empty,
+                     resolve_device, run_script)
+from vae import (IMAGE_EXTENSIONS, encode_raw, inspect_image, load_image, save_image_grid, to_model_input, to_rgb,
                  to_uint8, vae_downsample_factor)
 
 SHEET_MAX_ROWS = 32  # sources shown in sheet.png (every output still gets its own PNG)
@@ -76,8 +77,11 @@ def parse_args(argv=None):
         p.error("--num-styles must be >= 1")
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
-    args.seed = 0 if args.seed is None else args.seed
-    args.psi = 1.0 if args.psi is None else args.psi
+    try:
+        args.seed = check_seed(0 if args.seed is None else args.seed)
+        args.psi = check_psi(1.0 if args.psi is None else args.psi)
+    except InputError as e:
+        p.error(str(e))
     return args
 
 
@@ -129,6 +133,7 @@ def encode_images(vae, paths, image_size, batch_size):
         chunk = paths[start:start + batch_size]
         images = []
         for path in chunk:
+            inspect_image(path, image_size, what=f"image {path}")  # encode.py's rule: not too small to upscale
             try:
                 images.append(load_image(path, image_size))  # uint8 [S, S, 3]
             except Exception as e:
@@ -222,11 +227,20 @@ def run(args):
     args.device = resolve_device(args.device, fallback=False)
     cfg, nets = load_networks(args.checkpoint, args.device)
     domain_id = domain_index(cfg, args.target_domain)
-    latent_scale = cfg["training"]["latent_scale"]
     source_paths = list_inputs(args.source, "--source")
     ref_paths = list_inputs(args.reference, "--reference") if args.reference is not None else []
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise InputError(f"--output {args.output!r} exists and is not a folder")
+    created = check_writable_folder(args.output, "--output")  # before the VAE, the encoding, the outputs
+    try:
+        return translate(args, cfg, nets, domain_id, source_paths, ref_paths)
+    finally:
+        if created:  # a run that failed before writing anything leaves no empty folder behind
+            remove_if_empty(args.output)
+
+
+def translate(args, cfg, nets, domain_id, source_paths, ref_paths):
+    latent_scale = cfg["training"]["latent_scale"]
     vae, vae_problem = open_vae(args, cfg, args.device)
     latents = load_inputs(args, cfg, vae, source_paths, ref_paths)
     if vae is None:
@@ -242,7 +256,6 @@ def run(args):
                                args.seed, args.psi, args.device)
         col_labels = [f"style {k}" for k in range(args.num_styles)]
 
-    os.makedirs(args.output, exist_ok=True)
     stems = [os.path.splitext(os.path.basename(p))[0] for p in source_paths]
     names = [f"{stem}_to_{args.target_domain}_{k}" for stem in stems for k in range(styles.shape[0])]
     warn_about_stale_outputs(args.output, names)

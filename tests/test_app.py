@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import app
-from conftest import ROOT
+from conftest import ROOT, write_latent_folders
 from vae import decode_raw, encode_raw, load_image, load_vae, to_model_input, to_uint8
 
 gr = app.gr
@@ -39,7 +39,7 @@ def translator(trained, tiny_vae_dir):
 
 @pytest.fixture
 def handle(translator, tmp_path):
-    return app.make_handler(translator, str(tmp_path / "outputs"))
+    return app.make_handler(translator, str(tmp_path / "outputs"), upload_root=str(tmp_path))  # uploads land here
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_every_domain_latent_guided_rows_are_styles(handle, trained, nets):
 
 
 @pytest.mark.parametrize("upload, message", [
-    ("text", "not an image this app can read"),
+    ("text", "not an image that can be read"),
     ("tiny", "too small"),
     (None, "upload one first"),
 ])
@@ -191,7 +191,7 @@ def test_grayscale_alpha_and_palette_uploads_work(handle, tmp_path, mode, note):
     (dict(num_styles=app.MAX_STYLES + 1), "expected 1 to"),
     (dict(psi=1.5), "psi 1.5"),
     (dict(seed=-1), "seed -1"),
-    (dict(seed="x"), "must be numbers"),
+    (dict(seed="x"), "must be integers"),
     (dict(source_mode=app.DATA, source_latent="a/nope.pt"), "no source latent 'a/nope.pt'"),
     (dict(style_mode="other"), "style mode 'other'"),
 ])
@@ -208,7 +208,8 @@ def test_an_unexpected_failure_is_one_line_not_a_trace(handle, translator, tmp_p
     monkeypatch.setattr(translator, "styles", broken)
     with pytest.raises(gr.Error) as err:
         request(handle, source_image=save_photo(tmp_path / "x.png"))
-    assert err.value.message.startswith("internal error (RuntimeError: boom)") and "\n" not in err.value.message
+    assert err.value.message.startswith("internal error (RuntimeError)") and "\n" not in err.value.message
+    assert "boom" not in err.value.message  # an exception's text may name server paths: the log only
     assert "Traceback" in capsys.readouterr().err  # the details go to the server's log
 
 
@@ -216,7 +217,7 @@ def test_without_a_vae_the_page_works_on_latents(trained, tmp_path):
     without = app.Translator(trained[0], vae=None, device="cpu", log=lambda line: None)  # vae_path is null
     assert without.vae is None and len(without.examples) == 3 * app.EXAMPLES_PER_DOMAIN
     assert "No VAE loaded" in app.header_markdown(without) and "linear latent preview" in app.header_markdown(without)
-    handle = app.make_handler(without, str(tmp_path / "outputs"))
+    handle = app.make_handler(without, str(tmp_path / "outputs"), upload_root=str(tmp_path))
     gallery, saved, _, status = request(handle, source_mode=app.DATA, source_latent="a/001.pt", num_styles=2)
     assert Image.open(gallery["value"][0][0]).size == (LATENT * 8, LATENT * 8)  # the preview's upscale
     assert "linear latent preview" in status
@@ -225,6 +226,82 @@ def test_without_a_vae_the_page_works_on_latents(trained, tmp_path):
     page = app.build_page(without, str(tmp_path / "outputs"))
     radios = [b for b in page.blocks.values() if isinstance(b, gr.Radio) and b.label == "Source"]
     assert [value for _, value in radios[0].choices] == [app.DATA]  # no upload choice without a VAE
+
+
+def test_uploads_are_taken_only_from_the_upload_folder(handle, tmp_path):
+    """The handler's own check (the server test above drives it over HTTP): outside the folder, a
+    folder, a missing file, a symlink out of it and a NUL byte all get the same message."""
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    inside = save_photo(uploads / "ok.png")
+    outside = save_photo(tmp_path.parent / f"{tmp_path.name}-outside.png")
+    os.symlink(outside, uploads / "link.png")
+    handler = app.make_handler(app_translator(handle),
+                               str(tmp_path / "outputs"), upload_root=str(uploads))
+    gallery, _, _, _ = request(handler, source_image={"path": inside})
+    assert len(gallery["value"]) == 1
+    messages = set()
+    for path in (outside, str(uploads / "link.png"), str(uploads), str(uploads / "nope.png"),
+                 str(uploads / ".." / os.path.basename(outside)), "/etc/hostname", "ok.png\0", 42):
+        with pytest.raises(gr.Error) as err:
+            request(handler, source_image={"path": path})
+        messages.add(err.value.message)
+    assert messages == {"the source image is not a file uploaded to this page; upload it again"}
+    with pytest.raises(gr.Error, match="reference image is not a file uploaded"):
+        request(handler, source_image={"path": inside}, style_mode=app.REFERENCE_GUIDED, reference_mode=app.UPLOAD,
+                reference_image={"path": outside})
+
+
+def app_translator(handle):
+    """The Translator a handler serves (the `translator` fixture)."""
+    return next(c.cell_contents for c in handle.__closure__ if isinstance(c.cell_contents, app.Translator))
+
+
+def test_big_uploads_are_refused_by_size_and_decoded_reduced(handle, translator, tmp_path, monkeypatch):
+    """A picture beyond MAX_IMAGE_PIXELS is refused from its header, naming the limit; a large JPEG is
+    decoded at a reduced scale (the decoder's draft), close to the full decode."""
+    monkeypatch.setattr(app, "MAX_IMAGE_PIXELS", 100 * 100)
+    with pytest.raises(gr.Error, match=r"120x100 px .* more than the 0 megapixels"):
+        request(handle, source_image=save_photo(tmp_path / "big.png", (120, 100)))
+    monkeypatch.undo()
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8), np.ones((64, 64, 1), np.uint8))
+    Image.fromarray(smooth).save(tmp_path / "large.jpg", quality=95)  # 2048x1536
+    opened = []
+    real_open = Image.open
+
+    def spy(*args, **kwargs):
+        image = real_open(*args, **kwargs)
+        opened.append(image)
+        return image
+
+    monkeypatch.setattr(Image, "open", spy)
+    reduced = load_image(str(tmp_path / "large.jpg"), IMAGE)
+    monkeypatch.undo()
+    assert opened[-1].size[0] < 2048  # the JPEG decoder worked at 1/2 .. 1/8 scale
+    with Image.open(tmp_path / "large.jpg") as full:  # an independent full-size decode, crop and resize
+        full = full.convert("RGB").crop((256, 0, 1792, 1536)).resize((IMAGE, IMAGE), Image.BICUBIC)
+    assert np.abs(reduced.astype(int) - np.asarray(full).astype(int)).mean() < 3
+
+
+def test_example_latents_with_undecodable_names_are_left_out(trained, tmp_path):
+    """A data file name that is not UTF-8 cannot be sent to the page (the server's /config answered
+    500): such files are not offered, the rest are, and the page's config serialises."""
+    import orjson
+
+    root = write_latent_folders(tmp_path / "data", domains=("a", "b", "c"), files=2)
+    odd = os.path.join(os.fsencode(root), b"a", b"!\xff.pt")  # sorts first
+    with open(os.path.join(root, "a", "000.pt"), "rb") as f, open(odd, "wb") as g:
+        g.write(f.read())
+    ckpt = torch.load(trained[0], weights_only=True)
+    ckpt["config"]["data"]["root"] = root
+    path = tmp_path / "ckpt.pt"
+    torch.save(ckpt, path)
+    translator = app.Translator(str(path), vae=None, device="cpu", log=lambda line: None)
+    assert sorted(translator.examples) == ["a/000.pt", "a/001.pt", "b/000.pt", "b/001.pt", "c/000.pt", "c/001.pt"]
+    page = app.build_page(translator, str(tmp_path / "outputs"))
+    orjson.dumps(page.get_config_file())  # what Gradio's /config sends
+    assert str(tmp_path) not in app.header_markdown(translator)  # the file name only
 
 
 @pytest.mark.cuda
@@ -346,9 +423,26 @@ def test_server_round_trip_through_gradio_client(server, tmp_path):
     # a bad upload comes back as the handler's message
     bad = tmp_path / "bad.png"
     bad.write_text("not a picture")
-    with pytest.raises(Exception, match="not an image this app can read"):
+    with pytest.raises(Exception, match="not an image that can be read"):
         client.predict(app.UPLOAD, handle_file(str(bad)), None, "a", app.LATENT_GUIDED, 1, 0, 1.0, app.DATA,
                        None, None, api_name="/translate")
+    # an API caller naming a file on the server (a plain {"path": ...}, no upload) gets one message,
+    # whatever the path: an image outside the upload folder is never translated, and the answer never
+    # tells whether a path exists
+    outside = save_photo(tmp_path / "private.png")
+    link = tmp_path / "gradio" / "link.png"
+    os.symlink(outside, link)  # inside the upload folder, pointing out of it
+    answers = set()
+    for path in (outside, str(link), "/etc/hostname", str(tmp_path), str(tmp_path / "missing.png"),
+                 str(tmp_path / "gradio" / ".." / "private.png"), "relative.png"):
+        with pytest.raises(Exception) as err:
+            client.predict(app.UPLOAD, {"path": path}, None, "a", app.LATENT_GUIDED, 1, 0, 1.0, app.DATA,
+                           None, None, api_name="/translate")
+        answers.add(str(err.value))
+    assert answers == {"the source image is not a file uploaded to this page; upload it again"}
+    # the page itself names no server path
+    page = client.view_api(print_info=False, return_format="str") or ""
+    assert str(tmp_path) not in page
 
 
 @pytest.fixture

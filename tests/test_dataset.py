@@ -14,7 +14,7 @@ from torch.utils.data import default_collate
 
 from dataset import MultiDomainLatentDataset, build_loader, collate_batch
 
-H = W = 4
+H = W = 8  # the smallest latent the networks take
 RAMP = torch.arange(W, dtype=torch.float32) * 0.01  # [W], max 0.03 < 1: never changes the code
 
 

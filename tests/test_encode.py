@@ -224,3 +224,19 @@ def test_non_finite_latent_is_reported_and_not_written(image_dir, vae_dir, tmp_p
     assert encode(image_dir, tmp_path, vae_dir, "--batch-size", "3") == 1
     assert "a_wide" in capsys.readouterr().err  # the first image in sorted order
     assert sorted(os.listdir(tmp_path)) == ["b_tall.pt", "c_square.pt"]
+
+
+def test_images_too_small_to_upscale_are_refused_and_changes_are_reported(vae_dir, tmp_path, capsys):
+    """The app's rule: a shorter side under SIZE / 4 is refused (named, the rest encoded, exit 1);
+    what encoding changed in the others (upscaled, grayscale, transparency) is reported per kind."""
+    folder = write_images(tmp_path / "in", {"tiny": (7, 20, "png"), "small": (16, 20, "png"), "ok": (40, 40, "png")})
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8), "L").save(os.path.join(folder, "grey.png"))
+    Image.fromarray(rng.integers(0, 256, (40, 40, 4), dtype=np.uint8), "RGBA").save(os.path.join(folder, "alpha.png"))
+    assert encode(folder, tmp_path / "out", vae_dir) == 1
+    out, err = capsys.readouterr()
+    assert sorted(os.listdir(tmp_path / "out")) == ["alpha.pt", "grey.pt", "ok.pt", "small.pt"]
+    assert "tiny.png: the image is 7x20 px, too small" in err and "at least 8 px" in err
+    assert "encode.py: 1 image(s) upscaled to 32 px: small.png" in out
+    assert "encode.py: 1 image(s) grayscale, used as RGB: grey.png" in out
+    assert "encode.py: 1 image(s) transparency dropped: alpha.png" in out
