@@ -23,10 +23,12 @@ Exit codes: 2 for a bad checkpoint, VAE or flag (the message on stderr), else th
 
 import argparse
 import contextlib
+import errno
 import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -458,9 +460,35 @@ def main(argv=None):
     return run_script("app.py", serve, args, errors=(InputError, OSError))
 
 
+def check_address(host, port):
+    """Bind `host`:`port` once, before the model loads, so that a wrong address is named as what it
+    is (Gradio says "Cannot find empty port" for a busy port and a foreign host alike, and names its
+    own launch() parameters rather than our flags)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise InputError(f"--host {host!r} is not a name or address this machine can resolve "
+                         f"({getattr(e, 'strerror', None) or e})") from None
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise InputError(f"--port {port} is in use on {host} by another program: choose another with --port N "
+                                 "(or stop that program)") from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise InputError(f"--host {host!r} is not an address of this machine: use 127.0.0.1 (this machine "
+                                 "only) or 0.0.0.0 (every network interface)") from None
+            if e.errno == errno.EACCES:
+                raise InputError(f"--port {port} needs administrator rights here (ports below 1024): use one "
+                                 "from 1024 up") from None
+            raise InputError(f"cannot serve on {host}:{port} ({e.strerror or e})") from None
+
+
 def serve(args):
     """Load the model once, then serve until Ctrl-C / SIGTERM; an address that cannot be served is
-    bad input."""
+    bad input, named before the model loads."""
+    check_address(args.host, args.port)
     translator = Translator(args.checkpoint, args.vae, args.vae_subfolder, args.device,
                             log=lambda line: print(f"app.py: {line}", file=sys.stderr))
     output_root = tempfile.mkdtemp(prefix="latent-stargan-app-")
@@ -470,8 +498,12 @@ def serve(args):
     previous_handler = stop_on_sigterm()
     try:
         launch(build_page(translator, output_root), output_root, args.host, args.port, args.share)
-    except OSError as e:  # the port is taken, the host is not an address of this machine
-        raise InputError(f"cannot serve on {args.host}:{args.port}: {e}") from None
+    except OSError as e:  # taken between the check and the launch
+        raise InputError(f"cannot serve on {args.host}:{args.port} (--host / --port): "
+                         f"{str(e).splitlines()[0][:200]}") from None
+    except ValueError as e:  # Gradio's own checks: say which of our flags they concern
+        message = str(e).replace("share=True", "--share").replace("server_port", "--port")
+        raise InputError(f"cannot serve: {message.replace('server_name', '--host')}") from None
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         shutil.rmtree(output_root, ignore_errors=True)

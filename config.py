@@ -82,6 +82,7 @@ DEFAULTS = {
         "max_nonfinite_steps": 20,
         "checkpoint_dir": "outputs/stargan_v2_latent",
         "device": "cuda",
+        "cpu_threads": None,
     },
     "evaluation": {
         "every_epochs": None,
@@ -105,6 +106,7 @@ DEFAULTS = {
 OPTIONAL_TYPES = {
     "data.samples_per_epoch": int,
     "training.keep_checkpoints": int,
+    "training.cpu_threads": int,
     "evaluation.every_epochs": int,
     "evaluation.vae_path": str,
     "evaluation.inception_weights": str,
@@ -255,6 +257,8 @@ def validate(cfg):
     check(t["weight_decay"] >= 0, "training.weight_decay", "a non-negative number")
     check(0 <= t["ema_beta"] < 1, "training.ema_beta", "a number in [0, 1)")
     check(t["num_workers"] >= 0, "training.num_workers", "an int >= 0")
+    check(t["cpu_threads"] is None or 1 <= t["cpu_threads"] <= 1024, "training.cpu_threads",
+          "null (torch's choice) or an int from 1 to 1024")
     check(t["keep_checkpoints"] is None or t["keep_checkpoints"] >= 1, "training.keep_checkpoints",
           "null (keep all) or an int >= 1")
     check(t["amp_dtype"] in ("bf16", "fp16", "fp32"), "training.amp_dtype", "one of bf16 | fp16 | fp32")

@@ -7,6 +7,7 @@ stdout lines that begin with `{`, so `grep '^{'` collects them; the display neve
 
 import json
 import sys
+import time
 
 SHOWN = ("d_loss", "g_loss", "r1", "lat_sty", "lat_ds", "lat_cyc")
 
@@ -72,3 +73,40 @@ class Display:
                 self.update(done, values)
             sys.stdout.write(f"  [{rate:.2f} it/s]\n")
             sys.stdout.flush()
+
+
+class WorkProgress:
+    """The progress of one long piece of work beside the training loop (a grid's VAE decode, an
+    evaluation): what it is doing and n of N, in the run's display style (bar: tqdm on stderr,
+    percent: one refreshed stdout line, off: nothing). Call it as `progress(n, total)` after each
+    batch of n; the display starts at the first call."""
+
+    def __init__(self, desc, style="bar", unit="img"):
+        self.desc, self.style, self.unit = desc, style, unit
+        self.done, self.total, self.bar = 0, None, None
+        self.start = time.perf_counter()
+
+    def __call__(self, n, total):
+        if self.total is None:
+            self.total = max(int(total), 1)
+            if self.style == "bar":
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, dynamic_ncols=True, leave=False,
+                                file=sys.stderr)
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.style == "percent":
+            sys.stdout.write(f"\r{self.desc} {100.0 * self.done / self.total:5.1f}% ({self.done}/{self.total} "
+                             f"{self.unit})")
+            sys.stdout.flush()
+
+    def close(self):
+        """End the display; returns the seconds since the work began."""
+        if self.bar is not None:
+            self.bar.close()
+        elif self.style == "percent" and self.total is not None:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        return time.perf_counter() - self.start

@@ -131,7 +131,12 @@ def evaluate(args, ckpt, cfg, nets, device, out):
 
 
 def main(argv=None):
-    return run_script("evaluate.py", run, parse_args(argv))
+    """Exit codes: 0 done, 2 bad arguments, checkpoint, data or weights (message on stderr)."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # argparse: usage errors (2) and --help (0)
+        return e.code if isinstance(e.code, int) else 2
+    return run_script("evaluate.py", run, args)
 
 
 if __name__ == "__main__":

@@ -188,7 +188,9 @@ def load_inception(path=None, device="cpu"):
     expected = (f"expected a TorchScript TF-Inception: {INCEPTION_FILE} (forward(img, return_features=...)) or "
                 f"a plain forward(x) with x in [-1, 1] at {INCEPTION_SIZE}x{INCEPTION_SIZE} -> [N, {INCEPTION_DIM}]")
     try:
-        net = torch.jit.load(file, map_location="cpu")
+        with warnings.catch_warnings():  # torch's deprecation notice: the published weights are TorchScript
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated", category=DeprecationWarning)
+            net = torch.jit.load(file, map_location="cpu")
     except Exception as err:  # torch raises RuntimeError, ValueError, ... for non-TorchScript files
         raise InputError(f"Inception weights {file!r} are not a TorchScript archive ({err.__class__.__name__}); "
                          f"{expected}") from None
@@ -413,12 +415,16 @@ def in_batches(fn, x, batch_size):
 
 
 @torch.no_grad()
-def latent_features(latents, decode, inception, batch_size=32, device="cpu", amp_dtype=None):
-    """Raw latents [N, 4, h, w] -> decode -> Inception features [N, D] float32 on `device`."""
+def latent_features(latents, decode, inception, batch_size=32, device="cpu", amp_dtype=None, on_batch=None):
+    """Raw latents [N, 4, h, w] -> decode -> Inception features [N, D] float32 on `device`.
+    `on_batch(n)` after each batch (progress; it may raise to stop the work)."""
     def features(chunk):
         with autocast_context(device, amp_dtype):
             images = decode(chunk.to(device))  # [b, 3, H, W] in [0, 1]
-        return inception(images.to(device).float())  # [b, D]
+        feats = inception(images.to(device).float())  # [b, D]
+        if on_batch is not None:
+            on_batch(len(chunk))
+        return feats
     return in_batches(features, latents, batch_size)
 
 
@@ -458,9 +464,10 @@ def task_generator(seed, mode, src_idx, trg_idx):
 
 @torch.no_grad()
 def translate_task(generator, mapping_network, style_encoder, content_raw, trg_idx, mode, refs_raw, decode,
-                   inception, lpips, latent_scale, latent_dim, num_outs, rng, batch_size, device, amp_dtype):
+                   inception, lpips, latent_scale, latent_dim, num_outs, rng, batch_size, device, amp_dtype,
+                   on_batch=None):
     """One task: every source latent translated `num_outs` times. Returns fake features
-    [N*num_outs, D] and per-source LPIPS diversity [N]."""
+    [N*num_outs, D] and per-source LPIPS diversity [N]. `on_batch(n)` after each chunk of n outputs."""
     n, k = len(content_raw), num_outs
     if mode == "latent":
         codes = torch.randn(n, k, latent_dim, generator=rng)  # [N, K, L]
@@ -488,6 +495,8 @@ def translate_task(generator, mapping_network, style_encoder, content_raw, trg_i
         images = in_batches(decoded, fake, batch_size)  # [S*K, 3, H, W]
         feats.append(in_batches(inception, images, batch_size))  # [S*K, D]
         diversity.append(mean_pairwise_lpips(lpips, images.view(s, k, *images.shape[1:])))  # [S]
+        if on_batch is not None:
+            on_batch(s * k)
     return torch.cat(feats), torch.cat(diversity)
 
 
@@ -495,7 +504,7 @@ def translate_task(generator, mapping_network, style_encoder, content_raw, trg_i
 def evaluate_translations(generator, mapping_network, style_encoder, domains, real, sources, decode, inception,
                           lpips, latent_scale, latent_dim, num_outs=10, seed=0, max_sources=None, batch_size=32,
                           device="cpu", amp_dtype=None, cache_dir=None, vae_id=None, real_ids=None, modes=MODES,
-                          kid_subsets=KID_SUBSETS, log=None):
+                          kid_subsets=KID_SUBSETS, log=None, progress=None):
     """The StarGAN v2 evaluation protocol on given (EMA) networks; returns {key: float}.
 
     generator G(x, s), mapping_network F(z, y), style_encoder E(x, y) see scaled latents
@@ -508,7 +517,9 @@ def evaluate_translations(generator, mapping_network, style_encoder, domains, re
     feature batch; `amp_dtype` (e.g. torch.bfloat16) autocasts the networks and the decode, while
     features and LPIPS stay float32. `cache_dir` keeps the real domains' features, keyed by
     `real_ids[domain]` (e.g. a hash of the file list; default: a hash of the latents), `vae_id`,
-    the Inception identity and the dtype. `log`: an optional callable for progress lines.
+    the Inception identity and the dtype. `log`: an optional callable for progress lines;
+    `progress(n, total)`: called after each batch of n images (reals decoded, or cached, and
+    translations) out of `total`; it may raise to stop the evaluation there.
 
     Keys, as the official code writes them: `FID_latent/photo2Hayao`, `KID_latent/...`,
     `LPIPS_latent/...`, `FID_latent/mean`, ... for each mode, and `KID_subset_size`
@@ -541,6 +552,8 @@ def evaluate_translations(generator, mapping_network, style_encoder, domains, re
                              f"latents and {n_sources[d]} source latents x {num_outs} outputs")
     subset_size = min(KID_MAX_SUBSET, min(n_real.values()), min(n_sources.values()) * num_outs)
     log = log or (lambda line: None)
+    total = sum(n_real.values()) + len(modes) * sum(n_sources[s] * num_outs * (len(domains) - 1) for s in domains)
+    on_batch = (lambda n: progress(n, total)) if progress is not None else None
 
     real_feats = {}
 
@@ -549,8 +562,13 @@ def evaluate_translations(generator, mapping_network, style_encoder, domains, re
             key = {"version": CACHE_VERSION, "real": (real_ids or {}).get(d) or content_hash(real[d]),
                    "vae": str(vae_id), "inception": getattr(inception, "identity", type(inception).__name__),
                    "dtype": str(amp_dtype or torch.float32)}
-            compute = functools.partial(latent_features, real[d], decode, inception, batch_size, device, amp_dtype)
-            real_feats[d] = cached_real_features(d, real[d], compute, cache_dir, key).to(device)
+            compute = functools.partial(latent_features, real[d], decode, inception, batch_size, device, amp_dtype,
+                                        on_batch)
+            computed = []
+            real_feats[d] = cached_real_features(d, real[d], lambda: computed.append(1) or compute(), cache_dir,
+                                                 key).to(device)
+            if not computed and on_batch is not None:  # from the cache: counted as done
+                on_batch(n_real[d])
         return real_feats[d]
 
     results = {}
@@ -565,7 +583,7 @@ def evaluate_translations(generator, mapping_network, style_encoder, domains, re
                 fake_feats, diversity = translate_task(
                     generator, mapping_network, style_encoder, sources[src][:n_sources[src]], trg_idx, mode,
                     sources[trg], decode, inception, lpips, latent_scale, latent_dim, num_outs,
-                    task_generator(seed, mode, src_idx, trg_idx), batch_size, device, amp_dtype)
+                    task_generator(seed, mode, src_idx, trg_idx), batch_size, device, amp_dtype, on_batch)
                 per_metric["FID"][task] = frechet_distance(target_feats, fake_feats)
                 per_metric["KID"][task] = kernel_inception_distance(target_feats, fake_feats, subset_size,
                                                                     kid_subsets, seed)[0]
@@ -655,13 +673,13 @@ class Evaluator:
         return decode(self.vae, raw)
 
     def __call__(self, nets, domains, real, sources, latent_scale, latent_dim, num_outs=10, max_sources=None, seed=0,
-                 real_ids=None, modes=MODES, log=None):
+                 real_ids=None, modes=MODES, log=None, progress=None):
         """`evaluate_translations` with `nets` = {generator, mapping_network, style_encoder} (EMA)."""
         return evaluate_translations(
             nets["generator"], nets["mapping_network"], nets["style_encoder"], domains, real, sources, self.decode,
             self.inception, self.lpips, latent_scale, latent_dim, num_outs=num_outs, seed=seed,
             max_sources=max_sources, batch_size=self.batch_size, device=self.device, amp_dtype=self.amp_dtype,
-            cache_dir=self.cache_dir, vae_id=self.vae_id, real_ids=real_ids, modes=modes, log=log)
+            cache_dir=self.cache_dir, vae_id=self.vae_id, real_ids=real_ids, modes=modes, log=log, progress=progress)
 
 
 def format_table(results):

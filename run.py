@@ -17,6 +17,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", os.environ["PYTORCH_ALLOC_CONF"
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import shlex  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 
 import torch  # noqa: E402
@@ -94,20 +95,19 @@ def main(argv=None):
     dist, local_rank = setup_distributed()
     log = print if dist.is_main else (lambda *a, **k: None)
     try:
-        code = run_script("run.py", lambda: train(load_config(args.config, args.overrides), args.resume, dist,
+        return run_script("run.py", lambda: train(load_config(args.config, args.overrides), args.resume, dist,
                                                   local_rank, log, args), errors=BAD_INPUT + (NonFiniteError,))
     finally:
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    if code > 2:  # stopped by a signal (128 + its number): latest.pt holds the exact position
-        log("resume with: " + resume_command(args))
-    return code
 
 
 def train(cfg, resume, dist, local_rank, log, args):
-    t, d = cfg["training"], cfg["data"]
+    t = cfg["training"]
     device = resolve_device(t["device"], local_rank, flag="training.device")
     configure_backends(device)
+    if t["cpu_threads"]:  # torch's default (one per core) crawls when the cores are busy with other work
+        torch.set_num_threads(t["cpu_threads"])
     ckpt = None
     if resume is not None:  # checked completely before the folder is claimed or anything is built
         path = resume or os.path.join(t["checkpoint_dir"], "latest.pt")
@@ -120,14 +120,24 @@ def train(cfg, resume, dist, local_rank, log, args):
         if ckpt is not None:
             trainer.last_saved = (path, ckpt["epoch"], ckpt["step"])
         try:
-            return trainer.fit(dataset)
+            code = trainer.fit(dataset)
         except WriteError as err:  # disk full, read-only folder: say what is intact and how to go on
             if trainer.last_saved is None:
                 raise
-            saved = trainer.last_saved[0]
-            latest = os.path.abspath(saved) == os.path.abspath(os.path.join(t["checkpoint_dir"], "latest.pt"))
-            raise WriteError(err.errno, f"{err}\nresume with: {resume_command(args, None if latest else saved)}") \
+            raise WriteError(err.errno, f"{err}\nresume with: {resume_command(args, resume_path(trainer, t))}") \
                 from None
+        except KeyboardInterrupt:  # a second stop signal: no traceback, just what is on disk
+            log(f"\nstopped at once at step {trainer.step}. {trainer.saved_summary()}")
+            code = 128 + int(trainer.stop_signal or signal.SIGINT)
+        if code > 2 and trainer.last_saved is not None:  # stopped by a signal (128 + its number)
+            log("resume with: " + resume_command(args, resume_path(trainer, t)))
+        return code
+
+
+def resume_path(trainer, t):
+    """The checkpoint a resumed run starts from: None for the folder's latest.pt (the default)."""
+    saved = trainer.last_saved[0]
+    return None if os.path.abspath(saved) == os.path.abspath(os.path.join(t["checkpoint_dir"], "latest.pt")) else saved
 
 
 def build(cfg, ckpt, dist, device, log):

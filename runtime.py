@@ -19,7 +19,6 @@ import signal
 import socket
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -30,9 +29,22 @@ class InputError(ValueError):
     says what was expected. Every command-line script prints the message and exits with code 2."""
 
 
+class StopRequested(Exception):
+    """A stop signal arrived during long work beside the training loop (a grid, an evaluation):
+    raised at the work's next batch, so the run stops in seconds rather than minutes."""
+
+
+class StopNow(KeyboardInterrupt):
+    """A second stop signal: leave at once. What is on disk stays valid (atomic writes)."""
+
+
 class WriteError(OSError):
     """A file could not be written (disk full, read-only or vanished folder, permissions): one
-    message naming the file and the operating system's reason. Scripts exit with code 1."""
+    message naming the file and the operating system's reason. Scripts exit with code 1.
+    Built as WriteError(errno, message); printed as the message alone."""
+
+    def __str__(self):
+        return self.strerror if isinstance(self.strerror, str) else super().__str__()
 
 
 BAD_INPUT = (InputError, FileNotFoundError)
@@ -50,6 +62,9 @@ def run_script(prog, run, *args, errors=BAD_INPUT):
     except errors as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was written is complete (atomic writes); no traceback
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 # ---------------------------------------------------------------------- argument checks
@@ -268,7 +283,7 @@ class FolderLock:
             self.file = None
 
     def __enter__(self):
-        return self.acquire()
+        return self if self.file is not None else self.acquire()
 
     def __exit__(self, *exc):
         self.release()
@@ -618,7 +633,7 @@ def set_rng_state(state):
 
 def resolve_device(requested=None, local_rank=None, fallback=True, flag="--device"):
     """torch.device for `requested` (None: cuda when available). Without CUDA, a cuda request falls
-    back to the CPU with one warning when `fallback` (training: the default config runs as a CPU
+    back to the CPU with one warning line on stderr when `fallback` (training: the default config runs as a CPU
     smoke test), else it is an InputError naming `flag`. Under torchrun, cuda means cuda:LOCAL_RANK."""
     if requested is None:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
@@ -629,7 +644,7 @@ def resolve_device(requested=None, local_rank=None, fallback=True, flag="--devic
     if device.type == "cuda" and not torch.cuda.is_available():
         if not fallback:
             raise InputError(f"{flag} {requested} asked for, but CUDA is not available here; use {flag} cpu")
-        warnings.warn(f"{flag}={requested!r} but CUDA is not available: running on the CPU")
+        print(f"warning: {flag}={requested!r} but CUDA is not available: running on the CPU", file=sys.stderr)
         return torch.device("cpu")
     if device.type == "cuda" and local_rank is not None:
         return torch.device("cuda", local_rank)

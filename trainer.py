@@ -22,12 +22,12 @@ import torch
 import loss as L
 from config import visualization_every
 from dataset import build_loader, check_epoch_has_steps, rank_indices
-from display import Display, json_line
+from display import Display, WorkProgress, json_line
 from inference import grid_cells
 from model import EMA_NETS, NETS
-from runtime import (CheckpointError, Distributed, InputError, WriteError, atomic_save, compile_options,
-                     fused_adam_supported, get_rng_state, is_oom, on_stop_signal, prune_checkpoints, set_rng_state,
-                     validate_checkpoint, write_failure)
+from runtime import (CheckpointError, Distributed, InputError, StopNow, StopRequested, WriteError, atomic_save,
+                     compile_options, fused_adam_supported, get_rng_state, is_oom, on_stop_signal, prune_checkpoints,
+                     set_rng_state, validate_checkpoint, write_failure)
 from vae import load_vae_or_preview, save_image_grid, to_rgb
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -360,7 +360,11 @@ class Trainer:
                 done, steps, stop = self.train_epoch(dataset, epoch, start)
                 if stop:
                     return self.stop(epoch, done, steps, stop)
-                self.end_epoch(epoch, dataset, samples)
+                stop = self.end_epoch(epoch, dataset, samples)
+                if stop:
+                    self.log(f"stopped after epoch {epoch} (step {self.step}); saved "
+                             f"{self.checkpoint_path('latest.pt')}")
+                    return 128 + stop
         except WriteError as err:
             raise WriteError(err.errno, f"{err}; training stopped at step {self.step}. {self.saved_summary()}") from None
         finally:
@@ -418,13 +422,16 @@ class Trainer:
 
     def end_epoch(self, epoch, dataset, samples):
         """# evaluate (first: the checkpoints then carry the best value so far), # save, # grid, each
-        at its epoch interval."""
+        at its epoch interval. A stop signal ends the evaluation or the grid at its next batch, and
+        the epoch is saved (latest.pt too) all the same. Returns the stop signal every rank agreed
+        on (0: none)."""
         self.epoch = epoch
         every = self.cfg["evaluation"]["every_epochs"]
         if every and epoch % every == 0:
             self.evaluate(epoch, dataset)
-        self.save_epoch(latest=epoch == self.cfg["training"]["epochs"])
-        if epoch % visualization_every(self.cfg) == 0:
+        stop = self.dist.max_int(self.stop_signal or 0)
+        self.save_epoch(latest=epoch == self.cfg["training"]["epochs"] or bool(stop))
+        if not stop and epoch % visualization_every(self.cfg) == 0:
             path = self.save_grid(epoch, samples)
             if path:
                 self.log(f"epoch {epoch}: grid {path}")
@@ -433,14 +440,27 @@ class Trainer:
 
                     self.tb.add_image("grid", np.asarray(Image.open(path).convert("RGB")), epoch, dataformats="HWC")
         self.dist.barrier()
+        return self.dist.max_int(self.stop_signal or 0)
 
     def request_stop(self, signum):
-        """SIGINT / SIGTERM: finish the current step, then `fit` saves and returns; a second one
-        stops at once."""
+        """SIGINT / SIGTERM: finish the current step (or end a grid or an evaluation at its next
+        batch), then `fit` saves and returns; a second one stops at once (StopNow)."""
         if self.stop_signal is not None:
-            raise KeyboardInterrupt
+            raise StopNow
         self.stop_signal = signum
-        self.log(f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving latest.pt")
+        self.log(f"\nreceived {signal.Signals(signum).name}: finishing this step (or the grid / evaluation batch), "
+                 "then saving latest.pt; a second one stops at once")
+
+    def long_work(self, desc):
+        """(display, per-batch hook) for work beside the loop: the hook, `hook(n, total)`, shows
+        n of N and raises StopRequested once a stop signal has arrived."""
+        progress = WorkProgress(desc, self.cfg["training"]["progress_style"])
+
+        def hook(n, total):
+            progress(n, total)
+            if self.stop_signal is not None:
+                raise StopRequested
+        return progress, hook
 
     def stop(self, epoch, done, steps, signum):
         """After SIGINT / SIGTERM: save the exact position and return 128 + the signal's number."""
@@ -476,22 +496,10 @@ class Trainer:
         TensorBoard, and best.pt when evaluation.best_metric improves. The other ranks wait for the
         verdict in a CPU collective with a long timeout."""
         e = self.cfg["evaluation"]
+        results = self.run_evaluation(epoch, dataset) if self.dist.is_main else None
         improved = 0
-        if self.dist.is_main:
-            real = dataset.by_domain()
-            results = self.evaluator({n: self.ema[n] for n in EMA_NETS}, self.domains, real, real, self.latent_scale,
-                                     self.latent_dim, num_outs=e["num_outs"], max_sources=e["num_sources"],
-                                     seed=self.cfg["seed"], real_ids=dataset.file_list_ids())
-            line = json_line({"step": self.step, "epoch": epoch, **results})
-            path = self.checkpoint_path("metrics.jsonl")
-            try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "a", encoding="utf-8") as f:
-                    f.write(line + "\n")
-            except OSError as err:
-                raise write_failure(path, err) or err from None
-            self.log(line)
-            self.tensorboard_scalars("eval", results)
+        if results is not None:
+            self.record_metrics(epoch, results)
             value, higher = results[e["best_metric"]], e["best_metric"].startswith("LPIPS")
             if not math.isfinite(value):  # diverged networks: never the best, and never a NaN to compare with
                 self.log(f"warning: epoch {epoch}: {e['best_metric']} is {value}; best.pt is left as it is")
@@ -502,6 +510,35 @@ class Trainer:
             self.save_checkpoint(self.checkpoint_path("best.pt"))
             if self.dist.is_main:
                 self.log(f"epoch {epoch}: best {self.best['metric']} {self.best['value']:.4f} so far: best.pt")
+
+    def run_evaluation(self, epoch, dataset):
+        """The evaluator on the EMA networks, with a progress display; None when a stop signal
+        ended it."""
+        e = self.cfg["evaluation"]
+        real = dataset.by_domain()
+        progress, hook = self.long_work(f"epoch {epoch}: evaluation")
+        try:
+            return self.evaluator({n: self.ema[n] for n in EMA_NETS}, self.domains, real, real, self.latent_scale,
+                                  self.latent_dim, num_outs=e["num_outs"], max_sources=e["num_sources"],
+                                  seed=self.cfg["seed"], real_ids=dataset.file_list_ids(), progress=hook)
+        except StopRequested:
+            self.log(f"epoch {epoch}: evaluation abandoned (stop requested); the checkpoint is saved next")
+            return None
+        finally:
+            progress.close()
+
+    def record_metrics(self, epoch, results):
+        """One JSON line on stdout and in <checkpoint_dir>/metrics.jsonl, and TensorBoard."""
+        line = json_line({"step": self.step, "epoch": epoch, **results})
+        path = self.checkpoint_path("metrics.jsonl")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError as err:
+            raise write_failure(path, err) or err from None
+        self.log(line)
+        self.tensorboard_scalars("eval", results)
 
     # ------------------------------------------------------------------ counters shown
 
@@ -685,7 +722,16 @@ class Trainer:
         cells, row_labels = grid_cells(G, F, E, samples["sources"], samples["references"], self.domains,
                                        self.latent_scale, self.latent_dim, self.cfg["seed"], self.device)
         keep = ~torch.isnan(cells.flatten(1)).any(1)  # the blank corner stays white
-        decoded = to_rgb(cells[keep], self.vae(), self.latent_scale)
+        vae, count = self.vae(), int(keep.sum())
+        progress, hook = self.long_work(f"epoch {epoch}: grid (VAE decode)")
+        try:  # on the CPU a real VAE takes seconds per cell: small batches keep a stop request prompt
+            decoded = to_rgb(cells[keep], vae, self.latent_scale, batch_size=16 if self.device.type == "cuda" else 2,
+                             on_batch=lambda n: hook(n, count))
+        except StopRequested:
+            self.log(f"epoch {epoch}: grid abandoned (stop requested); the checkpoint is saved")
+            return None
+        finally:
+            progress.close()
         rgb = torch.ones(cells.shape[0], *decoded.shape[1:])
         rgb[keep] = decoded
         folder = self.cfg["visualization"]["save_dir"] or self.checkpoint_path("vis")

@@ -65,11 +65,18 @@ def looks_local(path):
     return os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path)
 
 
-def load_vae(path, subfolder=None, device="cpu", dtype=torch.float32, quiet=True):
+HUB_PROBE_TIMEOUT_S = 5  # how long to wait for the hub before calling it unreachable
+
+
+def load_vae(path, subfolder=None, device="cpu", dtype=torch.float32, quiet=True, log=None):
     """diffusers AutoencoderKL from a local folder or a hub id, in eval mode, frozen.
 
-    Raises (ImportError, OSError, ValueError, ...) when it cannot be loaded; callers decide whether
-    that is fatal (encode.py) or falls back to the latent preview (training, translate.py).
+    A hub id is taken from the local Hugging Face cache when it is there (no network at all);
+    otherwise the hub is probed first, so that a machine without a network gets an error in
+    seconds that says so, instead of huggingface_hub's retries and a misleading "does not appear to
+    have a file named config.json". Raises (InputError, ImportError, OSError, ValueError, ...) when
+    it cannot be loaded; callers decide whether that is fatal (encode.py, evaluation) or falls back
+    to the latent preview (training, translate.py, the app). `log` hears of a download.
     """
     if not path:
         raise ValueError("no VAE path given (visualization.vae_path / --vae is empty)")
@@ -81,10 +88,44 @@ def load_vae(path, subfolder=None, device="cpu", dtype=torch.float32, quiet=True
 
     if quiet:  # after the import: huggingface_hub sets its loggers' levels when it is imported
         quiet_hf()
-
-    vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder or None, torch_dtype=dtype)
+    kwargs = dict(subfolder=subfolder or None, torch_dtype=dtype)
+    if looks_local(path):
+        vae = AutoencoderKL.from_pretrained(path, **kwargs)
+    else:
+        try:
+            vae = AutoencoderKL.from_pretrained(path, local_files_only=True, **kwargs)
+        except (OSError, ValueError):  # not (wholly) in the cache
+            check_hub_reachable(path)
+            if log:
+                log(f"downloading the VAE {path!r} from the Hugging Face hub into its cache (once)")
+            vae = AutoencoderKL.from_pretrained(path, **kwargs)
     vae.to(device).eval().requires_grad_(False)
     return vae
+
+
+def check_hub_reachable(repo_id):
+    """InputError, in at most HUB_PROBE_TIMEOUT_S, when the Hugging Face hub cannot be reached (or
+    HF_HUB_OFFLINE is set) for a model that is not in the local cache; saying how to go on."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    how = (f"On a machine with a network, download it (`hf download {repo_id}`, or `huggingface-cli download "
+           f"{repo_id}`) and copy the cache folder over, or save the model folder and pass its path (--vae PATH, "
+           "visualization.vae_path, evaluation.vae_path)")
+    cache = constants.HF_HUB_CACHE
+    if constants.HF_HUB_OFFLINE:
+        raise InputError(f"{repo_id!r} is not in the local Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set. "
+                         f"{how}")
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        raise InputError(f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached from here "
+                         f"({e.strerror or type(e).__name__}) and {repo_id!r} is not in its local cache ({cache}). "
+                         f"{how}") from None
 
 
 def load_vae_or_preview(path, subfolder, device, log, quiet=True, origin="visualization.vae_path"):
@@ -95,20 +136,21 @@ def load_vae_or_preview(path, subfolder, device, log, quiet=True, origin="visual
         log(f"{origin} is not set: pictures use the linear latent preview")
         return None
     try:
-        return load_vae(path, subfolder, device, torch.float32, quiet=quiet)
+        return load_vae(path, subfolder, device, torch.float32, quiet=quiet, log=log)
     except Exception as e:
-        first_line = str(e).splitlines()[0][:300] if str(e) else ""
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        first_line = first_line if isinstance(e, InputError) else first_line[:300]  # ours are short enough
         log(f"warning: cannot load the VAE from {origin}={path!r} ({type(e).__name__}: {first_line}); "
             "pictures use the linear latent preview instead")
         return None
 
 
-def to_rgb(raw_latents, vae, latent_scale, batch_size=16):
+def to_rgb(raw_latents, vae, latent_scale, batch_size=16, on_batch=None):
     """[B, 4, h, w] raw latents -> [B, 3, H, W] RGB in [0, 1] on the CPU: the VAE's decode, or the
-    linear preview (of the scaled latents) when `vae` is None."""
+    linear preview (of the scaled latents) when `vae` is None. `on_batch(n)`: see decode_raw."""
     if vae is None:
         return latent_preview(raw_latents.float() * latent_scale).cpu()
-    return decode_raw(vae, raw_latents, batch_size)
+    return decode_raw(vae, raw_latents, batch_size, on_batch)
 
 
 def vae_downsample_factor(vae):
@@ -124,9 +166,15 @@ def decode(vae, raw_latents):
 
 
 @torch.no_grad()
-def decode_raw(vae, raw_latents, batch_size=16):
-    """`decode` in chunks of `batch_size`, gathered on the CPU."""
-    return torch.cat([decode(vae, chunk).cpu() for chunk in raw_latents.split(batch_size)])
+def decode_raw(vae, raw_latents, batch_size=16, on_batch=None):
+    """`decode` in chunks of `batch_size`, gathered on the CPU. `on_batch(n)` after each chunk of n
+    images: a progress display, and the place a stop request interrupts the work (it may raise)."""
+    images = []
+    for chunk in raw_latents.split(batch_size):
+        images.append(decode(vae, chunk).cpu())
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return torch.cat(images)
 
 
 @torch.no_grad()

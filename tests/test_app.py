@@ -331,8 +331,13 @@ def test_cli_errors_exit_2(trained, tmp_path, capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        assert app.main(["--checkpoint", trained[0], "--device", "cpu", "--port", str(taken.getsockname()[1])]) == 2
-        assert "cannot serve on 127.0.0.1:" in capsys.readouterr().err
+        port = taken.getsockname()[1]
+        assert app.main(["--checkpoint", trained[0], "--device", "cpu", "--port", str(port)]) == 2
+        assert f"--port {port} is in use on 127.0.0.1 by another program" in capsys.readouterr().err
+    assert app.main(["--checkpoint", trained[0], "--device", "cpu", "--host", "10.254.254.254"]) == 2
+    assert "--host '10.254.254.254' is not an address of this machine" in capsys.readouterr().err
+    assert app.main(["--checkpoint", trained[0], "--device", "cpu", "--host", "no-such-host.invalid"]) == 2
+    assert "--host 'no-such-host.invalid' is not a name or address this machine can resolve" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert app.main(["--checkpoint", trained[0], "--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err

@@ -373,6 +373,31 @@ def test_evaluate_translations_protocol(lpips, tiny_decode, tmp_path):
     assert table[-1] == "KID subset size: 4"
 
 
+def test_evaluation_reports_progress_per_batch_and_can_be_stopped(lpips, tiny_decode, tmp_path):
+    """progress(n, total) after every batch: the counts add up to the total (reals, then every
+    translation; cached reals count as done at once), and an exception from it stops the work."""
+    inputs = protocol_inputs(lpips, tiny_decode)
+    calls = []
+    metrics.evaluate_translations(**inputs, seed=0, cache_dir=str(tmp_path), progress=lambda n, t: calls.append((n, t)))
+    total = 3 * 4 + 2 * 6 * 3 * 3  # reals + modes x tasks x sources x outputs
+    assert {t for _, t in calls} == {total} and sum(n for n, _ in calls) == total and len(calls) > 6
+    calls.clear()
+    metrics.evaluate_translations(**inputs, seed=0, cache_dir=str(tmp_path), progress=lambda n, t: calls.append((n, t)))
+    assert sum(n for n, _ in calls) == total  # the cached reals too
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_three(n, t, seen=[]):
+        seen.append(n)
+        if len(seen) == 3:
+            raise Stop
+    tiny_decode.count = 0
+    with pytest.raises(Stop):
+        metrics.evaluate_translations(**inputs, seed=0, progress=stop_after_three)
+    assert tiny_decode.count < 3 * 4 + 9  # nothing decoded after the third batch's
+
+
 def test_evaluate_translations_rejects_too_few_samples(lpips, tiny_decode):
     inputs = protocol_inputs(lpips, tiny_decode)
     inputs["real"] = {**inputs["real"], "b": inputs["real"]["b"][:1]}

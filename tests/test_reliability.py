@@ -125,8 +125,7 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path, data, monkeypatch
         raise KeyboardInterrupt
 
     monkeypatch.setattr(runtime.torch, "save", dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        run.main(["--config", cfg, "--resume", "training.epochs=2"])
+    assert run.main(["--config", cfg, "--resume", "training.epochs=2"]) == 128 + signal.SIGINT  # no traceback
     monkeypatch.undo()
     after = final_state(tmp_path / "kill")  # still loadable, still the old one
     assert after["step"] == before["step"] == 3
@@ -197,11 +196,12 @@ def test_consecutive_skips_stop_the_run(tmp_path, capsys):
     assert "max_nonfinite_steps=4" in capsys.readouterr().err
 
 
-def test_a_signal_after_the_epochs_last_agreement_waits_for_the_next_step(tmp_path, data, monkeypatch):
-    """Every rank must take the same path at an epoch's end: the stop decision is the value agreed
-    after the last step, never a flag a handler set afterwards (under torchrun one rank would stop
-    while another went on to its next collective: a deadlock). A signal landing there stops the run
-    after the next step, with the exact position saved."""
+def test_a_signal_after_the_epochs_last_agreement_stops_at_the_epochs_end(tmp_path, data, monkeypatch):
+    """Every rank must take the same path at an epoch's end: the stop decision is a value every
+    rank agreed on, never a flag a handler set afterwards (under torchrun one rank would stop while
+    another went on to its next collective: a deadlock). A signal landing after the loop's last
+    agreement is taken up by the agreement at the epoch's end: the epoch is saved as any other,
+    latest.pt included, and the run stops there (no grid)."""
     real_epoch = T.Trainer.train_epoch
 
     def signal_after_epoch_one(self, dataset, epoch, start_batch=0):
@@ -214,5 +214,98 @@ def test_a_signal_after_the_epochs_last_agreement_waits_for_the_next_step(tmp_pa
     cfg = write_config(tmp_path, "late", epochs=3)
     assert run.main(["--config", cfg]) == 128 + signal.SIGTERM
     ckpt = final_state(tmp_path / "late")
-    assert (ckpt["epoch"], ckpt["step"], ckpt["position"]) == (1, 4, 1)
+    assert (ckpt["epoch"], ckpt["step"], ckpt["position"]) == (1, 3, 0)
     assert os.path.exists(tmp_path / "late" / "epoch_0001.pt")  # epoch 1 ended as any other
+    assert not os.path.exists(tmp_path / "late" / "vis")  # the grid waits for the resumed run
+
+
+def start_patched_run(cfg, patch):
+    """`python -c` that applies `patch` (source code run after the imports) and calls run.main."""
+    code = (f"import sys, time\nsys.path.insert(0, {ROOT!r})\nimport metrics, vae\n{patch}\nimport run\n"
+            f"sys.exit(run.main(['--config', {cfg!r}]))\n")
+    return subprocess.Popen([sys.executable, "-u", "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_line(proc, prefix, lines, timeout=120):
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(prefix) or time.time() > deadline:
+            return
+
+
+SLOW_DECODE = "real = vae.decode\ndef slow(v, raw):\n    time.sleep({s})\n    return real(v, raw)\nvae.decode = slow"
+
+
+def slow_grid_config(tmp_path, tiny_vae_dir):
+    cfg = tiny_run_config(tmp_path, training={"checkpoint_dir": str(tmp_path / "out"), "epochs": 3, "log_json": True,
+                                              "log_interval": 1},
+                          visualization={"every_epochs": 1, "vae_path": tiny_vae_dir})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_ctrl_c_during_a_slow_grid_stops_at_the_next_batch(tmp_path, data, tiny_vae_dir):
+    """The grid of 27 cells decodes 2 at a time, 0.5 s per batch here (a real VAE on a CPU takes
+    seconds per cell): SIGINT ends it at the next batch, the epoch's checkpoint is already saved, and
+    the run says so and how to resume."""
+    proc = start_patched_run(slow_grid_config(tmp_path, tiny_vae_dir), SLOW_DECODE.format(s=0.5))
+    lines = []
+    wait_for_line(proc, '{"step": 2,', lines)  # the last step of epoch 1: save, then the grid
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    sent = time.time()
+    out, _ = proc.communicate(timeout=120)
+    out = "".join(lines) + out
+    assert proc.returncode == 128 + signal.SIGINT, out
+    assert time.time() - sent < 10, out  # the rest of the grid alone would take about 5 s more
+    assert "epoch 1: grid abandoned (stop requested); the checkpoint is saved" in out
+    assert f"stopped after epoch 1 (step 2); saved {tmp_path / 'out' / 'latest.pt'}" in out
+    assert "resume with: python run.py --config" in out and "Traceback" not in out
+    assert final_state(tmp_path / "out")["epoch"] == 1 and not (tmp_path / "out" / "vis" / "epoch_0001.png").exists()
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path, data, tiny_vae_dir):
+    proc = start_patched_run(slow_grid_config(tmp_path, tiny_vae_dir), SLOW_DECODE.format(s=4))
+    lines = []
+    wait_for_line(proc, '{"step": 2,', lines)
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)  # waits for the 4 s batch to end...
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)  # ...unless a second one comes
+    sent = time.time()
+    out, _ = proc.communicate(timeout=120)
+    out = "".join(lines) + out
+    assert proc.returncode == 128 + signal.SIGINT and time.time() - sent < 3, out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    assert (f"stopped at once at step 2. The last good checkpoint, {tmp_path / 'out' / 'latest.pt'} (epoch 1, step 2), "
+            "is intact.") in out
+    assert "resume with: python run.py --config" in out
+    assert [f for f in os.listdir(tmp_path / "out") if f.endswith(".tmp")] == []
+
+
+def test_ctrl_c_during_an_evaluation_abandons_it_and_saves_the_epoch(tmp_path, data):
+    """An evaluation that calls its progress hook batch by batch (as metrics.evaluate_translations
+    does; a stand-in here, 0.3 s per batch): SIGINT ends it at the next batch, then the epoch is saved."""
+    fake = ("class Slow:\n    def __call__(self, *a, progress=None, **k):\n        for _ in range(100):\n"
+            "            time.sleep(0.3)\n            progress(1, 100)\n"
+            "metrics.Evaluator.from_config = classmethod(lambda cls, *a, **k: Slow())")
+    cfg = tiny_run_config(tmp_path, training={"checkpoint_dir": str(tmp_path / "out"), "epochs": 3, "log_json": True,
+                                              "log_interval": 1},
+                          visualization={"every_epochs": 1, "vae_path": None}, evaluation={"every_epochs": 1})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = start_patched_run(str(path), fake)
+    lines = []
+    wait_for_line(proc, '{"step": 2,', lines)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    sent = time.time()
+    out, _ = proc.communicate(timeout=120)
+    out = "".join(lines) + out
+    assert proc.returncode == 128 + signal.SIGINT and time.time() - sent < 10, out
+    assert "epoch 1: evaluation abandoned (stop requested); the checkpoint is saved next" in out
+    assert f"stopped after epoch 1 (step 2); saved {tmp_path / 'out' / 'latest.pt'}" in out
+    assert final_state(tmp_path / "out")["epoch"] == 1 and not (tmp_path / "out" / "metrics.jsonl").exists()
