@@ -453,7 +453,9 @@ def export_latency(cfg, batch_sizes, latent_size=LATENT_SIZE, repeats=20, warmup
     """CPU ms per image of the exported graphs (exporting.py) against eager PyTorch, on a random-weight
     model of the config's `model:` section: per graph and batch size, the median of `repeats` calls of
     the eager module, of ONNX Runtime (CPUExecutionProvider, `threads` intra-op threads) on the ONNX
-    file's bytes, and of the torch.export.load-ed .pt2 module. One dict per (graph, batch size)."""
+    file's bytes, and of the torch.export.load-ed .pt2 module. `*_ms_per_image` is wall time;
+    `*_cpu_ms_per_image` the process's CPU time, which a machine shared with other jobs inflates less
+    (with one thread it is the compute alone). One dict per (graph, batch size)."""
     import exporting
 
     exporting.require_onnx_packages(runtime=True)
@@ -474,16 +476,19 @@ def export_latency(cfg, batch_sizes, latent_size=LATENT_SIZE, repeats=20, warmup
             inputs = exporting.random_inputs(graph, batch, latent_size, num_domains, latent_dim, generator, ref_size)
             row = {"graph": graph, "batch_size": batch}
             for name, run in runners.items():
-                times = []
+                wall, cpu = [], []
                 for i in range(warmup + repeats):
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     run(*inputs)
-                    times.append(time.perf_counter() - start)
-                row[f"{name}_ms_per_image"] = 1e3 * statistics.median(times[warmup:]) / batch
+                    wall.append(time.perf_counter() - start)
+                    cpu.append(time.process_time() - start_cpu)
+                row[f"{name}_ms_per_image"] = 1e3 * statistics.median(wall[warmup:]) / batch
+                row[f"{name}_cpu_ms_per_image"] = 1e3 * statistics.median(cpu[warmup:]) / batch
             rows.append(row)
-    return [{**row, "weights": "random", "latent_shape": [LATENT_CHANNELS, latent_size, latent_size], "repeats": repeats,
-             "threads": threads or torch.get_num_threads(), "device": device_name(torch.device("cpu")),
-             "torch": torch.__version__} for row in rows]
+    common = {"weights": "random", "latent_shape": [LATENT_CHANNELS, latent_size, latent_size], "repeats": repeats,
+              "threads": threads or torch.get_num_threads(), "device": device_name(torch.device("cpu")),
+              "torch": torch.__version__}
+    return [{**row, **common} for row in rows]
 
 
 # ---------------------------------------------------------------------- CLI

@@ -24,13 +24,16 @@ import sys
 
 import torch
 
-from exporting import (GRAPHS, MIN_REFERENCE_SIZE, FORMATS, Decoder, build_graphs, export_program, max_abs_diff,
+from exporting import (MIN_REFERENCE_SIZE, FORMATS, Decoder, build_graphs, export_program, max_abs_diff,
                        metadata_for, onnx_bytes, pt2_bytes, random_inputs, require_onnx_packages)
-from inference import domain_index, mean_style, networks_from_checkpoint, open_vae_for, training_latent_size
+from dataset import LATENT_CHANNELS
+from inference import domain_index, mean_style, networks_from_checkpoint, training_latent_size
 from runtime import InputError, atomic_write, load_checkpoint, run_script
-from vae import decode, vae_downsample_factor
+from vae import decode, load_vae, vae_downsample_factor
 
-DEFAULT_TOLERANCE = 1e-3  # raw latent units (a raw SD1.5 latent's std is ~5.5); for RGB in [0, 1], 1/4 of an 8-bit level
+# max abs difference: in raw latent units (a raw SD1.5 latent's std is ~5.5), or for RGB in [0, 1] a
+# quarter of one 8-bit level
+DEFAULT_TOLERANCE = 1e-3
 EXAMPLE_BATCH = 2  # the traced example; the exported batch is dynamic
 
 
@@ -94,6 +97,25 @@ def selected_domains(cfg, names):
     return [domain_index(cfg, name, "--domains") for name in names]
 
 
+def decoder_vae(cfg, path, subfolder):
+    """The VAE whose decoder --with-decoder exports: --vae, else the checkpoint's
+    visualization.vae_path (with its subfolder); never the linear preview."""
+    subfolder = subfolder if (path or subfolder) else cfg["visualization"]["vae_subfolder"]
+    path = path or cfg["visualization"]["vae_path"]
+    if not path:
+        raise InputError("--with-decoder needs a VAE: pass --vae (a diffusers AutoencoderKL folder or hub id); the "
+                         "checkpoint's visualization.vae_path is not set")
+    try:
+        vae = load_vae(path, subfolder)
+    except Exception as e:  # diffusers / huggingface_hub raise OSError, ValueError, ImportError, ...
+        raise InputError(f"--with-decoder: the VAE {path!r} could not be loaded ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300] if str(e) else ''})") from None
+    if vae.config.latent_channels != LATENT_CHANNELS:
+        raise InputError(f"--with-decoder: the VAE {path!r} has {vae.config.latent_channels} latent channels; the "
+                         f"model works on {LATENT_CHANNELS}")
+    return vae
+
+
 @torch.no_grad()
 def eager_output(cfg, nets, vae, ids, graph, inputs):
     """What the eager EMA networks give for the exported graph's inputs, the way translate.py runs
@@ -147,12 +169,7 @@ def run(args):
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                          "export_" + os.path.splitext(os.path.basename(args.checkpoint))[0])
     check_writable_folder(output, "--output")
-    vae = None
-    if args.with_decoder:
-        problems = []
-        vae = open_vae_for(cfg, args.vae, args.vae_subfolder, "cpu", problems.append)
-        if vae is None:
-            raise InputError(f"--with-decoder needs a VAE: {'; '.join(problems)}")
+    vae = decoder_vae(cfg, args.vae, args.vae_subfolder) if args.with_decoder else None
 
     domains = [cfg["data"]["domains"][i] for i in ids]
     size = training_latent_size(cfg)

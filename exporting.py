@@ -1,6 +1,6 @@
 """A trained model as self-contained inference graphs, for use without this code: ONNX (ONNX Runtime,
-TensorRT, onnxruntime-web, game engines) and torch.export (`.pt2`, loadable by any PyTorch >= 2.6
-with no model code). Used by export.py and bench.py.
+TensorRT, onnxruntime-web, game engines) and torch.export (`.pt2`: torch.export.load runs it with no
+model code). Used by export.py and bench.py.
 
 Each mode is its own graph, taking only the inputs it uses (latents raw, as on disk):
 
@@ -22,16 +22,16 @@ import torch
 import torch.nn as nn
 
 from config import model_kwargs
+from dataset import LATENT_CHANNELS
 from inference import MEAN_STYLE_SAMPLES, mean_style
 from model import build_models
 from runtime import InputError
-from vae import decode
 
 ONNX_OPSET = 20  # torch 2.13's exporter default; ONNX Runtime >= 1.17 runs it
 METADATA_KEY = "latent_stargan_v2"  # ONNX metadata_props key; the .pt2 extra file is METADATA_KEY + ".json"
 MIN_CONTENT_SIZE = 8  # latent H, W: the dataset's minimum
-# E pools by 2 three times; torch.export would specialise a final 1x1 map (a 0/1 size), so the traced
-# graph assumes at least 2x2 there
+# E halves H', W' three times, and torch.export specialises a size that could be 1 (its 0/1 rule):
+# the graph is traced for a pooled map of at least 2x2
 MIN_REFERENCE_SIZE = 16
 MAX_DECODER_BATCH = 63  # diffusers' Upsample2D branches on batch >= 64 (a CUDA kernel workaround)
 GRAPHS = ("latent_guided", "reference_guided")
@@ -67,14 +67,17 @@ class ReferenceGuided(nn.Module):
 
 
 class Decoder(nn.Module):
-    """The VAE's decoder on raw latents: [B, 4, h, w] -> RGB [B, 3, h*f, w*f] in [0, 1]."""
+    """The VAE's decode on raw latents, [B, 4, h, w] -> RGB [B, 3, h*f, w*f] in [0, 1], as vae.decode:
+    AutoencoderKL's post_quant_conv and decoder alone (an exported program keeps every parameter of
+    its module, and the encoder would double the file)."""
 
     def __init__(self, vae):
         super().__init__()
-        self.vae = vae
+        self.post_quant_conv, self.decoder = vae.post_quant_conv, vae.decoder  # post_quant_conv may be None
 
     def forward(self, latent):
-        return decode(self.vae, latent)
+        h = self.post_quant_conv(latent) if self.post_quant_conv is not None else latent  # [B, 4, h, w]
+        return (self.decoder(h) / 2 + 0.5).clamp(0, 1)  # [B, 3, H, W]: [-1, 1] -> [0, 1]
 
 
 def keep_domains(cfg, nets, ids):
@@ -118,7 +121,7 @@ def output_name(graph):
 def random_inputs(graph, batch, size, num_domains, latent_dim, generator, reference_size=None):
     """Inputs of `graph` with a raw latent's spread (std ~5), psi cycling through 1, 0.5, 0."""
     def latent(s):
-        return torch.randn(batch, 4, *s, generator=generator) * 5  # [B, 4, h, w] raw
+        return torch.randn(batch, LATENT_CHANNELS, *s, generator=generator) * 5  # [B, 4, h, w] raw
 
     size = (size, size) if isinstance(size, int) else tuple(size)
     if graph == "decoder":
@@ -134,7 +137,7 @@ def random_inputs(graph, batch, size, num_domains, latent_dim, generator, refere
 
 def dynamic_shapes(graph):
     """Batch, H and W free (G never resamples, E pools globally); references have their own H', W'."""
-    batch = torch.export.Dim("batch", min=1, max=MAX_DECODER_BATCH if graph == "decoder" else int(2**31 - 1))
+    batch = torch.export.Dim("batch", min=1, **({"max": MAX_DECODER_BATCH} if graph == "decoder" else {}))
     height, width = (torch.export.Dim(n, min=MIN_CONTENT_SIZE) for n in ("height", "width"))
     content = {0: batch, 2: height, 3: width}
     if graph == "decoder":
@@ -245,7 +248,8 @@ def max_abs_diff(a, b):
 def metadata_for(cfg, graph, domains, ckpt, latent_size, **extra):
     """The record every file carries: what a consumer needs to feed and read the graph."""
     record = {"graph": graph, "inputs": input_names(graph), "output": output_name(graph), "domains": list(domains),
-              "latent_shape": [4, latent_size, latent_size], "latent_scale": cfg["training"]["latent_scale"],
+              "latent_shape": [LATENT_CHANNELS, latent_size, latent_size],
+              "latent_scale": cfg["training"]["latent_scale"],
               "style_dim": cfg["model"]["style_dim"], "latent_dim": cfg["model"]["latent_dim"],
               "psi_range": [0.0, 1.0], "mean_style_samples": MEAN_STYLE_SAMPLES,
               "min_content_size": MIN_CONTENT_SIZE, "min_reference_size": MIN_REFERENCE_SIZE,
