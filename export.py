@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from exporting import (MIN_REFERENCE_SIZE, FORMATS, Decoder, build_graphs, export_program, max_abs_diff,
+from exporting import (GRAPHS, MIN_REFERENCE_SIZE, FORMATS, Decoder, build_graphs, export_program, max_abs_diff,
                        metadata_for, onnx_bytes, pt2_bytes, random_inputs, require_onnx_packages)
 from dataset import LATENT_CHANNELS
 from inference import domain_index, mean_style, networks_from_checkpoint, training_latent_size
@@ -206,6 +206,11 @@ def run(args):
     for name, data in files.items():
         path = atomic_write(os.path.join(output, name), lambda f: f.write(data))
         print(f"wrote {path} ({len(data) / 2**20:.1f} MiB)")
+    ours = {f"{graph}.{fmt}" for graph in GRAPHS + ("decoder",) for fmt in FORMATS}
+    stale = sorted(set(os.listdir(output)) & ours - set(files))
+    if stale:
+        print(f"export.py: warning: {output} also holds {', '.join(stale)} of an earlier export, kept (their metadata "
+              "names their checkpoint and step)", file=sys.stderr)
     return 0
 
 
