@@ -198,7 +198,8 @@ def run(args):
                 print(f"  {name}: max abs diff vs eager {diff:.3g} ({where}; tolerance {args.tolerance:g})"
                       f"{'' if ok else '  FAILED'}", flush=True)
                 if not ok:
-                    print(f"export.py: error: {name} differs from the eager EMA networks by {diff:.3g} > "
+                    eager = "the VAE's eager decode" if graph == "decoder" else "the eager EMA networks"
+                    print(f"export.py: error: {name} differs from {eager} by {diff:.3g} > "
                           f"--tolerance {args.tolerance:g} ({where}); nothing was written", file=sys.stderr)
                     return 1
             files[name] = data
