@@ -4,6 +4,7 @@
                     [--matrix] [--peak-tflops X] [--latent-size N] [--threads N] [--sync-check]
                     [--forward-flops] [KEY=VALUE ...]
     python bench.py --config ... --evaluation --inception-weights FILE [--lpips-weights FILE] [--eval-batch N]
+    python bench.py --config ... --export [--export-batch 1 8] [--threads N]   (exported graphs, CPU)
 
 Times the real `Trainer.train_step` (imported from trainer.py, the code run.py runs) fed by the real
 batch path: a `MultiDomainLatentDataset` over a temporary folder of random latents of the configured
@@ -446,6 +447,50 @@ def evaluation_throughput(device, inception_weights, lpips_weights=None, latent_
             "inception": inception.identity, "device": device_name(device), "torch": torch.__version__}
 
 
+# ---------------------------------------------------------------------- exported graphs
+
+def export_latency(cfg, batch_sizes, latent_size=LATENT_SIZE, repeats=20, warmup=3, threads=None):
+    """CPU ms per image of the exported graphs (exporting.py) against eager PyTorch, on a random-weight
+    model of the config's `model:` section: per graph and batch size, the median of `repeats` calls of
+    the eager module, of ONNX Runtime (CPUExecutionProvider, `threads` intra-op threads) on the ONNX
+    file's bytes, and of the torch.export.load-ed .pt2 module. `*_ms_per_image` is wall time;
+    `*_cpu_ms_per_image` the process's CPU time, which a machine shared with other jobs inflates less
+    (with one thread it is the compute alone). One dict per (graph, batch size)."""
+    import exporting
+
+    exporting.require_onnx_packages(runtime=True)
+    seed_everything(cfg["seed"])
+    nets = {k: m.eval().requires_grad_(False) for k, m in build_models(**model_kwargs(cfg)).items()}
+    num_domains, latent_dim = len(cfg["data"]["domains"]), cfg["model"]["latent_dim"]
+    graphs = exporting.build_graphs(cfg, nets, list(range(num_domains)))
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    ref_size = max(latent_size, exporting.MIN_REFERENCE_SIZE)
+    rows = []
+    for graph, module in graphs.items():
+        example = exporting.random_inputs(graph, 2, latent_size, num_domains, latent_dim, generator, ref_size)
+        program = exporting.export_program(module, graph, example)
+        runners = {"eager": exporting.eager_runner(module),
+                   "onnx": exporting.onnx_runner(exporting.onnx_bytes(program, graph, {}), threads)[0],
+                   "pt2": exporting.pt2_runner(exporting.pt2_bytes(program, {}))[0]}
+        for batch in batch_sizes:
+            inputs = exporting.random_inputs(graph, batch, latent_size, num_domains, latent_dim, generator, ref_size)
+            row = {"graph": graph, "batch_size": batch}
+            for name, run in runners.items():
+                wall, cpu = [], []
+                for i in range(warmup + repeats):
+                    start, start_cpu = time.perf_counter(), time.process_time()
+                    run(*inputs)
+                    wall.append(time.perf_counter() - start)
+                    cpu.append(time.process_time() - start_cpu)
+                row[f"{name}_ms_per_image"] = 1e3 * statistics.median(wall[warmup:]) / batch
+                row[f"{name}_cpu_ms_per_image"] = 1e3 * statistics.median(cpu[warmup:]) / batch
+            rows.append(row)
+    common = {"weights": "random", "latent_shape": [LATENT_CHANNELS, latent_size, latent_size], "repeats": repeats,
+              "threads": threads or torch.get_num_threads(), "device": device_name(torch.device("cpu")),
+              "torch": torch.__version__}
+    return [{**row, **common} for row in rows]
+
+
 # ---------------------------------------------------------------------- CLI
 
 def fmt(value, spec):
@@ -488,6 +533,11 @@ def parse_args(argv=None):
     p.add_argument("--inception-weights", default=None, help="with --evaluation: the TF-Inception TorchScript")
     p.add_argument("--lpips-weights", default=None, help="with --evaluation: AlexNet weights (LPIPS timed too)")
     p.add_argument("--eval-batch", type=int, default=16, help="with --evaluation: images per batch")
+    p.add_argument("--export", action="store_true",
+                   help="time the exported graphs instead (CPU): ONNX Runtime and torch.export .pt2 against eager, "
+                        "ms per image, on a random-weight model of the config (--steps repeats after --warmup)")
+    p.add_argument("--export-batch", type=int, nargs="+", default=[1, 8],
+                   help="with --export: batch sizes (default 1 8)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="override a dotted config key, value parsed as YAML (e.g. training.batch_size=16)")
     return p.parse_args(argv)
@@ -507,6 +557,12 @@ def run(args):
     configure_backends(device)  # as run.train
     common = {"config": args.config, "overrides": args.overrides}
 
+    if args.export:
+        if min(args.export_batch) < 1:
+            raise InputError(f"--export-batch {args.export_batch}: batch sizes must be >= 1")
+        for row in export_latency(cfg, args.export_batch, args.latent_size, args.steps, args.warmup, args.threads):
+            print(json.dumps({**row, **common}), flush=True)
+        return 0
     if args.evaluation:
         dtype = AMP_DTYPES[cfg["training"]["amp_dtype"]] if device.type == "cuda" else None
         result = evaluation_throughput(device, args.inception_weights, args.lpips_weights, args.latent_size,

@@ -214,3 +214,13 @@ def test_evaluation_throughput_and_protocol_extrapolation(tmp_path, monkeypatch)
     assert r["protocol_minutes_extrapolated"] == pytest.approx(
         r["protocol_images"] / r["images_per_s_decode_features"] / 60)
     assert r["lpips_ms_per_image"] is None and r["inception"].startswith("inception.pt:")
+
+
+@pytest.mark.slow
+def test_export_latency_times_every_graph_and_backend():
+    rows = bench.export_latency(tiny_cfg(), [1, 2], latent_size=SIZE, repeats=1, warmup=0, threads=1)
+    assert [(r["graph"], r["batch_size"]) for r in rows] == [
+        ("latent_guided", 1), ("latent_guided", 2), ("reference_guided", 1), ("reference_guided", 2)]
+    for r in rows:
+        assert all(r[f"{name}{kind}_ms_per_image"] > 0 for name in ("eager", "onnx", "pt2") for kind in ("", "_cpu"))
+        assert r["latent_shape"] == [4, SIZE, SIZE] and r["weights"] == "random" and r["threads"] == 1
