@@ -45,6 +45,11 @@ INSTALL_HINT = "pip install imageio-ffmpeg (or pip install -r requirements-app.t
 
 # ---------------------------------------------------------------------- easing and schedule
 
+def default_hold(frames_per_transition):
+    """Held frames in the official's proportion (10 of 61), so a shorter transition keeps its shape."""
+    return round(frames_per_transition * HOLD_FRAMES / FRAMES_PER_TRANSITION)
+
+
 def ease_alphas(frames_per_transition=FRAMES_PER_TRANSITION, hold_frames=HOLD_FRAMES):
     """The lerp weights of one transition, [T] float64: 0, then sigmoid(t) for `T - 1 - hold` values
     of t evenly spaced over [-5, 5) (the official's np.arange(-5, 5, 0.2) at the defaults), then

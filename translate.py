@@ -39,8 +39,8 @@ from dataset import LATENT_SUFFIXES, read_latent
 from inference import (DEFAULT_LATENT_SIZE, MEAN_STYLE_SAMPLES, domain_index, latent_styles, load_networks,
                        open_vae_for, reference_styles, training_latent_size, translate_pairs)
 from runtime import InputError, atomic_write, resolve_device, run_script
-from sampling import (FPS, FRAMES_PER_TRANSITION, HOLD_FRAMES, check_video_path, grid_cells, interpolation_schedule,
-                      num_frames, reference_grid, video_frames, write_video)
+from sampling import (FPS, FRAMES_PER_TRANSITION, HOLD_FRAMES, check_video_path, default_hold, grid_cells,
+                      interpolation_schedule, num_frames, reference_grid, video_frames, write_video)
 from vae import (IMAGE_EXTENSIONS, encode_raw, load_image, save_image_grid, to_model_input, to_rgb,
                  to_uint8, vae_downsample_factor)
 
@@ -94,8 +94,9 @@ def parse_args(argv=None):
                    help="--video: frames from one key style to the next, the holds included (default "
                         f"{FRAMES_PER_TRANSITION}: 1 + {FRAMES_PER_TRANSITION - 1 - HOLD_FRAMES} eased by a sigmoid + "
                         f"{HOLD_FRAMES} held, as the official)")
-    p.add_argument("--hold-frames", type=int, default=HOLD_FRAMES,
-                   help=f"--video: frames held at each key style, and again at the end (default {HOLD_FRAMES})")
+    p.add_argument("--hold-frames", type=int, default=None,
+                   help="--video: frames held at each key style, and again at the end (default: the official's "
+                        f"proportion, {HOLD_FRAMES} of {FRAMES_PER_TRANSITION}, rounded)")
     p.add_argument("--cell-size", type=int, default=None,
                    help="--grid and --video: side in pixels of every picture (default: as decoded, the latent "
                         "size x 8); smaller makes small GIFs")
@@ -149,6 +150,8 @@ def check_products(p, args):
         p.error("--video ref interpolates between references: give --reference (at least 2)")
     if mode == "latent" and (args.num_styles is None or args.num_styles < 2):
         p.error("--video latent interpolates between random styles: give --num-styles K with K >= 2")
+    if args.hold_frames is None:
+        args.hold_frames = default_hold(args.frames_per_transition)
     if not args.fps > 0 or args.fps > 240:
         p.error(f"--fps {args.fps}: expected a number above 0 and at most 240")
     if args.hold_frames < 0 or args.frames_per_transition < args.hold_frames + 2:
