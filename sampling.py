@@ -133,16 +133,16 @@ def reference_grid(generator, style_encoder, sources_raw, refs_raw, domain_id, l
 # ---------------------------------------------------------------------- frames
 
 def slide(prev_rgb, next_rgb, alpha, margin):
-    """The official `slide`: the reference column beside the row, [f, 3, 2H, W + margin], black
-    background. The two key pictures stacked (prev above next) are drawn from canvas row
-    floor(H * (1 - alpha)) down: at alpha 0 the current reference sits beside the translations (the
-    lower half), and as alpha grows it moves up beside the sources while the next one rises in."""
+    """The official `slide`: the reference column beside the row, [f, 3, 2H, W + margin] (any
+    dtype), black background. The two key pictures stacked (prev above next) are drawn from canvas
+    row floor(H * (1 - alpha)) down: at alpha 0 the current reference sits beside the translations
+    (the lower half), and as alpha grows it moves up beside the sources while the next one rises in."""
     f, c, h, w = prev_rgb.shape
     merged = torch.cat([prev_rgb, next_rgb], dim=2)  # [f, 3, 2H, W]
     top = torch.floor(h * (1 - alpha.double())).long()  # [f]
     rows = torch.arange(2 * h)[None] - top[:, None]  # [f, 2H]: the merged row drawn on each canvas row
     drawn = torch.gather(merged, 2, rows.clamp(min=0)[:, None, :, None].expand(f, c, 2 * h, w))
-    column = torch.where((rows >= 0)[:, None, :, None], drawn, torch.zeros(()))  # [f, 3, 2H, W]
+    column = torch.where((rows >= 0)[:, None, :, None], drawn, torch.zeros((), dtype=drawn.dtype))  # [f, 3, 2H, W]
     return F.pad(column, (0, margin))
 
 
@@ -164,11 +164,12 @@ def video_frames(generator, sources_raw, key_styles, schedule, latent_scale, vae
     Frames go through the generator and the decode in chunks of about `batch_size` pictures; frames
     that share a style (the holds) are computed once. `autocast` wraps the generator calls only."""
     n = sources_raw.shape[0]
+    # frames are assembled from uint8 pictures: each picture is converted once, not each frame
     source_rgb = pictures_of(sources_raw, vae, latent_scale, batch_size, cell_size)  # [N, 3, H, W]
     _, c, h, w = source_rgb.shape
-    top_row = source_rgb.permute(1, 2, 0, 3).reshape(c, h, n * w)  # [3, H, N*W]
+    top_row = u8(source_rgb).permute(1, 0, 2, 3).reshape(h, n * w, c)  # [H, N*W, 3]
     if key_latents is not None:
-        key_rgb = fit(pictures_of(key_latents, vae, latent_scale, batch_size), (h, w))  # [K, 3, H, W]
+        key_u8 = u8(fit(pictures_of(key_latents, vae, latent_scale, batch_size), (h, w))).permute(0, 3, 1, 2)  # [K, 3, H, W]
     styles = frame_styles(key_styles, schedule)  # [F, S]
     prev, nxt, alpha = schedule
     per_chunk = max(1, batch_size // n)
@@ -178,13 +179,18 @@ def video_frames(generator, sources_raw, key_styles, schedule, latent_scale, vae
         with autocast():
             raw = torch.cat([out for _, out in translate_pairs(generator, sources_raw, unique, latent_scale,
                                                                batch_size, device)])  # [N*U, 4, h, w], source-major
-        rgb = pictures_of(raw, vae, latent_scale, batch_size, cell_size).view(n, len(unique), c, h, w)
-        fakes = rgb.permute(1, 2, 3, 0, 4).reshape(len(unique), c, h, n * w)[inverse.cpu()]  # [f, 3, H, N*W]
-        frames = torch.cat([top_row.expand_as(fakes), fakes], dim=2)  # [f, 3, 2H, N*W]
+        fakes = u8(pictures_of(raw, vae, latent_scale, batch_size, cell_size)).view(n, len(unique), h, w, c)
+        fakes = fakes.permute(1, 2, 0, 3, 4).reshape(len(unique), h, n * w, c)[inverse.cpu()]  # [f, H, N*W, 3]
+        frames = torch.cat([top_row.expand_as(fakes), fakes], dim=1)  # [f, 2H, N*W, 3]
         if key_latents is not None:
-            column = slide(key_rgb[prev[chunk]], key_rgb[nxt[chunk]], alpha[chunk], round(w * SLIDE_MARGIN))
-            frames = torch.cat([column, frames], dim=3)  # [f, 3, 2H, W + margin + N*W]
-        yield to_uint8(frames)  # [f, 2H, W', 3]
+            column = slide(key_u8[prev[chunk]], key_u8[nxt[chunk]], alpha[chunk], round(w * SLIDE_MARGIN))
+            frames = torch.cat([column.permute(0, 2, 3, 1), frames], dim=2)  # [f, 2H, W + margin + N*W, 3]
+        yield frames.numpy()
+
+
+def u8(pictures):
+    """[B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3] (a torch view of vae.to_uint8's array)."""
+    return torch.from_numpy(to_uint8(pictures))
 
 
 # ---------------------------------------------------------------------- writing
@@ -220,7 +226,8 @@ def write_video(path, frame_chunks, fps=FPS, on_frames=None):
     def counted():
         nonlocal count
         for chunk in frame_chunks:
-            chunk = np.pad(chunk, ((0, 0), (0, chunk.shape[1] % 2), (0, chunk.shape[2] % 2), (0, 0)))
+            if chunk.shape[1] % 2 or chunk.shape[2] % 2:
+                chunk = np.pad(chunk, ((0, 0), (0, chunk.shape[1] % 2), (0, chunk.shape[2] % 2), (0, 0)))
             yield chunk
             count += len(chunk)
             if on_frames is not None:
