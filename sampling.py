@@ -13,7 +13,8 @@ style-interpolation videos, shared by translate.py and the app.
   official skips pairs of different domains; the last frame is held at the end.
 - **Writers**: `.mp4` (H.264, yuv420p: plays everywhere), `.mkv` (FFV1: lossless RGB, for editing
   and exact checks), both through the ffmpeg binary that the imageio-ffmpeg wheel ships, and
-  `.gif` (Pillow, one adaptive palette per frame: for READMEs). Frames stream to the encoder chunk by
+  `.gif` (Pillow, one adaptive palette per frame, a run of identical frames stored once with the sum of
+  their durations: for READMEs). Frames stream to the encoder chunk by
   chunk, so a long video never sits in memory (a GIF's palette-mapped frames do, one byte a pixel).
 
 Latents in are raw; the networks see `raw * latent_scale` (inference.translate_pairs). Pictures are
@@ -270,5 +271,8 @@ def write_gif(f, frame_chunks, fps):
               for chunk in frame_chunks for frame in chunk]
     if not frames:
         raise ValueError("no frames to write")
-    frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=1000 / fps, loop=0,
+    # GIF times frames in centiseconds: round each frame's end time, so the pace stays right over the
+    # video (15 fps: 60 and 70 ms alternate) instead of every frame rounding the same way
+    durations = np.diff(np.round(np.arange(len(frames) + 1) * 100 / fps)) * 10  # ms
+    frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=durations.tolist(), loop=0,
                    optimize=False, disposal=1)

@@ -17,10 +17,10 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageSequence
+from PIL import Image
 
 import app
-from conftest import ROOT
+from conftest import ROOT, decode_video
 from vae import decode_raw, encode_raw, load_image, load_vae, to_model_input, to_uint8
 
 gr = app.gr
@@ -258,13 +258,6 @@ def interpolation_widgets(**kw):
     return list(args.values())
 
 
-def gif_frames(path):
-    """A GIF's frames, runs of identical frames (stored once with a longer duration) expanded."""
-    with Image.open(path) as gif:
-        stored = [(np.asarray(f.convert("RGB")).astype(float), f.info["duration"]) for f in ImageSequence.Iterator(gif)]
-    return [frame for frame, duration in stored for _ in range(round(duration / stored[0][1]))]
-
-
 def test_the_slider_draws_the_source_in_the_blended_style(interpolation, handle, translator, trained, nets):
     cfg, models = nets
     _, data = trained
@@ -293,7 +286,7 @@ def test_the_video_between_two_references(interpolation, translator, trained, ne
     _, make_video = interpolation
     path, status = make_video(*interpolation_widgets(endpoint_mode=app.REFERENCES), 13, 10, "gif")
     assert os.path.basename(path) == "a_000_to_c_refA-refB.gif"
-    frames = gif_frames(path)
+    frames = decode_video(path, fps=10).astype(float)
     assert len(frames) == 13 + 2  # 13 from A to B, then 2 held (the official's 10 in 61)
     assert status.startswith("15 frames (13 from A to B, 2 more held at the end) at 10 fps")
     assert frames[0].shape == (2 * IMAGE, IMAGE + IMAGE // 8 + IMAGE, 3)  # the reference column, then the source
@@ -453,7 +446,7 @@ def test_server_round_trip_through_gradio_client(server, tmp_path):
     blended, status = client.predict(*widgets, 0.25, api_name="/interpolate")
     assert Image.open(blended).size == (IMAGE, IMAGE) and status.startswith("alpha 0.25 in c")
     video, status = client.predict(*widgets, 5, 15, "gif", api_name="/interpolation_video")
-    assert len(gif_frames(video)) == 5 + 1 and status.startswith("6 frames")
+    assert len(decode_video(video, fps=15)) == 5 + 1 and status.startswith("6 frames")
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image, ImageSequence
 
+from conftest import decode_video
+
 import sampling
 from translate import main
 from vae import image_grid, latent_preview, to_uint8
@@ -74,23 +76,6 @@ def load(data, *names):
     return torch.stack([torch.load(os.path.join(data, name), weights_only=True) for name in names])
 
 
-def decode_video(path):
-    """Every frame of a written video, uint8 [F, H, W, 3], decoded here (not by the writer). A GIF
-    stores a run of identical frames once, with their durations summed: it is expanded back at the
-    duration of its first frame."""
-    if path.endswith(".gif"):
-        with Image.open(path) as gif:
-            stored = [(np.asarray(f.convert("RGB")), f.info["duration"]) for f in ImageSequence.Iterator(gif)]
-        step = stored[0][1]
-        assert all(d % step == 0 for _, d in stored)
-        return np.stack([frame for frame, d in stored for _ in range(d // step)])
-    import imageio_ffmpeg
-
-    frames = imageio_ffmpeg.read_frames(path)
-    width, height = next(frames)["size"]
-    return np.stack([np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in frames])
-
-
 def translate(ckpt, *args):
     return main(["--checkpoint", ckpt, "--device", "cpu", *map(str, args)])
 
@@ -120,6 +105,7 @@ def test_schedule_glides_within_segments_cuts_between_and_holds_the_end():
     expected = [(0, 1, a) for a in eased] + [(1, 2, a) for a in eased] + [(3, 4, a) for a in eased] + [(3, 4, 1.0)]
     assert list(zip(prev.tolist(), nxt.tolist(), alpha.tolist())) == expected
     assert sampling.num_frames([3, 2], 5, 1) == len(expected) == 3 * 5 + 1
+    assert [sampling.default_hold(t) for t in (61, 13, 3)] == [10, 2, 0]  # the official's 10 in 61
     with pytest.raises(ValueError):
         sampling.interpolation_schedule([3, 1], 5, 1)
 
@@ -155,6 +141,26 @@ def test_frames_are_sources_over_translations_with_the_sliding_reference(trained
         column = to_uint8(official_slide(ref_rgb[prev[f]], ref_rgb[nxt[f]], alpha[f].item(), MARGIN)[None])[0]
         body = np.concatenate([top, row(preview(translations(nets, sources, style, scale), scale))], axis=0)
         assert_close_u8(frames[f], np.concatenate([column, body], axis=1))
+
+
+@pytest.mark.cuda
+def test_cuda_frames_match_the_cpu(trained, ema_nets):
+    """The same frames on the GPU (styles, unique, generator there; pictures gathered on the CPU)."""
+    import copy
+
+    _, data = trained
+    cfg, nets = ema_nets
+    scale = cfg["training"]["latent_scale"]
+    sources, refs = load(data, "a/000.pt", "b/001.pt"), load(data, "c/000.pt", "c/002.pt")
+    schedule = sampling.interpolation_schedule([2], frames_per_transition=7, hold_frames=2)
+    frames = {}
+    for device in ("cpu", "cuda"):
+        generator = copy.deepcopy(nets["generator"]).to(device)
+        keys = ref_styles(nets, refs, 2, scale).to(device)
+        frames[device] = np.concatenate(list(sampling.video_frames(generator, sources, keys, schedule, scale,
+                                                                   key_latents=refs, batch_size=4, device=device)))
+    assert frames["cuda"].shape == frames["cpu"].shape
+    assert np.abs(frames["cuda"].astype(int) - frames["cpu"].astype(int)).mean() < 1  # TF32 convolutions
 
 
 # ---------------------------------------------------------------------- written videos, decoded back
@@ -252,7 +258,7 @@ def test_video_gif_frame_count_pace_and_endpoints(trained, ema_nets, tmp_path):
     assert translate(ckpt, "--source", os.path.join(data, "b", "001.pt"), "--target-domain", "a",
                      "--num-styles", 2, "--video", "latent", video, "--frames-per-transition", 6,
                      "--hold-frames", 3, "--fps", 10, "--cell-size", 32) == 0
-    frames = decode_video(video).astype(float)
+    frames = decode_video(video, fps=10).astype(float)
     assert frames.shape == (6 + 3, 64, 32, 3)  # --cell-size: 32 px pictures
     with Image.open(video) as gif:
         assert gif.info["duration"] == 100 and gif.info["loop"] == 0  # 10 fps, looping
@@ -360,6 +366,7 @@ def test_mp4_without_imageio_ffmpeg_names_the_pip_command(trained, tmp_path, cap
                      "--num-styles", 2, "--video", "latent", tmp_path / "v.mp4") == 2
     assert "pip install imageio-ffmpeg" in capsys.readouterr().err
     assert translate(ckpt, "--source", os.path.join(data, "a", "000.pt"), "--target-domain", "c",
-                     "--num-styles", 2, "--video", "latent", tmp_path / "v.gif", "--frames-per-transition", 3,
-                     "--hold-frames", 0) == 0  # a GIF needs only Pillow
-    assert len(decode_video(str(tmp_path / "v.gif"))) == 3
+                     "--num-styles", 2, "--video", "latent", tmp_path / "v.gif", "--frames-per-transition", 13) == 0
+    assert len(decode_video(str(tmp_path / "v.gif"), fps=15)) == 13 + 2  # a GIF needs only Pillow; the hold: 10 in 61
+    with Image.open(tmp_path / "v.gif") as gif:  # 15 fps in 10 ms steps: 60 and 70 ms, 1 s in all
+        assert sum(frame.info["duration"] for frame in ImageSequence.Iterator(gif)) == 1000
