@@ -12,10 +12,10 @@ style-interpolation videos, shared by translate.py and the app.
   the mapping network (`video_latent`). Between segments (target domains) the video cuts, as the
   official skips pairs of different domains; the last frame is held at the end.
 - **Writers**: `.mp4` (H.264, yuv420p: plays everywhere), `.mkv` (FFV1: lossless RGB, for editing
-  and exact checks), both through the ffmpeg binary that the imageio-ffmpeg wheel ships, and
-  `.gif` (Pillow, one adaptive palette per frame, a run of identical frames stored once with the sum of
-  their durations: for READMEs). Frames stream to the encoder chunk by
-  chunk, so a long video never sits in memory (a GIF's palette-mapped frames do, one byte a pixel).
+  and exact checks), both through the ffmpeg binary that the imageio-ffmpeg wheel ships, and `.gif`
+  (Pillow, one adaptive palette per frame, a run of identical frames stored once with the sum of
+  their durations: for READMEs). Frames stream to the encoder chunk by chunk, so a long video never
+  sits in memory (a GIF's palette-mapped frames do, one byte a pixel).
 
 Latents in are raw; the networks see `raw * latent_scale` (inference.translate_pairs). Pictures are
 RGB in [0, 1], `[B, 3, H, W]`, decoded by the VAE or shown by the linear latent preview (vae.to_rgb).

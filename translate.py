@@ -316,7 +316,7 @@ def run(args):
     vae, vae_problem = open_vae(args, cfg, args.device)
     latents = load_inputs(args, cfg, vae, source_paths, ref_paths)
     if vae is None:
-        warn(f"{vae_problem}: PNGs use the linear latent preview")
+        warn(vae_problem.removeprefix("warning: "))  # it says why, and that pictures use the latent preview
     sources = stack_inputs(source_paths, latents, "--source")  # [N, 4, h, w] raw, CPU
     refs = stack_inputs(ref_paths, latents, "--reference") if ref_paths else None  # [M, 4, h', w'] raw
 
