@@ -14,7 +14,10 @@ queue and run one at a time. The page offers:
 - the style: latent-guided (K random styles from the mapping network, a seed, the psi truncation) or
   reference-guided (an uploaded image or a latent from the data, through the style encoder);
 - the outputs as a gallery (each a PNG to download), their raw latents as one .pt, and a line saying
-  what ran.
+  what ran;
+- style interpolation: a slider between two styles (two seeds, or two references) that redraws the
+  source with the blended style as it moves, and a button that renders the video from one style to
+  the other (StarGAN v2's easing, sampling.py) as an .mp4 or .gif to download.
 
 Without a VAE the page still works on the data's latents, and shows the linear latent preview
 instead of decodes. The translation is the library's (inference.py, vae.py), as in translate.py.
@@ -95,6 +98,11 @@ def safe_stem(name, fallback="source"):
     """A file stem safe in download names: letters, digits, '-' and '_', at most 40 characters."""
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", os.path.splitext(os.path.basename(name or ""))[0]).strip("_")
     return stem[:40] or fallback
+
+
+def stem_of(source_mode, source_image, source_latent):
+    """The download names' stem: the upload's file name, or the data latent's `domain_file`."""
+    return safe_stem(source_latent.replace("/", "_") if source_mode == DATA else source_image)
 
 
 # ---------------------------------------------------------------------- the model, loaded once
@@ -242,7 +250,7 @@ class Translator:
         rgb = to_rgb(latents, self.vae, self.latent_scale, batch_size=latents.shape[0])  # [N, 3, H, W], on the CPU
         seconds = time.perf_counter() - start  # the .cpu() copies above waited for the device
 
-        source_stem = safe_stem(source_latent.replace("/", "_") if source_mode == DATA else source_image)
+        source_stem = stem_of(source_mode, source_image, source_latent)
         names, captions = [], []
         for k in range(styles.shape[0] // len(domain_ids)):  # style-major, as `styles` orders them
             for d in domain_ids:
@@ -258,7 +266,6 @@ class Translator:
         columns = len(domain_ids) if len(domain_ids) > 1 else max(2, min(len(names), 4))
         return dict(rgb=rgb, latents=latents, names=names, captions=captions, columns=columns,
                     source_rgb=to_rgb(source, self.vae, self.latent_scale)[0], source_stem=source_stem, status=status)
-
 
     # ------------------------------------------------------------------ interpolation
 
@@ -293,7 +300,7 @@ class Translator:
             notes += read[0][1] + read[1][1]
         else:
             raise InputError(f"interpolate between {endpoint_mode!r}: expected {SEEDS!r} or {REFERENCES!r}")
-        stem = safe_stem(source_latent.replace("/", "_") if source_mode == DATA else source_image)
+        stem = stem_of(source_mode, source_image, source_latent)
         return dict(source=source, keys=keys.float(), key_latents=key_latents, domain_id=domain_id, stem=stem, tag=tag,
                     notes=notes)
 
