@@ -14,7 +14,10 @@ queue and run one at a time. The page offers:
 - the style: latent-guided (K random styles from the mapping network, a seed, the psi truncation) or
   reference-guided (an uploaded image or a latent from the data, through the style encoder);
 - the outputs as a gallery (each a PNG to download), their raw latents as one .pt, and a line saying
-  what ran.
+  what ran;
+- style interpolation: a slider between two styles (two seeds, or two references) that redraws the
+  source with the blended style as it moves, and a button that renders the video from one style to
+  the other (StarGAN v2's easing, sampling.py) as an .mp4 or .gif to download.
 
 Without a VAE the page still works on the data's latents, and shows the linear latent preview
 instead of decodes. The translation is the library's (inference.py, vae.py), as in translate.py.
@@ -24,6 +27,7 @@ Exit codes: 2 for a bad checkpoint, VAE or flag (the message on stderr), else th
 import argparse
 import contextlib
 import errno
+import functools
 import os
 import re
 import shutil
@@ -41,6 +45,8 @@ from dataset import list_latent_files, read_latent
 from inference import (domain_index, latent_styles, load_networks, open_vae_for, reference_styles,
                        training_latent_size, translate_pairs)
 from runtime import InputError, check_psi, check_seed, configure_backends, resolve_device, run_script
+from sampling import (FPS, FRAMES_PER_TRANSITION, default_hold, frame_styles, interpolation_schedule, video_frames,
+                      write_video)
 from vae import (MAX_IMAGE_PIXELS, encode_raw, inspect_image, load_image, to_model_input, to_rgb, to_uint8,
                  vae_downsample_factor)
 
@@ -51,6 +57,10 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 
 ALL_DOMAINS = "__all__"  # the target choice "every domain, side by side"
+SEEDS, REFERENCES = "seeds", "references"  # the two styles an interpolation glides between
+VIDEO_FORMATS = ("mp4", "gif")
+MAX_FRAMES_PER_TRANSITION = 121  # about 8 s at the official 15 fps
+VIDEO_BATCH = 16  # frames per generator / decode batch of a video (one source)
 UPLOAD, DATA = "upload", "data"  # where a source or reference comes from
 LATENT_GUIDED, REFERENCE_GUIDED = "latent", "reference"
 MAX_STYLES = 8  # latent-guided styles per domain: one row of the gallery
@@ -89,6 +99,11 @@ def safe_stem(name, fallback="source"):
     """A file stem safe in download names: letters, digits, '-' and '_', at most 40 characters."""
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", os.path.splitext(os.path.basename(name or ""))[0]).strip("_")
     return stem[:40] or fallback
+
+
+def stem_of(source_mode, source_image, source_latent):
+    """The download names' stem: the upload's file name, or the data latent's `domain_file`."""
+    return safe_stem(source_latent.replace("/", "_") if source_mode == DATA else source_image)
 
 
 # ---------------------------------------------------------------------- the model, loaded once
@@ -231,16 +246,15 @@ class Translator:
         rgb = to_rgb(latents, self.vae, self.latent_scale, batch_size=latents.shape[0])  # [N, 3, H, W], on the CPU
         seconds = time.perf_counter() - start  # the .cpu() copies above waited for the device
 
-        source_stem = safe_stem(source_latent.replace("/", "_") if source_mode == DATA else source_image)
+        source_stem = stem_of(source_mode, source_image, source_latent)
         names, captions = [], []
         for k in range(styles.shape[0] // len(domain_ids)):  # style-major, as `styles` orders them
             for d in domain_ids:
                 tag = f"style {k}" if style_mode == LATENT_GUIDED else "reference"
                 names.append(f"{source_stem}_to_{self.domains[d]}_{k if style_mode == LATENT_GUIDED else 'ref'}")
                 captions.append(f"{self.domains[d]} · {tag}")
-        pictures = "VAE decode" if self.vae is not None else "linear latent preview"
         status = (f"{len(names)} output(s) on {self.device_label} in {seconds * 1000:.0f} ms "
-                  f"({seconds * 1000 / len(names):.0f} ms per image: styles, generator and {pictures}) · "
+                  f"({seconds * 1000 / len(names):.0f} ms per image: styles, generator and {self.pictures}) · "
                   + " · ".join(notes))
         if style_mode == LATENT_GUIDED:
             status += f" · seed {seed}, psi {psi:g}"
@@ -248,6 +262,115 @@ class Translator:
         columns = len(domain_ids) if len(domain_ids) > 1 else max(2, min(len(names), 4))
         return dict(rgb=rgb, latents=latents, names=names, captions=captions, columns=columns,
                     source_rgb=to_rgb(source, self.vae, self.latent_scale)[0], source_stem=source_stem, status=status)
+
+    # ------------------------------------------------------------------ interpolation
+
+    def endpoints(self, source_mode=UPLOAD, source_image=None, source_latent=None, target=None, endpoint_mode=SEEDS,
+                  seed_a=0, seed_b=1, psi=1.0, reference_a=(UPLOAD, None, None), reference_b=(UPLOAD, None, None)):
+        """The two styles of an interpolation and what it translates: dict(source [1, 4, h, w] raw,
+        keys [2, S], key_latents [2, 4, h', w'] raw (the references) or None, domain_id, stem, tag,
+        notes). Style A of seed S is style 0 of the Translate button's seed S."""
+        if target == ALL_DOMAINS or target not in self.domains:
+            raise InputError(f"interpolation runs in one target domain: pick one of {', '.join(self.domains)}")
+        domain_id = domain_index(self.cfg, target, "target")
+        source, notes = self.read_input(source_mode, source_image, source_latent, "source")  # [1, 4, h, w]
+        if endpoint_mode == SEEDS:
+            _, seed_a, psi = check_style_args(LATENT_GUIDED, 1, seed_a, psi)
+            _, seed_b, _ = check_style_args(LATENT_GUIDED, 1, seed_b, psi)
+            with self.autocast():
+                keys = torch.cat([latent_styles(self.nets["mapping_network"], domain_id, 1, self.latent_dim, seed, psi,
+                                                self.device) for seed in (seed_a, seed_b)])  # [2, S]
+            key_latents, tag = None, f"seed{seed_a}-seed{seed_b}"
+            notes.append(f"seed {seed_a} → seed {seed_b}, psi {psi:g}")
+        elif endpoint_mode == REFERENCES:
+            read = [self.read_input(*reference, f"reference {name}") for name, reference in
+                    (("A", reference_a), ("B", reference_b))]
+            if read[0][0].shape != read[1][0].shape:
+                raise InputError(f"references A and B have latents of different sizes ({list(read[0][0].shape[1:])} "
+                                 f"and {list(read[1][0].shape[1:])}); pick two of one size")
+            key_latents = torch.cat([read[0][0], read[1][0]])  # [2, 4, h', w']
+            with self.autocast():
+                keys = reference_styles(self.nets["style_encoder"], key_latents, domain_id, self.latent_scale,
+                                        device=self.device)  # [2, S]
+            tag = "refA-refB"
+            notes += read[0][1] + read[1][1]
+        else:
+            raise InputError(f"interpolate between {endpoint_mode!r}: expected {SEEDS!r} or {REFERENCES!r}")
+        stem = stem_of(source_mode, source_image, source_latent)
+        return dict(source=source, keys=keys.float(), key_latents=key_latents, domain_id=domain_id, stem=stem, tag=tag,
+                    notes=notes)
+
+    def interpolate(self, alpha=0.5, **request):
+        """The source with the style lerp(A, B, alpha), as the video's frame at that alpha shows it:
+        dict(rgb [3, H, W] in [0, 1], status)."""
+        alpha = check_alpha(alpha)
+        e = self.endpoints(**request)
+        start = time.perf_counter()
+        one_frame = (torch.tensor([0]), torch.tensor([1]), torch.tensor([alpha], dtype=torch.float64))
+        with self.autocast():
+            style = frame_styles(e["keys"], one_frame)  # [1, S]
+            _, latent = next(translate_pairs(self.nets["generator"], e["source"], style, self.latent_scale,
+                                             batch_size=1, device=self.device))  # [1, 4, h, w] raw
+        rgb = to_rgb(latent, self.vae, self.latent_scale)[0]  # [3, H, W]
+        seconds = time.perf_counter() - start
+        status = (f"alpha {alpha:g} in {self.domains[e['domain_id']]} · {seconds * 1000:.0f} ms on {self.device_label} "
+                  f"({self.pictures}) · " + " · ".join(e["notes"]))
+        return dict(rgb=rgb, status=status)
+
+    def interpolation_video(self, folder, frames_per_transition=FRAMES_PER_TRANSITION, fps=FPS, video_format="mp4",
+                            progress=None, **request):
+        """The video from style A to style B (StarGAN v2's easing; the references slide in beside the
+        row when they are the styles) into `folder`: dict(path, frames, status). `progress(fraction)`
+        is told after each batch of frames."""
+        frames_per_transition, fps, video_format = check_video_args(frames_per_transition, fps, video_format)
+        e = self.endpoints(**request)
+        hold = default_hold(frames_per_transition)
+        schedule = interpolation_schedule([2], frames_per_transition, hold)
+        written = []
+
+        def on_frames(count):
+            written.append(count)
+            if progress is not None:
+                progress(sum(written) / len(schedule[0]))
+
+        start = time.perf_counter()
+        chunks = video_frames(self.nets["generator"], e["source"], e["keys"], schedule, self.latent_scale, self.vae,
+                              e["key_latents"], VIDEO_BATCH, self.device, autocast=self.autocast)
+        name = f"{e['stem']}_to_{self.domains[e['domain_id']]}_{e['tag']}.{video_format}"
+        path, count = write_video(os.path.join(folder, name), chunks, fps, on_frames)
+        seconds = time.perf_counter() - start
+        status = (f"{count} frames ({frames_per_transition} from A to B, {hold} more held at the end) at {fps:g} fps, "
+                  f"rendered in {seconds:.1f} s on {self.device_label} ({self.pictures}) · " + " · ".join(e["notes"]))
+        return dict(path=path, frames=count, status=status)
+
+    @property
+    def pictures(self):
+        return "VAE decode" if self.vae is not None else "linear latent preview"
+
+
+def check_alpha(alpha):
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise InputError(f"alpha must be a number, got {alpha!r}") from None
+    if not 0.0 <= alpha <= 1.0:  # False for NaN too
+        raise InputError(f"alpha {alpha}: expected 0 (style A) to 1 (style B)")
+    return alpha
+
+
+def check_video_args(frames_per_transition, fps, video_format):
+    try:
+        frames_per_transition, fps = int(frames_per_transition), float(fps)
+    except (TypeError, ValueError):
+        raise InputError(f"frames per transition and fps must be numbers, got {frames_per_transition!r}, "
+                         f"{fps!r}") from None
+    if not 3 <= frames_per_transition <= MAX_FRAMES_PER_TRANSITION:
+        raise InputError(f"frames per transition {frames_per_transition}: expected 3 to {MAX_FRAMES_PER_TRANSITION}")
+    if not 1.0 <= fps <= 60.0:
+        raise InputError(f"fps {fps:g}: expected 1 to 60")
+    if video_format not in VIDEO_FORMATS:
+        raise InputError(f"video format {video_format!r}: expected one of {', '.join(VIDEO_FORMATS)}")
+    return frames_per_transition, fps, video_format
 
 
 def check_style_args(style_mode, num_styles, seed, psi):
@@ -312,32 +435,86 @@ def received_upload(value, what, upload_root=None):
     return real
 
 
-def make_handler(translator, output_root, upload_root=None):
-    """The page's request function: inputs in the order of the page's widgets -> (gallery, latents
-    file, source as seen, status line). Images are accepted only from `upload_root` (default:
-    Gradio's upload folder). Bad input raises gr.Error with the message; anything else is printed to
-    the server's log and reported in one line (no server path, no stack trace) on the page."""
+def request_folder(output_root):
+    """A fresh folder for one request's files; only the newest KEEP_REQUESTS are kept."""
+    os.makedirs(output_root, exist_ok=True)
+    prune_requests(output_root)
+    return tempfile.mkdtemp(dir=output_root)
 
-    def handle(source_mode, source_image, source_latent, target, style_mode, num_styles, seed, psi,
-               reference_mode, reference_image, reference_latent):
+
+def reported(title, serve):
+    """`serve` as a page handler: bad input raises gr.Error with the message; anything else is
+    printed to the server's log and reported in one line (no server path, no stack trace) on the
+    page."""
+
+    @functools.wraps(serve)
+    def handle(*args, **kwargs):
         try:
-            source_path = received_upload(source_image, "source", upload_root) if source_mode == UPLOAD else None
-            reference_path = received_upload(reference_image, "reference", upload_root) \
-                if style_mode == REFERENCE_GUIDED and reference_mode == UPLOAD else None
-            result = translator.translate(source_mode, source_path, source_latent, target, style_mode,
-                                          num_styles, seed, psi, reference_mode, reference_path, reference_latent)
-            os.makedirs(output_root, exist_ok=True)
-            prune_requests(output_root)
-            items, latents_pt, source_png = write_outputs(result, tempfile.mkdtemp(dir=output_root))
+            return serve(*args, **kwargs)
         except InputError as e:
-            raise gr.Error(str(e), title="Cannot translate", print_exception=False) from None
+            raise gr.Error(str(e), title=title, print_exception=False) from None
         except Exception as e:  # its text may name server paths: the log has it, the page the type
             traceback.print_exc()
             raise gr.Error(f"internal error ({type(e).__name__}); the server's log has the details",
                            print_exception=False) from None
-        return gr.update(value=items, columns=result["columns"]), latents_pt, source_png, result["status"]
 
     return handle
+
+
+def make_handler(translator, output_root, upload_root=None):
+    """The page's request function: inputs in the order of the page's widgets -> (gallery, latents
+    file, source as seen, status line). Images are accepted only from `upload_root` (default:
+    Gradio's upload folder)."""
+
+    def handle(source_mode, source_image, source_latent, target, style_mode, num_styles, seed, psi,
+               reference_mode, reference_image, reference_latent):
+        source_path = received_upload(source_image, "source", upload_root) if source_mode == UPLOAD else None
+        reference_path = received_upload(reference_image, "reference", upload_root) \
+            if style_mode == REFERENCE_GUIDED and reference_mode == UPLOAD else None
+        result = translator.translate(source_mode, source_path, source_latent, target, style_mode, num_styles, seed,
+                                      psi, reference_mode, reference_path, reference_latent)
+        items, latents_pt, source_png = write_outputs(result, request_folder(output_root))
+        return gr.update(value=items, columns=result["columns"]), latents_pt, source_png, result["status"]
+
+    return reported("Cannot translate", handle)
+
+
+def interpolation_request(upload_root, source_mode, source_image, source_latent, target, endpoint_mode, seed_a,
+                          seed_b, psi, reference_a_mode, reference_a_image, reference_a_latent, reference_b_mode,
+                          reference_b_image, reference_b_latent):
+    """The interpolation widgets, in the page's order, as Translator.endpoints' keywords; uploads
+    only from `upload_root`."""
+    def upload(mode, image, what):
+        return received_upload(image, what, upload_root) if mode == UPLOAD else None
+
+    references = endpoint_mode == REFERENCES
+    return dict(source_mode=source_mode, source_image=upload(source_mode, source_image, "source"),
+                source_latent=source_latent, target=target, endpoint_mode=endpoint_mode, seed_a=seed_a, seed_b=seed_b,
+                psi=psi,
+                reference_a=(reference_a_mode, upload(reference_a_mode if references else None, reference_a_image,
+                                                      "reference A"), reference_a_latent),
+                reference_b=(reference_b_mode, upload(reference_b_mode if references else None, reference_b_image,
+                                                      "reference B"), reference_b_latent))
+
+
+def make_interpolation_handlers(translator, output_root, upload_root=None):
+    """(slider, video): the slider's handler takes the interpolation widgets and alpha -> (the
+    translation with the blended style as uint8 [H, W, 3], status); the video's takes them and the
+    frames per transition, fps and format -> (the video file, status)."""
+
+    def interpolate(*widgets):
+        *request, alpha = widgets
+        result = translator.interpolate(alpha, **interpolation_request(upload_root, *request))
+        return to_uint8(result["rgb"][None])[0], result["status"]
+
+    def video(*widgets, progress=gr.Progress()):
+        *request, frames_per_transition, fps, video_format = widgets
+        result = translator.interpolation_video(request_folder(output_root), frames_per_transition, fps, video_format,
+                                                lambda done: progress(done, desc="rendering frames"),
+                                                **interpolation_request(upload_root, *request))
+        return result["path"], result["status"]
+
+    return reported("Cannot interpolate", interpolate), reported("Cannot make the video", video)
 
 
 def header_markdown(translator):
@@ -375,6 +552,19 @@ def build_page(translator, output_root):
     first_source = source_choices[0][1] if source_choices else None
     domains = [(d, d) for d in translator.domains] + [("all domains (one row)", ALL_DOMAINS)]
 
+    def show_for(mode):  # the upload widget or the data dropdown
+        return gr.update(visible=mode == UPLOAD), gr.update(visible=mode == DATA)
+
+    def picker(label, default, height=200):
+        """A reference's widgets: where it comes from, the upload, the data latent."""
+        mode = gr.Radio(source_choices, value=first_source, label=label)
+        image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], label=f"{label} image",
+                         height=height, visible=first_source == UPLOAD)
+        latent = gr.Dropdown(examples, value=examples[default] if examples else None, label=f"{label} latent",
+                             visible=first_source == DATA)
+        mode.change(show_for, mode, [image, latent], api_visibility="private", queue=False)
+        return mode, image, latent
+
     with gr.Blocks(title="Latent StarGAN v2", delete_cache=(600, 3600)) as page:
         gr.Markdown(header_markdown(translator))
         with gr.Row():
@@ -396,12 +586,7 @@ def build_page(translator, output_root):
                     psi = gr.Slider(0.0, 1.0, value=1.0, step=0.05,
                                     label="psi: truncation toward the domain's mean style (1: none, 0: the mean)")
                 with gr.Group(visible=False) as reference_group:
-                    reference_mode = gr.Radio(source_choices, value=first_source, label="Reference")
-                    reference_image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                                                  label="Reference image", height=200,
-                                                  visible=first_source == UPLOAD)
-                    reference_latent = gr.Dropdown(examples, value=examples[-1] if examples else None,
-                                                   label="Reference latent", visible=first_source == DATA)
+                    reference_mode, reference_image, reference_latent = picker("Reference", -1)
                 button = gr.Button("Translate", variant="primary", elem_id="translate-button")
             with gr.Column(scale=3, min_width=400):
                 gallery = gr.Gallery(label="Outputs (click one to enlarge; download as PNG)", format="png",
@@ -413,13 +598,39 @@ def build_page(translator, output_root):
                     source_seen = gr.Image(label="The source as the model sees it", type="filepath", format="png",
                                            interactive=False, height=180, elem_id="source-seen")
                     latents_file = gr.File(label="Raw output latents (.pt)", interactive=False, height=180)
-
-        def show_for(mode):  # the upload widget or the data dropdown
-            return gr.update(visible=mode == UPLOAD), gr.update(visible=mode == DATA)
+        with gr.Accordion("Style interpolation: glide from one style to another, and make a video", open=False,
+                          elem_id="interpolation"):
+            with gr.Row():
+                with gr.Column(scale=2, min_width=320):
+                    gr.Markdown("Source, target domain and psi are the ones above. The style moves from A to B "
+                                "as StarGAN v2 interpolates: a lerp of the two style codes.")
+                    endpoint_mode = gr.Radio([("Two seeds (random styles)", SEEDS), ("Two references", REFERENCES)],
+                                             value=SEEDS, label="Between")
+                    with gr.Row(visible=True) as seeds_row:
+                        seed_a = gr.Number(value=0, precision=0, minimum=0, label="Seed A (its style 0)")
+                        seed_b = gr.Number(value=1, precision=0, minimum=0, label="Seed B (its style 0)")
+                    with gr.Group(visible=False) as references_group:
+                        reference_a = picker("Reference A", 0)
+                        reference_b = picker("Reference B", -1)
+                    alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="alpha: 0 is style A, 1 is style B",
+                                      elem_id="alpha")
+                    with gr.Row():
+                        frames_per_transition = gr.Slider(3, MAX_FRAMES_PER_TRANSITION, value=FRAMES_PER_TRANSITION,
+                                                          step=1, label="Video: frames from A to B")
+                        fps = gr.Slider(1, 60, value=FPS, step=1, label="frames per second")
+                        video_format = gr.Radio(list(VIDEO_FORMATS), value=VIDEO_FORMATS[0], label="format")
+                    video_button = gr.Button("Make the video", elem_id="video-button")
+                with gr.Column(scale=3, min_width=400):
+                    blended = gr.Image(label="The source with the blended style", type="numpy", format="png",
+                                       interactive=False, height=260, elem_id="blended")
+                    interpolation_status = gr.Markdown("Move the slider to translate with a blend of A and B.",
+                                                       elem_id="interpolation-status")
+                    video_file = gr.File(label="Video, A to B (download)", interactive=False, height=120,
+                                         elem_id="video-file")
 
         source_mode.change(show_for, source_mode, [source_image, source_latent], api_visibility="private", queue=False)
-        reference_mode.change(show_for, reference_mode, [reference_image, reference_latent],
-                              api_visibility="private", queue=False)
+        endpoint_mode.change(lambda m: (gr.update(visible=m == SEEDS), gr.update(visible=m == REFERENCES)),
+                             endpoint_mode, [seeds_row, references_group], api_visibility="private", queue=False)
         style_mode.change(lambda m: (gr.update(visible=m == LATENT_GUIDED), gr.update(visible=m == REFERENCE_GUIDED)),
                           style_mode, [latent_group, reference_group], api_visibility="private", queue=False)
         # preprocess=False: the handler gets the upload's record as sent (Gradio still checks that
@@ -429,6 +640,14 @@ def build_page(translator, output_root):
                      [source_mode, source_image, source_latent, target, style_mode, num_styles, seed, psi,
                       reference_mode, reference_image, reference_latent],
                      [gallery, latents_file, source_seen, status], api_name="translate", preprocess=False)
+        interpolate, video = make_interpolation_handlers(translator, output_root)
+        widgets = [source_mode, source_image, source_latent, target, endpoint_mode, seed_a, seed_b, psi,
+                   *reference_a, *reference_b]
+        # always_last: while the slider moves, only its latest position is drawn after the one running
+        alpha.input(interpolate, widgets + [alpha], [blended, interpolation_status], api_name="interpolate",
+                    preprocess=False, trigger_mode="always_last", show_progress="hidden")
+        video_button.click(video, widgets + [frames_per_transition, fps, video_format],
+                           [video_file, interpolation_status], api_name="interpolation_video", preprocess=False)
     # one request at a time: the model is on one device, and two batches at once only compete for it
     page.queue(default_concurrency_limit=1, max_size=64)
     return page

@@ -5,6 +5,7 @@
                     [--forward-flops] [KEY=VALUE ...]
     python bench.py --config ... --evaluation --inception-weights FILE [--lpips-weights FILE] [--eval-batch N]
     python bench.py --config ... --export [--export-batch 1 8] [--threads N]   (exported graphs, CPU)
+    python bench.py --config ... --video preview|sd15 [--video-sources N] [--video-frames T] [--eval-batch N]
 
 Times the real `Trainer.train_step` (imported from trainer.py, the code run.py runs) fed by the real
 batch path: a `MultiDomainLatentDataset` over a temporary folder of random latents of the configured
@@ -491,6 +492,55 @@ def export_latency(cfg, batch_sizes, latent_size=LATENT_SIZE, repeats=20, warmup
     return [{**row, **common} for row in rows]
 
 
+# ---------------------------------------------------------------------- the video path
+
+def video_throughput(cfg, device, decode="preview", num_sources=4, frames_per_transition=13, latent_size=LATENT_SIZE,
+                     batch_size=16, suffix=".mp4"):
+    """Frames/s of the interpolation video path (sampling.video_frames into sampling.write_video),
+    as translate.py --video runs it: the config's networks (random weights: speed does not depend
+    on them), `num_sources` random latents in the row, one latent-guided transition between two
+    styles plus the end's hold, decoded by the linear preview or a random SD1.5-config VAE. Frames
+    sharing a style (the holds) are generated and decoded once, so `unique_frames` did the work."""
+    import sampling
+
+    device = torch.device(device)
+    torch.manual_seed(0)
+    models = build_models(**model_kwargs(cfg))
+    nets = {k: models[k].to(device).eval().requires_grad_(False) for k in ("generator", "mapping_network")}
+    vae = None
+    if decode == "sd15":
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL(**SD15_VAE_CONFIG).to(device).eval().requires_grad_(False)
+    scale = cfg["training"]["latent_scale"]
+    sources = torch.randn(num_sources, LATENT_CHANNELS, latent_size, latent_size) * 5  # [N, 4, h, w] raw
+    with torch.no_grad():
+        z = torch.randn(2, cfg["model"]["latent_dim"], device=device)
+        keys = nets["mapping_network"](z, torch.zeros(2, dtype=torch.long, device=device))  # [2, S]
+    schedule = sampling.interpolation_schedule([2], frames_per_transition, sampling.default_hold(frames_per_transition))
+    unique = len(torch.unique(sampling.frame_styles(keys, schedule), dim=0))
+
+    def frames():
+        return sampling.video_frames(nets["generator"], sources, keys, schedule, scale, vae, None, batch_size, device)
+
+    synchronize(device)
+    start = time.perf_counter()
+    count = sum(len(chunk) for chunk in frames())  # generator + decode + frame assembly, no encoder
+    render = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="bench-video-") as folder:
+        start = time.perf_counter()
+        _, written = sampling.write_video(os.path.join(folder, f"video{suffix}"), frames(), sampling.FPS)
+        seconds = time.perf_counter() - start
+        size = os.path.getsize(os.path.join(folder, f"video{suffix}"))
+    assert written == count
+    return {"video_frames_per_s": count / seconds, "render_frames_per_s": count / render, "frames": count,
+            "unique_frames": unique, "pictures_per_s": unique * num_sources / render, "seconds": seconds,
+            "file_mb": size / 2**20, "decode": decode,
+            "num_sources": num_sources, "frames_per_transition": frames_per_transition, "format": suffix,
+            "frame_size": [2 * latent_size * 8, num_sources * latent_size * 8], "batch_size": batch_size,
+            "device": device_name(device), "torch": torch.__version__}
+
+
 # ---------------------------------------------------------------------- CLI
 
 def fmt(value, spec):
@@ -532,12 +582,18 @@ def parse_args(argv=None):
                         "Inception features (--inception-weights), and the full protocol's extrapolated time")
     p.add_argument("--inception-weights", default=None, help="with --evaluation: the TF-Inception TorchScript")
     p.add_argument("--lpips-weights", default=None, help="with --evaluation: AlexNet weights (LPIPS timed too)")
-    p.add_argument("--eval-batch", type=int, default=16, help="with --evaluation: images per batch")
     p.add_argument("--export", action="store_true",
                    help="time the exported graphs instead (CPU): ONNX Runtime and torch.export .pt2 against eager, "
                         "ms per image, on a random-weight model of the config (--steps repeats after --warmup)")
     p.add_argument("--export-batch", type=int, nargs="+", default=[1, 8],
                    help="with --export: batch sizes (default 1 8)")
+    p.add_argument("--eval-batch", type=int, default=16, help="with --evaluation or --video: images per batch")
+    p.add_argument("--video", choices=["preview", "sd15"], default=None,
+                   help="time the interpolation video path instead (translate.py --video): frames/s decoded by the "
+                        "linear preview or a randomly initialised SD1.5-config VAE (timing only), into an .mp4")
+    p.add_argument("--video-sources", type=int, default=4, help="with --video: sources in the row")
+    p.add_argument("--video-frames", type=int, default=13, help="with --video: frames per transition")
+    p.add_argument("--video-format", choices=[".mp4", ".mkv", ".gif"], default=".mp4", help="with --video: the writer")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="override a dotted config key, value parsed as YAML (e.g. training.batch_size=16)")
     return p.parse_args(argv)
@@ -562,6 +618,14 @@ def run(args):
             raise InputError(f"--export-batch {args.export_batch}: batch sizes must be >= 1")
         for row in export_latency(cfg, args.export_batch, args.latent_size, args.steps, args.warmup, args.threads):
             print(json.dumps({**row, **common}), flush=True)
+        return 0
+    if args.video:
+        if args.video_sources < 1 or args.video_frames < 3:
+            raise InputError(f"--video-sources must be >= 1 and --video-frames >= 3, got {args.video_sources} and "
+                             f"{args.video_frames}")
+        result = video_throughput(cfg, device, args.video, args.video_sources, args.video_frames, args.latent_size,
+                                  args.eval_batch, args.video_format)
+        print(json.dumps({**result, **common}), flush=True)
         return 0
     if args.evaluation:
         dtype = AMP_DTYPES[cfg["training"]["amp_dtype"]] if device.type == "cuda" else None

@@ -28,7 +28,7 @@ from exporting import (GRAPHS, MIN_REFERENCE_SIZE, FORMATS, Decoder, build_graph
                        metadata_for, onnx_bytes, pt2_bytes, random_inputs, require_onnx_packages)
 from dataset import LATENT_CHANNELS
 from inference import domain_index, mean_style, networks_from_checkpoint, training_latent_size
-from runtime import InputError, atomic_write, load_checkpoint, run_script
+from runtime import InputError, atomic_write, check_seed, check_writable_folder, load_checkpoint, run_script
 from vae import decode, load_vae, vae_downsample_factor
 
 # max abs difference: in raw latent units (a raw SD1.5 latent's std is ~5.5), or for RGB in [0, 1] a
@@ -62,29 +62,16 @@ def parse_args(argv=None):
                    help=f"--verify: largest max abs difference accepted (default {DEFAULT_TOLERANCE:g})")
     p.add_argument("--seed", type=int, default=0, help="--verify: seed of the random inputs")
     args = p.parse_args(argv)
-    if not 0 <= args.seed < 2 ** 63:
-        p.error(f"--seed {args.seed}: expected an integer from 0 to 2**63 - 1")
+    try:
+        check_seed(args.seed)
+    except InputError as e:
+        p.error(str(e))
     if not (args.tolerance > 0 and args.tolerance < float("inf")):
         p.error(f"--tolerance {args.tolerance}: expected a finite number > 0")
     if (args.vae or args.vae_subfolder) and not args.with_decoder:
         p.error("--vae and --vae-subfolder apply to --with-decoder only")
     args.formats = ("onnx", "pt2") if args.format == "both" else (args.format,)
     return args
-
-
-def check_writable_folder(folder, flag):
-    """Create `folder` and write a probe file in it: an unwritable output fails before the export."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise InputError(f"{flag} {folder!r} exists and is not a folder")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-test-{os.getpid()}")
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-        os.remove(probe)
-    except OSError as e:
-        raise InputError(f"{flag} {folder!r} is not writable: {e}") from None
-    return folder
 
 
 def selected_domains(cfg, names):
@@ -168,7 +155,9 @@ def run(args):
     ids = selected_domains(cfg, args.domains)
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                          "export_" + os.path.splitext(os.path.basename(args.checkpoint))[0])
-    check_writable_folder(output, "--output")
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise InputError(f"--output {output!r} exists and is not a folder")
+    check_writable_folder(output, "--output")  # before the export work
     vae = decoder_vae(cfg, args.vae, args.vae_subfolder) if args.with_decoder else None
 
     domains = [cfg["data"]["domains"][i] for i in ids]

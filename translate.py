@@ -12,6 +12,19 @@ Latents on disk are raw; the networks see `raw * training.latent_scale` and thei
 back before saving or decoding. The output folder holds one raw float32 latent `[4, h, w]` per output,
 `<stem>_to_<domain>_<k>.pt`, its PNG (VAE decode, or the linear latent preview when no VAE loads),
 and one `sheet.png` (rows: sources; columns: the source, then its outputs).
+
+StarGAN v2's sample mode (the official `translate_using_reference`, `video_ref`, `video_latent`):
+
+    # the reference grid: references along the top, sources down the side, one picture
+    python translate.py --checkpoint runs/latest.pt --source photos/ --target-domain monet \
+        --reference monet_refs/ --grid --output out/
+    # a row of sources whose style glides from reference to reference (or through K random styles
+    # of each target domain: --video latent with --num-styles K and one or more --target-domain)
+    python translate.py --checkpoint runs/latest.pt --source a.pt b.pt c.pt --target-domain monet \
+        --reference monet_refs/ --video ref out/monet.mp4
+
+`--grid` writes `grid.png` into --output instead of one file per output; `--video MODE FILE` writes
+FILE (.mp4, .mkv lossless, or .gif), with or without --output.
 """
 
 import argparse
@@ -20,17 +33,22 @@ import sys
 
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from dataset import LATENT_SUFFIXES, read_latent
 from inference import (DEFAULT_LATENT_SIZE, MEAN_STYLE_SAMPLES, domain_index, latent_styles, load_networks,
                        open_vae_for, reference_styles, training_latent_size, translate_pairs)
 from runtime import (InputError, atomic_write, check_psi, check_seed, check_writable_folder, remove_if_empty,
                      resolve_device, run_script)
+from sampling import (FPS, FRAMES_PER_TRANSITION, HOLD_FRAMES, check_video_path, default_hold, grid_cells,
+                      interpolation_schedule, num_frames, reference_grid, video_frames, write_video)
 from vae import (IMAGE_EXTENSIONS, encode_raw, inspect_image, load_image, save_image_grid, to_model_input, to_rgb,
                  to_uint8, vae_downsample_factor)
 
 SHEET_MAX_ROWS = 32  # sources shown in sheet.png (every output still gets its own PNG)
 SHEET_MAX_COLS = 16  # outputs per source shown in sheet.png
+GRID_MAX = 32  # --grid: sources and references in the one picture
+VIDEO_MAX_SOURCES = 16  # --video: sources in the row (the official uses a batch of 8 or so)
 
 
 def parse_args(argv=None):
@@ -38,18 +56,20 @@ def parse_args(argv=None):
         description="Translate latents (or images, with a VAE) to a target domain with a Latent StarGAN v2 "
                     "checkpoint. Writes <stem>_to_<domain>_<k>.pt (raw float32 latent [4, h, w]) and "
                     "<stem>_to_<domain>_<k>.png per output, and one sheet.png (rows: sources; columns: the "
-                    "source, then its outputs).")
+                    "source, then its outputs); or, as StarGAN v2's sample mode, the reference grid (--grid) "
+                    "and style-interpolation videos (--video).")
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by run.py (e.g. <checkpoint_dir>/latest.pt)")
-    p.add_argument("--source", required=True,
-                   help="a latent file (.pt/.npy, [4, h, w] or [1, 4, h, w], raw) or a folder of them (not "
-                        "recursive, sorted by name); images (" + ", ".join(IMAGE_EXTENSIONS) + ") too when a VAE "
-                        "loads: centre-cropped, resized so that their latent matches the training latent size "
-                        "(else 256 px), and encoded to the posterior mode")
-    p.add_argument("--target-domain", required=True, help="one of the checkpoint's domains")
-    p.add_argument("--reference", default=None,
-                   help="reference-guided: a reference latent/image or a folder of them. Every source is "
+    p.add_argument("--source", required=True, nargs="+",
+                   help="latent files (.pt/.npy, [4, h, w] or [1, 4, h, w], raw) or folders of them (not "
+                        "recursive, sorted by name), in the order given; images (" + ", ".join(IMAGE_EXTENSIONS) +
+                        ") too when a VAE loads: centre-cropped, resized so that their latent matches the training "
+                        "latent size (else 256 px), and encoded to the posterior mode")
+    p.add_argument("--target-domain", required=True, nargs="+",
+                   help="one of the checkpoint's domains; several only with --video latent (one segment each)")
+    p.add_argument("--reference", default=None, nargs="+",
+                   help="reference-guided: reference latents/images or folders of them. Every source is "
                         "translated with every reference: N sources and M references give N*M outputs, "
-                        "output k of a source uses the k-th reference in name order")
+                        "output k of a source uses the k-th reference (folders in name order)")
     p.add_argument("--num-styles", type=int, default=None,
                    help="latent-guided: K styles from the mapping network; style k is the same for every "
                         "source: z = torch.randn(K, latent_dim, generator=torch.Generator().manual_seed(seed))[k]")
@@ -57,7 +77,30 @@ def parse_args(argv=None):
     p.add_argument("--psi", type=float, default=None,
                    help="latent-guided: truncation toward the domain's mean style (mean of F over "
                         f"{MEAN_STYLE_SAMPLES} z): s = mean + psi * (s - mean); 1.0 (default) = none, 0 = the mean")
-    p.add_argument("--output", required=True, help="output folder (created if missing; outputs of the same name are replaced, others kept with a warning)")
+    p.add_argument("--output", default=None,
+                   help="output folder (created if missing; outputs of the same name are replaced, others kept with a "
+                        "warning). Needed unless --video is given")
+    p.add_argument("--grid", action="store_true",
+                   help="reference-guided: write one picture, <output>/grid.png, instead of a file per output: the "
+                        "references along the top, the sources down the side, each cell the source in that "
+                        f"reference's style (StarGAN v2's reference.jpg); at most {GRID_MAX} of each")
+    p.add_argument("--video", nargs=2, metavar=("MODE", "FILE"), default=None,
+                   help="MODE ref (with --reference: the style glides from each reference to the next, the "
+                        "reference sliding in beside the row) or latent (with --num-styles K: through K random styles "
+                        "of each --target-domain, cutting between domains); FILE .mp4 (H.264), .mkv (lossless "
+                        f"FFV1) or .gif. Frames: a row of the sources (at most {VIDEO_MAX_SOURCES}) above their "
+                        "translations")
+    p.add_argument("--fps", type=float, default=FPS, help=f"--video: frames per second (default {FPS}, the official's pace)")
+    p.add_argument("--frames-per-transition", type=int, default=FRAMES_PER_TRANSITION,
+                   help="--video: frames from one key style to the next, the holds included (default "
+                        f"{FRAMES_PER_TRANSITION}: 1 + {FRAMES_PER_TRANSITION - 1 - HOLD_FRAMES} eased by a sigmoid + "
+                        f"{HOLD_FRAMES} held, as the official)")
+    p.add_argument("--hold-frames", type=int, default=None,
+                   help="--video: frames held at each key style, and again at the end (default: the official's "
+                        f"proportion, {HOLD_FRAMES} of {FRAMES_PER_TRANSITION}, rounded)")
+    p.add_argument("--cell-size", type=int, default=None,
+                   help="--grid and --video: side in pixels of every picture (default: as decoded, the latent "
+                        "size x 8); smaller makes small GIFs")
     p.add_argument("--vae", default=None,
                    help="diffusers AutoencoderKL (local folder or hub id) for PNGs and image inputs; default: "
                         "the checkpoint's visualization.vae_path. When none loads, PNGs use the linear latent "
@@ -82,7 +125,38 @@ def parse_args(argv=None):
         args.psi = check_psi(1.0 if args.psi is None else args.psi)
     except InputError as e:
         p.error(str(e))
+    check_products(p, args)
     return args
+
+
+def check_products(p, args):
+    """What to write: per-output files (--output), the grid (--grid, into --output), a video."""
+    if args.grid and (args.reference is None or args.output is None):
+        p.error("--grid needs --reference (its header row) and --output (the folder for grid.png)")
+    if args.output is None and args.video is None:
+        p.error("give --output (a folder for the translations or the grid) or --video MODE FILE")
+    if len(args.target_domain) > 1 and not (args.video is not None and args.video[0] == "latent" and
+                                            args.output is None):
+        p.error("several --target-domain values are for --video latent alone (one segment per domain); "
+                "translations and the grid take one")
+    if args.cell_size is not None and args.cell_size < 1:
+        p.error("--cell-size must be >= 1")
+    if args.video is None:
+        return
+    mode = args.video[0]
+    if mode not in ("ref", "latent"):
+        p.error(f"--video mode {mode!r}: expected ref or latent")
+    if mode == "ref" and args.reference is None:
+        p.error("--video ref interpolates between references: give --reference (at least 2)")
+    if mode == "latent" and (args.num_styles is None or args.num_styles < 2):
+        p.error("--video latent interpolates between random styles: give --num-styles K with K >= 2")
+    if args.hold_frames is None:
+        args.hold_frames = default_hold(args.frames_per_transition)
+    if not args.fps > 0 or args.fps > 240:
+        p.error(f"--fps {args.fps}: expected a number above 0 and at most 240")
+    if args.hold_frames < 0 or args.frames_per_transition < args.hold_frames + 2:
+        p.error(f"--frames-per-transition {args.frames_per_transition} must be at least --hold-frames "
+                f"{args.hold_frames} + 2 (the first frame and one eased frame), and --hold-frames >= 0")
 
 
 def warn(message):
@@ -91,29 +165,41 @@ def warn(message):
 
 # ------------------------------------------------------------------ inputs
 
-def list_inputs(path, flag):
-    """A file, or the latent / image files of a folder (not recursive, sorted, hidden files skipped)."""
-    path = os.path.expanduser(path)
+def list_inputs(paths, flag):
+    """Files given, and the latent / image files of folders given (not recursive, sorted, hidden files
+    skipped), in the order given."""
     suffixes = LATENT_SUFFIXES + IMAGE_EXTENSIONS
-    if os.path.isfile(path):
-        if not path.lower().endswith(suffixes):
-            raise InputError(f"{flag} {path!r}: expected a latent ({', '.join(LATENT_SUFFIXES)}) or an image "
+    files = []
+    for path in map(os.path.expanduser, paths):
+        if os.path.isfile(path):
+            if not path.lower().endswith(suffixes):
+                raise InputError(f"{flag} {path!r}: expected a latent ({', '.join(LATENT_SUFFIXES)}) or an image "
                                  f"({', '.join(IMAGE_EXTENSIONS)})")
-        return [path]
-    if not os.path.isdir(path):
-        raise InputError(f"{flag} {path!r} does not exist")
-    files = sorted(os.path.join(path, name) for name in os.listdir(path)
-                   if not name.startswith(".") and name.lower().endswith(suffixes)
-                   and os.path.isfile(os.path.join(path, name)))
-    if not files:
-        raise InputError(f"{flag} folder {path!r} holds no latents ({', '.join(LATENT_SUFFIXES)}) or images "
+            files.append(path)
+            continue
+        if not os.path.isdir(path):
+            raise InputError(f"{flag} {path!r} does not exist")
+        found = sorted(os.path.join(path, name) for name in os.listdir(path)
+                       if not name.startswith(".") and name.lower().endswith(suffixes)
+                       and os.path.isfile(os.path.join(path, name)))
+        if not found:
+            raise InputError(f"{flag} folder {path!r} holds no latents ({', '.join(LATENT_SUFFIXES)}) or images "
                              f"({', '.join(IMAGE_EXTENSIONS)})")
-    stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+        files += found
+    return files
+
+
+def stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def check_distinct_stems(paths, flag):
+    """Outputs are named by their source's stem: two sources of one stem would write the same files."""
+    stems = [stem(p) for p in paths]
     clashes = sorted({s for s in stems if stems.count(s) > 1})
     if clashes:
-        raise InputError(f"{flag} folder {path!r}: files differ only by extension and would write the same "
-                             f"outputs: {', '.join(clashes)}; rename one of each")
-    return files
+        raise InputError(f"{flag} inputs share a file name stem and would write the same outputs: "
+                         f"{', '.join(clashes)}; rename one of each")
 
 
 def is_image(path):
@@ -179,14 +265,9 @@ def write_outputs(args, nets, sources, styles, latent_scale, vae, names):
 def write_sheet(path, source_rgb, sheet_cells, num_styles, row_labels, col_labels, ref_rgb=None):
     """Rows: sources (plus, reference-guided, a first row of the references); columns: source, outputs."""
     rows, cols = source_rgb.shape[0], min(num_styles, SHEET_MAX_COLS)
-    blank = torch.ones_like(source_rgb[0])
-    cells = []
-    if ref_rgb is not None:
-        cells += [blank] + list(ref_rgb[:cols])
-        row_labels = ["references"] + row_labels
-    for i in range(rows):
-        cells += [source_rgb[i]] + [sheet_cells[(i, k)] for k in range(cols)]
-    return save_image_grid(path, torch.stack(cells), nrow=len(row_labels), row_labels=row_labels,
+    outputs = torch.stack([torch.stack([sheet_cells[(i, k)] for k in range(cols)]) for i in range(rows)])
+    cells, nrow = grid_cells(source_rgb, outputs, None if ref_rgb is None else ref_rgb[:cols])
+    return save_image_grid(path, cells, nrow=nrow, row_labels=(["references"] if ref_rgb is not None else []) + row_labels,
                            col_labels=["source"] + col_labels[:cols])
 
 
@@ -226,49 +307,82 @@ def load_inputs(args, cfg, vae, source_paths, ref_paths):
 def run(args):
     args.device = resolve_device(args.device, fallback=False)
     cfg, nets = load_networks(args.checkpoint, args.device)
-    domain_id = domain_index(cfg, args.target_domain)
+    domain_ids = [domain_index(cfg, d) for d in args.target_domain]
     source_paths = list_inputs(args.source, "--source")
     ref_paths = list_inputs(args.reference, "--reference") if args.reference is not None else []
-    if os.path.exists(args.output) and not os.path.isdir(args.output):
+    check_counts(args, source_paths, ref_paths)
+    if args.output is not None and os.path.exists(args.output) and not os.path.isdir(args.output):
         raise InputError(f"--output {args.output!r} exists and is not a folder")
-    created = check_writable_folder(args.output, "--output")  # before the VAE, the encoding, the outputs
+    folders = [(args.output, "--output")] if args.output is not None else []
+    if args.video is not None:
+        folders.append((os.path.dirname(os.path.abspath(os.path.expanduser(args.video[1]))), "--video's folder"))
+    created = [folder for folder, flag in folders if check_writable_folder(folder, flag)]  # before any work
     try:
-        return translate(args, cfg, nets, domain_id, source_paths, ref_paths)
+        return translate(args, cfg, nets, domain_ids, source_paths, ref_paths)
     finally:
-        if created:  # a run that failed before writing anything leaves no empty folder behind
-            remove_if_empty(args.output)
+        for folder in created:  # a run that failed before writing anything leaves no empty folder behind
+            remove_if_empty(folder)
 
 
-def translate(args, cfg, nets, domain_id, source_paths, ref_paths):
+def translate(args, cfg, nets, domain_ids, source_paths, ref_paths):
     latent_scale = cfg["training"]["latent_scale"]
     vae, vae_problem = open_vae(args, cfg, args.device)
     latents = load_inputs(args, cfg, vae, source_paths, ref_paths)
     if vae is None:
-        warn(f"{vae_problem}: PNGs use the linear latent preview")
+        warn(vae_problem.removeprefix("warning: "))  # it says why, and that pictures use the latent preview
     sources = stack_inputs(source_paths, latents, "--source")  # [N, 4, h, w] raw, CPU
+    refs = stack_inputs(ref_paths, latents, "--reference") if ref_paths else None  # [M, 4, h', w'] raw
 
-    if ref_paths:  # styles: [M, S] one per reference, or [K, S] from the mapping network
-        refs = stack_inputs(ref_paths, latents, "--reference")  # [M, 4, h', w'] raw
+    if args.output is not None and not args.grid:
+        translate_each(args, cfg, nets, vae, sources, source_paths, refs, ref_paths, domain_ids[0])
+    if args.grid:
+        path = reference_grid_file(args, nets, vae, latent_scale, sources, source_paths, refs, ref_paths, domain_ids[0])
+        print(f"grid: {len(source_paths)} source(s) x {len(ref_paths)} reference(s) -> {path} "
+              f"({'VAE decode' if vae is not None else 'latent preview'})")
+    if args.video is not None:
+        video_file(args, cfg, nets, vae, sources, refs, domain_ids)
+    return 0
+
+
+def check_counts(args, source_paths, ref_paths):
+    """Inputs that a product cannot take, before any work."""
+    if args.output is not None and not args.grid:
+        check_distinct_stems(source_paths, "--source")
+    if args.grid and max(len(source_paths), len(ref_paths)) > GRID_MAX:
+        raise InputError(f"--grid draws at most {GRID_MAX} sources and {GRID_MAX} references in one picture; got "
+                         f"{len(source_paths)} and {len(ref_paths)}: pass fewer")
+    if args.video is None:
+        return
+    check_video_path(args.video[1])
+    if len(source_paths) > VIDEO_MAX_SOURCES:
+        raise InputError(f"--video shows at most {VIDEO_MAX_SOURCES} sources in its row; got {len(source_paths)}: "
+                         "pass fewer --source files")
+    if args.video[0] == "ref" and len(ref_paths) < 2:
+        raise InputError(f"--video ref interpolates between references; --reference gives {len(ref_paths)}: "
+                         "give at least 2")
+
+
+def translate_each(args, cfg, nets, vae, sources, source_paths, refs, ref_paths, domain_id):
+    """One latent and one PNG per (source, style) pair, and sheet.png, into --output."""
+    latent_scale = cfg["training"]["latent_scale"]
+    if refs is not None:  # styles: [M, S] one per reference, or [K, S] from the mapping network
         styles = reference_styles(nets["style_encoder"], refs, domain_id, latent_scale, args.batch_size, args.device)
-        col_labels = [os.path.splitext(os.path.basename(p))[0] for p in ref_paths]
+        col_labels = [stem(p) for p in ref_paths]
     else:
         styles = latent_styles(nets["mapping_network"], domain_id, args.num_styles, cfg["model"]["latent_dim"],
                                args.seed, args.psi, args.device)
         col_labels = [f"style {k}" for k in range(args.num_styles)]
 
-    stems = [os.path.splitext(os.path.basename(p))[0] for p in source_paths]
-    names = [f"{stem}_to_{args.target_domain}_{k}" for stem in stems for k in range(styles.shape[0])]
+    stems = [stem(p) for p in source_paths]
+    domain = cfg["data"]["domains"][domain_id]
+    names = [f"{s}_to_{domain}_{k}" for s in stems for k in range(styles.shape[0])]
     warn_about_stale_outputs(args.output, names)
     sheet_cells = write_outputs(args, nets, sources, styles, latent_scale, vae, names)
-
-    ref_rgb = to_rgb(refs[:SHEET_MAX_COLS], vae, latent_scale, args.batch_size) if ref_paths else None
-    if ref_rgb is not None and ref_rgb.shape[2:] != sheet_cells[(0, 0)].shape[1:]:
-        ref_rgb = None  # references of another size than the sources: leave their row out
+    ref_rgb = to_rgb(refs[:SHEET_MAX_COLS], vae, latent_scale, args.batch_size) if refs is not None else None
     sheet = write_sheet(os.path.join(args.output, "sheet.png"),
                         to_rgb(sources[:SHEET_MAX_ROWS], vae, latent_scale, args.batch_size), sheet_cells,
                         styles.shape[0], stems[:SHEET_MAX_ROWS], col_labels, ref_rgb)
     report(args, source_paths, ref_paths, styles.shape[0], len(names), vae, sheet)
-    return 0
 
 
 def report(args, source_paths, ref_paths, num_styles, num_outputs, vae, sheet):
@@ -279,6 +393,39 @@ def report(args, source_paths, ref_paths, num_styles, num_outputs, vae, sheet):
         print(f"  _{k}: reference {p}")
     if len(source_paths) > SHEET_MAX_ROWS or num_styles > SHEET_MAX_COLS:
         print(f"  the sheet shows the first {SHEET_MAX_ROWS} sources x {SHEET_MAX_COLS} outputs")
+
+
+def reference_grid_file(args, nets, vae, latent_scale, sources, source_paths, refs, ref_paths, domain_id):
+    """<output>/grid.png: StarGAN v2's reference.jpg, labelled with the files' stems."""
+    cells, rows = reference_grid(nets["generator"], nets["style_encoder"], sources, refs, domain_id, latent_scale,
+                                 vae, args.batch_size, args.device, args.cell_size)
+    path = os.path.join(args.output, "grid.png")
+    return save_image_grid(path, cells, nrow=rows, row_labels=["references"] + [stem(p) for p in source_paths],
+                           col_labels=["source"] + [stem(p) for p in ref_paths])
+
+
+def video_file(args, cfg, nets, vae, sources, refs, domain_ids):
+    """The interpolation video: key styles from the references (ref) or K random styles per target
+    domain (latent, psi applied), the frames rendered in batches and streamed to the encoder."""
+    mode, path = args.video
+    latent_scale = cfg["training"]["latent_scale"]
+    if mode == "ref":
+        key_styles = reference_styles(nets["style_encoder"], refs, domain_ids[0], latent_scale, args.batch_size,
+                                      args.device)  # [M, S]
+        keys_per_segment, key_latents = [refs.shape[0]], refs
+    else:
+        key_styles = torch.cat([latent_styles(nets["mapping_network"], d, args.num_styles, cfg["model"]["latent_dim"],
+                                              args.seed, args.psi, args.device) for d in domain_ids])  # [D*K, S]
+        keys_per_segment, key_latents = [args.num_styles] * len(domain_ids), None
+    schedule = interpolation_schedule(keys_per_segment, args.frames_per_transition, args.hold_frames)
+    frames = video_frames(nets["generator"], sources, key_styles, schedule, latent_scale, vae, key_latents,
+                          args.batch_size, args.device, args.cell_size)
+    total = num_frames(keys_per_segment, args.frames_per_transition, args.hold_frames)
+    with tqdm(total=total, unit="frame", desc=f"video {mode}", file=sys.stderr) as bar:
+        path, count = write_video(path, frames, args.fps, on_frames=bar.update)
+    domains = ", ".join(cfg["data"]["domains"][d] for d in domain_ids)
+    print(f"video: {sources.shape[0]} source(s), {sum(keys_per_segment)} key styles ({mode}; {domains}) -> {path}: "
+          f"{count} frames at {args.fps:g} fps ({'VAE decode' if vae is not None else 'latent preview'})")
 
 
 def main(argv=None):

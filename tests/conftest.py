@@ -3,6 +3,7 @@
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,3 +135,24 @@ def ema_nets(trained):
         models[name].load_state_dict(ckpt["ema"][name])
         models[name].eval()
     return cfg, models
+
+
+def decode_video(path, fps=None):
+    """Every frame of a written video, uint8 [F, H, W, 3], decoded here (not by the writer). A GIF
+    stores a run of identical frames once, with their durations summed: it is expanded back to the
+    frames each stored one covers at `fps` (GIF times in 10 ms steps)."""
+    from PIL import Image, ImageSequence
+
+    if path.endswith(".gif"):
+        with Image.open(path) as gif:
+            stored = [(np.asarray(f.convert("RGB")), f.info["duration"]) for f in ImageSequence.Iterator(gif)]
+        frames, start = [], 0
+        for frame, duration in stored:
+            frames += [frame] * (round((start + duration) * fps / 1000) - round(start * fps / 1000))
+            start += duration
+        return np.stack(frames)
+    import imageio_ffmpeg
+
+    frames = imageio_ffmpeg.read_frames(path)
+    width, height = next(frames)["size"]
+    return np.stack([np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in frames])

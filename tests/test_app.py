@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import app
-from conftest import ROOT, write_latent_folders
+from conftest import ROOT, decode_video, write_latent_folders
 from vae import decode_raw, encode_raw, load_image, load_vae, to_model_input, to_uint8
 
 gr = app.gr
@@ -228,7 +228,7 @@ def test_without_a_vae_the_page_works_on_latents(trained, tmp_path):
     assert [value for _, value in radios[0].choices] == [app.DATA]  # no upload choice without a VAE
 
 
-def test_uploads_are_taken_only_from_the_upload_folder(handle, tmp_path):
+def test_uploads_are_taken_only_from_the_upload_folder(translator, tmp_path):
     """The handler's own check (the server test above drives it over HTTP): outside the folder, a
     folder, a missing file, a symlink out of it and a NUL byte all get the same message."""
     uploads = tmp_path / "uploads"
@@ -236,8 +236,7 @@ def test_uploads_are_taken_only_from_the_upload_folder(handle, tmp_path):
     inside = save_photo(uploads / "ok.png")
     outside = save_photo(tmp_path.parent / f"{tmp_path.name}-outside.png")
     os.symlink(outside, uploads / "link.png")
-    handler = app.make_handler(app_translator(handle),
-                               str(tmp_path / "outputs"), upload_root=str(uploads))
+    handler = app.make_handler(translator, str(tmp_path / "outputs"), upload_root=str(uploads))
     gallery, _, _, _ = request(handler, source_image={"path": inside})
     assert len(gallery["value"]) == 1
     messages = set()
@@ -250,11 +249,6 @@ def test_uploads_are_taken_only_from_the_upload_folder(handle, tmp_path):
     with pytest.raises(gr.Error, match="reference image is not a file uploaded"):
         request(handler, source_image={"path": inside}, style_mode=app.REFERENCE_GUIDED, reference_mode=app.UPLOAD,
                 reference_image={"path": outside})
-
-
-def app_translator(handle):
-    """The Translator a handler serves (the `translator` fixture)."""
-    return next(c.cell_contents for c in handle.__closure__ if isinstance(c.cell_contents, app.Translator))
 
 
 def test_big_uploads_are_refused_by_size_and_decoded_reduced(handle, translator, tmp_path, monkeypatch):
@@ -316,6 +310,97 @@ def test_cuda_matches_the_cpu(trained, translator, tiny_vae_dir, tmp_path, amp_d
     # a sanity bound, not a precision claim: TF32 (fp32 path) and bf16 each round every layer
     error = (gpu["latents"] - cpu["latents"]).abs().mean() / cpu["latents"].abs().mean()
     assert error < (2e-2 if amp_dtype == "fp32" else 1e-1)
+
+
+# ---------------------------------------------------------------------- style interpolation
+
+@pytest.fixture
+def interpolation(translator, tmp_path):
+    return app.make_interpolation_handlers(translator, str(tmp_path / "outputs"), upload_root=str(tmp_path))
+
+
+def interpolation_widgets(**kw):
+    """The interpolation section's widgets with the page's defaults, overridden by keyword."""
+    args = dict(source_mode=app.DATA, source_image=None, source_latent="a/000.pt", target="c",
+                endpoint_mode=app.SEEDS, seed_a=0, seed_b=1, psi=1.0, reference_a_mode=app.DATA,
+                reference_a_image=None, reference_a_latent="b/000.pt", reference_b_mode=app.DATA,
+                reference_b_image=None, reference_b_latent="c/001.pt")
+    args.update(kw)
+    return list(args.values())
+
+
+def test_the_slider_draws_the_source_in_the_blended_style(interpolation, handle, translator, trained, nets):
+    cfg, models = nets
+    _, data = trained
+    draw, _ = interpolation
+    scale = cfg["training"]["latent_scale"]
+    x = torch.load(os.path.join(data, "a", "000.pt"), weights_only=True)[None]
+    with torch.no_grad():  # style 0 of seeds 3 and 8 in domain c, each as the Translate button draws it
+        s = torch.cat([models["mapping_network"](torch.randn(1, cfg["model"]["latent_dim"],
+                                                             generator=torch.Generator().manual_seed(seed)),
+                                                 torch.full((1,), 2)) for seed in (3, 8)])
+    for alpha, style in ((0.0, s[0]), (0.5, (s[0] + s[1]) / 2), (1.0, s[1])):
+        pixels, status = draw(*interpolation_widgets(seed_a=3, seed_b=8), alpha)
+        with torch.no_grad():
+            expected = to_uint8(decode_raw(translator.vae, models["generator"](x * scale, style[None]) / scale))[0]
+        assert pixels.shape == (IMAGE, IMAGE, 3) and np.abs(pixels.astype(int) - expected.astype(int)).max() <= 1
+        assert status.startswith(f"alpha {alpha:g} in c") and "seed 3 → seed 8, psi 1" in status
+    # alpha 0 is exactly what Translate gives for seed 3's style 0
+    gallery, _, _, _ = request(handle, source_mode=app.DATA, source_latent="a/000.pt", num_styles=1, seed=3)
+    at_zero, _ = draw(*interpolation_widgets(seed_a=3, seed_b=8), 0.0)
+    assert np.abs(np.asarray(Image.open(gallery["value"][0][0])).astype(int) - at_zero.astype(int)).max() <= 1
+
+
+def test_the_video_between_two_references(interpolation, translator, trained, nets):
+    cfg, models = nets
+    _, data = trained
+    _, make_video = interpolation
+    path, status = make_video(*interpolation_widgets(endpoint_mode=app.REFERENCES), 13, 10, "gif")
+    assert os.path.basename(path) == "a_000_to_c_refA-refB.gif"
+    frames = decode_video(path, fps=10).astype(float)
+    assert len(frames) == 13 + 2  # 13 from A to B, then 2 held (the official's 10 in 61)
+    assert status.startswith("15 frames (13 from A to B, 2 more held at the end) at 10 fps")
+    assert frames[0].shape == (2 * IMAGE, IMAGE + IMAGE // 8 + IMAGE, 3)  # the reference column, then the source
+    scale = cfg["training"]["latent_scale"]
+    load = lambda *p: torch.load(os.path.join(data, *p), weights_only=True)[None]  # noqa: E731
+    x, refs = load("a", "000.pt"), torch.cat([load("b", "000.pt"), load("c", "001.pt")])
+    with torch.no_grad():
+        s = models["style_encoder"](refs * scale, torch.full((2,), 2))
+        fakes = [to_uint8(decode_raw(translator.vae, models["generator"](x * scale, s[k:k + 1]) / scale))[0]
+                 for k in range(2)]
+    for f, k in ((0, 0), (-1, 1)):
+        errors = [np.abs(frames[f][IMAGE:, -IMAGE:] - fake).mean() for fake in fakes]
+        assert errors[k] < 8 and np.argmin(errors) == k, errors  # a GIF palette per frame
+    assert np.abs(frames[-1][IMAGE:, :IMAGE] - to_uint8(decode_raw(translator.vae, refs[1:]))[0]).mean() < 8
+
+
+def test_an_mp4_video_for_download(interpolation, trained):
+    _, make_video = interpolation
+    path, status = make_video(*interpolation_widgets(seed_a=2, seed_b=5), 7, 15, "mp4")
+    assert path.endswith("a_000_to_c_seed2-seed5.mp4") and status.startswith("8 frames")
+    import imageio_ffmpeg
+
+    frames = imageio_ffmpeg.read_frames(path)
+    assert next(frames)["size"] == (IMAGE, 2 * IMAGE) and len(list(frames)) == 7 + 1
+
+
+@pytest.mark.parametrize("kw, extra, message", [
+    (dict(target=app.ALL_DOMAINS), (0.5,), "interpolation runs in one target domain"),
+    (dict(), (1.5,), "alpha 1.5: expected 0"),
+    (dict(), ("nan",), "alpha nan"),
+    (dict(seed_b=-1), (0.5,), "seed -1"),
+    (dict(psi=2), (0.5,), "psi 2"),
+    (dict(endpoint_mode="other"), (0.5,), "interpolate between 'other'"),
+    (dict(endpoint_mode=app.REFERENCES, reference_b_latent="c/nope.pt"), (0.5,), "no reference B latent"),
+    (dict(), (2, 15, "mp4"), "frames per transition 2"),
+    (dict(), (61, 0, "mp4"), "fps 0"),
+    (dict(), (61, 15, "avi"), "video format 'avi'"),
+])
+def test_bad_interpolation_requests_are_a_message(interpolation, tmp_path, kw, extra, message):
+    handler = interpolation[0] if len(extra) == 1 else interpolation[1]
+    with pytest.raises(gr.Error) as err:
+        handler(*interpolation_widgets(**kw), *extra)
+    assert message in err.value.message and str(tmp_path) not in err.value.message
 
 
 # ---------------------------------------------------------------------- command line
@@ -448,6 +533,15 @@ def test_server_round_trip_through_gradio_client(server, tmp_path):
     # the page itself names no server path
     page = client.view_api(print_info=False, return_format="str") or ""
     assert str(tmp_path) not in page
+    # the interpolation slider and the video, through their own endpoints
+    widgets = (app.DATA, None, "a/000.pt", "c", app.REFERENCES, 0, 1, 1.0, app.DATA, None, "b/000.pt", app.DATA, None,
+               "c/001.pt")
+    blended, status = client.predict(*widgets, 0.25, api_name="/interpolate")
+    assert Image.open(blended).size == (IMAGE, IMAGE) and status.startswith("alpha 0.25 in c")
+    video, status = client.predict(*widgets, 5, 15, "gif", api_name="/interpolation_video")
+    assert len(decode_video(video, fps=15)) == 5 + 1 and status.startswith("6 frames")
+    with pytest.raises(Exception, match="the reference A image is not a file uploaded to this page"):
+        client.predict(*widgets[:8], app.UPLOAD, {"path": outside}, None, *widgets[11:], 0.5, api_name="/interpolate")
 
 
 @pytest.fixture

@@ -243,7 +243,7 @@ def test_bad_input_exits_2_before_any_export(trained, tmp_path, monkeypatch, cap
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     cases = [
-        ((str(not_ours), tmp_path / "o1"), "is not a Latent StarGAN v2 checkpoint"),
+        ((str(not_ours), tmp_path / "o1"), "weights.pt: not a Latent StarGAN v2 checkpoint"),
         ((str(tmp_path / "missing.pt"), tmp_path / "o2"), "not found"),
         ((ckpt, tmp_path / "o3", "--domains", "a,monet"),
          "unknown --domains 'monet'; the checkpoint's domains are: a, b, c"),

@@ -1,5 +1,5 @@
 """Hostile and unlucky input, tool by tool: tampered checkpoints (a generated set of broken ones
-against run.py --resume, translate.py, evaluate.py and app.py: each exits 2 with one line naming
+against run.py --resume, translate.py, evaluate.py, app.py and export.py: each exits 2 with one line naming
 the file and the entry, never a signal, a traceback or NaN outputs), two runs on one folder, killed
 saves, failed writes, and arguments out of range."""
 
@@ -18,6 +18,7 @@ import yaml
 
 import app
 import evaluate
+import export
 import run
 import runtime
 import translate
@@ -191,12 +192,13 @@ def test_every_tool_refuses_a_broken_checkpoint_in_one_line(name, mutate, entry,
                                                 "--target-domain", "b", "--num-styles", "1", "--output", str(out)]),
         "evaluate.py": lambda: evaluate.main(["--checkpoint", path, "--device", "cpu", "--out", str(tmp_path / "ev")]),
         "app.py": lambda: app.main(["--checkpoint", path, "--device", "cpu"]),
+        "export.py": lambda: export.main(["--checkpoint", path, "--output", str(tmp_path / "exported")]),
     }
     for prog, call in calls.items():
         assert call() == 2, prog
         line = one_line_naming(capsys.readouterr().err, path, entry)
         assert line.startswith(f"{prog}: error: ")
-    assert not out.exists() and not (tmp_path / "ev").exists()  # nothing made before the check
+    assert not any(os.path.exists(tmp_path / name) for name in ("translated", "ev", "exported"))  # nothing made
 
 
 def test_a_tampered_optimizer_state_never_reaches_the_fused_step(broken_dir, resume_config):
