@@ -89,6 +89,8 @@ DEFAULTS = {
         "num_sources": 32,
         "num_outs": 4,
         "best_metric": "FID_latent/mean",
+        "metrics": ["FID", "KID", "LPIPS"],
+        "source_root": None,
         "vae_path": None,
         "inception_weights": None,
         "lpips_weights": None,
@@ -111,6 +113,7 @@ OPTIONAL_TYPES = {
     "evaluation.vae_path": str,
     "evaluation.inception_weights": str,
     "evaluation.lpips_weights": str,
+    "evaluation.source_root": str,
     "visualization.every_epochs": int,
     "visualization.save_dir": str,
     "visualization.vae_path": str,
@@ -118,6 +121,7 @@ OPTIONAL_TYPES = {
 }
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+EVAL_METRICS = ("FID", "KID", "LPIPS")  # what evaluation can compute (evaluation.metrics, evaluate.py --metrics)
 
 # Upper bounds: far beyond any sensible run, low enough that a typo or a tampered checkpoint's config
 # is an error naming the key instead of a terabyte allocation.
@@ -274,6 +278,12 @@ def validate(cfg):
     check(re.fullmatch(r"(FID|KID|LPIPS)_(latent|reference)/\S+", e["best_metric"]) is not None,
           "evaluation.best_metric", "a metric key such as FID_latent/mean, KID_reference/mean or "
           "FID_latent/photo2monet")
+    names = [str(m).strip().upper() for m in e["metrics"]]
+    check(bool(names) and set(names) <= set(EVAL_METRICS), "evaluation.metrics",
+          f"a list of one or more of {', '.join(EVAL_METRICS)}")
+    e["metrics"] = [m for m in EVAL_METRICS if m in names]
+    check(e["best_metric"].split("_")[0] in e["metrics"], "evaluation.best_metric",
+          f"a metric of evaluation.metrics {e['metrics']}")
     if not t["progress_bar"]:  # the seed's older switch: progress_bar false means no display
         t["progress_style"] = "off"
     check_model_size(cfg)

@@ -14,7 +14,6 @@ Anything unexpected stops construction with an error naming the file by its full
 
 import hashlib
 import io
-import json
 import os
 
 import numpy as np
@@ -54,6 +53,20 @@ def list_latent_files(folder):
         raise InputError(f"domain folder is empty: {folder} (expected *.pt or *.npy latent files "
                          f"of shape [4, H, W] or [1, 4, H, W])")
     return [os.path.join(folder, name) for name in files]
+
+
+def split_names(names, fraction, seed=0, key=""):
+    """(train, val): `names` split reproducibly, `fraction` of them (rounded, at least 1, at most all
+    but 1) to val: the names whose sha256 of (seed, key, name) is smallest. A name's side depends on
+    the seed and the name alone, not on the machine, the listing order or the other files, so a
+    folder that grows keeps its old split for its old files (bar the boundary)."""
+    names = sorted(names)
+    if len(names) < 2:
+        raise InputError(f"{key or 'a domain'} has {len(names)} file(s): a split needs at least 2")
+    count = min(len(names) - 1, max(1, round(fraction * len(names))))
+    rank = sorted(names, key=lambda name: hashlib.sha256(f"{seed}:{key}:{name}".encode()).hexdigest())
+    val = set(rank[:count])
+    return [n for n in names if n not in val], [n for n in names if n in val]
 
 
 def save_latent(latent, path):
@@ -302,14 +315,15 @@ class MultiDomainLatentDataset(Dataset):
         """{domain: raw latents [N_d, 4, H, W]}: views of the data, in file order."""
         return {d: self.data[first:first + count] for d, first, count in zip(self.domains, self.offsets, self.counts)}
 
-    def file_list_ids(self):
-        """{domain: sha256 of its files' paths, sizes and modification times}: names a real set for
-        caches (evaluation's real-domain features) without reading the data again."""
-        ids = {}
-        for d, paths in zip(self.domains, self.files):
-            stats = [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
-            ids[d] = hashlib.sha256(json.dumps(stats).encode()).hexdigest()
-        return ids
+    def content_ids(self):
+        """{domain: sha256 of its latents' shape, dtype and bytes}, computed once (the data never
+        changes after loading): names a real set for caches (evaluation's real-domain features) by
+        what it holds, so files rewritten with their old sizes and times are never mistaken."""
+        if getattr(self, "_content_ids", None) is None:
+            from metrics import content_hash
+
+            self._content_ids = {d: content_hash(latents) for d, latents in self.by_domain().items()}
+        return self._content_ids
 
     def grid_samples(self):
         """One source and one reference latent per domain, for the grids: each domain's first two

@@ -8,21 +8,27 @@ checkpoint's domains (source != target) and both modes (latent-guided: z through
 reference-guided: a random target-domain latent through E), each source latent is translated
 --num-outs times by the EMA networks with a fixed seed. FID and KID compare the translations with the
 target domain's real latents, both decoded by the same VAE; LPIPS is the mean distance among each
-source's outputs (diversity). Prints a table and writes <out>/metrics.json with the official keys
-(`FID_latent/photo2Hayao`, `LPIPS_reference/mean`, ...). Exit codes: 0 done, 2 bad input.
+source's outputs (diversity). As the official protocol, the reals are the training set and the
+sources and references a held-out split (--source-root; without it the training latents serve as
+both, and metrics.json says so). Prints a table and writes <out>/metrics.json with the official keys
+(`FID_latent/photo2Hayao`, `LPIPS_reference/mean`, ...) and `protocol`: everything the numbers depend
+on (sample counts, KID's subset size and standard deviations, the Inception, LPIPS and VAE
+identities, device, dtype, batch size, seed, the checkpoint's step, which sources). Exit codes: 0
+done, 2 bad input.
 """
 
 import argparse
 import json
 import os
 import sys
-import time
 
 import torch
+from tqdm import tqdm
 
 from dataset import MultiDomainLatentDataset
 from inference import networks_from_checkpoint
-from metrics import Evaluator, format_table
+from display import WorkProgress
+from metrics import Evaluator, format_table, parse_metrics
 from runtime import (InputError, atomic_write, check_seed, check_writable_folder, load_checkpoint, remove_if_empty,
                      resolve_device, run_script)
 
@@ -57,7 +63,13 @@ def parse_args(argv=None):
     p.add_argument("--lpips-weights", default=None,
                    help="torchvision AlexNet state dict (default: evaluation.lpips_weights, else "
                         "alexnet-owt-7be5be79.pth in the torch hub cache, downloaded once)")
-    p.add_argument("--no-cache", action="store_true", help="recompute the real domains' Inception features")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute the real domains' Inception features (the cache, eval_cache/ beside the "
+                        "checkpoint, shared with training-time evaluation, is keyed by a hash of the latents' content, "
+                        "the VAE, the Inception and the dtype)")
+    p.add_argument("--metrics", default=None,
+                   help="which of fid, kid, lpips to compute, e.g. fid,kid (default: the checkpoint's evaluation.metrics, "
+                        "all three unless set): LPIPS needs AlexNet weights, FID and KID the Inception")
     args = p.parse_args(argv)
     if args.num_outs < 2:
         p.error("--num-outs must be >= 2 (LPIPS compares a source's outputs)")
@@ -73,18 +85,20 @@ def parse_args(argv=None):
 
 
 def read_domains(root, domains, flag):
-    """({domain: raw latents [N, 4, h, w]}, {domain: an id of its file list}) from root/<domain>/."""
+    """({domain: raw latents [N, 4, h, w]}, {domain: a hash of its content}, [4, h, w]) from
+    root/<domain>/."""
     try:  # outliers (max |value| > 1e3) are refused, naming each file, as training does
         ds = MultiDomainLatentDataset(root, domains, preload_to_gpu=False, device="cpu", log=lambda *a: None)
     except FileNotFoundError as e:
         raise InputError(f"{flag} {root!r}: {e}; the checkpoint's domains are {', '.join(domains)}") from None
-    return ds.by_domain(), ds.file_list_ids()
+    return ds.by_domain(), ds.content_ids(), list(ds.shape)
 
 
 def run(args):
     device = resolve_device(args.device, fallback=False)
     ckpt = load_checkpoint(args.checkpoint)
     cfg, nets = networks_from_checkpoint(ckpt, args.checkpoint, device)
+    args.metrics = parse_metrics(args.metrics or cfg["evaluation"]["metrics"])
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                    "eval_" + os.path.splitext(os.path.basename(args.checkpoint))[0])
     created = check_writable_folder(out, "--out")  # before the data, the weights and the evaluation
@@ -95,12 +109,30 @@ def run(args):
             remove_if_empty(out)
 
 
+def read_data(args, cfg):
+    """The reals and the sources (held out with --source-root), their content ids and a line
+    saying which sources were used; InputError for latents of another size than the model's or
+    each other's, before any work."""
+    domains, trained_on = list(cfg["data"]["domains"]), cfg["latent_shape"]
+    data_root = args.data_root or cfg["data"]["root"]
+    real, real_ids, real_shape = read_domains(data_root, domains, "--data-root")
+    if trained_on and real_shape != list(trained_on):
+        raise InputError(f"--data-root {data_root!r} holds latents of shape {real_shape}; the checkpoint was trained "
+                         f"on {list(trained_on)}: evaluate with data of the training size")
+    if not args.source_root:
+        return real, real, real_ids, "the training latents (not held out: the protocol wants a held-out split, " \
+                                     "--source-root)"
+    sources, _, source_shape = read_domains(args.source_root, domains, "--source-root")
+    if source_shape != real_shape:
+        raise InputError(f"--source-root {args.source_root!r} holds latents of shape {source_shape}, --data-root "
+                         f"{data_root!r} of shape {real_shape}: FIDs of translations of another size than the reals "
+                         "compare different pictures")
+    return real, sources, real_ids, f"held out: {os.path.abspath(args.source_root)}"
+
+
 def evaluate(args, ckpt, cfg, nets, device, out):
     domains, e = list(cfg["data"]["domains"]), cfg["evaluation"]
-    data_root = args.data_root or cfg["data"]["root"]
-    real, real_ids = read_domains(data_root, domains, "--data-root")
-    sources = real if not args.source_root else read_domains(args.source_root, domains, "--source-root")[0]
-
+    real, sources, real_ids, which_sources = read_data(args, cfg)
     vae_path = args.vae or e["vae_path"] or cfg["visualization"]["vae_path"]
     # the subfolder belongs to the path it came with: --vae's flag, else visualization.vae_subfolder
     # only for visualization.vae_path (as training-time evaluation does)
@@ -109,23 +141,25 @@ def evaluate(args, ckpt, cfg, nets, device, out):
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     evaluator = Evaluator.load(vae_path, subfolder, args.inception_weights or e["inception_weights"],
                                args.lpips_weights or e["lpips_weights"], device, amp_dtype=dtype,
-                               batch_size=args.batch_size,
+                               batch_size=args.batch_size, metrics=args.metrics,
                                cache_dir=None if args.no_cache else os.path.join(os.path.dirname(out), "eval_cache"))
     n_src = sum(len(v) if args.max_sources is None else min(len(v), args.max_sources) for v in sources.values())
     print(f"evaluating {args.checkpoint} (epoch {ckpt['epoch']}, step {ckpt['step']}) on {device}: "
-          f"{len(domains) * (len(domains) - 1)} tasks x 2 modes, {n_src} sources x {args.num_outs} outputs; "
-          f"reals from {data_root}", flush=True)
-    start = time.perf_counter()
-    results = evaluator(nets, domains, real, sources, cfg["training"]["latent_scale"], cfg["model"]["latent_dim"],
-                        num_outs=args.num_outs, max_sources=args.max_sources, seed=args.seed, real_ids=real_ids,
-                        log=lambda line: print("  " + line, flush=True))
-    seconds = time.perf_counter() - start
+          f"{', '.join(args.metrics)}, {len(domains) * (len(domains) - 1)} tasks x 2 modes, {n_src} sources x "
+          f"{args.num_outs} outputs; sources: {which_sources}", flush=True)
+    progress = WorkProgress("evaluating", "bar")
+    try:
+        results = evaluator(nets, domains, real, sources, cfg["training"]["latent_scale"], cfg["model"]["latent_dim"],
+                            num_outs=args.num_outs, max_sources=args.max_sources, seed=args.seed, real_ids=real_ids,
+                            log=lambda line: tqdm.write("  " + line), progress=progress)
+    finally:
+        seconds = progress.close()
     print(format_table(results))
-    record = {**results, "checkpoint": os.path.abspath(args.checkpoint), "epoch": ckpt["epoch"], "step": ckpt["step"],
-              "num_outs": args.num_outs, "max_sources": args.max_sources, "seed": args.seed,
-              "data_root": os.path.abspath(data_root), "source_root": os.path.abspath(args.source_root or data_root),
-              "vae": vae_path, "inception": evaluator.inception.identity, "seconds": round(seconds, 1)}
-    path = atomic_write(os.path.join(out, "metrics.json"), lambda f: f.write(json.dumps(record, indent=2).encode()))
+    results["protocol"].update(checkpoint=os.path.abspath(args.checkpoint), epoch=ckpt["epoch"], step=ckpt["step"],
+                               data_root=os.path.abspath(args.data_root or cfg["data"]["root"]),
+                               sources=which_sources, vae_path=vae_path, vae_subfolder=subfolder,
+                               max_sources=args.max_sources, seconds=round(seconds, 1))
+    path = atomic_write(os.path.join(out, "metrics.json"), lambda f: f.write(json.dumps(results, indent=2).encode()))
     print(f"wrote {path} ({seconds:.1f}s)")
     return 0
 

@@ -32,10 +32,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from config import EVAL_METRICS as METRICS
 from runtime import InputError, atomic_write
 
 MODES = ("latent", "reference")
-METRICS = ("FID", "KID", "LPIPS")
+LATENT_CHANNELS = 4  # SD1.5 VAE latents
 
 # The StyleGAN2-ADA TorchScript of the TF-Inception graph (2015-12-05), also what clean-fid downloads.
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -56,7 +57,11 @@ LPIPS_MIN_SIZE = 32  # AlexNet's stride-4 conv and two 3x3/2 max-pools need abou
 DOWNLOAD_TIMEOUT_S = 10  # per socket operation: an offline machine fails fast instead of hanging
 KID_MAX_SUBSET = 1000  # StyleGAN2-ADA's max_subset_size
 KID_SUBSETS = 100  # StyleGAN2-ADA's num_subsets, torchmetrics' default
-CACHE_VERSION = 1  # bump when the way real features are computed changes
+CACHE_VERSION = 2  # bump when the way real features are computed (or keyed) changes
+# FID is biased upward at small sample counts (same-domain FID on real TF-Inception features: 54.4 at
+# n=32, 40.6 at n=64, 27.2 at n=150), so below this many samples on a side the bias can exceed the
+# differences between models: such FIDs compare only with FIDs of the same counts.
+FID_SAMPLE_FLOOR = 1000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +168,10 @@ class InceptionFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, images):
         n = images.shape[0]
+        # a non-finite picture (a diverged generator) must never become a finite feature: the uint8
+        # cast of the StyleGAN2-ADA form turns NaN into 0, a black picture with a plausible FID
+        finite = torch.isfinite(images.reshape(n, -1)).all(dim=1)  # [N]
+        images = torch.where(finite[:, None, None, None], images, torch.zeros_like(images))  # the net sees pictures
         with torch.autocast(images.device.type, enabled=False):
             levels = (images.float().clamp(0, 1) * 255).round()  # [N, 3, H, W] in 0..255
             if self.form == FORM_STYLEGAN:
@@ -172,7 +181,8 @@ class InceptionFeatures(nn.Module):
                 if tuple(x.shape[-2:]) != (INCEPTION_SIZE, INCEPTION_SIZE):
                     x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
                 feats = self.net(x)  # [N, 2048]
-        return feats.reshape(n, -1).float()
+        feats = feats.reshape(n, -1).float()
+        return torch.where(finite[:, None], feats, torch.full_like(feats, float("nan")))
 
 
 def load_inception(path=None, device="cpu"):
@@ -316,6 +326,7 @@ def load_lpips(path=None, device="cpu"):
     lins = torch.load(torchmetrics_lpips_linear_layers(), map_location="cpu", weights_only=True)
     for k, lin in enumerate(model.lins):
         lin.weight.copy_(lins[f"lin{k}.model.1.weight"])  # [1, C_l, 1, 1]
+    model.identity = f"{os.path.basename(file)}:{sha256_file(file)[:16]}+lpips-v0.1-alex"
     return model.to(device)
 
 
@@ -437,22 +448,26 @@ def content_hash(tensor):
 
 
 def cached_real_features(domain, latents, compute, cache_dir, key):
-    """Real-domain features from `cache_dir` when a file with this exact `key` is there, else
-    `compute()` and store them (atomically), so a re-evaluation decodes only the fakes."""
+    """Real-domain features from `cache_dir` when a file with this exact `key` (which names the
+    latents by a hash of their content) is there, else `compute()` and store them (atomically), so
+    a re-evaluation decodes only the fakes. Returns (features, what happened: "cached", "computed
+    and cached as FILE" or "computed (no cache)")."""
     if not cache_dir:
-        return compute()
+        return compute(), "computed (no cache)"
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = os.path.join(cache_dir, f"inception_real_{name}.pt")
     if os.path.isfile(path):
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            if saved.get("key") == key and saved["features"].shape[0] == len(latents):
-                return saved["features"]
+            feats = saved["features"]
+            if saved.get("key") == key and tuple(feats.shape) == (len(latents), saved["features"].shape[1]) \
+                    and bool(torch.isfinite(feats).all()):
+                return feats, f"cached ({os.path.basename(path)})"
         except Exception:  # unreadable or from another version: recompute and overwrite
             pass
     feats = compute()
     atomic_write(path, lambda f: torch.save({"key": key, "domain": domain, "features": feats.cpu()}, f))
-    return feats
+    return feats, f"computed and cached ({os.path.basename(path)})"
 
 
 def task_generator(seed, mode, src_idx, trg_idx):
@@ -467,19 +482,20 @@ def translate_task(generator, mapping_network, style_encoder, content_raw, trg_i
                    inception, lpips, latent_scale, latent_dim, num_outs, rng, batch_size, device, amp_dtype,
                    on_batch=None):
     """One task: every source latent translated `num_outs` times. Returns fake features
-    [N*num_outs, D] and per-source LPIPS diversity [N]. `on_batch(n)` after each chunk of n outputs."""
+    [N*num_outs, D], per-source LPIPS diversity [N] and the number of outputs that are not finite
+    (latent or picture). `on_batch(n)` after each chunk of n outputs."""
     n, k = len(content_raw), num_outs
     if mode == "latent":
         codes = torch.randn(n, k, latent_dim, generator=rng)  # [N, K, L]
     else:
-        codes = torch.randint(len(refs_raw), (n, k), generator=rng)  # [N, K] reference indices
+        codes = reference_draws(n, k, len(refs_raw), rng)  # [N, K] reference indices
     per_chunk = max(1, batch_size // k)  # sources per chunk: a chunk holds all K outputs of each
 
     def decoded(chunk):
         with autocast_context(device, amp_dtype):
             return decode(chunk).to(device).float()  # [b, 3, H, W] in [0, 1]
 
-    feats, diversity = [], []
+    feats, diversity, nonfinite = [], [], 0
     for start in range(0, n, per_chunk):
         content = content_raw[start:start + per_chunk].to(device).float() * latent_scale  # [S, 4, h, w]
         s = len(content)
@@ -493,18 +509,30 @@ def translate_task(generator, mapping_network, style_encoder, content_raw, trg_i
                 style = style_encoder(refs.to(device).float() * latent_scale, y_trg)  # [S*K, S_dim]
             fake = generator(content, style).float() / latent_scale  # [S*K, 4, h, w] raw
         images = in_batches(decoded, fake, batch_size)  # [S*K, 3, H, W]
-        feats.append(in_batches(inception, images, batch_size))  # [S*K, D]
-        diversity.append(mean_pairwise_lpips(lpips, images.view(s, k, *images.shape[1:])))  # [S]
+        bad = ~(torch.isfinite(fake.flatten(1)).all(1) & torch.isfinite(images.flatten(1)).all(1))  # [S*K]
+        nonfinite += int(bad.sum())
+        if inception is not None:  # None: FID and KID not asked for
+            feats.append(in_batches(inception, images, batch_size))  # [S*K, D]
+        if lpips is not None:  # None: LPIPS not asked for
+            diversity.append(mean_pairwise_lpips(lpips, images.view(s, k, *images.shape[1:])))  # [S]
         if on_batch is not None:
             on_batch(s * k)
-    return torch.cat(feats), torch.cat(diversity)
+    return (torch.cat(feats) if feats else None), (torch.cat(diversity) if diversity else None), nonfinite
+
+
+def reference_draws(n, k, pool, rng):
+    """[n, k] reference indices into a pool of `pool` latents: the k references of one source are
+    drawn without replacement (two equal references would give an LPIPS of 0 and pull the diversity
+    down), with every index used once per round when k > pool."""
+    rounds = -(-k // pool)
+    return torch.cat([torch.rand(n, pool, generator=rng).argsort(dim=1) for _ in range(rounds)], dim=1)[:, :k]
 
 
 @torch.no_grad()
 def evaluate_translations(generator, mapping_network, style_encoder, domains, real, sources, decode, inception,
                           lpips, latent_scale, latent_dim, num_outs=10, seed=0, max_sources=None, batch_size=32,
                           device="cpu", amp_dtype=None, cache_dir=None, vae_id=None, real_ids=None, modes=MODES,
-                          kid_subsets=KID_SUBSETS, log=None, progress=None):
+                          kid_subsets=KID_SUBSETS, log=None, progress=None, metrics=METRICS):
     """The StarGAN v2 evaluation protocol on given (EMA) networks; returns {key: float}.
 
     generator G(x, s), mapping_network F(z, y), style_encoder E(x, y) see scaled latents
@@ -515,15 +543,20 @@ def evaluate_translations(generator, mapping_network, style_encoder, domains, re
     `max_sources` latents (the first ones), each translated `num_outs` times. Random draws come from
     `seed` alone (same numbers twice; the global RNG is untouched). `batch_size` images per decode /
     feature batch; `amp_dtype` (e.g. torch.bfloat16) autocasts the networks and the decode, while
-    features and LPIPS stay float32. `cache_dir` keeps the real domains' features, keyed by
-    `real_ids[domain]` (e.g. a hash of the file list; default: a hash of the latents), `vae_id`,
+    features and LPIPS stay float32. `cache_dir` keeps the real domains' features, keyed by a hash
+    of the latents' content (`real_ids[domain]` when the caller has it already, else computed), `vae_id`,
     the Inception identity and the dtype. `log`: an optional callable for progress lines;
     `progress(n, total)`: called after each batch of n images (reals decoded, or cached, and
-    translations) out of `total`; it may raise to stop the evaluation there.
+    translations) out of `total`; it may raise to stop the evaluation there. `metrics`: which of
+    FID, KID and LPIPS to compute (`inception` may be None without FID and KID, `lpips` without LPIPS).
 
     Keys, as the official code writes them: `FID_latent/photo2Hayao`, `KID_latent/...`,
-    `LPIPS_latent/...`, `FID_latent/mean`, ... for each mode, and `KID_subset_size`
-    (min(1000, smallest real set, fewest fakes per task), one size for every task so all KIDs compare).
+    `LPIPS_latent/...`, `FID_latent/mean`, ... for each mode and metric; `KID_subset_size`
+    (min(1000, smallest real set, fewest fakes per task), one size for every task so all KIDs
+    compare); and `protocol`, what the numbers depend on: sample counts (reals per domain, sources,
+    fakes per task), KID's subset size, subsets and per-task standard deviation, the Inception,
+    LPIPS and VAE identities, device, dtype, batch size, seed, where each domain's real features
+    came from, non-finite outputs per task (their metrics are NaN) and sample-count warnings.
     """
     domains = [str(d) for d in domains]
     for name, sets in (("real", real), ("sources", sources)):
@@ -531,12 +564,19 @@ def evaluate_translations(generator, mapping_network, style_encoder, domains, re
         if missing:
             raise InputError(f"evaluation: no {name} latents for domain(s) {missing} (domains: {domains})")
         for d in domains:
-            if sets[d].dim() != 4 or sets[d].shape[1] != 4:
+            if sets[d].dim() != 4 or sets[d].shape[1] != LATENT_CHANNELS:
                 raise InputError(f"evaluation: {name} latents of domain {d!r} must be [N, 4, h, w], "
                                  f"got {tuple(sets[d].shape)}")
+    shapes = {(name, d): list(sets[d].shape[1:]) for name, sets in (("real", real), ("source", sources)) for d in domains}
+    if len({tuple(s) for s in shapes.values()}) > 1:  # a FID of 512 px fakes against 256 px reals means little
+        listing = ", ".join(f"{name} {d} {s}" for (name, d), s in shapes.items())
+        raise InputError(f"evaluation: real and source latents must share one shape, got {listing}")
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise InputError(f"evaluation modes must be among {MODES}, got {list(modes)}")
+    metrics = [m for m in METRICS if m in metrics]  # in the table's order
+    if not metrics:
+        raise InputError(f"evaluation metrics must be among {', '.join(METRICS)}")
     if len(domains) < 2:
         raise InputError(f"evaluation needs at least two domains, got {domains}")
     if num_outs < 2:
@@ -552,8 +592,18 @@ def evaluate_translations(generator, mapping_network, style_encoder, domains, re
                              f"latents and {n_sources[d]} source latents x {num_outs} outputs")
     subset_size = min(KID_MAX_SUBSET, min(n_real.values()), min(n_sources.values()) * num_outs)
     log = log or (lambda line: None)
-    total = sum(n_real.values()) + len(modes) * sum(n_sources[s] * num_outs * (len(domains) - 1) for s in domains)
+    reals_needed = sum(n_real.values()) if {"FID", "KID"} & set(metrics) else 0
+    total = reals_needed + len(modes) * sum(n_sources[s] * num_outs * (len(domains) - 1) for s in domains)
     on_batch = (lambda n: progress(n, total)) if progress is not None else None
+    protocol = {"domains": domains, "metrics": list(metrics), "modes": list(modes), "num_outs": num_outs,
+                "n_real": n_real, "n_sources": n_sources,
+                "fakes_per_task": {f"{s}2{t}": n_sources[s] * num_outs for t in domains for s in domains if s != t},
+                "kid_subset_size": subset_size, "kid_subsets": kid_subsets, "kid_std": {}, "nonfinite_outputs": {},
+                "seed": seed, "batch_size": batch_size, "device": str(device), "dtype": str(amp_dtype or torch.float32),
+                "inception": getattr(inception, "identity", None), "lpips": getattr(lpips, "identity", None),
+                "vae": vae_id, "real_features": {}, "warnings": sample_count_warnings(n_real, n_sources, num_outs)}
+    for warning in protocol["warnings"]:
+        log(f"warning: {warning}")
 
     real_feats = {}
 
@@ -564,46 +614,94 @@ def evaluate_translations(generator, mapping_network, style_encoder, domains, re
                    "dtype": str(amp_dtype or torch.float32)}
             compute = functools.partial(latent_features, real[d], decode, inception, batch_size, device, amp_dtype,
                                         on_batch)
-            computed = []
-            real_feats[d] = cached_real_features(d, real[d], lambda: computed.append(1) or compute(), cache_dir,
-                                                 key).to(device)
-            if not computed and on_batch is not None:  # from the cache: counted as done
+            feats, how = cached_real_features(d, real[d], compute, cache_dir, key)
+            real_feats[d] = feats.to(device)
+            protocol["real_features"][d] = how
+            log(f"real features of {d} ({n_real[d]} latents): {how}")
+            if how.startswith("cached") and on_batch is not None:  # counted as done
                 on_batch(n_real[d])
         return real_feats[d]
 
     results = {}
     for mode in modes:
-        per_metric = {m: {} for m in METRICS}
+        per_metric = {m: {} for m in metrics}
         for trg_idx, trg in enumerate(domains):  # the official order: targets outer, sources inner
-            target_feats = real_features(trg)
+            target_feats = real_features(trg) if {"FID", "KID"} & set(metrics) else None
             for src_idx, src in enumerate(domains):
                 if src == trg:
                     continue
                 task = f"{src}2{trg}"
-                fake_feats, diversity = translate_task(
+                fake_feats, diversity, nonfinite = translate_task(
                     generator, mapping_network, style_encoder, sources[src][:n_sources[src]], trg_idx, mode,
                     sources[trg], decode, inception, lpips, latent_scale, latent_dim, num_outs,
                     task_generator(seed, mode, src_idx, trg_idx), batch_size, device, amp_dtype, on_batch)
-                per_metric["FID"][task] = frechet_distance(target_feats, fake_feats)
-                per_metric["KID"][task] = kernel_inception_distance(target_feats, fake_feats, subset_size,
-                                                                    kid_subsets, seed)[0]
-                per_metric["LPIPS"][task] = float(diversity.mean())
-                log(f"{mode} {task}: " + "  ".join(f"{m} {per_metric[m][task]:.4f}" for m in METRICS))
-        for metric in METRICS:
+                values = task_metrics(metrics, target_feats, fake_feats, diversity, nonfinite, subset_size, kid_subsets,
+                                      seed)
+                for metric in metrics:
+                    per_metric[metric][task] = values[metric]
+                if "KID" in metrics:
+                    protocol["kid_std"][f"{mode}/{task}"] = values["KID_std"]
+                if nonfinite:
+                    protocol["nonfinite_outputs"][f"{mode}/{task}"] = nonfinite
+                    log(f"warning: {mode} {task}: {nonfinite} of {n_sources[src] * num_outs} translations are not "
+                        "finite (a diverged generator): every metric of this task is NaN")
+                log(f"{mode} {task}: " + "  ".join(f"{m} {per_metric[m][task]:.4f}" for m in metrics))
+        for metric in metrics:
             for task, value in per_metric[metric].items():
                 results[f"{metric}_{mode}/{task}"] = value
             results[f"{metric}_{mode}/mean"] = float(np.mean(list(per_metric[metric].values())))
-    results["KID_subset_size"] = subset_size
+    if "KID" in metrics:
+        results["KID_subset_size"] = subset_size
+    results["protocol"] = protocol
     return results
 
 
-def metric_keys(domains, modes=MODES):
+def task_metrics(metrics, real_feats, fake_feats, diversity, nonfinite, subset_size, kid_subsets, seed):
+    """{FID, KID, KID_std, LPIPS} of one task (those of `metrics`); all NaN when any output of the
+    task is not finite, whatever a metric's own arithmetic would make of it."""
+    if nonfinite:
+        return dict.fromkeys(("FID", "KID", "KID_std", "LPIPS"), float("nan"))
+    values = {}
+    if "FID" in metrics:
+        values["FID"] = frechet_distance(real_feats, fake_feats)
+    if "KID" in metrics:
+        values["KID"], values["KID_std"] = kernel_inception_distance(real_feats, fake_feats, subset_size, kid_subsets,
+                                                                     seed)
+    if "LPIPS" in metrics:
+        values["LPIPS"] = float(diversity.mean())
+    return values
+
+
+def sample_count_warnings(n_real, n_sources, num_outs, floor=FID_SAMPLE_FLOOR):
+    """Warnings for sample counts below FID_SAMPLE_FLOOR on either side of a task."""
+    fewest_fakes = min(n_sources.values()) * num_outs
+    fewest_reals = min(n_real.values())
+    if min(fewest_fakes, fewest_reals) >= floor:
+        return []
+    return [f"FID and KID from as few as {fewest_fakes} translations per task against {fewest_reals} real latents, "
+            f"below the {floor} per side under which FID's small-sample bias can exceed the differences between "
+            "models: compare these only with results of the same counts (README, Evaluating)"]
+
+
+def metric_keys(domains, modes=MODES, metrics=METRICS):
     """Every metric key `evaluate_translations` returns for these domains: the means first
     (`FID_latent/mean`, ...), then each task (`FID_latent/photo2Hayao`, ...)."""
     domains = [str(d) for d in domains]
+    metrics = [m for m in METRICS if m in metrics]
     tasks = [f"{src}2{trg}" for trg in domains for src in domains if src != trg]
-    means = [f"{metric}_{mode}/mean" for mode in modes for metric in METRICS]
-    return means + [f"{metric}_{mode}/{task}" for mode in modes for metric in METRICS for task in tasks]
+    means = [f"{metric}_{mode}/mean" for mode in modes for metric in metrics]
+    return means + [f"{metric}_{mode}/{task}" for mode in modes for metric in metrics for task in tasks]
+
+
+def parse_metrics(value, flag="--metrics"):
+    """'fid,kid' or ['FID', 'KID'] -> ['FID', 'KID'] in METRICS' order; InputError naming `flag`."""
+    names = value.split(",") if isinstance(value, str) else list(value)
+    chosen = {str(n).strip().upper() for n in names if str(n).strip()}
+    unknown = sorted(chosen - set(METRICS))
+    if unknown or not chosen:
+        raise InputError(f"{flag} {value!r}: expected one or more of {', '.join(m.lower() for m in METRICS)}, "
+                         "separated by commas")
+    return [m for m in METRICS if m in chosen]
 
 
 def vae_identity(vae, path, subfolder=None):
@@ -617,21 +715,26 @@ def vae_identity(vae, path, subfolder=None):
 
 
 class Evaluator:
-    """The protocol's fixed parts, loaded once: the VAE decode, Inception, LPIPS, device, dtype,
-    batch size and real-feature cache. Calling it evaluates a set of EMA networks."""
+    """The protocol's fixed parts, loaded once: the VAE decode, Inception (for FID and KID), LPIPS,
+    device, dtype, batch size, the real-feature cache, the metrics asked for and, for training-time
+    evaluation, held-out sources. Calling it evaluates a set of EMA networks."""
 
-    def __init__(self, vae, vae_id, inception, lpips, device, amp_dtype=None, batch_size=32, cache_dir=None):
+    def __init__(self, vae, vae_id, inception, lpips, device, amp_dtype=None, batch_size=32, cache_dir=None,
+                 metrics=METRICS, held_out=None, source_root=None):
         self.vae, self.vae_id, self.inception, self.lpips = vae, vae_id, inception, lpips
         self.device, self.amp_dtype, self.batch_size, self.cache_dir = torch.device(device), amp_dtype, batch_size, cache_dir
+        self.metrics, self.held_out, self.source_root = list(metrics), held_out, source_root
 
     @classmethod
     def load(cls, vae_path, vae_subfolder, inception_weights, lpips_weights, device, amp_dtype=None, batch_size=32,
-             cache_dir=None, what=""):
+             cache_dir=None, what="", metrics=METRICS):
         """Load the VAE (diffusers AutoencoderKL; never the linear preview: without the real VAE the
-        numbers would mean something else), Inception and LPIPS. Any missing or wrong file is an
+        numbers would mean something else), and Inception and LPIPS for the `metrics` that need
+        them (without LPIPS, no AlexNet: it cannot be had offline). Any missing or wrong file is an
         InputError that starts with `what` (e.g. which setting asked for evaluation)."""
         from vae import load_vae
 
+        metrics = parse_metrics(metrics)
         if not vae_path:
             raise InputError(f"{what}evaluation decodes reals and fakes with the SD VAE, and none is set: pass --vae, or "
                              "set evaluation.vae_path (or visualization.vae_path), to a local diffusers AutoencoderKL "
@@ -644,26 +747,45 @@ class Evaluator:
                 f"({err.__class__.__name__}: {err}). Set evaluation.vae_path (or visualization.vae_path) / --vae to a "
                 "local diffusers AutoencoderKL folder or a hub id; metrics never use the linear latent preview."
             ) from None
+        if vae.config.latent_channels != LATENT_CHANNELS:
+            raise InputError(f"{what}the VAE {vae_path!r} has {vae.config.latent_channels} latent channels; the model's "
+                             f"latents have {LATENT_CHANNELS} (an SD1.5-style VAE)")
         try:
-            inception = load_inception(inception_weights, device)
-            lpips = load_lpips(lpips_weights, device)
+            inception = load_inception(inception_weights, device) if {"FID", "KID"} & set(metrics) else None
+            lpips = load_lpips(lpips_weights, device) if "LPIPS" in metrics else None
         except InputError as err:
             raise InputError(f"{what}{err}") from None
         return cls(vae, vae_identity(vae, vae_path, vae_subfolder), inception, lpips, device, amp_dtype, batch_size,
-                   cache_dir)
+                   cache_dir, metrics)
 
     @classmethod
-    def from_config(cls, cfg, device, cache_dir, amp_dtype=None):
+    def from_config(cls, cfg, device, cache_dir, amp_dtype=None, latent_shape=None):
         """`load` from a training config's evaluation section (the VAE: evaluation.vae_path, else
-        visualization.vae_path); its best_metric must name a metric of the config's domains."""
+        visualization.vae_path; the metrics: evaluation.metrics); its best_metric must name one of
+        them for the config's domains. With evaluation.source_root, its latents (same domains, of
+        `latent_shape`, the training latents') are the sources and references, held out."""
+        from dataset import MultiDomainLatentDataset
+
         e, v, domains = cfg["evaluation"], cfg["visualization"], list(cfg["data"]["domains"])
-        if e["best_metric"] not in metric_keys(domains):
-            raise InputError(f"evaluation.best_metric={e['best_metric']!r} is not a metric of these domains; "
-                             f"e.g. {', '.join(metric_keys(domains)[:4])}, ...")
-        return cls.load(e["vae_path"] or v["vae_path"], None if e["vae_path"] else v["vae_subfolder"],
-                        e["inception_weights"], e["lpips_weights"], device, amp_dtype=amp_dtype,
-                        batch_size=cfg["training"]["batch_size"], cache_dir=cache_dir,
-                        what="evaluation.every_epochs is set: ")
+        what = "evaluation.every_epochs is set: "
+        keys = metric_keys(domains, metrics=e["metrics"])
+        if e["best_metric"] not in keys:
+            raise InputError(f"evaluation.best_metric={e['best_metric']!r} is not a metric of these domains and of "
+                             f"evaluation.metrics {e['metrics']}; e.g. {', '.join(keys[:4])}, ...")
+        held_out = None
+        if e["source_root"]:
+            held = MultiDomainLatentDataset(e["source_root"], domains, preload_to_gpu=False, device="cpu",
+                                            log=lambda *a: None)
+            if latent_shape is not None and tuple(held.shape) != tuple(latent_shape):
+                raise InputError(f"evaluation.source_root {e['source_root']!r} holds latents of shape "
+                                 f"{list(held.shape)}; the training latents are {list(latent_shape)}")
+            held_out = held.by_domain()
+        evaluator = cls.load(e["vae_path"] or v["vae_path"], None if e["vae_path"] else v["vae_subfolder"],
+                             e["inception_weights"], e["lpips_weights"], device, amp_dtype=amp_dtype,
+                             batch_size=cfg["training"]["batch_size"], cache_dir=cache_dir, what=what,
+                             metrics=e["metrics"])
+        evaluator.held_out, evaluator.source_root = held_out, e["source_root"]
+        return evaluator
 
     @torch.no_grad()
     def decode(self, raw):
@@ -672,14 +794,18 @@ class Evaluator:
 
         return decode(self.vae, raw)
 
-    def __call__(self, nets, domains, real, sources, latent_scale, latent_dim, num_outs=10, max_sources=None, seed=0,
-                 real_ids=None, modes=MODES, log=None, progress=None):
-        """`evaluate_translations` with `nets` = {generator, mapping_network, style_encoder} (EMA)."""
+    def __call__(self, nets, domains, real, sources=None, latent_scale=None, latent_dim=None, num_outs=10,
+                 max_sources=None, seed=0, real_ids=None, modes=MODES, log=None, progress=None):
+        """`evaluate_translations` with `nets` = {generator, mapping_network, style_encoder} (EMA).
+        `sources` None: the held-out sources when loaded, else `real` itself."""
+        if sources is None:
+            sources = self.held_out if self.held_out is not None else real
         return evaluate_translations(
             nets["generator"], nets["mapping_network"], nets["style_encoder"], domains, real, sources, self.decode,
             self.inception, self.lpips, latent_scale, latent_dim, num_outs=num_outs, seed=seed,
             max_sources=max_sources, batch_size=self.batch_size, device=self.device, amp_dtype=self.amp_dtype,
-            cache_dir=self.cache_dir, vae_id=self.vae_id, real_ids=real_ids, modes=modes, log=log, progress=progress)
+            cache_dir=self.cache_dir, vae_id=self.vae_id, real_ids=real_ids, modes=modes, log=log, progress=progress,
+            metrics=self.metrics)
 
 
 def format_table(results):

@@ -484,7 +484,8 @@ class Trainer:
 
             try:
                 self.evaluator = Evaluator.from_config(self.cfg, self.device, self.checkpoint_path("eval_cache"),
-                                                       amp_dtype=self.amp_dtype if self.device.type == "cuda" else None)
+                                                       amp_dtype=self.amp_dtype if self.device.type == "cuda" else None,
+                                                       latent_shape=self.latent_shape)
             except (InputError, FileNotFoundError) as err:
                 problem = err
         if self.dist.max_int(int(problem is not None)):
@@ -518,9 +519,11 @@ class Trainer:
         real = dataset.by_domain()
         progress, hook = self.long_work(f"epoch {epoch}: evaluation")
         try:
-            return self.evaluator({n: self.ema[n] for n in EMA_NETS}, self.domains, real, real, self.latent_scale,
-                                  self.latent_dim, num_outs=e["num_outs"], max_sources=e["num_sources"],
-                                  seed=self.cfg["seed"], real_ids=dataset.file_list_ids(), progress=hook)
+            results = self.evaluator({n: self.ema[n] for n in EMA_NETS}, self.domains, real, None, self.latent_scale,
+                                     self.latent_dim, num_outs=e["num_outs"], max_sources=e["num_sources"],
+                                     seed=self.cfg["seed"], real_ids=dataset.content_ids(), progress=hook)
+            results.setdefault("protocol", {})["sources"] = e["source_root"] or "the training latents (not held out)"
+            return results
         except StopRequested:
             self.log(f"epoch {epoch}: evaluation abandoned (stop requested); the checkpoint is saved next")
             return None

@@ -16,6 +16,7 @@ import yaml
 import evaluate
 import metrics
 import run
+from dataset import save_latent
 from conftest import tiny_run_config, write_latent_folders, write_random_alexnet
 from test_metrics import PlainFormStandIn, StyleGANFormStandIn, script_to
 
@@ -65,8 +66,16 @@ def test_evaluate_writes_every_task_of_both_modes(checkpoint, weights, tiny_vae_
             assert record[f"{metric}_{mode}/mean"] == pytest.approx(mean)
         assert all(record[f"LPIPS_{mode}/{t}"] > 0 for t in tasks)  # different z / references differ
     assert record["KID_subset_size"] == 4  # min(1000, 6 reals, 2 sources x 2 outputs)
-    assert record["step"] == 2 and record["num_outs"] == 2 and record["inception"].startswith(
-        os.path.basename(weights[form]))
+    protocol = record["protocol"]  # what the numbers depend on, to tell two runs apart
+    assert protocol["step"] == 2 and protocol["epoch"] == 1 and protocol["num_outs"] == 2
+    assert protocol["inception"].startswith(os.path.basename(weights[form]) + ":")
+    assert protocol["lpips"].startswith(metrics.ALEXNET_FILE + ":") and protocol["vae"].startswith(tiny_vae_dir)
+    assert protocol["n_real"] == {"a": 6, "b": 6, "c": 6} and protocol["fakes_per_task"]["a2b"] == 4
+    assert protocol["kid_subset_size"] == 4 and len(protocol["kid_std"]) == 12
+    assert (protocol["device"], protocol["dtype"], protocol["batch_size"], protocol["seed"]) == (
+        "cpu", "torch.float32", 8, 0)
+    assert protocol["sources"].startswith("the training latents (not held out")
+    assert protocol["checkpoint"] == os.path.abspath(checkpoint[0])
     out = capsys.readouterr().out
     assert "FID_latent" in out and "mean" in out and "metrics.json" in out
 
@@ -199,3 +208,93 @@ def test_unknown_best_metric_is_refused_before_training(tmp_path, tiny_vae_dir, 
     assert run.main(["--config", cfg]) == 2
     assert "evaluation.best_metric='FID_latent/a2zebra'" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out" / "latest.pt")
+
+
+# ---------------------------------------------------------------------- numbers a researcher can trust
+
+def test_a_rewritten_data_set_never_reuses_stale_features(checkpoint, weights, tiny_vae_dir, tmp_path,
+                                                          small_inception, capsys):
+    """The real-feature cache is keyed by the latents' content: files rewritten with other values but
+    the same size and modification time (cp -p, rsync -a, tar x) get their features recomputed."""
+    root = write_latent_folders(tmp_path / "data")
+    args = evaluate_args(checkpoint[0], weights, tiny_vae_dir, tmp_path / "one", metrics.FORM_STYLEGAN,
+                         "--data-root", root)
+    assert evaluate.main(args) == 0
+    first = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert all(v.startswith("computed and cached") for v in first["protocol"]["real_features"].values())
+    path = os.path.join(root, "b", "000.pt")
+    stat = os.stat(path)
+    before = torch.load(path, weights_only=True)
+    save_latent(before.flip(-1) * 2 + 3, path)  # other values, one size (save_latent's bytes ignore the name)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.path.getsize(path) == stat.st_size and os.stat(path).st_mtime_ns == stat.st_mtime_ns
+    capsys.readouterr()
+    assert evaluate.main(evaluate_args(checkpoint[0], weights, tiny_vae_dir, tmp_path / "two", metrics.FORM_STYLEGAN,
+                                       "--data-root", root)) == 0
+    second = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    used = second["protocol"]["real_features"]
+    assert used["a"].startswith("cached") and used["c"].startswith("cached") and used["b"].startswith("computed")
+    assert "real features of b (6 latents): computed and cached" in capsys.readouterr().out
+    assert second["FID_latent/a2b"] != first["FID_latent/a2b"] and second["FID_latent/c2a"] == first["FID_latent/c2a"]
+
+
+def test_mismatched_sizes_and_vaes_are_refused_before_any_work(checkpoint, weights, tiny_vae_dir, tmp_path,
+                                                               small_inception, capsys, monkeypatch):
+    monkeypatch.setattr(metrics.Evaluator, "decode", lambda *a: pytest.fail("decoding began"))
+    small = write_latent_folders(tmp_path / "small", size=8)
+    assert evaluate.main(evaluate_args(checkpoint[0], weights, tiny_vae_dir, tmp_path / "o", metrics.FORM_STYLEGAN,
+                                       "--data-root", small)) == 2
+    assert "holds latents of shape [4, 8, 8]; the checkpoint was trained on [4, 16, 16]" in capsys.readouterr().err
+    big = write_latent_folders(tmp_path / "big", size=32)
+    assert evaluate.main(evaluate_args(checkpoint[0], weights, tiny_vae_dir, tmp_path / "o", metrics.FORM_STYLEGAN,
+                                       "--source-root", big)) == 2
+    err = capsys.readouterr().err
+    assert "--source-root" in err and "[4, 32, 32]" in err and "[4, 16, 16]" in err
+    from diffusers import AutoencoderKL
+
+    wide = AutoencoderKL(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+                         up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=8, norm_num_groups=8)
+    wide.save_pretrained(str(tmp_path / "vae8"))
+    assert evaluate.main(evaluate_args(checkpoint[0], weights, str(tmp_path / "vae8"), tmp_path / "o")) == 2
+    assert "has 8 latent channels; the model's latents have 4" in capsys.readouterr().err
+
+
+def test_held_out_sources_are_used_and_said(checkpoint, weights, tiny_vae_dir, tmp_path, small_inception):
+    held = write_latent_folders(tmp_path / "val", files=3, seed=7)
+    assert evaluate.main(evaluate_args(checkpoint[0], weights, tiny_vae_dir, tmp_path / "o", metrics.FORM_STYLEGAN,
+                                       "--source-root", held)) == 0
+    protocol = json.loads((tmp_path / "o" / "metrics.json").read_text())["protocol"]
+    assert protocol["sources"] == f"held out: {held}" and protocol["n_sources"] == {"a": 2, "b": 2, "c": 2}
+    assert protocol["n_real"] == {"a": 6, "b": 6, "c": 6}
+
+
+def test_fid_and_kid_without_lpips_weights(checkpoint, weights, tiny_vae_dir, tmp_path, small_inception, offline,
+                                           capsys):
+    """Offline without AlexNet weights: --metrics fid,kid still evaluates (no LPIPS keys), and shows
+    its progress."""
+    args = evaluate_args(checkpoint[0], weights, tiny_vae_dir, tmp_path / "o", metrics.FORM_STYLEGAN,
+                         "--metrics", "fid,kid")
+    args[args.index("--lpips-weights"):args.index("--lpips-weights") + 2] = []
+    assert evaluate.main(args) == 0
+    record = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert not [k for k in record if k.startswith("LPIPS")] and "FID_latent/mean" in record
+    assert record["protocol"]["metrics"] == ["FID", "KID"] and record["protocol"]["lpips"] is None
+    err = capsys.readouterr().err
+    assert "evaluating: 100%" in err and f"{3 * 6 + 2 * 6 * 2 * 2}/{3 * 6 + 2 * 6 * 2 * 2}" in err
+    assert evaluate.main(evaluate_args(checkpoint[0], weights, tiny_vae_dir, tmp_path / "o", metrics.FORM_STYLEGAN,
+                                       "--metrics", "fid,psnr")) == 2
+    assert "--metrics 'fid,psnr': expected one or more of fid, kid, lpips" in capsys.readouterr().err
+
+
+def test_training_time_evaluation_records_its_protocol_and_held_out_sources(tmp_path, tiny_vae_dir, weights,
+                                                                           small_inception, offline):
+    """evaluation.source_root and evaluation.metrics (no LPIPS: no AlexNet, which is not here)."""
+    write_latent_folders(tmp_path / "data")
+    held = write_latent_folders(tmp_path / "val", files=2, seed=3)
+    cfg = training_config(tmp_path, tiny_vae_dir, weights, epochs=1, source_root=held, metrics=["FID", "KID"],
+                          lpips_weights=None)
+    assert run.main(["--config", cfg]) == 0
+    line = json.loads((tmp_path / "out" / "metrics.jsonl").read_text())
+    assert line["protocol"]["sources"] == held and line["protocol"]["n_sources"] == {"a": 2, "b": 2, "c": 2}
+    assert line["protocol"]["metrics"] == ["FID", "KID"] and not [k for k in line if k.startswith("LPIPS")]
+    assert line["protocol"]["inception"] and line["protocol"]["warnings"]

@@ -207,7 +207,8 @@ class PlainFormStandIn(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert x.shape[2] == 299 and x.shape[3] == 299
-        assert bool(x.min() >= -1) and bool(x.max() <= 1)
+        # (levels - 128) / 128 lies in [-1, 0.992]; bilinear upsampling may round a hair outside
+        assert bool(x.min() >= -1 - 1e-5) and bool(x.max() <= 1 + 1e-5)
         return self.fc(F.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1).flatten(1))
 
 
@@ -352,19 +353,31 @@ def test_evaluate_translations_protocol(lpips, tiny_decode, tmp_path):
             assert f"{metric}_{mode}/mean" in first
             assert first[f"{metric}_{mode}/mean"] == pytest.approx(np.mean([first[k] for k in tasks]))
     assert {"FID_latent/a2b", "KID_reference/c2a", "LPIPS_latent/b2c"} <= set(first)
+    protocol = first.pop("protocol")
     assert set(first) == set(metrics.metric_keys(DOMAINS)) | {"KID_subset_size"}
     assert first["KID_subset_size"] == 4  # min(1000, 4 real, 3 sources x 3 outputs)
     assert all(math.isfinite(v) for v in first.values())
+    # what the numbers depend on
+    assert protocol["n_real"] == {"a": 4, "b": 4, "c": 4} and protocol["n_sources"] == {"a": 3, "b": 3, "c": 3}
+    assert protocol["fakes_per_task"]["a2b"] == 9 and protocol["kid_subset_size"] == 4
+    assert set(protocol["kid_std"]) == {f"{m}/{t}" for m in metrics.MODES for t in ("b2a", "c2a", "a2b", "c2b",
+                                                                                      "a2c", "b2c")}
+    assert all(v >= 0 for v in protocol["kid_std"].values()) and protocol["nonfinite_outputs"] == {}
+    assert (protocol["inception"], protocol["vae"], protocol["seed"], protocol["batch_size"]) == (
+        "stand-in-16", "tiny-random-vae", 0, 8)
+    assert protocol["real_features"]["a"].startswith("computed and cached (inception_real_")
+    assert protocol["warnings"] and "below the 1000 per side" in protocol["warnings"][0]
     assert all(first[k] > 0 for k in first if k.startswith("LPIPS"))
     assert torch.equal(torch.get_rng_state(), rng_state)
 
     tiny_decode.count = 0
     second = metrics.evaluate_translations(**inputs, seed=0, cache_dir=str(tmp_path))
     assert tiny_decode.count == fakes  # the real domains' features came from the cache
+    assert second.pop("protocol")["real_features"]["a"].startswith("cached (inception_real_")
     assert second == first  # same seed, same numbers (and the cached reals equal the computed ones)
 
     other = metrics.evaluate_translations(**inputs, seed=1, modes=("latent",))
-    assert set(other) == {k for k in first if "_reference/" not in k}
+    assert set(other) == {k for k in first if "_reference/" not in k} | {"protocol"}
     assert other["LPIPS_latent/a2b"] != first["LPIPS_latent/a2b"]
 
     table = metrics.format_table(first).splitlines()
@@ -464,5 +477,73 @@ def test_evaluator_loads_everything_or_says_what_is_missing(tmp_path, tiny_vae_d
     nets = {k: inputs[k] for k in ("generator", "mapping_network", "style_encoder")}
     results = small(nets, DOMAINS, inputs["real"], inputs["real"], inputs["latent_scale"], inputs["latent_dim"],
                     num_outs=2, max_sources=2, modes=("latent",))
-    assert set(results) == set(metrics.metric_keys(DOMAINS, modes=("latent",))) | {"KID_subset_size"}
+    assert set(results) == set(metrics.metric_keys(DOMAINS, modes=("latent",))) | {"KID_subset_size", "protocol"}
     assert metrics.metric_keys(DOMAINS)[:3] == ["FID_latent/mean", "KID_latent/mean", "LPIPS_latent/mean"]
+
+
+def test_plain_stand_in_takes_bilinear_rounding():
+    """Upsampling a picture holding -1 gives -1.0000001 on one thread: the stand-in must not fail CI
+    by rounding."""
+    torch.manual_seed(0)
+    levels = (torch.rand(2, 3, 32, 32) * 255).round()
+    levels[0, 0] = 0  # a black channel: exactly -1 after scaling
+    x = F.interpolate((levels - 128) / 128, size=(299, 299), mode="bilinear", align_corners=False)
+    assert x.min() < -1  # the rounding this test is about
+    torch.jit.script(PlainFormStandIn(dim=4))(x)
+
+
+@pytest.mark.parametrize("form", [metrics.FORM_STYLEGAN, metrics.FORM_PLAIN])
+def test_non_finite_pictures_never_get_finite_features(form):
+    """The StyleGAN2-ADA form casts to uint8, which turns NaN into 0 (a black picture with plausible
+    features): a non-finite picture gets NaN features in either form."""
+    torch.manual_seed(0)
+    net = torch.jit.script(StyleGANFormStandIn(dim=8) if form == metrics.FORM_STYLEGAN else PlainFormStandIn(dim=8))
+    inception = metrics.InceptionFeatures(net, form, num_features=8)
+    images = torch.rand(3, 3, 32, 32)
+    images[1, 0, 5, 5] = float("nan")
+    images[2, 2, 0, 0] = float("inf")
+    feats = inception(images)
+    assert torch.isfinite(feats[0]).all() and torch.isnan(feats[1:]).all()
+
+
+def test_a_diverged_generator_makes_every_metric_of_its_tasks_nan(lpips, tiny_decode):
+    """A generator whose outputs are NaN for one target domain: that target's tasks report NaN for
+    FID, KID and LPIPS (and so do the means), the others stay finite, and the protocol says how many
+    outputs were not finite."""
+    inputs = protocol_inputs(lpips, tiny_decode)
+    generator = inputs["generator"]
+    MARK = 1e4  # the style F and E give domain c here; the generator diverges on it
+
+    class MarkDomainC(nn.Module):  # wraps F or E
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, z_or_x, y):
+            s = self.net(z_or_x, y)  # [B, S]
+            return torch.where((y == 2)[:, None], torch.full_like(s, MARK), s)
+
+    class NaNOnMarked(nn.Module):
+        def forward(self, x, s):
+            out = generator(x, s)  # [B, 4, h, w]
+            return torch.where((s[:, :1] == MARK)[:, :, None, None], torch.full_like(out, float("nan")), out)
+
+    inputs.update(generator=NaNOnMarked(), mapping_network=MarkDomainC(inputs["mapping_network"]),
+                  style_encoder=MarkDomainC(inputs["style_encoder"]))
+    results = metrics.evaluate_translations(**inputs, seed=0)
+    protocol = results.pop("protocol")
+    del results["KID_subset_size"]
+    for key, value in results.items():
+        task = key.split("/")[1]
+        assert math.isnan(value) if task in ("a2c", "b2c", "mean") else math.isfinite(value), key
+    assert protocol["nonfinite_outputs"] == {f"{m}/{t}": 9 for m in metrics.MODES for t in ("a2c", "b2c")}
+
+
+def test_references_of_one_source_are_drawn_without_replacement():
+    rng = torch.Generator().manual_seed(0)
+    draws = metrics.reference_draws(200, 4, 4, rng)  # as many outputs as references: each once
+    assert draws.shape == (200, 4) and all(sorted(row.tolist()) == [0, 1, 2, 3] for row in draws)
+    draws = metrics.reference_draws(50, 10, 4, rng)  # more outputs than references: each round uses every one
+    assert all(sorted(row[:8].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3] for row in draws)
+    draws = metrics.reference_draws(50, 3, 100, rng)
+    assert all(len(set(row.tolist())) == 3 for row in draws) and draws.max() < 100

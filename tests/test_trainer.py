@@ -394,7 +394,7 @@ def test_a_nonfinite_metric_never_becomes_the_best(tmp_path):
     tr = make_trainer(tmp_path, evaluation={"every_epochs": 1})
     values = iter([float("nan"), 5.0, 7.0, 4.0])
     tr.evaluator = lambda *args, **kwargs: {"FID_latent/mean": next(values)}
-    data = SimpleNamespace(by_domain=lambda: {}, file_list_ids=lambda: {})
+    data = SimpleNamespace(by_domain=lambda: {}, content_ids=lambda: {})
     best = tmp_path / "out" / "best.pt"
     tr.evaluate(1, data)
     assert tr.best is None and not best.exists()

@@ -1,0 +1,110 @@
+"""Split a latent folder into a training part and a held-out part, reproducibly.
+
+    python split.py --input ../../latent-256 --output ../../latent-256-split --val-fraction 0.1 [--seed 0]
+
+StarGAN v2's evaluation translates a held-out split (its val set) and compares with the training
+set. This writes `<output>/train/<domain>/` and `<output>/val/<domain>/` from `<input>/<domain>/`,
+as hard links (no extra disk space; copies where the file system cannot link, or with --copy).
+Which side a file goes to depends on --seed and its name alone (the smallest sha256 of seed, domain
+and name go to val), so the split is the same on every machine, in any listing order, and a rerun
+with the same arguments finds its work done. Train on `<output>/train` (data.root) and evaluate
+with `evaluation.source_root` / `evaluate.py --source-root` set to `<output>/val`. Exit codes: 0
+done, 2 bad input (nothing written).
+"""
+
+import argparse
+import filecmp
+import os
+import shutil
+import sys
+
+from dataset import list_latent_files, split_names
+from runtime import InputError, check_writable_folder, path_component_problem, run_script
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Split per-domain latent folders into train/ and val/ (held out), "
+                                            "reproducibly, as hard links.")
+    p.add_argument("--input", required=True, help="data root: one folder of latents (*.pt, *.npy) per domain")
+    p.add_argument("--output", required=True, help="where train/<domain>/ and val/<domain>/ are written")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction of each domain held out (default 0.1; at least 1 file, at most all but 1)")
+    p.add_argument("--seed", type=int, default=0, help="which files are held out depends on it and the names alone")
+    p.add_argument("--domains", default=None,
+                   help="comma-separated domain folders to split (default: every folder under --input)")
+    p.add_argument("--copy", action="store_true", help="copy the files instead of hard-linking them")
+    args = p.parse_args(argv)
+    if not 0 < args.val_fraction < 1:
+        p.error(f"--val-fraction {args.val_fraction}: expected a number between 0 and 1")
+    return args
+
+
+def domain_folders(root, names):
+    """The domain folders to split: --domains, else every folder under `root` (hidden ones skipped)."""
+    if not os.path.isdir(root):
+        raise InputError(f"--input {root!r} is not a folder")
+    domains = [d.strip() for d in names.split(",") if d.strip()] if names else sorted(
+        d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
+    if not domains:
+        raise InputError(f"--input {root!r} holds no domain folders")
+    for d in domains:
+        problem = path_component_problem(d)
+        if problem:
+            raise InputError(f"--domains: {d!r} is not a folder name: {problem}")
+    return domains
+
+
+def plan(args):
+    """[(source file, destination file)] for every file, checked against what --output holds."""
+    pairs = []
+    for domain in domain_folders(args.input, args.domains):
+        names = [os.path.basename(p) for p in list_latent_files(os.path.join(args.input, domain))]
+        train, val = split_names(names, args.val_fraction, args.seed, key=domain)
+        for part, chosen in (("train", train), ("val", val)):
+            pairs += [(os.path.join(args.input, domain, n), os.path.join(args.output, part, domain, n)) for n in chosen]
+    for src, dst in pairs:  # a rerun finds its own files; anything else is another split or other data
+        if os.path.lexists(dst) and not (os.path.isfile(dst) and filecmp.cmp(src, dst, shallow=False)):
+            raise InputError(f"{dst} exists and is not {src}: --output holds another split; choose an empty folder")
+    return pairs
+
+
+def place(src, dst, copy):
+    """Hard-link `src` at `dst` (a copy where the file system cannot link, or when asked)."""
+    if os.path.exists(dst):
+        return "kept"
+    if not copy:
+        try:
+            os.link(src, dst)
+            return "linked"
+        except OSError:  # another file system, or links not supported
+            pass
+    tmp = f"{dst}.{os.getpid()}.tmp"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return "copied"
+
+
+def run(args):
+    pairs = plan(args)
+    for folder in sorted({os.path.dirname(dst) for _, dst in pairs}):
+        check_writable_folder(folder, "--output")
+    done = {"linked": 0, "copied": 0, "kept": 0}
+    for src, dst in pairs:
+        done[place(src, dst, args.copy)] += 1
+    val = sum(os.sep + "val" + os.sep in dst for _, dst in pairs)
+    print(f"{len(pairs) - val} training and {val} held-out latents in {args.output}/train and {args.output}/val "
+          f"(seed {args.seed}, fraction {args.val_fraction:g}): {done['linked']} linked, {done['copied']} copied, "
+          f"{done['kept']} already there")
+    return 0
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # argparse: usage errors (2) and --help (0)
+        return e.code if isinstance(e.code, int) else 2
+    return run_script("split.py", run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
