@@ -692,12 +692,12 @@ def magnitude_threshold(value, dtype):
     is above it."""
     np_dtype = np.float16 if dtype == torch.float16 else np.float32
     x = np.array(value, np_dtype)
-    if x > value:  # rounded up: step down to the largest number below
+    if float(x) > value:  # rounded up: step down (compared in float64: numpy would compare in float16)
         x = np.nextafter(x, np_dtype(0))
     return int(x.view(np.int16 if np_dtype is np.float16 else np.int32))
 
 
-def scan_packed(shards, out=None, chunk_bytes=SCAN_CHUNK_BYTES):
+def scan_packed(shards, out=None, chunk_bytes=None):
     """One pass over every row of `shards`, in order: ([(shard, row)] non-finite, [(shard, row)]
     beyond OUTLIER_LIMIT). With `out` [N_total, 4, H, W] (the GPU preload), each chunk is copied
     there first: the file is read once for both."""
@@ -705,7 +705,7 @@ def scan_packed(shards, out=None, chunk_bytes=SCAN_CHUNK_BYTES):
     for shard in shards:
         finite_max = magnitude_threshold(float(torch.finfo(shard.dtype).max), shard.dtype)
         limit = magnitude_threshold(OUTLIER_LIMIT, shard.dtype)
-        rows = max(1, chunk_bytes // (shard.array.nbytes // len(shard)))
+        rows = max(1, (chunk_bytes or SCAN_CHUNK_BYTES) // (shard.array.nbytes // len(shard)))
         for start, chunk in shard.chunks(rows, pin=out is not None and out.is_cuda):
             if out is not None:
                 out[first + start:first + start + len(chunk)].copy_(chunk)  # synchronous: the buffer is reused
