@@ -49,6 +49,8 @@ def list_latent_files(folder):
         raise FileNotFoundError(
             f"domain folder not found: {folder} (expected one folder per domain under data.root, "
             f"holding *.pt or *.npy latents{hint})")
+    if is_packed(folder):  # its latents.npy is no single latent
+        raise InputError(f"{folder} holds packed latents ({PACKED_ARRAY} + {PACKED_INDEX}), not one file per latent")
     files = sorted(name for name in os.listdir(folder)
                    if name.endswith(LATENT_SUFFIXES) and os.path.isfile(os.path.join(folder, name)))
     if not files:

@@ -102,6 +102,13 @@ def test_float16_packing_rounds_and_float32_packing_keeps(tmp_path):
         assert (f16[d].float() - exact[d]).abs().max() <= exact[d].abs().max() * 2 ** -11
 
 
+def test_per_file_listing_refuses_a_packed_folder(roots):
+    """The app's examples and a checkpoint's latent-size probe list per-file folders: a packed one
+    says what it is (they skip it) instead of offering latents.npy as one latent."""
+    with pytest.raises(ValueError, match="packed latents"):
+        dataset.list_latent_files(str(roots[1] / "a"))
+
+
 def test_workers_and_pickling_map_the_file_again(roots):
     _, f16, _ = roots
     ds = make_dataset(f16, samples_per_epoch=32)
@@ -532,3 +539,34 @@ def test_npy_header_is_what_numpy_reads(tmp_path):
     path = tmp_path / "x.npy"
     path.write_bytes(packing.npy_header(array.shape, array.dtype) + array.tobytes())
     assert np.array_equal(np.load(path), array)
+
+
+# ---------------------------------------------------------------------- torchrun
+
+@pytest.mark.slow
+def test_two_process_torchrun_trains_the_same_on_a_packed_set(tmp_path):
+    """Two ranks map one packed set: training ends bitwise where it ends on the per-file folder."""
+    import yaml
+
+    from conftest import tiny_run_config
+    from test_distributed import torchrun
+
+    write_latent_folders(tmp_path / "files", half_exact_latents([6, 9, 4], shape=(4, 16, 16)))
+    packing.pack_folders(tmp_path / "files", tmp_path / "packed", log=quiet)
+    states = {}
+    for layout in ("files", "packed"):
+        cfg = tiny_run_config(tmp_path, training={"epochs": 1, "checkpoint_dir": str(tmp_path / f"out_{layout}")},
+                              visualization={"every_epochs": 10, "vae_path": None})
+        cfg["data"].update(root=str(tmp_path / layout), samples_per_epoch=16)  # 8 per rank: 2 steps of 4
+        path = tmp_path / f"{layout}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        proc = torchrun(str(path))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        ckpt = torch.load(tmp_path / f"out_{layout}" / "latest.pt", weights_only=True)
+        assert ckpt["step"] == 2 and len(ckpt["rng_per_rank"]) == 2
+        states[layout] = ckpt
+    assert "memory-mapped" in proc.stdout + proc.stderr
+    for group in ("models", "ema"):
+        for net, state in states["files"][group].items():
+            for key, value in state.items():
+                assert torch.equal(states["packed"][group][net][key], value), (group, net, key)
