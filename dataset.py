@@ -407,9 +407,10 @@ class MultiDomainLatentDataset(Dataset):
         # index_select rather than data[rows]: the same gather, ~3x less overhead on the CPU
         rows = self._rows.index_select(0, index).T.contiguous()  # [3, B]
         flip = self._flip.index_select(0, index).T.contiguous() if self._flip is not None else None  # [3, B]
+        latents = self._gather(rows.flatten()).view(3, -1, *self.shape)  # [3, B, 4, H, W] float32: one gather
         batch = {}
         for k, key in enumerate(("content", "target_style", "target_style_2")):
-            x = self._gather(rows[k])  # [B, 4, H, W] float32
+            x = latents[k]  # [B, 4, H, W]
             if flip is not None:
                 x = torch.where(flip[k, :, None, None, None], x.flip(-1), x)  # [B, 4, H, W]
             batch[key] = x
