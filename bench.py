@@ -495,8 +495,9 @@ def evict_from_page_cache(root):
 
 
 def memory_mb():
-    """This process's resident memory now (MB): total, anonymous (private), file-backed (shared
-    with the page cache), and its proportional share (shared pages divided among their users)."""
+    """This process's resident memory (MB): now (total, anonymous = private, file-backed = shared
+    with the page cache, and its proportional share: shared pages divided among their users), and
+    its peak (VmHWM; getrusage's ru_maxrss would carry the parent's peak over a spawn's exec)."""
     fields = {}
     for path in ("/proc/self/status", "/proc/self/smaps_rollup"):
         with open(path) as f:
@@ -505,7 +506,7 @@ def memory_mb():
                 if value.strip().endswith("kB"):
                     fields[key] = int(value.split()[0]) / 1024
     return {"rss_mb": fields["VmRSS"], "rss_anon_mb": fields["RssAnon"], "rss_file_mb": fields["RssFile"],
-            "pss_mb": fields["Pss"]}
+            "pss_mb": fields["Pss"], "peak_rss_mb": fields["VmHWM"]}
 
 
 def startup_child(root, domains, touch, results, go=None):
@@ -514,11 +515,10 @@ def startup_child(root, domains, touch, results, go=None):
     if go is not None:
         go.wait()  # the ranks start together
     torch.set_num_threads(1)  # as torchrun's default OMP_NUM_THREADS=1
-    baseline = {**memory_mb(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # imports
+    baseline = memory_mb()  # after the imports
     start = time.perf_counter()
     ds = MultiDomainLatentDataset(root, domains, preload_to_gpu=False, device="cpu", log=quiet)
     startup_s = time.perf_counter() - start
-    peak_startup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     after = memory_mb()
     g = torch.Generator().manual_seed(0)
     times = []
@@ -528,15 +528,15 @@ def startup_child(root, domains, touch, results, go=None):
         ds.__getitems__(indices)
         times.append((time.perf_counter() - t) * 1e3)
     result = {"startup_s": startup_s, "baseline_rss_mb": baseline["rss_mb"],
-              "baseline_peak_rss_mb": baseline["peak_rss_mb"], "peak_rss_mb": peak_startup,
-              **after, "gather_ms": statistics.median(times), "rows": len(ds)}
+              "baseline_peak_rss_mb": baseline["peak_rss_mb"], **after, "gather_ms": statistics.median(times),
+              "rows": sum(ds.counts)}
     if touch:
         rows = torch.arange(sum(ds.counts))
         t = time.perf_counter()
         for chunk in rows.split(4096):
             ds._gather(chunk)
         result["touch_all_s"] = time.perf_counter() - t
-        result["after_touch"] = {**memory_mb(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        result["after_touch"] = memory_mb()
     results.put(result)
 
 

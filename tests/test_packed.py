@@ -147,8 +147,8 @@ def test_packed_preload_to_gpu(roots):
 
 def test_magnitude_bits_match_numpy():
     """Per-row finiteness and max |value| > 1e3 from bit patterns == numpy's float answers, with
-    signed zeros, subnormals, the limit itself, its neighbours, inf and NaN."""
-    for np_dtype, torch_dtype in ((np.float16, torch.float16), (np.float32, torch.float32)):
+    signed zeros, subnormals, the limit itself, its neighbours, inf and NaN, and rows of one sign."""
+    for np_dtype in (np.float16, np.float32):
         limit = np_dtype(dataset.OUTLIER_LIMIT)
         specials = [0.0, -0.0, np.finfo(np_dtype).smallest_subnormal, -np.finfo(np_dtype).smallest_subnormal,
                     limit, -limit, np.nextafter(limit, np_dtype(np.inf)), -np.nextafter(limit, np_dtype(np.inf)),
@@ -159,22 +159,27 @@ def test_magnitude_bits_match_numpy():
         for i, value in enumerate(specials):
             rows[10 * i + 1, i % 4, 1, 0] = value  # one special per row, elsewhere in each
         rows[300] = -2e3
-        x = torch.from_numpy(rows.copy())
-        peak = dataset.magnitude_bits_(x.clone())
-        finite_max = dataset.magnitude_threshold(float(np.finfo(np_dtype).max), torch_dtype)
-        beyond = dataset.magnitude_threshold(dataset.OUTLIER_LIMIT, torch_dtype)
+        rows[301:350] = np.abs(rows[301:350])  # all non-negative
+        rows[350:399] = -np.abs(rows[350:399])  # all negative (the unsigned reading alone sees them)
+        rows[351, 2, 0, 1] = -1500
+        peak = dataset.magnitude_bits(rows)
+        finite_max = dataset.magnitude_threshold(np.finfo(np_dtype).max, rows.dtype)
+        beyond = dataset.magnitude_threshold(dataset.OUTLIER_LIMIT, rows.dtype)
         with np.errstate(invalid="ignore"):
             want_nonfinite = ~np.isfinite(rows).reshape(400, -1).all(axis=1)
-            want_outlier = np.nan_to_num(np.abs(rows.astype(np.float64)), nan=np.inf).reshape(400, -1).max(axis=1) > 1e3
-        assert np.array_equal((peak > finite_max).numpy(), want_nonfinite), np_dtype
-        assert np.array_equal((peak > beyond).numpy(), want_outlier), np_dtype
-        # non-finite: inf, -inf, nan, -nan; beyond 1e3: those, 2 x the number above 1e3, +-max, row 300
-        assert want_nonfinite.sum() == 4 and want_outlier.sum() == 4 + 5
+            magnitude = np.nan_to_num(np.abs(rows.astype(np.float64)), nan=np.inf).reshape(400, -1).max(axis=1)
+        assert np.array_equal(peak > finite_max, want_nonfinite), np_dtype
+        assert np.array_equal(peak > beyond, magnitude > 1e3), np_dtype
+        # non-finite: inf, -inf, nan, -nan; beyond 1e3: those, 2 x the number above 1e3, +-max, rows 300, 351
+        assert want_nonfinite.sum() == 4 and (magnitude > 1e3).sum() == 4 + 6
+        # the patterns order like the magnitudes among finite rows
+        finite = ~want_nonfinite
+        assert np.array_equal(np.argsort(peak[finite], kind="stable"), np.argsort(magnitude[finite], kind="stable"))
     # limits between two float16 numbers (1000 and 1000.5): the threshold is the one below, even where
     # the cast rounds up (1000.4 -> 1000.5, which would let 1000.5 > 1000.4 pass)
     bits = {v: int(np.array(v, np.float16).view(np.int16)) for v in (1000.0, 1000.5)}
-    assert dataset.magnitude_threshold(1000.4, torch.float16) == bits[1000.0]
-    assert dataset.magnitude_threshold(1000.6, torch.float16) == bits[1000.5]
+    assert dataset.magnitude_threshold(1000.4, np.dtype(np.float16)) == bits[1000.0]
+    assert dataset.magnitude_threshold(1000.6, np.dtype(np.float16)) == bits[1000.5]
 
 
 # ---------------------------------------------------------------------- hostile shards
