@@ -509,34 +509,44 @@ def memory_mb():
             "pss_mb": fields["Pss"], "peak_rss_mb": fields["VmHWM"]}
 
 
-def startup_child(root, domains, touch, results, go=None):
+def time_gathers(ds, n=200, seed=0):
+    """Median ms of `__getitems__` for STARTUP_BATCH random samples, `n` times."""
+    g = torch.Generator().manual_seed(seed)
+    times = []
+    for _ in range(n):
+        indices = torch.randint(0, len(ds), (STARTUP_BATCH,), generator=g).tolist()
+        start = time.perf_counter()
+        ds.__getitems__(indices)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def startup_child(root, domains, touch, results, barrier):
     """In a fresh process: build the dataset as run.py does on the CPU, time it, then time batch
-    gathers; `touch`: then gather every row once (an epoch of CPU training reads them all)."""
-    if go is not None:
-        go.wait()  # the ranks start together
+    gathers. `touch`: then gather every row once (an epoch of CPU training reads them all) and, once
+    every rank has, measure memory again; a packed set of at most 2 GB also times gathers from one
+    contiguous float16 copy, the alternative to gathering from the maps."""
+    barrier.wait()  # the ranks start together
     torch.set_num_threads(1)  # as torchrun's default OMP_NUM_THREADS=1
     baseline = memory_mb()  # after the imports
     start = time.perf_counter()
     ds = MultiDomainLatentDataset(root, domains, preload_to_gpu=False, device="cpu", log=quiet)
     startup_s = time.perf_counter() - start
-    after = memory_mb()
-    g = torch.Generator().manual_seed(0)
-    times = []
-    for _ in range(200):
-        indices = torch.randint(0, len(ds), (STARTUP_BATCH,), generator=g).tolist()
-        t = time.perf_counter()
-        ds.__getitems__(indices)
-        times.append((time.perf_counter() - t) * 1e3)
     result = {"startup_s": startup_s, "baseline_rss_mb": baseline["rss_mb"],
-              "baseline_peak_rss_mb": baseline["peak_rss_mb"], **after, "gather_ms": statistics.median(times),
+              "baseline_peak_rss_mb": baseline["peak_rss_mb"], **memory_mb(), "gather_ms": time_gathers(ds),
               "rows": sum(ds.counts)}
     if touch:
-        rows = torch.arange(sum(ds.counts))
-        t = time.perf_counter()
-        for chunk in rows.split(4096):
+        start = time.perf_counter()
+        for chunk in torch.arange(sum(ds.counts)).split(4096):
             ds._gather(chunk)
-        result["touch_all_s"] = time.perf_counter() - t
+        result["touch_all_s"] = time.perf_counter() - start
+        result["gather_ms_after_touch"] = time_gathers(ds, seed=1)
+        barrier.wait()  # every rank has read everything: their shares of the page cache are final
         result["after_touch"] = memory_mb()
+        barrier.wait()
+        if ds.shards and ds.nbytes <= 2**31:
+            ds.data = torch.cat([s.tensor() for s in ds.shards])  # [N_total, 4, H, W] float16, private
+            result["gather_ms_float16_copy"] = time_gathers(ds, seed=1)
     results.put(result)
 
 
@@ -547,11 +557,11 @@ def data_startup(root, domains, ranks=1, touch=False, cold=False):
     if cold:
         evict_from_page_cache(root)
     context = multiprocessing.get_context("spawn")  # fresh interpreters: nothing inherited
-    results, go = context.Queue(), context.Event()
-    procs = [context.Process(target=startup_child, args=(root, domains, touch, results, go)) for _ in range(ranks)]
+    results, barrier = context.Queue(), context.Barrier(ranks)
+    procs = [context.Process(target=startup_child, args=(root, domains, touch, results, barrier))
+             for _ in range(ranks)]
     for proc in procs:
         proc.start()
-    go.set()
     out = [results.get() for _ in procs]
     for proc in procs:
         proc.join()

@@ -287,7 +287,7 @@ class MultiDomainLatentDataset(Dataset):
             if shard.shape != self.shape:
                 raise InputError(f"{shard.path} holds latents of shape {list(shard.shape)}; expected "
                                  f"{list(self.shape)} like {self.shards[0].path} (every domain must share one shape)")
-        dtype = torch.float32 if any(s.dtype == torch.float32 for s in self.shards) else torch.float16
+        dtype = self.packed_dtype = torch.float32 if any(s.dtype == torch.float32 for s in self.shards) else torch.float16
         rows = sum(self.counts)
         data = None
         target = preload_device(rows * dtype.itemsize * math.prod(self.shape), preload_to_gpu, device, max_fraction, log)
@@ -348,12 +348,12 @@ class MultiDomainLatentDataset(Dataset):
         if self.data is not None:
             return self.data.index_select(0, rows).float()  # float32 data: no copy; float16: cast
         domain = torch.bucketize(rows, self._offsets[1:], right=True)  # [R]
-        out = torch.empty(len(rows), *self.shape)  # [R, 4, H, W] float32
+        out = torch.empty(len(rows), *self.shape, dtype=self.packed_dtype)  # [R, 4, H, W]
         for d, shard in enumerate(self.shards):
             pick = (domain == d).nonzero().flatten()  # [R_d]
             if len(pick):
-                out.index_copy_(0, pick, shard.tensor().index_select(0, rows[pick] - self.offsets[d]).float())
-        return out
+                out.index_copy_(0, pick, shard.tensor().index_select(0, rows[pick] - self.offsets[d]).to(out.dtype))
+        return out.float()  # one cast per batch: half the time of one per domain
 
     # sampling
 

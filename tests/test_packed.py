@@ -5,6 +5,8 @@ import json
 import os
 import pickle
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -46,12 +48,15 @@ def quiet(*args):
 
 @pytest.fixture
 def roots(tmp_path):
-    """(per-file root, float16-packed root, float32-packed root) of one imbalanced data set."""
+    """(per-file root, float16-packed root, float32-packed root, float16 and float32 domains) of one
+    imbalanced data set."""
     files = tmp_path / "files"
     write_latent_folders(files, half_exact_latents([5, 17, 2]))
     packing.pack_folders(files, tmp_path / "f16", log=quiet)
     packing.pack_folders(files, tmp_path / "f32", dtype="float32", log=quiet)
-    return files, tmp_path / "f16", tmp_path / "f32"
+    packing.pack_folders(files, tmp_path / "mixed", domains=["a", "c"], log=quiet)
+    packing.pack_folders(files, tmp_path / "mixed", domains=["b"], dtype="float32", log=quiet)
+    return files, tmp_path / "f16", tmp_path / "f32", tmp_path / "mixed"
 
 
 # ---------------------------------------------------------------------- same batches
@@ -59,7 +64,7 @@ def roots(tmp_path):
 def test_packed_copy_gives_the_same_batches_for_two_epochs(roots):
     sets = [make_dataset(root, samples_per_epoch=96, hflip=True, seed=3) for root in roots]
     assert sets[0].shards is None and all(ds.shards and ds.data is None for ds in sets[1:])
-    assert [ds.counts for ds in sets] == [[5, 17, 2]] * 3
+    assert [ds.counts for ds in sets] == [[5, 17, 2]] * 4
     for epoch in (0, 1):
         batches = []
         for ds in sets:
@@ -79,7 +84,7 @@ def test_packed_copy_gives_the_same_batches_for_two_epochs(roots):
 
 
 def test_rows_keep_the_file_order_and_names(roots):
-    files, f16, _ = roots
+    files, f16 = roots[:2]
     for d in DOMAINS:
         shard = PackedShard(str(f16 / d))
         names = sorted(os.listdir(files / d))
@@ -110,7 +115,7 @@ def test_per_file_listing_refuses_a_packed_folder(roots):
 
 
 def test_workers_and_pickling_map_the_file_again(roots):
-    _, f16, _ = roots
+    f16 = roots[1]
     ds = make_dataset(f16, samples_per_epoch=32)
     shard = ds.shards[1]
     blob = pickle.dumps(shard)
@@ -126,16 +131,44 @@ def test_workers_and_pickling_map_the_file_again(roots):
 def test_preload_pass_fills_one_tensor(roots):
     """The GPU preload's pass (checks and copies in one read), run into a CPU tensor here; small
     chunks so rows cross chunk boundaries."""
-    files, f16, _ = roots
+    files, f16 = roots[:2]
     shards = [PackedShard(str(f16 / d)) for d in DOMAINS]
     out = torch.full((24, 4, H, W), float("nan"), dtype=torch.float16)
     assert dataset.scan_packed(shards, out, chunk_bytes=3 * 4 * H * W * 2) == ([], [])
     assert torch.equal(out.float(), make_dataset(files).data)
 
 
+def test_the_start_up_pass_holds_one_chunk_not_the_file(tmp_path):
+    """The check pass reads through a map but drops each chunk's pages: the process's peak memory
+    grows by about a chunk (1 MB here), not by the file (64 MB), which stays in the page cache."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux's /proc")
+    big = np.random.default_rng(0).standard_normal((8192, 4, 32, 32)).astype(np.float16)  # 64 MB
+    for d in DOMAINS:
+        write_shard(str(tmp_path / d), big if d == "b" else big[:2])
+    script = f"""
+import sys
+sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+import dataset
+
+def kb(key):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1])
+
+dataset.SCAN_CHUNK_BYTES = 2**20
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) restarts from now
+before = kb("VmRSS")
+ds = dataset.MultiDomainLatentDataset({str(tmp_path)!r}, {DOMAINS!r}, preload_to_gpu=False, device="cpu",
+                                      log=lambda message: None)
+print((kb("VmHWM") - before) / 1024)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) < 16, proc.stdout  # MB; without dropping the pages: about 64
+
+
 @pytest.mark.cuda
 def test_packed_preload_to_gpu(roots):
-    files, f16, _ = roots
+    files, f16 = roots[:2]
     ds = make_dataset(f16, preload_to_gpu=True, device="cuda", samples_per_epoch=16)
     assert ds.on_gpu and ds.data.dtype == torch.float16 and ds.data.is_cuda
     plain = make_dataset(files, samples_per_epoch=16)
