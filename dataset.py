@@ -2,7 +2,9 @@
 
 Every file of every domain is read once at start-up into ONE contiguous float32 tensor
 `data [N_total, 4, H, W]` (raw, unscaled latents; the trainer applies `latent_scale`), with per-domain
-offsets, so that a whole batch is one gather per key. `set_epoch` draws the epoch's index table in
+offsets, so that a whole batch is one gather. Packed domains (one `latents.npy` per domain, see the
+end of this file) are memory-mapped instead: checked in one pass, then copied to the GPU or left in
+their maps, which every process shares through the page cache. `set_epoch` draws the epoch's index table in
 one vectorised pass: source domain uniform, target domain uniform among the *other* domains, then a
 file uniform within each domain. Sampling domains first (StarGAN v2's per-domain reference
 sampling) keeps domain frequencies equal however unbalanced the folders are.
@@ -166,13 +168,14 @@ def preload_device(nbytes, preload_to_gpu, device, max_fraction, log):
 
 
 class MultiDomainLatentDataset(Dataset):
-    """Latents from `root/<domain>/*.pt|*.npy`, sampled as (content, two target-domain references).
+    """Latents from `root/<domain>/*.pt|*.npy` (or packed `root/<domain>/latents.npy`), sampled as
+    (content, two target-domain references).
 
     Item i of the current epoch is a dict of raw latents: `content` [4, H, W] from the source
     domain, `target_style` and `target_style_2` [4, H, W] (two independent files of the target
     domain: the reference-guided diversity loss needs two references), `source_style_id` and
     `target_style_id` (long scalars). `__getitems__` returns the same keys batched ([B, 4, H, W],
-    ids [B]) with one gather per key; use it through `build_loader`.
+    ids [B]) with one gather for the three latent keys; use it through `build_loader`.
     """
 
     def __init__(self, root, domains, preload_to_gpu=True, device="cuda", samples_per_epoch=None,
@@ -287,21 +290,22 @@ class MultiDomainLatentDataset(Dataset):
             if shard.shape != self.shape:
                 raise InputError(f"{shard.path} holds latents of shape {list(shard.shape)}; expected "
                                  f"{list(self.shape)} like {self.shards[0].path} (every domain must share one shape)")
-        dtype = self.packed_dtype = torch.float32 if any(s.dtype == torch.float32 for s in self.shards) else torch.float16
+        float32 = any(s.dtype == torch.float32 for s in self.shards)
+        dtype = self.packed_dtype = torch.float32 if float32 else torch.float16
         rows = sum(self.counts)
+        nbytes = rows * dtype.itemsize * math.prod(self.shape)
         data = None
-        target = preload_device(rows * dtype.itemsize * math.prod(self.shape), preload_to_gpu, device, max_fraction, log)
+        target = preload_device(nbytes, preload_to_gpu, device, max_fraction, log)
         if target is not None:
             try:
                 data = torch.empty(rows, *self.shape, dtype=dtype, device=target)  # [N_total, 4, H, W]
             except torch.cuda.OutOfMemoryError:
-                log(f"dataset: out of memory allocating {_mb(rows * dtype.itemsize * math.prod(self.shape))} on "
-                    f"{target}; data stays on the CPU")
+                log(f"dataset: out of memory allocating {_mb(nbytes)} on {target}; data stays on the CPU")
         nonfinite, outliers = scan_packed(self.shards, data)  # [(shard, row)] each
         if nonfinite:
-            raise InputError(f"{len(nonfinite)} packed latent(s) hold non-finite values (NaN or +-inf); expected finite "
-                             f"raw latents:\n  " + "\n  ".join(first_lines([s.label(r) for s, r in nonfinite[:MAX_LISTED]],
-                                                                       len(nonfinite))))
+            labels = [s.label(r) for s, r in nonfinite[:MAX_LISTED]]
+            raise InputError(f"{len(nonfinite)} packed latent(s) hold non-finite values (NaN or +-inf); expected "
+                             f"finite raw latents:\n  " + "\n  ".join(first_lines(labels, len(nonfinite))))
         if outliers:
             lines = [f"{s.label(r)}: max |value| {s.peak(r):.3g}" for s, r in outliers[:MAX_LISTED]]
             report_outliers(first_lines(lines, len(outliers)), len(outliers), "packed latent(s)", reject_outliers, log)
@@ -396,7 +400,7 @@ class MultiDomainLatentDataset(Dataset):
         return self.samples_per_epoch if self.samples_per_epoch is not None else sum(self.counts)
 
     def __getitems__(self, indices):
-        """A batch as one dict: one gather per key, flips applied with one `torch.where` per key."""
+        """A batch as one dict: one gather for the latents, flips applied with one `torch.where` per key."""
         self._sync_epoch()
         index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)  # [B], CPU
         n = len(self)
@@ -582,9 +586,9 @@ def read_packed_index(path, count, array_path):
             index = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read {path} as JSON ({type(e).__name__}: {e}); {expected}") from e
-    if not isinstance(index, dict) or index.get("version") != PACKED_VERSION or not isinstance(index.get("names"), list):
+    names = index.get("names") if isinstance(index, dict) and index.get("version") == PACKED_VERSION else None
+    if not isinstance(names, list):
         raise InputError(f"{path} is not a version-{PACKED_VERSION} index; {expected}")
-    names = index["names"]
     if len(names) != count:
         raise InputError(f"{path} names {len(names)} rows but {array_path} holds {count}; {expected}")
     # the common case checked at C speed: strings, no separator or control character, short, unique
