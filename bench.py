@@ -4,12 +4,17 @@
                     [--matrix] [--peak-tflops X] [--latent-size N] [--threads N] [--sync-check]
                     [--forward-flops] [KEY=VALUE ...]
     python bench.py --config ... --evaluation --inception-weights FILE [--lpips-weights FILE] [--eval-batch N]
+    python bench.py --config ... --data-startup N [--layout packed|files] [--data-root DIR] [--ranks K] [--cold]
+                    [--touch] [--latent-size N]
 
 Times the real `Trainer.train_step` (imported from trainer.py, the code run.py runs) fed by the real
 batch path: a `MultiDomainLatentDataset` over a temporary folder of random latents of the configured
 domains, preloaded to the device as `data.preload_to_gpu` says, read through `build_loader`. One
 timed iteration is what run.py's loop does per batch: fetch the batch, then `train_step`.
 Compilation and autotuning happen in the `--warmup` steps and are excluded.
+
+`--data-startup N` times the dataset's start-up instead (per-file vs packed latents; see
+`run_data_startup` and BENCHMARKS.md): seconds, peak and shared host memory, batch gathers.
 
 Prints one JSON line per configuration (the only stdout lines that begin with `{`); `--matrix` runs
 bf16/fp32 x compile off/on, each in a fresh Trainer, then prints a markdown table.

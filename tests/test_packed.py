@@ -578,6 +578,39 @@ def test_npy_header_is_what_numpy_reads(tmp_path):
     assert np.array_equal(np.load(path), array)
 
 
+# ---------------------------------------------------------------------- evaluation
+
+def test_evaluate_reads_a_packed_data_root(trained, tiny_vae_dir, tmp_path, monkeypatch):
+    """evaluate.py takes reals and sources from by_domain: from a packed root those are the maps,
+    float16 as stored. A float32 copy gives the per-file metrics exactly; float16 ones close by."""
+    import evaluate
+    import metrics
+    from test_evaluate import DIM, evaluate_args
+    from test_metrics import StyleGANFormStandIn, script_to
+
+    from conftest import write_random_alexnet
+
+    monkeypatch.setattr(metrics, "INCEPTION_DIM", DIM)
+    torch.manual_seed(0)
+    weights = {metrics.FORM_STYLEGAN: script_to(tmp_path / "inception.pt", StyleGANFormStandIn(dim=DIM)),
+               "alexnet": str(tmp_path / metrics.ALEXNET_FILE)}
+    write_random_alexnet(tmp_path / metrics.ALEXNET_FILE)
+    ckpt, data = trained
+    packing.pack_folders(data, tmp_path / "f32", dtype="float32", log=quiet)
+    packing.pack_folders(data, tmp_path / "f16", log=quiet)
+    results = {}
+    for name, root in (("files", data), ("f32", tmp_path / "f32"), ("f16", tmp_path / "f16")):
+        args = evaluate_args(ckpt, weights, tiny_vae_dir, tmp_path / f"eval_{name}", metrics.FORM_STYLEGAN,
+                             "--data-root", str(root))
+        assert evaluate.main(args) == 0
+        record = json.loads((tmp_path / f"eval_{name}" / "metrics.json").read_text())
+        results[name] = {k: v for k, v in record.items() if "/" in k}
+    assert results["f32"] == results["files"]
+    assert results["f16"].keys() == results["files"].keys() and results["f16"] != results["files"]
+    for key, value in results["files"].items():
+        assert results["f16"][key] == pytest.approx(value, rel=0.05, abs=1e-3), key
+
+
 # ---------------------------------------------------------------------- torchrun
 
 @pytest.mark.slow
