@@ -187,8 +187,8 @@ def encode_jobs(vae, jobs, args, device, save=save_files, store_dtype=torch.floa
 
 def encode_packed(vae, images, input_dir, output_dir, latent_shape, args, device, mode):
     """--pack: one shard per output folder, rows in image-name order. Rows already in the folder's
-    shard or in an interrupted run's partial file are reused by image name; the rest are encoded.
-    Returns (jobs encoded, failures)."""
+    shard (of this --pack-dtype) or in an interrupted run's partial file are reused by image name;
+    the rest are encoded. Returns (jobs encoded, failures)."""
     folders = {}
     for src, rel_stem in images:
         folders.setdefault(os.path.dirname(rel_stem), []).append(src)

@@ -22,8 +22,8 @@ import uuid
 import numpy as np
 import torch
 
-from dataset import (LATENT_SUFFIXES, MIN_LATENT_SIZE, PACKED_ARRAY, PACKED_INDEX, PACKED_VERSION, PackedShard,
-                     bad_name, first_lines, is_packed, list_latent_files, load_latent_file)
+from dataset import (LATENT_SUFFIXES, MAX_LISTED, MIN_LATENT_SIZE, PACKED_ARRAY, PACKED_INDEX, PACKED_VERSION,
+                     PackedShard, bad_name, first_lines, is_packed, list_latent_files, load_latent_file)
 from runtime import InputError, atomic_write
 
 PACK_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -63,7 +63,7 @@ def check_names(names, where):
     bad = [f"{n!r} is {why}" for n in names if (why := bad_name(n))]
     if bad:
         raise InputError(f"{where}: {len(bad)} name(s) cannot name a packed row:\n  " +
-                         "\n  ".join(first_lines(bad[:20], len(bad))))
+                         "\n  ".join(first_lines(bad[:MAX_LISTED], len(bad))))
 
 
 class PackWriter:
@@ -278,7 +278,7 @@ def pack_domain(src_folder, dst_folder, dtype="float16", log=print):
             problems.append(str(e))
     if shape is None:
         raise InputError(f"{src_folder}: none of its {len(files)} latent files is readable:\n  "
-                         + "\n  ".join(first_lines(problems[:100], len(problems))))
+                         + "\n  ".join(first_lines(problems[:MAX_LISTED], len(problems))))
     writer = PackWriter(dst_folder, shape, dtype, log=log)
     if writer.up_to_date(names):
         writer.finish(names)  # removes what an interrupted commit left
@@ -313,7 +313,7 @@ def pack_domain(src_folder, dst_folder, dtype="float16", log=print):
     if bad:
         raise InputError(f"{src_folder}: {len(bad)} bad latent file(s); nothing was packed for this domain "
                          f"({len(writer.names)} row(s) before the first are kept: fix or remove the files and rerun):"
-                         f"\n  " + "\n  ".join(first_lines(bad[:100], len(bad))))
+                         f"\n  " + "\n  ".join(first_lines(bad[:MAX_LISTED], len(bad))))
     rows = writer.finish(names)
     megabytes = rows * writer.row_bytes / 2**20
     log(f"{dst_folder}: {rows} latents {list(shape)} {dtype} in {os.path.join(dst_folder, PACKED_ARRAY)} "
