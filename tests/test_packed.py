@@ -583,12 +583,11 @@ def test_npy_header_is_what_numpy_reads(tmp_path):
 def test_evaluate_reads_a_packed_data_root(trained, tiny_vae_dir, tmp_path, monkeypatch):
     """evaluate.py takes reals and sources from by_domain: from a packed root those are the maps,
     float16 as stored. A float32 copy gives the per-file metrics exactly; float16 ones close by."""
+    import evaluate
+    import metrics
     from conftest import write_random_alexnet
     from test_evaluate import DIM, evaluate_args
     from test_metrics import StyleGANFormStandIn, script_to
-
-    import evaluate
-    import metrics
 
     monkeypatch.setattr(metrics, "INCEPTION_DIM", DIM)
     torch.manual_seed(0)
@@ -617,6 +616,7 @@ def test_evaluate_reads_a_packed_data_root(trained, tiny_vae_dir, tmp_path, monk
 def test_two_process_torchrun_trains_the_same_on_a_packed_set(tmp_path):
     """Two ranks map one packed set: training ends bitwise where it ends on the per-file folder."""
     import yaml
+
     from conftest import tiny_run_config
     from test_distributed import torchrun
 
