@@ -6,12 +6,17 @@
     python bench.py --config ... --evaluation --inception-weights FILE [--lpips-weights FILE] [--eval-batch N]
     python bench.py --config ... --export [--export-batch 1 8] [--threads N]   (exported graphs, CPU)
     python bench.py --config ... --video preview|sd15 [--video-sources N] [--video-frames T] [--eval-batch N]
+    python bench.py --config ... --data-startup N [--layout packed|files] [--data-root DIR] [--ranks K] [--cold]
+                    [--touch] [--latent-size N]
 
 Times the real `Trainer.train_step` (imported from trainer.py, the code run.py runs) fed by the real
 batch path: a `MultiDomainLatentDataset` over a temporary folder of random latents of the configured
 domains, preloaded to the device as `data.preload_to_gpu` says, read through `build_loader`. One
 timed iteration is what run.py's loop does per batch: fetch the batch, then `train_step`.
 Compilation and autotuning happen in the `--warmup` steps and are excluded.
+
+`--data-startup N` times the dataset's start-up instead (per-file vs packed latents; see
+`run_data_startup` and BENCHMARKS.md): seconds, peak and shared host memory, batch gathers.
 
 Prints one JSON line per configuration (the only stdout lines that begin with `{`); `--matrix` runs
 bf16/fp32 x compile off/on, each in a fresh Trainer, then prints a markdown table.
@@ -48,6 +53,7 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -539,6 +545,151 @@ def video_throughput(cfg, device, decode="preview", num_sources=4, frames_per_tr
             "num_sources": num_sources, "frames_per_transition": frames_per_transition, "format": suffix,
             "frame_size": [2 * latent_size * 8, num_sources * latent_size * 8], "batch_size": batch_size,
             "device": device_name(device), "torch": torch.__version__}
+# ---------------------------------------------------------------------- data start-up
+
+STARTUP_BATCH = 32  # samples per gathered batch in the start-up figures
+GENERATE_ROWS = 16384  # latents generated (and written) at a time
+
+
+def write_startup_data(root, domains, n, size=LATENT_SIZE, layout="packed", seed=0):
+    """`n` random latents (SD1.5's spread, values float16 holds exactly) split evenly over `domains`
+    under `root`: one float32 .pt per latent ("files") or a float16 packed shard per domain
+    ("packed", through packing.PackWriter). Returns the bytes written."""
+    from dataset import PACKED_ARRAY, save_latent
+    from packing import PackWriter
+
+    g = torch.Generator().manual_seed(seed)
+    written = 0
+    for k, domain in enumerate(domains):
+        count = n // len(domains) + (k < n % len(domains))
+        folder = os.path.join(root, domain)
+        os.makedirs(folder, exist_ok=True)
+        writer = PackWriter(folder, (LATENT_CHANNELS, size, size), "float16", log=quiet) if layout == "packed" else None
+        for first in range(0, count, GENERATE_ROWS):
+            latents = (torch.randn(min(GENERATE_ROWS, count - first), LATENT_CHANNELS, size, size,
+                                   generator=g) * 5).half().float()  # [k, 4, size, size]
+            names = [f"{first + i:07d}.pt" for i in range(len(latents))]
+            if writer is None:
+                for latent, name in zip(latents, names):
+                    written += os.path.getsize(save_latent(latent, os.path.join(folder, name)))
+            else:
+                writer.append(latents, names)
+        if writer is not None:
+            writer.finish(writer.names)
+            written += os.path.getsize(os.path.join(folder, PACKED_ARRAY))
+    return written
+
+
+def evict_from_page_cache(root):
+    """Drop `root`'s files from the page cache (posix_fadvise DONTNEED: clean pages of these files
+    only), so the next read comes from the disk: a cold start."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def memory_mb():
+    """This process's resident memory (MB): now (total, anonymous = private, file-backed = shared
+    with the page cache, and its proportional share: shared pages divided among their users), and
+    its peak (VmHWM; getrusage's ru_maxrss would carry the parent's peak over a spawn's exec)."""
+    fields = {}
+    for path in ("/proc/self/status", "/proc/self/smaps_rollup"):
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if value.strip().endswith("kB"):
+                    fields[key] = int(value.split()[0]) / 1024
+    return {"rss_mb": fields["VmRSS"], "rss_anon_mb": fields["RssAnon"], "rss_file_mb": fields["RssFile"],
+            "pss_mb": fields["Pss"], "peak_rss_mb": fields["VmHWM"]}
+
+
+def time_gathers(ds, n=200, seed=0):
+    """Median ms of `__getitems__` for STARTUP_BATCH random samples, `n` times."""
+    g = torch.Generator().manual_seed(seed)
+    times = []
+    for _ in range(n):
+        indices = torch.randint(0, len(ds), (STARTUP_BATCH,), generator=g).tolist()
+        start = time.perf_counter()
+        ds.__getitems__(indices)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def startup_child(root, domains, touch, results, barrier):
+    """In a fresh process: build the dataset as run.py does on the CPU, time it, then time batch
+    gathers. `touch`: then gather every row once (an epoch of CPU training reads them all) and, once
+    every rank has, measure memory again; a packed set of at most 2 GB also times gathers from one
+    contiguous float16 copy, the alternative to gathering from the maps."""
+    barrier.wait()  # the ranks start together
+    torch.set_num_threads(1)  # as torchrun's default OMP_NUM_THREADS=1
+    baseline = memory_mb()  # after the imports
+    start = time.perf_counter()
+    ds = MultiDomainLatentDataset(root, domains, preload_to_gpu=False, device="cpu", log=quiet)
+    startup_s = time.perf_counter() - start
+    result = {"startup_s": startup_s, "baseline_rss_mb": baseline["rss_mb"],
+              "baseline_peak_rss_mb": baseline["peak_rss_mb"], **memory_mb(), "gather_ms": time_gathers(ds),
+              "rows": sum(ds.counts)}
+    if touch:
+        start = time.perf_counter()
+        for chunk in torch.arange(sum(ds.counts)).split(4096):
+            ds._gather(chunk)
+        result["touch_all_s"] = time.perf_counter() - start
+        result["gather_ms_after_touch"] = time_gathers(ds, seed=1)
+        barrier.wait()  # every rank has read everything: their shares of the page cache are final
+        result["after_touch"] = memory_mb()
+        barrier.wait()
+        if ds.shards and ds.nbytes <= 2**31:
+            ds.data = torch.cat([s.tensor() for s in ds.shards])  # [N_total, 4, H, W] float16, private
+            result["gather_ms_float16_copy"] = time_gathers(ds, seed=1)
+    results.put(result)
+
+
+def data_startup(root, domains, ranks=1, touch=False, cold=False):
+    """Start-up of `ranks` fresh processes at once on the data under `root` ({...} per rank)."""
+    import multiprocessing
+
+    if cold:
+        evict_from_page_cache(root)
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: nothing inherited
+    results, barrier = context.Queue(), context.Barrier(ranks)
+    procs = [context.Process(target=startup_child, args=(root, domains, touch, results, barrier))
+             for _ in range(ranks)]
+    for proc in procs:
+        proc.start()
+    out = [results.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    return out
+
+
+def run_data_startup(args, cfg):
+    """--data-startup: generate (or reuse under --data-root) the latents, then one JSON line per rank."""
+    domains = cfg["data"]["domains"]
+    if args.data_startup < len(domains) or args.ranks < 1:
+        raise InputError("--data-startup needs at least one latent per domain, --ranks at least 1")
+    root = args.data_root or tempfile.mkdtemp(prefix="bench-startup-", dir="/tmp")
+    try:
+        start, generated = time.perf_counter(), None
+        if not os.path.isdir(os.path.join(root, domains[0])):
+            generated = write_startup_data(root, domains, args.data_startup, args.latent_size, args.layout, cfg["seed"])
+        generate_s = time.perf_counter() - start
+        for rank, result in enumerate(data_startup(root, domains, args.ranks, args.touch, args.cold)):
+            print(json.dumps({
+                "layout": args.layout, "latents": result.pop("rows"), "rank": rank, **result,
+                "cache": "cold" if args.cold else "warm", "generated_bytes": generated,
+                "generate_s": generate_s if generated else None,
+                "latent_shape": [LATENT_CHANNELS, args.latent_size, args.latent_size],
+                "device": device_name(torch.device("cpu")).replace(f"{torch.get_num_threads()} threads", "1 thread"),
+                "torch": torch.__version__, "load_average_1min": os.getloadavg()[0], "config": args.config,
+                "overrides": args.overrides}), flush=True)
+    finally:
+        if not args.data_root:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
 
 
 # ---------------------------------------------------------------------- CLI
@@ -594,6 +745,19 @@ def parse_args(argv=None):
     p.add_argument("--video-sources", type=int, default=4, help="with --video: sources in the row")
     p.add_argument("--video-frames", type=int, default=13, help="with --video: frames per transition")
     p.add_argument("--video-format", choices=[".mp4", ".mkv", ".gif"], default=".mp4", help="with --video: the writer")
+    p.add_argument("--data-startup", type=int, default=None, metavar="N",
+                   help="time the dataset's start-up instead, on N random latents of the config's domains "
+                        "(--layout, --latent-size), in fresh processes: seconds, peak and shared host memory")
+    p.add_argument("--layout", choices=("packed", "files"), default="packed",
+                   help="with --data-startup: one float16 shard per domain, or one float32 .pt per latent")
+    p.add_argument("--data-root", default=None,
+                   help="with --data-startup: where the latents go (kept, reused when present; default: a "
+                        "temporary folder, deleted)")
+    p.add_argument("--ranks", type=int, default=1, help="with --data-startup: processes starting at once (ranks)")
+    p.add_argument("--cold", action="store_true",
+                   help="with --data-startup: drop the data's files from the page cache first (a cold start)")
+    p.add_argument("--touch", action="store_true",
+                   help="with --data-startup: then read every latent once, as an epoch of CPU training does")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="override a dotted config key, value parsed as YAML (e.g. training.batch_size=16)")
     return p.parse_args(argv)
@@ -609,6 +773,8 @@ def run(args):
         raise InputError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.data_startup is not None:
+        return run_data_startup(args, cfg)
     device = resolve_device(args.device or cfg["training"]["device"], flag="--device")
     configure_backends(device)  # as run.train
     common = {"config": args.config, "overrides": args.overrides}

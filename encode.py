@@ -12,10 +12,16 @@ Images whose shorter side is under --size / 4 are refused (upscaling them would 
 picture), as the app refuses such uploads; what encoding changed (upscaled, grayscale used as RGB,
 transparency dropped) is reported at the end, one line per kind.
 
+With --pack, each output folder instead gets one packed shard: `latents.npy` [N, C, h, w] (float16
+by default, --pack-dtype float32) plus `index.json` naming each row's image, rows in image-name
+order (packing.py; the dataset memory-maps it).
+
 Resumable: outputs that already exist are skipped, and each file is written to a temporary name and
-renamed, so an existing output is always complete. A broken image is named, skipped, and makes the
-exit code 1 once everything else is encoded. Setup errors (missing folder, no images, bad --size,
-VAE that cannot be loaded) exit with code 2 before anything is written.
+renamed, so an existing output is always complete. With --pack, rows already in a folder's shard
+(or written by an interrupted run) are reused by image name and the shard is replaced atomically.
+A broken image is named, skipped, and makes the exit code 1 once everything else is encoded. Setup
+errors (missing folder, no images, bad --size, VAE that cannot be loaded) exit with code 2 before
+anything is written.
 """
 
 import argparse
@@ -30,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from dataset import save_latent
+from packing import PACK_DTYPES, PackWriter, check_names
 from runtime import InputError, resolve_device, run_script
 from vae import (IMAGE_EXTENSIONS, encode_raw, inspect_image, load_image, load_vae, to_model_input,
                  vae_downsample_factor)
@@ -53,7 +60,12 @@ def parse_args(argv=None):
     parser.add_argument("--size", type=int, default=256,
                         help="square image size; must be divisible by the VAE's downsampling factor (8 for SD1.5)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--format", choices=("pt", "npy"), default="pt")
+    parser.add_argument("--format", choices=("pt", "npy"), default=None, help="one file per latent (default pt)")
+    parser.add_argument("--pack", action="store_true",
+                        help="one packed shard per output folder (latents.npy + index.json) instead of one file per "
+                             "image: training starts in seconds on a million latents")
+    parser.add_argument("--pack-dtype", choices=tuple(PACK_DTYPES), default="float16",
+                        help="with --pack: stored precision (float16 rounds each value to float16)")
     parser.add_argument("--sample", action="store_true",
                         help="write a draw from the posterior instead of its mode; the draw for an image "
                              "depends only on --seed and the image's path, not on batching or resuming")
@@ -96,9 +108,10 @@ def sample_generator(seed, rel_stem):
     return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-def save_batch(latents, out_paths):
-    for latent, path in zip(latents, out_paths):
-        save_latent(latent, path)
+def save_files(latents, jobs):
+    """One latent file per job: its output path."""
+    for latent, (_, out_path, _) in zip(latents, jobs):
+        save_latent(latent, out_path)
 
 
 def submit(pool, fn, *args):
@@ -152,12 +165,13 @@ def decoded_batches(jobs, size, batch_size, workers):
             decoder.shutdown(wait=True, cancel_futures=True)
 
 
-def encode_jobs(vae, jobs, args, device):
+def encode_jobs(vae, jobs, args, device, save=save_files, store_dtype=torch.float32):
     """Encode [(image path, output path, rel_stem)] in batches. Returns ([(image path, reason)]
     failures, {note: [image paths]} for images that encoding changed: upscaled, grayscale, alpha).
 
-    Each batch is encoded on the device and moved to the CPU once; its files are written by one
-    background thread while the next batch decodes and encodes.
+    Each batch is encoded on the device and moved to the CPU once; `save(latents, jobs)` writes it
+    in one background thread while the next batch decodes and encodes. A latent that is not finite
+    in `store_dtype` (float16 ends at 65504) is a failure.
     """
     failures, changed = [], {}
     writer = ThreadPoolExecutor(1, thread_name_prefix="write")
@@ -174,12 +188,14 @@ def encode_jobs(vae, jobs, args, device):
                 generator = [sample_generator(args.seed, rel) for _, _, rel in ok] if args.sample else None
                 latents = encode_raw(vae, to_model_input(images).to(device), args.sample, generator)
                 latents = latents.cpu()  # [b, C, h, w] float32: the one host sync per batch
-                finite = torch.isfinite(latents).flatten(1).all(1).tolist()
-                failed += [(job[0], "non-finite latent (try --dtype fp32)") for job, fin in zip(ok, finite) if not fin]
+                finite = torch.isfinite(latents.to(store_dtype)).flatten(1).all(1).tolist()
+                reason = "non-finite latent (try --dtype fp32" + (")" if store_dtype == torch.float32 else
+                                                                   " or --pack-dtype float32)")
+                failed += [(job[0], reason) for job, fin in zip(ok, finite) if not fin]
                 keep = [i for i, fin in enumerate(finite) if fin]
                 if pending_write is not None:
                     pending_write.result()  # surfaces a write error (disk full) and bounds memory
-                pending_write = writer.submit(save_batch, latents[keep], [ok[i][1] for i in keep])
+                pending_write = writer.submit(save, latents[keep], [ok[i] for i in keep])
             for path, reason in failed:
                 tqdm.write(f"encode.py: skipping {path}: {reason}", file=sys.stderr)
             failures += failed
@@ -200,6 +216,41 @@ def report_changes(changed, shown=5):
         print(f"encode.py: {len(paths)} image(s) {note}: {examples}", flush=True)
 
 
+def encode_packed(vae, images, input_dir, output_dir, latent_shape, args, device, mode):
+    """--pack: one shard per output folder, rows in image-name order. Rows already in the folder's
+    shard (of this --pack-dtype) or in an interrupted run's partial file are reused by image name;
+    the rest are encoded. Returns (jobs encoded, failures, {note: [image paths]} as encode_jobs)."""
+    folders = {}
+    for src, rel_stem in images:
+        folders.setdefault(os.path.dirname(rel_stem), []).append(src)
+    writers = {}
+    for rel_folder, sources in folders.items():
+        check_names([os.path.basename(s) for s in sources], os.path.join(input_dir, rel_folder))
+        writers[rel_folder] = PackWriter(os.path.join(output_dir, rel_folder), latent_shape, args.pack_dtype,
+                                         reuse_shard=True)
+    jobs = {f: [(s, None, os.path.join(f, os.path.splitext(os.path.basename(s))[0])) for s in sources
+                if not writers[f].has(os.path.basename(s))] for f, sources in folders.items()}
+    todo = sum(len(j) for j in jobs.values())
+    print(f"{len(images)} images in {input_dir}: {len(images) - todo} already in packed shards under {output_dir} "
+          f"(reused), {todo} to encode -> {latent_shape} {args.pack_dtype} latents.npy per folder ({mode})", flush=True)
+    failures, changed, store_dtype = [], {}, PACK_DTYPES[args.pack_dtype]
+    for rel_folder, sources in sorted(folders.items()):
+        writer = writers[rel_folder]
+
+        def append(latents, done, writer=writer):
+            writer.append(latents, [os.path.basename(src) for src, _, _ in done])
+
+        if jobs[rel_folder]:
+            failed, notes = encode_jobs(vae, jobs[rel_folder], args, device, append, store_dtype)
+            failures += failed
+            for note, paths in notes.items():
+                changed.setdefault(note, []).extend(paths)
+        rows = [os.path.basename(s) for s in sources if writer.has(os.path.basename(s))]
+        if rows:
+            writer.finish(rows)
+    return [job for folder_jobs in jobs.values() for job in folder_jobs], failures, changed
+
+
 def run(args):
     input_dir = os.path.expanduser(args.input)
     output_dir = os.path.expanduser(args.output)
@@ -207,6 +258,9 @@ def run(args):
         raise InputError(f"input folder {input_dir!r} does not exist or is not a folder")
     if args.size <= 0 or args.batch_size <= 0 or args.workers < 0:
         raise InputError("--size and --batch-size must be positive, --workers non-negative")
+    if args.pack and args.format:
+        raise InputError("--format names the files of one latent per image; --pack writes one latents.npy per folder")
+    args.format = args.format or "pt"
     images = find_images(input_dir)
     if not images:
         raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {input_dir!r} or its subfolders")
@@ -225,22 +279,20 @@ def run(args):
         raise InputError(f"--size {args.size} is not divisible by the VAE's downsampling factor {factor} "
                          f"(e.g. use {max(factor, args.size // factor * factor)})")
 
-    jobs, skipped = [], 0
-    for src, rel_stem in images:
-        out_path = os.path.join(output_dir, f"{rel_stem}.{args.format}")
-        if os.path.exists(out_path):
-            skipped += 1
-        else:
-            jobs.append((src, out_path, rel_stem))
-    for folder in sorted({os.path.dirname(out_path) for _, out_path, _ in jobs}):
-        os.makedirs(folder, exist_ok=True)
-
     latent_shape = [vae.config.latent_channels, args.size // factor, args.size // factor]
-    print(f"{len(images)} images in {input_dir}: {skipped} already encoded in {output_dir} (skipped), "
-          f"{len(jobs)} to encode -> {latent_shape} float32 .{args.format} "
-          f"({'posterior sample' if args.sample else 'posterior mode'}, {device}, {args.dtype})", flush=True)
+    mode = f"{'posterior sample' if args.sample else 'posterior mode'}, {device}, {args.dtype}"
     start = time.perf_counter()
-    failures, changed = encode_jobs(vae, jobs, args, device) if jobs else ([], {})
+    if args.pack:
+        jobs, failures, changed = encode_packed(vae, images, input_dir, output_dir, latent_shape, args, device, mode)
+    else:
+        jobs = [(src, os.path.join(output_dir, f"{rel_stem}.{args.format}"), rel_stem) for src, rel_stem in images]
+        jobs = [job for job in jobs if not os.path.exists(job[1])]
+        for folder in sorted({os.path.dirname(out_path) for _, out_path, _ in jobs}):
+            os.makedirs(folder, exist_ok=True)
+        print(f"{len(images)} images in {input_dir}: {len(images) - len(jobs)} already encoded in {output_dir} "
+              f"(skipped), {len(jobs)} to encode -> {latent_shape} float32 .{args.format} ({mode})", flush=True)
+        failures, changed = encode_jobs(vae, jobs, args, device) if jobs else ([], {})
+    skipped = len(images) - len(jobs)
     seconds = time.perf_counter() - start
     encoded = len(jobs) - len(failures)
     print(f"encoded {encoded}, skipped {skipped}, failed {len(failures)} in {seconds:.1f}s "

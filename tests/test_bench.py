@@ -4,6 +4,7 @@ it; no recompiles after warm-up (torch._dynamo counters; slow on the CPU). CUDA 
 inside steady-state train_steps (set_sync_debug_mode)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -138,6 +139,27 @@ def test_main_prints_one_json_line(tmp_path, capsys):
     assert r["batch_size"] == 2 and r["config"] == config and r["overrides"] == ["training.batch_size=2"]
     assert r["peak_tflops"] == 0.5
     assert r["mfu"] == pytest.approx(r["flops_per_step"] / (r["step_ms"] / 1000) / 0.5e12, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_data_startup_lines(tmp_path, capsys):
+    """--data-startup: per-file and packed sets of the same latents, fresh processes (two at once,
+    then reading everything), one JSON line per rank with the figures BENCHMARKS.md reports."""
+    config = write_config(tmp_path)
+    for layout, extra in (("files", []), ("packed", ["--ranks", "2", "--touch"])):
+        root = tmp_path / layout
+        assert bench.main(["--config", config, "--data-startup", "31", "--latent-size", "8", "--layout", layout,
+                           "--data-root", str(root), *extra]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+        assert [r["rank"] for r in lines] == list(range(len(lines))) and len(lines) == (2 if extra else 1)
+        for r in lines:
+            assert r["layout"] == layout and r["latents"] == 31 and r["latent_shape"] == [4, 8, 8]
+            assert 0 < r["startup_s"] and 0 < r["gather_ms"] and r["peak_rss_mb"] >= r["rss_mb"] > 0
+            assert r["rss_mb"] == pytest.approx(r["rss_anon_mb"] + r["rss_file_mb"], abs=1)
+        assert sorted(os.listdir(root)) == ["a", "b", "c"]  # kept: --data-root
+    assert sorted(os.listdir(root / "a")) == ["index.json", "latents.npy"]
+    assert len(os.listdir(tmp_path / "files" / "b")) == 10  # 31 latents: 11, 10, 10
+    assert all(r["touch_all_s"] > 0 and "gather_ms_float16_copy" in r for r in lines)
 
 
 def test_main_rejects_an_unknown_key(tmp_path, capsys):

@@ -240,3 +240,113 @@ def test_images_too_small_to_upscale_are_refused_and_changes_are_reported(vae_di
     assert "encode.py: 1 image(s) upscaled to 32 px: small.png" in out
     assert "encode.py: 1 image(s) grayscale, used as RGB: grey.png" in out
     assert "encode.py: 1 image(s) transparency dropped: alpha.png" in out
+# ---------------------------------------------------------------------- --pack
+
+def load_shard(folder):
+    """(row names, rows [N, 4, h, w] as stored) of a packed folder, read by the dataset's reader."""
+    from dataset import PackedShard
+
+    shard = PackedShard(str(folder))
+    return shard.names, torch.from_numpy(np.array(shard.array))
+
+
+def counting_encodes(monkeypatch):
+    """Counts the images that go through the VAE."""
+    import encode as encode_module
+
+    counted, real = [], encode_module.encode_raw
+
+    def count(vae, images, *args, **kwargs):
+        counted.append(len(images))
+        return real(vae, images, *args, **kwargs)
+
+    monkeypatch.setattr(encode_module, "encode_raw", count)
+    return counted
+
+
+def test_pack_writes_one_shard_per_folder_with_the_per_file_latents(vae_dir, tmp_path):
+    write_images(tmp_path / "in" / "x")
+    write_images(tmp_path / "in" / "x" / "y", {"d_deep": (33, 35, "png")}, seed=1)
+    one = ("--batch-size", "1")  # the same computation per image in both layouts
+    assert encode(tmp_path / "in", tmp_path / "files", vae_dir, *one) == 0
+    assert encode(tmp_path / "in", tmp_path / "f16", vae_dir, "--pack", *one) == 0
+    assert encode(tmp_path / "in", tmp_path / "f32", vae_dir, "--pack", "--pack-dtype", "float32", *one) == 0
+    assert sorted(os.listdir(tmp_path / "f16" / "x")) == ["index.json", "latents.npy", "y"]
+    for sub, stems in (("x", IMAGES), ("x/y", {"d_deep": None})):
+        names, f16 = load_shard(tmp_path / "f16" / sub)
+        _, f32 = load_shard(tmp_path / "f32" / sub)
+        assert names == sorted(n for n in os.listdir(tmp_path / "in" / sub) if "." in n)
+        assert [os.path.splitext(n)[0] for n in names] == sorted(stems)
+        assert f16.dtype == torch.float16 and f32.dtype == torch.float32 and f16.shape[1:] == LATENT_SHAPE
+        for row, name in enumerate(names):
+            per_file = torch.load(tmp_path / "files" / sub / f"{os.path.splitext(name)[0]}.pt", weights_only=True)
+            assert torch.equal(f32[row], per_file) and torch.equal(f16[row], per_file.half()), name
+
+
+def test_pack_reuses_rows_by_name_and_resumes(vae_dir, tmp_path, monkeypatch, capsys):
+    images, out = tmp_path / "in", tmp_path / "out"
+    write_images(images)
+    assert encode(images, out, vae_dir, "--pack") == 0
+    names, rows = load_shard(out)
+    array_bytes = (out / "latents.npy").read_bytes()
+
+    counted = counting_encodes(monkeypatch)
+    assert encode(images, out, vae_dir, "--pack") == 0  # nothing new: nothing encoded or written
+    assert counted == [] and (out / "latents.npy").read_bytes() == array_bytes
+
+    write_images(images, {"b2_new": (36, 36, "png")}, seed=1)  # sorts between b_tall and c_square
+    os.remove(images / "a_wide.png")
+    assert encode(images, out, vae_dir, "--pack") == 0
+    assert counted == [1]
+    new_names, new_rows = load_shard(out)
+    assert new_names == ["b2_new.png", "b_tall.jpg", "c_square.png"]
+    for name in ("b_tall.jpg", "c_square.png"):
+        assert torch.equal(new_rows[new_names.index(name)], rows[names.index(name)])
+
+    # interrupted after the first batch of a fresh folder: the rerun encodes only the rest
+    import packing
+
+    real_append, appended = packing.PackWriter.append, []
+
+    def append_then_stop(writer, latents, batch):
+        if appended:
+            raise KeyboardInterrupt
+        appended.append(batch)
+        real_append(writer, latents, batch)
+
+    monkeypatch.setattr(packing.PackWriter, "append", append_then_stop)
+    counted.clear()
+    with pytest.raises(KeyboardInterrupt):
+        encode(images, tmp_path / "again", vae_dir, "--pack", "--batch-size", "2")
+    assert not os.path.exists(tmp_path / "again" / "latents.npy")
+    monkeypatch.setattr(packing.PackWriter, "append", real_append)
+    counted.clear()
+    assert encode(images, tmp_path / "again", vae_dir, "--pack", "--batch-size", "2") == 0
+    assert counted == [1] and "2 already in packed shards" in capsys.readouterr().out
+    assert load_shard(tmp_path / "again")[0] == new_names
+
+
+def test_pack_leaves_out_broken_images_and_adds_them_once_fixed(vae_dir, tmp_path, monkeypatch, capsys):
+    folder = write_images(tmp_path / "in")
+    with open(os.path.join(folder, "b1_broken.png"), "wb") as f:
+        f.write(b"this is not a png" * 10)
+    assert encode(folder, tmp_path / "out", vae_dir, "--pack") == 1
+    assert os.path.join(folder, "b1_broken.png") in capsys.readouterr().err
+    assert load_shard(tmp_path / "out")[0] == sorted(f"{s}.{e}" for s, (_, _, e) in IMAGES.items())
+    os.remove(os.path.join(folder, "b1_broken.png"))
+    write_images(folder, {"b1_broken": (30, 30, "png")})
+    counted = counting_encodes(monkeypatch)
+    assert encode(folder, tmp_path / "out", vae_dir, "--pack") == 0
+    assert counted == [1] and load_shard(tmp_path / "out")[0][1] == "b1_broken.png"
+
+
+def test_pack_refuses_format_and_values_beyond_float16(image_dir, vae_dir, tmp_path, monkeypatch, capsys):
+    assert encode(image_dir, tmp_path / "out", vae_dir, "--pack", "--format", "npy") == 2
+    assert "--format" in capsys.readouterr().err
+    import encode as encode_module
+
+    real = encode_module.encode_raw
+    monkeypatch.setattr(encode_module, "encode_raw", lambda *a, **k: real(*a, **k) * 1e5)  # beyond 65504
+    assert encode(image_dir, tmp_path / "out", vae_dir, "--pack") == 1
+    assert "--pack-dtype float32" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out" / "latents.npy")

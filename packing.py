@@ -1,0 +1,341 @@
+"""Writing packed latents: a domain folder's latents as one latents.npy [N, 4, H, W] plus index.json
+(the format is described in dataset.py, which reads it). Used by pack.py (per-file folders ->
+packed) and encode.py --pack.
+
+Atomic and resumable. `PackWriter` appends rows, in any order, to a hidden partial file beside the
+shard and logs each row's name once the rows are on disk (fsync), so an interrupted run keeps every
+logged row and a rerun produces only the rest. `finish` puts the rows in name order and commits:
+the old latents.npy is removed, index.json written, the partial renamed to latents.npy. At every
+moment the folder holds a complete shard, a partial that a rerun continues, or (between the first
+and the last step of a commit) an index without its array, which the dataset reports as an
+interrupted pack: never a half-written latents.npy.
+"""
+
+import json
+import math
+import os
+import re
+import struct
+import time
+import uuid
+
+import numpy as np
+import torch
+
+from dataset import (LATENT_SUFFIXES, MAX_LISTED, MIN_LATENT_SIZE, PACKED_ARRAY, PACKED_INDEX, PACKED_VERSION,
+                     PackedShard, bad_name, first_lines, is_packed, list_latent_files, load_latent_file)
+from runtime import InputError, atomic_write
+
+PACK_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+HEADER_BYTES = 128  # the .npy header slot at the front of a partial file, filled in when it is committed
+PARTIAL_LOG = ".latents.partial.json"  # line 1: {"data": partial file, dtype, shape}; then one JSON name per row
+PARTIAL_DATA = re.compile(r"\.latents\.[0-9a-f]{12}\.partial")  # the partial files a writer names
+COPY_CHUNK_BYTES = 64 * 2**20
+CONVERT_ROWS = 1024  # latent files read per commit by pack_domain
+
+
+def npy_header(shape, dtype):
+    """A .npy format 1.0 header of exactly HEADER_BYTES for a C-order array: magic string, version,
+    little-endian uint16 header length, the header dict padded with spaces and a newline (numpy's
+    format specification, NEP 1), so it fills the slot a partial file keeps in front of its rows."""
+    text = repr({"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                 "shape": tuple(shape)}).encode("latin1")
+    padding = HEADER_BYTES - 10 - len(text) - 1
+    if padding < 0:
+        raise ValueError(f"a .npy header for shape {tuple(shape)} does not fit in {HEADER_BYTES} bytes")
+    return np.lib.format.magic(1, 0) + struct.pack("<H", HEADER_BYTES - 10) + text + b" " * padding + b"\n"
+
+
+def fsync_folder(folder):
+    """Make renames and removals in `folder` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_names(names, where):
+    """Row names must be plain file names (they name rows in errors): InputError listing the bad ones."""
+    bad = [f"{n!r} is {why}" for n in names if (why := bad_name(n))]
+    if bad:
+        raise InputError(f"{where}: {len(bad)} name(s) cannot name a packed row:\n  " +
+                         "\n  ".join(first_lines(bad[:MAX_LISTED], len(bad))))
+
+
+class PackWriter:
+    """Writes one packed domain folder, `folder`/latents.npy + index.json, resumably.
+
+    `has(name)`: a row for `name` is already written (by this run or an interrupted one, or, with
+    `reuse_shard`, in the folder's existing shard). `append(latents, names)` adds rows durably;
+    `finish(order)` commits the shard with its rows in `order`.
+    """
+
+    def __init__(self, folder, shape, dtype="float16", reuse_shard=False, log=print):
+        if dtype not in PACK_DTYPES:
+            raise InputError(f"packed dtype must be one of {', '.join(PACK_DTYPES)}, got {dtype!r}")
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 3 or min(shape[1:]) < MIN_LATENT_SIZE:
+            raise InputError(f"cannot pack latents of shape {list(shape)} into {folder}: expected [4, H, W] "
+                             f"with H, W >= {MIN_LATENT_SIZE}")
+        self.folder, self.shape, self.log = folder, shape, log
+        self.dtype = PACK_DTYPES[dtype]
+        self.np_dtype = np.dtype(np.float16 if self.dtype == torch.float16 else np.float32)
+        self.row_bytes = self.np_dtype.itemsize * math.prod(shape)
+        self.log_path = os.path.join(folder, PARTIAL_LOG)
+        self.array_path = os.path.join(folder, PACKED_ARRAY)
+        os.makedirs(folder, exist_ok=True)
+        others = sorted(n for n in os.listdir(folder) if n.endswith(LATENT_SUFFIXES) and n != PACKED_ARRAY)
+        if others:
+            raise InputError(f"{folder} holds {len(others)} latent file(s) ({', '.join(others[:3])}"
+                             f"{', ...' if len(others) > 3 else ''}); a packed folder holds only {PACKED_ARRAY} and "
+                             f"{PACKED_INDEX}: pack into another folder")
+        self.shard = self._open_shard()
+        self.reuse_shard = reuse_shard and self.shard is not None and self.shard.array.dtype == self.np_dtype
+        self.data_path, self.names = self._resume()
+        self._partial_row = {n: i for i, n in enumerate(self.names)}
+        self._shard_row = {n: i for i, n in enumerate(self.shard.names)} if self.reuse_shard else {}
+
+    # state on disk
+
+    def _open_shard(self):
+        """The folder's complete shard of this latent shape, or None (absent, mid-commit, unreadable)."""
+        try:
+            shard = PackedShard(self.folder)
+        except InputError:
+            return None
+        return shard if shard.shape == self.shape else None
+
+    def _resume(self):
+        """(partial data file, names of its committed rows) of an interrupted run, or (None, []);
+        removes partial files that no log refers to."""
+        data_path, names = None, []
+        try:
+            with open(self.log_path, "rb") as f:
+                lines = f.read().split(b"\n")
+            head = json.loads(lines[0])
+            if (head.get("version") == PACKED_VERSION and PARTIAL_DATA.fullmatch(str(head.get("data")))
+                    and head.get("dtype") == self.np_dtype.str and head.get("shape") == list(self.shape)):
+                data_path = os.path.join(self.folder, head["data"])
+                names = [json.loads(line) for line in lines[1:-1]]  # the last piece is "" or a torn line
+                rows_on_disk = (os.path.getsize(data_path) - HEADER_BYTES) // self.row_bytes
+                names = names[:max(rows_on_disk, 0)]  # rows are synced before their names: only a lost disk differs
+            else:
+                self.log(f"{self.folder}: an interrupted pack of another dtype or latent shape is discarded")
+        except FileNotFoundError:  # no log, or its data file is gone (renamed by a commit that then stopped)
+            data_path, names = None, []
+        except (ValueError, AttributeError, IndexError) as e:
+            self.log(f"{self.folder}: the log of an interrupted pack is unreadable ({e}); starting over")
+            data_path, names = None, []
+        for name in os.listdir(self.folder):
+            if PARTIAL_DATA.fullmatch(name) and os.path.join(self.folder, name) != data_path:
+                os.remove(os.path.join(self.folder, name))
+        if data_path is None:
+            if os.path.exists(self.log_path):
+                os.remove(self.log_path)
+            return None, []
+        self._write_log(data_path, names)  # drops a torn last line: appends start on a line of their own
+        with open(data_path, "r+b") as f:
+            f.truncate(HEADER_BYTES + len(names) * self.row_bytes)  # rows written after the last logged name go
+        if names:
+            self.log(f"{self.folder}: resuming an interrupted pack: {len(names)} row(s) already written")
+        return data_path, names
+
+    def _new_partial(self):
+        """A fresh partial file (header slot only) and its log."""
+        data_path = os.path.join(self.folder, f".latents.{uuid.uuid4().hex[:12]}.partial")
+        with open(data_path, "wb") as f:
+            f.write(b"\0" * HEADER_BYTES)
+        self._write_log(data_path, [])
+        return data_path
+
+    def _write_log(self, data_path, names):
+        head = {"version": PACKED_VERSION, "data": os.path.basename(data_path), "dtype": self.np_dtype.str,
+                "shape": list(self.shape)}
+        text = "".join(json.dumps(line) + "\n" for line in [head, *names])
+        atomic_write(self.log_path, lambda f: f.write(text.encode()), fsync=True)
+
+    # rows
+
+    def has(self, name):
+        return name in self._partial_row or name in self._shard_row
+
+    def append(self, latents, names):
+        """Rows [k, 4, H, W] (cast to the packed dtype) for `names`, durably: rows first, then names."""
+        latents = latents.detach().cpu().to(self.dtype).contiguous()  # [k, 4, H, W]
+        if tuple(latents.shape[1:]) != self.shape or len(latents) != len(names):
+            raise ValueError(f"expected {len(names)} latents of shape {list(self.shape)}, got {list(latents.shape)}")
+        again = [n for n in names if n in self._partial_row]
+        if again or len(set(names)) != len(names):
+            raise ValueError(f"rows written twice: {again or names}")
+        if self.data_path is None:
+            self.data_path = self._new_partial()
+        with open(self.data_path, "r+b") as f:
+            f.seek(HEADER_BYTES + len(self.names) * self.row_bytes)
+            f.write(latents.numpy().tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        with open(self.log_path, "ab") as f:
+            f.write("".join(json.dumps(n) + "\n" for n in names).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        for n in names:
+            self._partial_row[n] = len(self.names)
+            self.names.append(n)
+
+    def up_to_date(self, order):
+        """The folder's shard already holds exactly `order`, in this dtype, and nothing is pending."""
+        return (self.shard is not None and not self.names and self.shard.names == list(order)
+                and self.shard.array.dtype == self.np_dtype)
+
+    def finish(self, order):
+        """Commit latents.npy with one row per name of `order` (each must be `has`), and index.json.
+        Returns the number of rows, or 0 when the shard already held exactly these rows."""
+        order = list(order)
+        if self.up_to_date(order):
+            self._discard_partial()
+            return 0
+        missing = [n for n in order if not self.has(n)]
+        if missing or not order:
+            raise ValueError(f"cannot finish {self.folder}: no row for {missing[:5]}" if missing else
+                             f"cannot finish {self.folder}: no rows")
+        if self.names != order:
+            self._rewrite(order)  # a merge with reused rows, or rows that came out of name order
+        with open(self.data_path, "r+b") as f:
+            f.write(npy_header((len(order), *self.shape), self.np_dtype))
+            f.flush()
+            os.fsync(f.fileno())
+        self.shard = None  # its map may be a source no more: it is removed now
+        if os.path.exists(self.array_path):
+            os.remove(self.array_path)  # from here to the rename, the folder reads as an interrupted pack
+        index = json.dumps({"version": PACKED_VERSION, "names": order})
+        atomic_write(os.path.join(self.folder, PACKED_INDEX), lambda f: f.write(index.encode()), fsync=True)
+        os.replace(self.data_path, self.array_path)
+        os.remove(self.log_path)
+        fsync_folder(self.folder)
+        return len(order)
+
+    def _discard_partial(self):
+        for path in (self.log_path, self.data_path):
+            if path and os.path.exists(path):
+                os.remove(path)
+
+    def _rewrite(self, order):
+        """Copy the rows into a new partial file in `order` (from this partial and the reused shard,
+        cast to the packed dtype), then switch the log to it: the switch is one atomic rename."""
+        sources = [np.memmap(self.data_path, self.np_dtype, "r", HEADER_BYTES, (len(self.names), *self.shape))
+                   if self.names else None, self.shard.array if self.reuse_shard else None]
+        where = [(0, self._partial_row[n]) if n in self._partial_row else (1, self._shard_row[n]) for n in order]
+        source, row = (np.array(column, dtype=np.int64) for column in zip(*where))
+        new_path = os.path.join(self.folder, f".latents.{uuid.uuid4().hex[:12]}.partial")
+        chunk = max(1, COPY_CHUNK_BYTES // self.row_bytes)
+        with open(new_path, "wb") as f:
+            f.write(b"\0" * HEADER_BYTES)
+            for start in range(0, len(order), chunk):
+                block = np.empty((min(chunk, len(order) - start), *self.shape), self.np_dtype)  # [k, 4, H, W]
+                for s, array in enumerate(sources):
+                    pick = np.flatnonzero(source[start:start + len(block)] == s)
+                    if len(pick):
+                        block[pick] = array[row[start + pick]]
+                f.write(block.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        old_path = self.data_path
+        self._write_log(new_path, order)
+        if old_path is not None:
+            os.remove(old_path)
+        self.data_path, self.names = new_path, order
+        self._partial_row = {n: i for i, n in enumerate(order)}
+
+
+def cast_rows(latents, dtype):
+    """Latents [k, 4, H, W] (any float dtype) -> (the packed dtype's rows [k, 4, H, W], [k] bool:
+    finite after the cast; float16 turns |values| above 65504 into inf)."""
+    packed = latents.float().to(PACK_DTYPES[dtype])
+    return packed, torch.isfinite(packed).flatten(1).all(dim=1)
+
+
+def pack_domain(src_folder, dst_folder, dtype="float16", log=print):
+    """One per-file domain folder -> a packed one, rows in the folder's file order (the order the
+    dataset reads it in). Every latent file is checked as the dataset would (readable, one shape,
+    finite, in float16 too); any bad file stops the domain after all are named, keeping the rows
+    before it for the rerun. Returns the number of rows written (0: already packed)."""
+    start = time.perf_counter()
+    if is_packed(src_folder):
+        raise InputError(f"{src_folder} is packed already ({PACKED_ARRAY} + {PACKED_INDEX})")
+    files = list_latent_files(src_folder)
+    names = [os.path.basename(p) for p in files]
+    check_names(names, src_folder)
+    shape, problems = None, []
+    for path in files:  # the first readable file sets the shape; the loop below names every bad one
+        try:
+            shape = tuple(load_latent_file(path).shape)
+            break
+        except InputError as e:
+            problems.append(str(e))
+    if shape is None:
+        raise InputError(f"{src_folder}: none of its {len(files)} latent files is readable:\n  "
+                         + "\n  ".join(first_lines(problems[:MAX_LISTED], len(problems))))
+    writer = PackWriter(dst_folder, shape, dtype, log=log)
+    if writer.up_to_date(names):
+        writer.finish(names)  # removes what an interrupted commit left
+        log(f"{dst_folder}: already packed ({len(names)} latents, {dtype}); skipped")
+        return 0
+    todo = [(n, p) for n, p in zip(names, files) if not writer.has(n)]
+    bad = []
+    for first in range(0, len(todo), CONVERT_ROWS):
+        batch, rows = [], []
+        for name, path in todo[first:first + CONVERT_ROWS]:
+            try:
+                latent = load_latent_file(path)  # [4, H, W]
+            except InputError as e:
+                bad.append(str(e))
+                continue
+            if tuple(latent.shape) != shape:
+                bad.append(f"{path} has shape {list(latent.shape)}; expected {list(shape)} like {files[0]}")
+                continue
+            batch.append(name)
+            rows.append(latent)
+        if not rows:
+            continue
+        packed, finite = cast_rows(torch.stack([r.float() for r in rows]), dtype)  # [k, 4, H, W], [k]
+        for name, ok, latent in zip(batch, finite.tolist(), rows):
+            if not ok:
+                beyond = dtype == "float16" and bool(torch.isfinite(latent.float()).all())
+                bad.append(f"{os.path.join(src_folder, name)} holds "
+                           + ("values beyond float16's range (|value| > 65504): pack with --dtype float32"
+                              if beyond else "a non-finite value (NaN or +-inf); expected finite raw latents"))
+        if not bad:  # rows go in while every file so far is good: the partial stays in name order
+            writer.append(packed, batch)
+    if bad:
+        raise InputError(f"{src_folder}: {len(bad)} bad latent file(s); nothing was packed for this domain "
+                         f"({len(writer.names)} row(s) before the first are kept: fix or remove the files and rerun):"
+                         f"\n  " + "\n  ".join(first_lines(bad[:MAX_LISTED], len(bad))))
+    rows = writer.finish(names)
+    megabytes = rows * writer.row_bytes / 2**20
+    log(f"{dst_folder}: {rows} latents {list(shape)} {dtype} in {os.path.join(dst_folder, PACKED_ARRAY)} "
+        f"({megabytes:.1f} MB, {time.perf_counter() - start:.1f}s)")
+    return rows
+
+
+def pack_folders(src_root, dst_root, domains=None, dtype="float16", log=print):
+    """Every domain folder of `src_root` (or those named) -> packed under `dst_root`/<domain>/.
+    Returns {domain: rows written}."""
+    src_root, dst_root = os.path.abspath(os.path.expanduser(src_root)), os.path.abspath(os.path.expanduser(dst_root))
+    if not os.path.isdir(src_root):
+        raise InputError(f"{src_root} is not a folder (expected one folder per domain of latent files)")
+    if os.path.realpath(src_root) == os.path.realpath(dst_root):
+        raise InputError(f"the packed copy must go to another folder than {src_root}: a domain folder holds "
+                         f"one layout")
+    if domains is None:
+        domains = sorted(d for d in os.listdir(src_root) if not d.startswith(".")
+                         and os.path.isdir(os.path.join(src_root, d)))
+        if not domains:
+            raise InputError(f"{src_root} has no domain folders")
+    bad = [d for d in domains if bad_name(d)]
+    if bad:
+        raise InputError(f"domain names must be single folder names, got {bad}")
+    return {d: pack_domain(os.path.join(src_root, d), os.path.join(dst_root, d), dtype, log) for d in domains}
