@@ -21,6 +21,7 @@ import math
 import mmap
 import os
 import re
+import sys
 import warnings
 
 import numpy as np
@@ -38,6 +39,7 @@ LATENT_SUFFIXES = (".pt", ".npy")
 # it drives activations and gradients to inf and every step that draws it is skipped.
 OUTLIER_LIMIT = 1e3
 MAX_LISTED = 100  # files (or packed rows) named in one error; the count says how many in all
+PROGRESS_FILES = 2000  # loading more files than this shows a progress bar (a per-file folder loads ~3k/s)
 
 
 def _mb(nbytes):
@@ -231,7 +233,7 @@ class MultiDomainLatentDataset(Dataset):
     """
 
     def __init__(self, root, domains, preload_to_gpu=True, device="cuda", samples_per_epoch=None,
-                 seed=0, hflip=False, preload_max_fraction=0.5, reject_outliers=True, log=print):
+                 seed=0, hflip=False, preload_max_fraction=0.5, reject_outliers=True, log=print, progress=True):
         domains = [domains] if isinstance(domains, str) else list(domains)
         if len(domains) < 2 or len(set(domains)) != len(domains):
             raise InputError(f"data.domains must name at least 2 distinct domains (the target domain "
@@ -252,7 +254,7 @@ class MultiDomainLatentDataset(Dataset):
         if self.shards is None:
             self.files = [list_latent_files(os.path.join(self.root, d)) for d in domains]
             self.counts = [len(f) for f in self.files]
-            self.data = self._load_all()  # [N_total, 4, H, W] float32, CPU
+            self.data = self._load_all(progress)  # [N_total, 4, H, W] float32, CPU
             self._check_outliers(reject_outliers, log)
             self.shape = tuple(self.data.shape[1:])
             self.data = self._maybe_preload(self.data, preload_to_gpu, torch.device(device), preload_max_fraction, log)
@@ -285,14 +287,20 @@ class MultiDomainLatentDataset(Dataset):
 
     # loading
 
-    def _load_all(self):
+    def _load_all(self, progress=True):
         """Read every file once into one preallocated tensor: no list of tensors, no stack copy.
         Every unreadable file, and every file whose shape differs from most files', is named in one
-        error, so one run finds them all."""
+        error, so one run finds them all. Many files (100k take tens of seconds) show a progress bar."""
+        from tqdm import tqdm
+
         data, shape, row = None, None, 0
         problems, odd_shapes = [], []  # (path, message) / (path, shape)
+        total = sum(self.counts)
+        bar = tqdm(total=total, desc="loading latents", unit="file", dynamic_ncols=True, leave=False,
+                   disable=not progress or total < PROGRESS_FILES, file=sys.stderr, mininterval=1.0)
         for paths in self.files:
             for path in paths:
+                bar.update(1)
                 try:
                     latent = load_latent_file(path)  # [4, H, W]
                 except InputError as err:
@@ -306,6 +314,7 @@ class MultiDomainLatentDataset(Dataset):
                     continue
                 data[row].copy_(latent)  # casts float16/bfloat16/float64 to float32
                 row += 1
+        bar.close()
         if odd_shapes:  # the majority shape is the expected one
             counts = {tuple(shape): row}
             for _, s in odd_shapes:

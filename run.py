@@ -155,7 +155,7 @@ def build(cfg, ckpt, dist, device, log):
     dataset = MultiDomainLatentDataset(d["root"], d["domains"], preload_to_gpu=d["preload_to_gpu"], device=device,
                                        samples_per_epoch=d["samples_per_epoch"], seed=cfg["seed"], hflip=d["hflip"],
                                        preload_max_fraction=d["preload_max_fraction"],
-                                       reject_outliers=d["reject_outliers"], log=log)
+                                       reject_outliers=d["reject_outliers"], log=log, progress=dist.is_main)
     models = build_models(**model_kwargs(cfg))
     log("parameters: " + ", ".join(f"{k} {count_parameters(m) / 1e6:.2f}M" for k, m in models.items()))
     trainer = Trainer(cfg, models, device, dist=dist, log=log)
