@@ -44,7 +44,7 @@ from PIL import Image
 from dataset import list_latent_files, read_latent
 from inference import (domain_index, latent_styles, load_networks, open_vae_for, reference_styles,
                        training_latent_size, translate_pairs)
-from runtime import InputError, check_psi, check_seed, configure_backends, resolve_device, run_script
+from runtime import InputError, check_psi, check_seed, configure_backends, resolve_device, script_main
 from sampling import (FPS, FRAMES_PER_TRANSITION, default_hold, frame_styles, interpolation_schedule, video_frames,
                       write_video)
 from vae import (MAX_IMAGE_PIXELS, encode_raw, inspect_image, load_image, to_model_input, to_rgb, to_uint8,
@@ -672,11 +672,7 @@ def stop_on_sigterm():
 def main(argv=None):
     """Exit codes: 0 after the server stops (Ctrl-C, SIGTERM), 2 for bad arguments, checkpoint, VAE
     or an address that cannot be served."""
-    try:
-        args = parse_args(argv)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 2
-    return run_script("app.py", serve, args, errors=(InputError, OSError))
+    return script_main("app.py", parse_args, serve, argv, errors=(InputError, OSError))
 
 
 def check_address(host, port):

@@ -30,7 +30,7 @@ from inference import networks_from_checkpoint
 from display import WorkProgress
 from metrics import Evaluator, format_table, parse_metrics
 from runtime import (InputError, atomic_write, check_seed, check_writable_folder, load_checkpoint, remove_if_empty,
-                     resolve_device, run_script)
+                     resolve_device, script_main)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -165,12 +165,9 @@ def evaluate(args, ckpt, cfg, nets, device, out):
 
 
 def main(argv=None):
-    """Exit codes: 0 done, 2 bad arguments, checkpoint, data or weights (message on stderr)."""
-    try:
-        args = parse_args(argv)
-    except SystemExit as e:  # argparse: usage errors (2) and --help (0)
-        return e.code if isinstance(e.code, int) else 2
-    return run_script("evaluate.py", run, args)
+    """Exit codes: 0 done, 2 bad arguments, checkpoint, data or weights (message on stderr), 1 a
+    failed write, 130 Ctrl-C."""
+    return script_main("evaluate.py", parse_args, run, argv)
 
 
 if __name__ == "__main__":

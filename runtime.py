@@ -67,6 +67,16 @@ def run_script(prog, run, *args, errors=BAD_INPUT):
         return 128 + signal.SIGINT
 
 
+def script_main(prog, parse_args, run, argv=None, errors=BAD_INPUT):
+    """A script's main(argv): argparse's own exits (usage errors 2, --help 0) become the return code,
+    as everything else does through `run_script`, so callers and tests always get a code."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    return run_script(prog, run, args, errors=errors)
+
+
 # ---------------------------------------------------------------------- argument checks
 
 SEED_LIMIT = 2 ** 63  # torch.Generator.manual_seed takes a signed 64-bit seed

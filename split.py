@@ -19,7 +19,7 @@ import shutil
 import sys
 
 from dataset import list_latent_files, split_names
-from runtime import InputError, check_writable_folder, path_component_problem, run_script
+from runtime import InputError, check_writable_folder, path_component_problem, script_main
 
 
 def parse_args(argv=None):
@@ -99,11 +99,8 @@ def run(args):
 
 
 def main(argv=None):
-    try:
-        args = parse_args(argv)
-    except SystemExit as e:  # argparse: usage errors (2) and --help (0)
-        return e.code if isinstance(e.code, int) else 2
-    return run_script("split.py", run, args)
+    """Exit codes: 0 done, 2 bad input (nothing written), 130 Ctrl-C."""
+    return script_main("split.py", parse_args, run, argv)
 
 
 if __name__ == "__main__":

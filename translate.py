@@ -39,7 +39,7 @@ from dataset import LATENT_SUFFIXES, read_latent
 from inference import (DEFAULT_LATENT_SIZE, MEAN_STYLE_SAMPLES, domain_index, latent_styles, load_networks,
                        open_vae_for, reference_styles, training_latent_size, translate_pairs)
 from runtime import (InputError, atomic_write, check_psi, check_seed, check_writable_folder, remove_if_empty,
-                     resolve_device, run_script)
+                     resolve_device, script_main)
 from sampling import (FPS, FRAMES_PER_TRANSITION, HOLD_FRAMES, check_video_path, default_hold, grid_cells,
                       interpolation_schedule, num_frames, reference_grid, video_frames, write_video)
 from vae import (IMAGE_EXTENSIONS, encode_raw, inspect_image, load_image, save_image_grid, to_model_input, to_rgb,
@@ -429,12 +429,9 @@ def video_file(args, cfg, nets, vae, sources, refs, domain_ids):
 
 
 def main(argv=None):
-    """Exit codes: 0 done, 2 bad arguments, checkpoint or inputs (message on stderr)."""
-    try:
-        args = parse_args(argv)
-    except SystemExit as e:  # argparse: usage errors (2) and --help (0)
-        return e.code if isinstance(e.code, int) else 2
-    return run_script("translate.py", run, args, errors=(InputError, OSError))  # OSError: an unwritable --output
+    """Exit codes: 0 done, 2 bad arguments, checkpoint or inputs (message on stderr; OSError: an
+    unwritable --output), 1 a failed write, 130 Ctrl-C."""
+    return script_main("translate.py", parse_args, run, argv, errors=(InputError, OSError))
 
 
 if __name__ == "__main__":
