@@ -685,6 +685,7 @@ def check_address(host, port):
         raise InputError(f"--host {host!r} is not a name or address this machine can resolve "
                          f"({getattr(e, 'strerror', None) or e})") from None
     with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server: TIME_WAIT is no conflict
         try:
             probe.bind(address)
         except OSError as e:
@@ -706,7 +707,12 @@ def serve(args):
     check_address(args.host, args.port)
     translator = Translator(args.checkpoint, args.vae, args.vae_subfolder, args.device,
                             log=lambda line: print(f"app.py: {line}", file=sys.stderr))
-    output_root = tempfile.mkdtemp(prefix="latent-stargan-app-")
+    base = tempfile.mkdtemp(prefix="latent-stargan-app-")
+    output_root = os.path.join(base, "outputs")
+    # uploads (and Gradio's copies of our outputs) in a folder of this server's own, unless the user
+    # chose one: Gradio's default, /tmp/gradio, is shared by every Gradio app of the machine, and
+    # images are accepted from the upload folder only
+    os.environ.setdefault("GRADIO_TEMP_DIR", os.path.join(base, "gradio"))
     print(f"loaded {args.checkpoint} on {translator.device_label}; "
           f"{'VAE decodes' if translator.vae is not None else 'no VAE: linear latent preview'}; "
           f"{len(translator.examples)} latent(s) from the data")
@@ -721,7 +727,7 @@ def serve(args):
         raise InputError(f"cannot serve: {message.replace('server_name', '--host')}") from None
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-        shutil.rmtree(output_root, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
     return 0
 
 

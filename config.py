@@ -132,6 +132,7 @@ UPPER_BOUNDS = {
     "data.samples_per_epoch": 10 ** 8,  # the epoch's index table is ~40 bytes per sample
     "data.synthetic_files_per_domain": 100_000,
     "training.epochs": 10 ** 7, "training.batch_size": 65_536, "training.num_workers": 1024,
+    "training.latent_scale": 100.0,  # SD1.5 0.18215, SDXL 0.13025, SD3 1.5305: raw x scale must stay a number
     "evaluation.num_sources": 1_000_000, "evaluation.num_outs": 1000,
 }
 MAX_DOMAINS = 1024
@@ -310,7 +311,11 @@ def to_float(key, value):
         except ValueError:
             raise InputError(f"config key {key!r} must be a number, got {value!r}") from None
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond any float
+            raise InputError(f"config key {key!r} must be a finite number, got an integer of {len(str(value))} "
+                             "digits") from None
     else:
         raise InputError(f"config key {key!r} must be a number, got {value!r}")
     if not math.isfinite(number):

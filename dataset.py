@@ -39,6 +39,7 @@ LATENT_SUFFIXES = (".pt", ".npy")
 # it drives activations and gradients to inf and every step that draws it is skipped.
 OUTLIER_LIMIT = 1e3
 MAX_LISTED = 100  # files (or packed rows) named in one error; the count says how many in all
+SHAPE_VOTE = 64  # the first files whose most common shape sizes the data tensor
 PROGRESS_FILES = 2000  # loading more files than this shows a progress bar (a per-file folder loads ~3k/s)
 
 
@@ -290,41 +291,38 @@ class MultiDomainLatentDataset(Dataset):
     def _load_all(self, progress=True):
         """Read every file once into one preallocated tensor: no list of tensors, no stack copy.
         Every unreadable file, and every file whose shape differs from most files', is named in one
-        error, so one run finds them all. Many files (100k take tens of seconds) show a progress bar."""
+        error, so one run finds them all. The tensor's shape is the one most of the first SHAPE_VOTE
+        files share (a stray huge file first must not decide it). Many files (100k take tens of
+        seconds) show a progress bar."""
         from tqdm import tqdm
 
-        data, shape, row = None, None, 0
-        problems, odd_shapes = [], []  # (path, message) / (path, shape)
-        total = sum(self.counts)
-        bar = tqdm(total=total, desc="loading latents", unit="file", dynamic_ncols=True, leave=False,
-                   disable=not progress or total < PROGRESS_FILES, file=sys.stderr, mininterval=1.0)
-        for paths in self.files:
-            for path in paths:
-                bar.update(1)
-                try:
-                    latent = load_latent_file(path)  # [4, H, W]
-                except InputError as err:
-                    problems.append(str(err))
+        flat = [p for paths in self.files for p in paths]
+        shapes, problems, head = {}, [], []  # path -> shape of every readable file; messages; buffered first files
+        data, row = None, 0
+        bar = tqdm(total=len(flat), desc="loading latents", unit="file", dynamic_ncols=True, leave=False,
+                   disable=not progress or len(flat) < PROGRESS_FILES, file=sys.stderr, mininterval=1.0)
+        for k, path in enumerate(flat):
+            bar.update(1)
+            try:
+                latent = load_latent_file(path)  # [4, H, W]
+            except InputError as err:
+                problems.append(str(err))
+                continue
+            shapes[path] = tuple(latent.shape)
+            if data is None:
+                head.append(latent)
+                if len(head) < SHAPE_VOTE and k < len(flat) - 1:
                     continue
-                if data is None:
-                    shape = latent.shape
-                    data = torch.empty(sum(self.counts), *shape, dtype=torch.float32)
-                if latent.shape != shape:
-                    odd_shapes.append((path, tuple(latent.shape)))
-                    continue
-                data[row].copy_(latent)  # casts float16/bfloat16/float64 to float32
-                row += 1
+                data = self._allocate(len(flat), head)
+                latents, head = head, []
+            else:
+                latents = [latent]
+            for latent in latents:
+                if tuple(latent.shape) == tuple(data.shape[1:]):
+                    data[row].copy_(latent)  # casts float16/bfloat16/float64 to float32
+                    row += 1
         bar.close()
-        if odd_shapes:  # the majority shape is the expected one
-            counts = {tuple(shape): row}
-            for _, s in odd_shapes:
-                counts[s] = counts.get(s, 0) + 1
-            majority = max(counts, key=counts.get)
-            odd_shapes = [(p, s) for p, s in odd_shapes if s != majority]
-            if majority != tuple(shape):
-                odd_shapes += [(p, tuple(shape)) for p in self._files_of_shape(tuple(shape))]
-            problems += [f"{p} has shape {list(s)}; expected {list(majority)} like {counts[majority]} other "
-                         "file(s) (every file of every domain must share one shape)" for p, s in odd_shapes]
+        problems += self._odd_shapes(shapes)
         if problems:
             raise InputError(f"{len(problems)} latent file(s) under {self.root} cannot be used:\n  {listed(problems)}")
         # min and max propagate NaN and are +-inf only if some value is: one cheap pass over all
@@ -332,14 +330,34 @@ class MultiDomainLatentDataset(Dataset):
         low, high = torch.aminmax(data)
         if not (torch.isfinite(low) and torch.isfinite(high)):
             rows = (~torch.isfinite(data).flatten(1).all(dim=1)).nonzero().flatten().tolist()
-            flat = [p for paths in self.files for p in paths]
             raise InputError(f"{len(rows)} latent file(s) hold a non-finite value (NaN or +-inf, possibly after the "
                              f"cast to float32); expected finite raw latents:\n  {listed(flat[r] for r in rows)}")
         return data
 
-    def _files_of_shape(self, shape):
-        """Paths of the files of `shape` (only when reporting: reads the headers again)."""
-        return [p for paths in self.files for p in paths if tuple(load_latent_file(p).shape) == shape]
+    def _allocate(self, count, first):
+        """float32 [count, 4, H, W] of the shape most of the `first` latents share; InputError when
+        the machine cannot hold it."""
+        votes = {}
+        for latent in first:
+            votes[tuple(latent.shape)] = votes.get(tuple(latent.shape), 0) + 1
+        shape = max(votes, key=votes.get)
+        try:
+            return torch.empty(count, *shape, dtype=torch.float32)
+        except RuntimeError:  # the allocator's "can't allocate memory"
+            raise InputError(f"{count} latents of shape {list(shape)} under {self.root} need "
+                             f"{_mb(count * math.prod(shape) * 4)} of float32 in memory, more than this machine "
+                             "can give: use fewer or smaller latents, or packed latents (pack.py)") from None
+
+    def _odd_shapes(self, shapes):
+        """Messages for the files whose shape is not the one most readable files share."""
+        votes = {}
+        for s in shapes.values():
+            votes[s] = votes.get(s, 0) + 1
+        if len(votes) < 2:
+            return []
+        majority = max(votes, key=votes.get)
+        return [f"{p} has shape {list(s)}; expected {list(majority)} like {votes[majority]} other file(s) (every file "
+                "of every domain must share one shape)" for p, s in shapes.items() if s != majority]
 
     def _check_outliers(self, reject, log):
         """Name every file whose max |value| exceeds OUTLIER_LIMIT: an error when `reject`, else a

@@ -142,7 +142,8 @@ def evaluate(args, ckpt, cfg, nets, device, out):
     evaluator = Evaluator.load(vae_path, subfolder, args.inception_weights or e["inception_weights"],
                                args.lpips_weights or e["lpips_weights"], device, amp_dtype=dtype,
                                batch_size=args.batch_size, metrics=args.metrics,
-                               cache_dir=None if args.no_cache else os.path.join(os.path.dirname(out), "eval_cache"))
+                               cache_dir=None if args.no_cache else os.path.join(
+                                   os.path.dirname(os.path.abspath(args.checkpoint)), "eval_cache"))  # training's too
     n_src = sum(len(v) if args.max_sources is None else min(len(v), args.max_sources) for v in sources.values())
     print(f"evaluating {args.checkpoint} (epoch {ckpt['epoch']}, step {ckpt['step']}) on {device}: "
           f"{', '.join(args.metrics)}, {len(domains) * (len(domains) - 1)} tasks x 2 modes, {n_src} sources x "

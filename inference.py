@@ -126,7 +126,17 @@ def translate_pairs(generator, sources_raw, styles, latent_scale, batch_size=16,
     for chunk in pairs.split(batch_size):
         x = sources_raw[chunk // num_styles].to(device).float() * latent_scale  # [b, 4, h, w] scaled
         fake = generator(x, styles[(chunk % num_styles).to(styles.device)])  # [b, 4, h, w] scaled
-        yield chunk, (fake.float() / latent_scale).cpu()
+        yield chunk, check_finite_outputs((fake.float() / latent_scale).cpu())
+
+
+def check_finite_outputs(raw):
+    """`raw` translations, or InputError when any is NaN or infinite: finite weights can still
+    overflow (a diverged or tampered model), and a NaN latent must never be written as a result."""
+    bad = int((~torch.isfinite(raw.flatten(1)).all(dim=1)).sum())
+    if bad:
+        raise InputError(f"the checkpoint's networks give non-finite outputs (NaN or inf) for {bad} of {len(raw)} "
+                         "translations: its weights are finite but the model has diverged; use an earlier checkpoint")
+    return raw
 
 
 @torch.no_grad()

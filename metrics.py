@@ -439,11 +439,17 @@ def latent_features(latents, decode, inception, batch_size=32, device="cpu", amp
     return in_batches(features, latents, batch_size)
 
 
+HASH_CHUNK_BYTES = 64 * 2**20  # content_hash reads this much at a time: its memory, whatever the set's size
+
+
 def content_hash(tensor):
-    """sha256 of a tensor's shape, dtype and bytes: identifies a real set given as tensors."""
-    t = tensor.detach().contiguous().cpu()
+    """sha256 of a tensor's shape, dtype and bytes: identifies a real set given as tensors. Read in
+    chunks of rows, so a memory-mapped set (packed latents) is never copied whole into memory."""
+    t = tensor.detach()
     digest = hashlib.sha256(f"{tuple(t.shape)}{t.dtype}".encode())
-    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    rows = max(1, HASH_CHUNK_BYTES // max(1, t[:1].numel() * t.element_size())) if t.dim() else 1
+    for chunk in (t.split(rows) if t.dim() else [t]):
+        digest.update(memoryview(chunk.contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()
 
 

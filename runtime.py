@@ -15,6 +15,7 @@ import math
 import os
 import random
 import re
+import reprlib
 import signal
 import socket
 import sys
@@ -143,6 +144,7 @@ def remove_if_empty(folder):
 
 # ---------------------------------------------------------------------- files
 
+PID_MAX = 2 ** 22  # Linux's largest pid_max
 TMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")  # atomic_write's temporary files
 
 
@@ -209,8 +211,8 @@ def remove_orphaned_temporaries(folder, log=print):
         return removed
     for name in sorted(names):
         match = TMP_PATTERN.match(name)
-        if not match or pid_alive(int(match.group("pid"))):
-            continue
+        if not match or int(match.group("pid")) > PID_MAX or pid_alive(int(match.group("pid"))):
+            continue  # not ours (no PID is that large), or its process still runs
         path = os.path.join(folder, name)
         try:
             size = os.path.getsize(path)
@@ -241,6 +243,22 @@ def pid_alive(pid):
 # ---------------------------------------------------------------------- one run per folder
 
 LOCK_NAME = ".run.lock"
+_HELD_LOCKS = set()  # the lock files this process holds
+
+
+def _drop_inherited_locks():
+    """In a forked child (a DataLoader worker), close the parent's lock files: an flock belongs to the
+    open file, which a fork shares, so a worker would otherwise hold the folder after its run died."""
+    for file in list(_HELD_LOCKS):
+        try:
+            file.close()
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 class FolderLock:
@@ -285,10 +303,12 @@ class FolderLock:
         file.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
         file.flush()
         self.file = file
+        _HELD_LOCKS.add(file)
         return self
 
     def release(self):
         if self.file is not None:
+            _HELD_LOCKS.discard(self.file)
             self.file.close()  # closing the file drops the lock; the file stays for the next run
             self.file = None
 
@@ -355,15 +375,24 @@ def validate_checkpoint(ckpt, path):
     entry present; the config valid and within bounds; every weight (live and EMA) and optimizer
     moment of the right shape and dtype for the networks that config describes, and finite;
     optimizer settings and scaler state sane; counters non-negative and consistent; RNG states
-    loadable. Raises CheckpointError naming `path` and the entry; returns the resolved config."""
-    return _CheckpointChecker(path).check(ckpt)
+    loadable; every tensor owning storage of exactly its size (a tiny file cannot expand into gigabytes,
+    or feed a kernel a zero-stride view). Raises CheckpointError naming `path` and the entry;
+    returns the resolved config."""
+    try:
+        return _CheckpointChecker(path).check(ckpt)
+    except (RecursionError, OverflowError, MemoryError) as err:  # absurdly nested or sized values
+        raise CheckpointError(f"{path}: not a Latent StarGAN v2 checkpoint ({type(err).__name__} while checking "
+                              "it: values nested or sized beyond any checkpoint run.py writes)") from None
+
+
+_REPR = reprlib.Repr()  # bounded: a hostile value may be nested or long beyond any repr's patience
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 60, 60, 40
 
 
 def _describe(value):
     if isinstance(value, torch.Tensor):
         return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {list(value.shape)}"
-    text = repr(value)
-    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
+    return f"{type(value).__name__} {_REPR.repr(value)}"
 
 
 def _all_finite(tensor):
@@ -398,8 +427,8 @@ class _CheckpointChecker:
         return value
 
     def number(self, entry, value, low=-math.inf, high=math.inf, integral=False):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-            and low <= value <= high and (not integral or float(value).is_integer())
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e300 \
+            and math.isfinite(value) and low <= value <= high and (not integral or float(value).is_integer())
         if not ok:
             kind = "a whole number" if integral else "a finite number"
             self.fail(entry, f"{kind} from {low:g} to {high:g}", value)
@@ -414,6 +443,10 @@ class _CheckpointChecker:
         if not isinstance(value, torch.Tensor) or value.layout != torch.strided or value.dtype != dtype \
                 or tuple(value.shape) != tuple(shape):
             self.fail(entry, expected, value)
+        nbytes = value.untyped_storage().nbytes()
+        if not value.is_contiguous() or value.storage_offset() != 0 or nbytes != value.numel() * value.element_size():
+            self.fail(entry, f"{expected}, contiguous, with storage of its own", got=f"a view (strides "
+                      f"{list(value.stride())}, offset {value.storage_offset()}, storage of {nbytes} bytes)")
         if finite and not _all_finite(value):
             self.fail(entry, "finite values", got="non-finite values (NaN or inf)")
         if non_negative and not bool((value >= 0).all()):
@@ -757,6 +790,13 @@ class Distributed:
     def barrier(self):
         if self.enabled:
             torch.distributed.barrier()
+
+    def raise_if_any_failed(self, error):
+        """Every rank learns whether work that may fail on one rank alone (rank 0's writes, its
+        evaluation, its grid) failed anywhere: the rank that failed raises `error`, the others a
+        RuntimeError, so none is left waiting in a collective. `error`: this rank's, or None."""
+        if self.max_int(int(error is not None)):
+            raise error or RuntimeError("another rank failed (its error is above); stopping this one too")
 
     def max_int(self, value):
         """The largest of every rank's `value` (e.g. a stop signal number, 0 for none)."""

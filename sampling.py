@@ -118,14 +118,19 @@ def grid_cells(source_rgb, output_rgb, header_rgb=None):
 
 @torch.no_grad()
 def reference_grid(generator, style_encoder, sources_raw, refs_raw, domain_id, latent_scale, vae=None,
-                   batch_size=16, device="cpu", cell_size=None):
+                   batch_size=16, device="cpu", cell_size=None, on_batch=None):
     """The reference grid: every source [N, 4, h, w] in the style of every reference [M, 4, h', w']
     (E for the target domain `domain_id`), pictured. Returns (cells [(N + 1) * (M + 1), 3, H, W],
-    rows = N + 1): a header row of the references, then per source the source and its M outputs."""
+    rows = N + 1): a header row of the references, then per source the source and its M outputs.
+    `on_batch(n)` after each batch of n outputs (a progress display)."""
     n, m = sources_raw.shape[0], refs_raw.shape[0]
     styles = reference_styles(style_encoder, refs_raw, domain_id, latent_scale, batch_size, device)  # [M, S]
-    outputs = torch.cat([pictures_of(raw, vae, latent_scale, batch_size, cell_size) for _, raw in
-                         translate_pairs(generator, sources_raw, styles, latent_scale, batch_size, device)])
+    outputs = []
+    for _, raw in translate_pairs(generator, sources_raw, styles, latent_scale, batch_size, device):
+        outputs.append(pictures_of(raw, vae, latent_scale, batch_size, cell_size))
+        if on_batch is not None:
+            on_batch(len(raw))
+    outputs = torch.cat(outputs)
     source_rgb = pictures_of(sources_raw, vae, latent_scale, batch_size, cell_size)  # [N, 3, H, W]
     ref_rgb = pictures_of(refs_raw, vae, latent_scale, batch_size, cell_size)  # [M, 3, H', W']
     return grid_cells(source_rgb, outputs.view(n, m, *outputs.shape[1:]), ref_rgb)

@@ -19,7 +19,7 @@ import shutil
 import sys
 
 from dataset import list_latent_files, split_names
-from runtime import InputError, check_writable_folder, path_component_problem, script_main
+from runtime import InputError, atomic_write, check_writable_folder, path_component_problem, script_main
 
 
 def parse_args(argv=None):
@@ -55,21 +55,32 @@ def domain_folders(root, names):
 
 
 def plan(args):
-    """[(source file, destination file)] for every file, checked against what --output holds."""
+    """[(source file, destination file, part)] for every file, checked against what --output holds:
+    a rerun finds its own files; a file of another split (another seed or fraction, or a domain
+    that has grown so that an old file changed sides) or of other data is refused, so a held-out
+    file can never be on both sides."""
     pairs = []
     for domain in domain_folders(args.input, args.domains):
         names = [os.path.basename(p) for p in list_latent_files(os.path.join(args.input, domain))]
         train, val = split_names(names, args.val_fraction, args.seed, key=domain)
         for part, chosen in (("train", train), ("val", val)):
-            pairs += [(os.path.join(args.input, domain, n), os.path.join(args.output, part, domain, n)) for n in chosen]
-    for src, dst in pairs:  # a rerun finds its own files; anything else is another split or other data
+            pairs += [(os.path.join(args.input, domain, n), os.path.join(args.output, part, domain, n), part)
+                      for n in chosen]
+            folder = os.path.join(args.output, part, domain)
+            extra = sorted(set(os.listdir(folder)) - set(chosen)) if os.path.isdir(folder) else []
+            if extra:
+                raise InputError(f"{os.path.join(folder, extra[0])} is not in this split's {part} part ({len(extra)} "
+                                 "such file(s)): --output holds another split (another --seed or --val-fraction, or "
+                                 "the data changed); choose an empty folder")
+    for src, dst, _ in pairs:
         if os.path.lexists(dst) and not (os.path.isfile(dst) and filecmp.cmp(src, dst, shallow=False)):
             raise InputError(f"{dst} exists and is not {src}: --output holds another split; choose an empty folder")
     return pairs
 
 
 def place(src, dst, copy):
-    """Hard-link `src` at `dst` (a copy where the file system cannot link, or when asked)."""
+    """Hard-link `src` at `dst` (a copy, written atomically, where the file system cannot link or
+    when asked)."""
     if os.path.exists(dst):
         return "kept"
     if not copy:
@@ -78,20 +89,19 @@ def place(src, dst, copy):
             return "linked"
         except OSError:  # another file system, or links not supported
             pass
-    tmp = f"{dst}.{os.getpid()}.tmp"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with open(src, "rb") as f:
+        atomic_write(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
     return "copied"
 
 
 def run(args):
     pairs = plan(args)
-    for folder in sorted({os.path.dirname(dst) for _, dst in pairs}):
+    for folder in sorted({os.path.dirname(dst) for _, dst, _ in pairs}):
         check_writable_folder(folder, "--output")
     done = {"linked": 0, "copied": 0, "kept": 0}
-    for src, dst in pairs:
+    for src, dst, _ in pairs:
         done[place(src, dst, args.copy)] += 1
-    val = sum(os.sep + "val" + os.sep in dst for _, dst in pairs)
+    val = sum(part == "val" for _, _, part in pairs)
     print(f"{len(pairs) - val} training and {val} held-out latents in {args.output}/train and {args.output}/val "
           f"(seed {args.seed}, fraction {args.val_fraction:g}): {done['linked']} linked, {done['copied']} copied, "
           f"{done['kept']} already there")

@@ -220,7 +220,7 @@ class Trainer:
             with torch.autocast(self.device.type, enabled=False):
                 r1 = L.r1_penalty(self.nets["discriminator"](x_r1, y_src), x_r1)
             objective = objective + w["w_r1"] * w["r1_interval"] * r1
-            self.last_r1 = r1.detach()
+            self.last_r1 = torch.where(torch.isfinite(r1), r1.detach(), self.last_r1)  # a skipped step keeps the last
         self.scalers["d"].scale(objective).backward()
         d_adv, objective = d_adv.detach(), objective.detach()
         # shown: the per-step average objective, the same on R1 and plain steps (r1: its last value)
@@ -431,16 +431,24 @@ class Trainer:
             self.evaluate(epoch, dataset)
         stop = self.dist.max_int(self.stop_signal or 0)
         self.save_epoch(latest=epoch == self.cfg["training"]["epochs"] or bool(stop))
-        if not stop and epoch % visualization_every(self.cfg) == 0:
-            path = self.save_grid(epoch, samples)
-            if path:
-                self.log(f"epoch {epoch}: grid {path}")
-                if self.tb is not None:
-                    from PIL import Image
-
-                    self.tb.add_image("grid", np.asarray(Image.open(path).convert("RGB")), epoch, dataformats="HWC")
-        self.dist.barrier()
+        failed = None
+        if not stop and epoch % visualization_every(self.cfg) == 0 and self.dist.is_main:
+            try:
+                self.grid(epoch, samples)
+            except Exception as err:  # e.g. a failed write: every rank stops, none waits in a collective
+                failed = err
+        self.dist.raise_if_any_failed(failed)
         return self.dist.max_int(self.stop_signal or 0)
+
+    def grid(self, epoch, samples):
+        """# grid: the PNG (and TensorBoard's copy), rank 0."""
+        path = self.save_grid(epoch, samples)
+        if path:
+            self.log(f"epoch {epoch}: grid {path}")
+            if self.tb is not None:
+                from PIL import Image
+
+                self.tb.add_image("grid", np.asarray(Image.open(path).convert("RGB")), epoch, dataformats="HWC")
 
     def request_stop(self, signum):
         """SIGINT / SIGTERM: finish the current step (or end a grid or an evaluation at its next
@@ -496,21 +504,31 @@ class Trainer:
         the training latents, by rank 0: a line in <checkpoint_dir>/metrics.jsonl and on stdout,
         TensorBoard, and best.pt when evaluation.best_metric improves. The other ranks wait for the
         verdict in a CPU collective with a long timeout."""
-        e = self.cfg["evaluation"]
-        results = self.run_evaluation(epoch, dataset) if self.dist.is_main else None
-        improved = 0
-        if results is not None:
-            self.record_metrics(epoch, results)
-            value, higher = results[e["best_metric"]], e["best_metric"].startswith("LPIPS")
-            if not math.isfinite(value):  # diverged networks: never the best, and never a NaN to compare with
-                self.log(f"warning: epoch {epoch}: {e['best_metric']} is {value}; best.pt is left as it is")
-            elif self.best is None or (value > self.best["value"] if higher else value < self.best["value"]):
-                self.best = {"metric": e["best_metric"], "value": value, "epoch": epoch, "step": self.step}
-                improved = 1
+        improved, failed = 0, None
+        try:  # rank 0 evaluates; a failure there must stop the others too, not leave them in a collective
+            results = self.run_evaluation(epoch, dataset) if self.dist.is_main else None
+            if results is not None:
+                self.record_metrics(epoch, results)
+                improved = self.note_best(epoch, results)
+        except Exception as err:
+            failed = err
+        self.dist.raise_if_any_failed(failed)
         if self.dist.max_int(improved):  # every rank saves (a collective); rank 0 alone knows the value
             self.save_checkpoint(self.checkpoint_path("best.pt"))
             if self.dist.is_main:
                 self.log(f"epoch {epoch}: best {self.best['metric']} {self.best['value']:.4f} so far: best.pt")
+
+    def note_best(self, epoch, results):
+        """1 when evaluation.best_metric improved on the best so far (kept in self.best), else 0."""
+        metric = self.cfg["evaluation"]["best_metric"]
+        value, higher = results[metric], metric.startswith("LPIPS")
+        if not math.isfinite(value):  # diverged networks: never the best, and never a NaN to compare with
+            self.log(f"warning: epoch {epoch}: {metric} is {value}; best.pt is left as it is")
+            return 0
+        if self.best is None or (value > self.best["value"] if higher else value < self.best["value"]):
+            self.best = {"metric": metric, "value": value, "epoch": epoch, "step": self.step}
+            return 1
+        return 0
 
     def run_evaluation(self, epoch, dataset):
         """The evaluator on the EMA networks, with a progress display; None when a stop signal
@@ -628,14 +646,12 @@ class Trainer:
                 state["rng_per_rank"] = rng_per_rank
             try:
                 validate_checkpoint(state, path)
-            except CheckpointError as err:
-                raise NonFiniteError(f"refusing to save: {err}") from None
-            try:
                 atomic_save(state, path)
+            except CheckpointError as err:
+                failed = NonFiniteError(f"refusing to save: {err}")
             except WriteError as err:
                 failed = err
-        if self.dist.max_int(int(failed is not None)):
-            raise failed or WriteError(0, f"rank 0 could not write {path}")
+        self.dist.raise_if_any_failed(failed)
         if os.path.basename(path) != "best.pt":
             self.last_saved = (path, self.epoch if epoch is None else epoch, self.step)
         return path

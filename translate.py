@@ -215,17 +215,19 @@ def read_latents(paths):
 def encode_images(vae, paths, image_size, batch_size):
     """Images -> {path: raw [4, h, w]}: centre crop, resize to `image_size`, VAE posterior mode."""
     latents = {}
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        images = []
-        for path in chunk:
-            inspect_image(path, image_size, what=f"image {path}")  # encode.py's rule: not too small to upscale
-            try:
-                images.append(load_image(path, image_size))  # uint8 [S, S, 3]
-            except Exception as e:
-                raise InputError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
-        raw = encode_raw(vae, to_model_input(images)).cpu()  # [b, 4, S/f, S/f]
-        latents.update(zip(chunk, raw))
+    with progress_bar(len(paths), "encoding images", "image") as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            images = []
+            for path in chunk:
+                inspect_image(path, image_size, what=f"image {path}")  # encode.py's rule: not too small to upscale
+                try:
+                    images.append(load_image(path, image_size))  # uint8 [S, S, 3]
+                except Exception as e:
+                    raise InputError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+            raw = encode_raw(vae, to_model_input(images)).cpu()  # [b, 4, S/f, S/f]
+            latents.update(zip(chunk, raw))
+            bar.update(len(chunk))
     return latents
 
 
@@ -252,14 +254,23 @@ def write_outputs(args, nets, sources, styles, latent_scale, vae, names):
     """Translate every (source, style) pair, writing each chunk's outputs as they come. Returns the RGB
     of the pairs shown in the sheet, {(source i, style k): [3, H, W]}."""
     num_styles, sheet_cells = styles.shape[0], {}
-    for chunk, raw in translate_pairs(nets["generator"], sources, styles, latent_scale, args.batch_size, args.device):
-        rgb = to_rgb(raw, vae, latent_scale, args.batch_size)  # [b, 3, H, W]
-        save_outputs(raw, rgb, [names[i] for i in chunk.tolist()], args.output)
-        for j, pair in enumerate(chunk.tolist()):
-            i, k = divmod(pair, num_styles)
-            if i < SHEET_MAX_ROWS and k < SHEET_MAX_COLS:
-                sheet_cells[(i, k)] = rgb[j]
+    with progress_bar(len(names), "translating", "output") as bar:
+        for chunk, raw in translate_pairs(nets["generator"], sources, styles, latent_scale, args.batch_size,
+                                          args.device):
+            rgb = to_rgb(raw, vae, latent_scale, args.batch_size)  # [b, 3, H, W]
+            save_outputs(raw, rgb, [names[i] for i in chunk.tolist()], args.output)
+            for j, pair in enumerate(chunk.tolist()):
+                i, k = divmod(pair, num_styles)
+                if i < SHEET_MAX_ROWS and k < SHEET_MAX_COLS:
+                    sheet_cells[(i, k)] = rgb[j]
+            bar.update(len(chunk))
     return sheet_cells
+
+
+def progress_bar(total, desc, unit):
+    """A tqdm bar on stderr for work that may take minutes (a VAE decode on the CPU is seconds per
+    picture); none for a single batch's worth."""
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, disable=total < 2)
 
 
 def write_sheet(path, source_rgb, sheet_cells, num_styles, row_labels, col_labels, ref_rgb=None):
@@ -397,8 +408,9 @@ def report(args, source_paths, ref_paths, num_styles, num_outputs, vae, sheet):
 
 def reference_grid_file(args, nets, vae, latent_scale, sources, source_paths, refs, ref_paths, domain_id):
     """<output>/grid.png: StarGAN v2's reference.jpg, labelled with the files' stems."""
-    cells, rows = reference_grid(nets["generator"], nets["style_encoder"], sources, refs, domain_id, latent_scale,
-                                 vae, args.batch_size, args.device, args.cell_size)
+    with progress_bar(len(sources) * len(refs), "grid", "cell") as bar:
+        cells, rows = reference_grid(nets["generator"], nets["style_encoder"], sources, refs, domain_id, latent_scale,
+                                     vae, args.batch_size, args.device, args.cell_size, on_batch=bar.update)
     path = os.path.join(args.output, "grid.png")
     return save_image_grid(path, cells, nrow=rows, row_labels=["references"] + [stem(p) for p in source_paths],
                            col_labels=["source"] + [stem(p) for p in ref_paths])

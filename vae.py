@@ -29,6 +29,7 @@ PREVIEW_FACTORS = torch.tensor([
 
 VAE_DOWNSAMPLE = 8  # SD1.5: 256px image <-> 32x32 latent
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what Pillow may parse: no other decoder ever sees a file
 
 
 def latent_preview(scaled_latents, upscale=VAE_DOWNSAMPLE):
@@ -107,6 +108,7 @@ def check_hub_reachable(repo_id):
     """InputError, in at most HUB_PROBE_TIMEOUT_S, when the Hugging Face hub cannot be reached (or
     HF_HUB_OFFLINE is set) for a model that is not in the local cache; saying how to go on."""
     import socket
+    import urllib.request
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
@@ -119,6 +121,8 @@ def check_hub_reachable(repo_id):
         raise InputError(f"{repo_id!r} is not in the local Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set. "
                          f"{how}")
     url = urlparse(constants.ENDPOINT)
+    if urllib.request.getproxies().get(url.scheme):  # reached through a proxy: only huggingface_hub can tell
+        return
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
@@ -203,7 +207,7 @@ def inspect_image(path, size, max_pixels=None, what="image"):
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
             width, height, mode, info = image.width, image.height, image.mode, dict(image.info)
     except Exception as e:  # not an image, truncated, a decompression bomb; PIL's text names the path
         raise InputError(f"the {what} is not an image that can be read ({type(e).__name__}); expected a PNG, "
@@ -232,7 +236,7 @@ def load_image(path, size):
     less than `size`: the same picture for a fraction of the time and memory."""
     from PIL import Image, ImageOps
 
-    with Image.open(path) as image:
+    with Image.open(path, formats=IMAGE_FORMATS) as image:
         image.draft("RGB", (size, size))  # JPEG only: the smallest scale whose both sides stay >= size
         image = ImageOps.exif_transpose(image)  # phone photos: crop what the viewer shows, not the sensor
         image = image.convert("RGB")

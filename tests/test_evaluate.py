@@ -259,6 +259,17 @@ def test_mismatched_sizes_and_vaes_are_refused_before_any_work(checkpoint, weigh
     assert "has 8 latent channels; the model's latents have 4" in capsys.readouterr().err
 
 
+def test_the_cache_lives_beside_the_checkpoint_wherever_out_is(checkpoint, weights, tiny_vae_dir, tmp_path,
+                                                                small_inception):
+    """So that evaluate.py reuses what training-time evaluation computed (its <checkpoint_dir>/eval_cache)."""
+    out = tmp_path / "results" / "here"
+    assert evaluate.main(evaluate_args(checkpoint[0], weights, tiny_vae_dir, out)) == 0
+    used = json.loads((out / "metrics.json").read_text())["protocol"]["real_features"]["a"]
+    name = used[used.index("(") + 1:-1]
+    assert os.path.isfile(os.path.join(os.path.dirname(checkpoint[0]), "eval_cache", name))
+    assert not (tmp_path / "results" / "eval_cache").exists() and not (out / "eval_cache").exists()
+
+
 def test_held_out_sources_are_used_and_said(checkpoint, weights, tiny_vae_dir, tmp_path, small_inception):
     held = write_latent_folders(tmp_path / "val", files=3, seed=7)
     assert evaluate.main(evaluate_args(checkpoint[0], weights, tiny_vae_dir, tmp_path / "o", metrics.FORM_STYLEGAN,

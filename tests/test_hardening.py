@@ -4,13 +4,16 @@ the file and the entry, never a signal, a traceback or NaN outputs), two runs on
 saves, failed writes, and arguments out of range."""
 
 import copy
+import io
 import math
 import os
 import resource
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
 import torch
@@ -69,6 +72,7 @@ def with_domains(names):
     return mutate
 
 
+DEEP = "<deep list>"  # written as a list nested 20000 deep (pickle cannot write one, a hostile file can)
 G0 = ("models", "generator", "conv_in.weight")  # [8, 4, 3, 3] in the tiny model
 EXP_AVG = ("optimizers", "generator", "state", 0, "exp_avg")
 GROUP = ("optimizers", "generator", "param_groups", 0)
@@ -145,7 +149,34 @@ BROKEN = [
      "entry best.epoch"),
     ("rng_per_rank garbage", put("rng_per_rank", ["state"]), "entry rng_per_rank.0"),
     ("not a dict", lambda c: c.clear(), "not a Latent StarGAN v2 checkpoint"),
+    # views: a zero-stride moment once passed every check and crashed the fused Adam step (SIGSEGV),
+    # and zero-stride weights let a 35 KB file demand gigabytes
+    ("exp_avg zero-stride view", put(EXP_AVG, lambda: torch.zeros(1).expand(8, 4, 3, 3)),
+     f"{entry(EXP_AVG)}: expected a float32 tensor of shape [8, 4, 3, 3] (the generator's parameter 0), contiguous, "
+     "with storage of its own"),
+    ("weight a transposed view", put(("ema", "mapping_network", "shared.2.weight"), lambda: torch.randn(16, 16).t()),
+     "entry ema.mapping_network.shared.2.weight"),
+    ("weight a slice of a bigger storage", put(G0, lambda: torch.randn(100, 4, 3, 3)[:8]), entry(G0)),
+    ("int beyond any float", put(("counters", "last_r1"), 10 ** 400), "entry counters.last_r1"),
+    ("deeply nested", put("latent_shape", DEEP), "latent_shape"),
+    ("latent_scale 1e300", with_config("training.latent_scale", 1e300), "training.latent_scale"),
 ]
+
+
+
+
+def write_checkpoint(ckpt, path):
+    """torch.save, with the string DEEP replaced in the pickle by a list nested 20000 deep."""
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    archive = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
+    marker = b"X" + struct.pack("<I", len(DEEP)) + DEEP.encode()  # BINUNICODE
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
+        for name in archive.namelist():
+            data = archive.read(name)
+            if name.endswith("data.pkl"):
+                data = data.replace(marker, b"]" * 20000 + b"a" * 19999)  # EMPTY_LIST x n, APPEND x n-1
+            out.writestr(name, data)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +190,7 @@ def broken_dir(trained, tmp_path_factory):
         ckpt = copy.deepcopy(good)
         mutate(ckpt)
         paths[name] = str(folder / f"broken_{k:02d}.pt")
-        torch.save(ckpt, paths[name])
+        write_checkpoint(ckpt, paths[name])
     return paths
 
 
@@ -218,6 +249,21 @@ def test_nan_ema_weights_never_become_nan_outputs(broken_dir, trained, tmp_path)
                            str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and not (tmp_path / "out").exists()
     one_line_naming(proc.stderr, path, "entry ema.generator.conv_out.weight: expected finite values")
+
+
+def test_finite_weights_that_overflow_never_become_nan_outputs(trained, tmp_path, capsys):
+    """Weights can be finite and still overflow (a diverged or tampered model): translate.py refuses
+    to write non-finite latents."""
+    ckpt = torch.load(trained[0], weights_only=True)
+    for key, value in ckpt["ema"]["generator"].items():
+        if key.endswith("weight"):
+            value.mul_(1e18)
+    path = str(tmp_path / "overflowing.pt")
+    torch.save(ckpt, path)
+    assert translate.main(["--checkpoint", path, "--source", os.path.join(trained[1], "a"), "--target-domain", "b",
+                           "--num-styles", "1", "--output", str(tmp_path / "out")]) == 2
+    assert "non-finite outputs (NaN or inf) for 6 of 6 translations" in capsys.readouterr().err
+    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".pt")] if (tmp_path / "out").exists() else True
 
 
 def test_a_crafted_domain_never_writes_outside_the_output(trained, tmp_path, capsys):
@@ -281,20 +327,41 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     assert third.returncode == 0, third.stderr[-2000:]
 
 
+def test_a_killed_runs_forked_workers_do_not_keep_its_lock(tmp_path):
+    """flock belongs to the open file, which fork shares: DataLoader workers of a run killed with
+    -9 would hold the folder until they noticed. Forked children close the inherited lock."""
+    code = (f"import os, sys, time\nsys.path.insert(0, {ROOT!r})\nimport runtime\n"
+            f"runtime.FolderLock({str(tmp_path)!r}).acquire()\npid = os.fork()\n"
+            "if pid == 0:\n    time.sleep(60)\n    os._exit(0)\nprint(pid, flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    worker = int(proc.stdout.readline())
+    try:
+        with pytest.raises(runtime.InputError, match="in use by another training run"):
+            runtime.FolderLock(str(tmp_path)).acquire()
+        proc.kill()
+        proc.wait()
+        assert runtime.pid_alive(worker)  # the forked worker lives on...
+        runtime.FolderLock(str(tmp_path)).acquire().release()  # ...and the folder is free
+    finally:
+        proc.kill()
+        os.kill(worker, signal.SIGKILL)
+
+
 def test_orphaned_temporaries_of_dead_processes_are_removed_at_start(tmp_path, capsys):
     cfg = write_run_config(tmp_path, "cfg", epochs=1)
     out = tmp_path / "out"
     os.makedirs(out)
-    dead = 2 ** 22 + 12345  # beyond the default pid_max: no such process
-    assert not runtime.pid_alive(dead)
+    dead = next(pid for pid in range(runtime.PID_MAX, 1, -1) if not runtime.pid_alive(pid))  # no such process
     orphan = out / f".latest.pt.{dead}.tmp"
     orphan.write_bytes(b"x" * 1000)
     live = out / f".latest.pt.{os.getppid()}.tmp"  # a live process's file (our parent's pid) is never touched
     live.write_bytes(b"y")
     other = out / "notes.tmp"
     other.write_bytes(b"z")
+    huge = out / ".latest.pt.99999999999999999999.tmp"  # no PID is that large: not ours, and no crash
+    huge.write_bytes(b"w")
     assert run.main(["--config", cfg]) == 0
-    assert not orphan.exists() and live.exists() and other.exists()
+    assert not orphan.exists() and live.exists() and other.exists() and huge.exists()
     assert f"removed {orphan} (0.0 MB): a temporary file of an interrupted save" in capsys.readouterr().out
 
 
@@ -429,6 +496,22 @@ def test_every_bad_data_file_is_listed_at_once(tmp_path, capsys):
     for name in ("a/001.pt has shape [4, 8, 8]; expected [4, 16, 16]", "b/002.pt", "c/003.pt holds a dict"):
         assert name in err
     assert "weights_only=False" not in err and "weights_only` set to `False`" not in err
+
+
+def test_a_stray_first_file_neither_hides_the_list_nor_sizes_the_data(tmp_path, capsys):
+    """The first file has the odd shape (here a large one): the data is sized by most files, and
+    every bad file, unreadable ones included, is still listed at once."""
+    root = write_latent_folders(tmp_path / "data", size=16)
+    torch.save(torch.zeros(4, 1024, 1024), os.path.join(root, "a", "000.pt"))
+    (tmp_path / "data" / "b" / "002.pt").write_bytes(b"garbage")
+    torch.save({"not": "a tensor"}, os.path.join(root, "c", "003.pt"))
+    cfg = tiny_run_config(tmp_path)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert run.main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "3 latent file(s) under" in err and "a/000.pt has shape [4, 1024, 1024]; expected [4, 16, 16]" in err
+    assert "b/002.pt" in err and "c/003.pt holds a dict" in err
 
 
 def test_config_bounds_name_the_key():

@@ -43,6 +43,12 @@ def test_an_unreachable_hub_is_named_in_seconds(closed_hub):
     assert "--vae PATH" in message and "config.json" not in message
 
 
+def test_behind_a_proxy_the_hub_is_left_to_huggingface_hub(closed_hub, monkeypatch):
+    """A raw connection cannot tell whether a proxy reaches the hub: with one set, no probe."""
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    vae.check_hub_reachable("latent-stargan-tests/no-such-vae")  # no error: huggingface_hub decides
+
+
 def test_hf_hub_offline_is_said_too(monkeypatch):
     from huggingface_hub import constants
 
@@ -124,4 +130,17 @@ def test_data_and_app_share_one_image_rule(tmp_path):
     assert info.notes == ["grayscale, used as RGB", "transparency dropped", "upscaled to 512 px"]
     with pytest.raises(ValueError, match="300x300 px .* more than the 0 megapixels accepted"):
         vae.inspect_image(str(tmp_path / "grey_alpha.png"), 256, max_pixels=1000)
-    assert os.path.exists(tmp_path / "small.png")
+    Image.new("RGB", (300, 300)).save(tmp_path / "tiff.png", format="TIFF")  # a format no tool offers
+    with pytest.raises(ValueError, match="not an image that can be read .* expected a PNG, JPEG, WebP or BMP"):
+        vae.inspect_image(str(tmp_path / "tiff.png"), 256)
+    with pytest.raises(Exception):
+        vae.load_image(str(tmp_path / "tiff.png"), 256)
+
+
+def test_translate_shows_progress_over_its_outputs(trained, tmp_path, capsys):
+    import translate
+
+    assert translate.main(["--checkpoint", trained[0], "--source", os.path.join(trained[1], "a"), "--target-domain",
+                           "b", "--num-styles", "2", "--output", str(tmp_path / "out"), "--batch-size", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "translating" in err and "12/12" in err

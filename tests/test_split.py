@@ -57,3 +57,21 @@ def test_an_output_holding_another_split_is_refused(tmp_path, capsys):
     assert split.main(["--input", root, "--output", str(tmp_path / "t"), "--val-fraction", "1.5"]) == 2
     assert split.main(["--input", root, "--output", str(tmp_path / "t"), "--domains", "a,../b"]) == 2
     assert "not a folder name" in capsys.readouterr().err
+
+
+def test_a_grown_folder_rerun_into_the_old_split_is_refused(tmp_path, capsys):
+    """After the folder grows, an old file may change sides: rerunning into the same --output would
+    leave it on both (held-out data in training). Refused, naming the file; nothing written."""
+    root = write_latent_folders(tmp_path / "data", files=10)
+    assert split.main(["--input", root, "--output", str(tmp_path / "s"), "--val-fraction", "0.2", "--seed", "197"]) == 0
+    more = write_latent_folders(tmp_path / "more", files=10, seed=5)
+    for domain in ("a", "b", "c"):
+        for name in os.listdir(os.path.join(more, domain)):
+            os.replace(os.path.join(more, domain, name), os.path.join(root, domain, "new_" + name))
+    before = {p: sorted(os.listdir(tmp_path / "s" / p / "a")) for p in ("train", "val")}
+    train_now, val_now = split_names(os.listdir(os.path.join(root, "a")), 0.2, 197, "a")
+    assert set(before["train"]) & set(val_now) or set(before["val"]) & set(train_now)  # this seed moves an old file
+    capsys.readouterr()
+    assert split.main(["--input", root, "--output", str(tmp_path / "s"), "--val-fraction", "0.2", "--seed", "197"]) == 2
+    assert "is not in this split's" in capsys.readouterr().err
+    assert {p: sorted(os.listdir(tmp_path / "s" / p / "a")) for p in ("train", "val")} == before  # nothing written
