@@ -48,16 +48,20 @@ class WriteError(OSError):
         return self.strerror if isinstance(self.strerror, str) else super().__str__()
 
 
+class OtherRankFailed(RuntimeError):
+    """Under torchrun: another rank failed (its error is printed by that rank); this one stops too."""
+
+
 BAD_INPUT = (InputError, FileNotFoundError)
 
 
 def run_script(prog, run, *args, errors=BAD_INPUT):
     """`run(*args)` for a command-line script: bad input (`errors`) prints `prog: error: message` on
-    stderr and gives exit code 2, a failed write (`WriteError`) the same with exit code 1, instead
-    of a traceback."""
+    stderr and gives exit code 2, a failed write (`WriteError`) or another rank's failure the same
+    with exit code 1, instead of a traceback."""
     try:
         return run(*args)
-    except WriteError as e:
+    except (WriteError, OtherRankFailed) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except errors as e:
@@ -793,10 +797,10 @@ class Distributed:
 
     def raise_if_any_failed(self, error):
         """Every rank learns whether work that may fail on one rank alone (rank 0's writes, its
-        evaluation, its grid) failed anywhere: the rank that failed raises `error`, the others a
-        RuntimeError, so none is left waiting in a collective. `error`: this rank's, or None."""
+        evaluation, its grid) failed anywhere: the rank that failed raises `error`, the others
+        OtherRankFailed, so none is left waiting in a collective. `error`: this rank's, or None."""
         if self.max_int(int(error is not None)):
-            raise error or RuntimeError("another rank failed (its error is above); stopping this one too")
+            raise error or OtherRankFailed(f"rank {self.rank}: another rank failed (its error is above); stopping too")
 
     def max_int(self, value):
         """The largest of every rank's `value` (e.g. a stop signal number, 0 for none)."""

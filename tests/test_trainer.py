@@ -1,6 +1,7 @@
 """Unit tests of the training step: R1 schedule, which path trains what, w_ds decay,
 EMA, OOM and non-finite skips, fp16 with GradScaler."""
 
+import math
 
 import pytest
 import torch
@@ -403,3 +404,19 @@ def test_a_nonfinite_metric_never_becomes_the_best(tmp_path):
         tr.evaluate(epoch, data)
         assert tr.best["value"] == expected
         assert torch.load(best, weights_only=True)["best"]["value"] == expected
+
+
+def test_a_skipped_r1_step_keeps_the_last_finite_r1(tmp_path, monkeypatch):
+    """An R1 penalty that overflows skips its step; the logged and saved R1 stays the last finite
+    one, so the next checkpoint (an epoch's end, a Ctrl-C) is never refused for a NaN counter."""
+    tr = make_trainer(tmp_path, loss={"r1_interval": 1})
+    tr.train_step(make_batch())
+    finite_r1 = float(tr.last_r1)
+    assert math.isfinite(finite_r1) and finite_r1 > 0
+    real_r1 = T.L.r1_penalty
+    monkeypatch.setattr(T.L, "r1_penalty", lambda logits, x: real_r1(logits, x) * float("inf"))  # overflows
+    tr.train_step(make_batch())  # skipped as non-finite
+    assert float(tr.nonfinite_total) == 1 and float(tr.last_r1) == finite_r1
+    tr.latent_shape = (4, H, H)
+    tr.save_checkpoint(str(tmp_path / "latest.pt"))  # not refused
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["counters"]["last_r1"] == pytest.approx(finite_r1)
