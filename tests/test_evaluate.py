@@ -6,6 +6,7 @@ INCEPTION_DIM patched): a 2048-d Frechet distance costs seconds per task on 2 co
 import json
 import math
 import os
+import shutil
 import socket
 import time
 
@@ -80,6 +81,14 @@ def test_evaluate_writes_every_task_of_both_modes(checkpoint, weights, tiny_vae_
     assert "FID_latent" in out and "mean" in out and "metrics.json" in out
 
 
+def own_checkpoint(checkpoint, tmp_path):
+    """A copy of the checkpoint in a folder of its own: its eval_cache/ (beside it) starts empty."""
+    own = tmp_path / "run" / "latest.pt"
+    os.makedirs(own.parent)
+    shutil.copy(checkpoint[0], own)
+    return own
+
+
 def test_evaluate_is_seeded_and_caches_the_real_features(checkpoint, weights, tiny_vae_dir, tmp_path,
                                                          small_inception, monkeypatch):
     decoded = []
@@ -90,11 +99,14 @@ def test_evaluate_is_seeded_and_caches_the_real_features(checkpoint, weights, ti
         return real_decode(self, raw)
 
     monkeypatch.setattr(metrics.Evaluator, "decode", counting)
-    args = evaluate_args(checkpoint[0], weights, tiny_vae_dir, tmp_path / "one")
+    own = own_checkpoint(checkpoint, tmp_path)
+    args = evaluate_args(str(own), weights, tiny_vae_dir, tmp_path / "one", metrics.FORM_STYLEGAN,
+                         "--data-root", checkpoint[1])
     assert evaluate.main(args) == 0
     first_run = sum(decoded)
     decoded.clear()
-    assert evaluate.main(evaluate_args(checkpoint[0], weights, tiny_vae_dir, tmp_path / "two")) == 0
+    assert evaluate.main(evaluate_args(str(own), weights, tiny_vae_dir, tmp_path / "two", metrics.FORM_STYLEGAN,
+                                       "--data-root", checkpoint[1])) == 0
     fakes = 2 * 6 * 2 * 2  # modes x tasks x sources x outputs
     assert first_run == fakes + 3 * 6 and sum(decoded) == fakes  # the reals come from eval_cache
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
@@ -217,8 +229,8 @@ def test_a_rewritten_data_set_never_reuses_stale_features(checkpoint, weights, t
     """The real-feature cache is keyed by the latents' content: files rewritten with other values but
     the same size and modification time (cp -p, rsync -a, tar x) get their features recomputed."""
     root = write_latent_folders(tmp_path / "data")
-    args = evaluate_args(checkpoint[0], weights, tiny_vae_dir, tmp_path / "one", metrics.FORM_STYLEGAN,
-                         "--data-root", root)
+    own = str(own_checkpoint(checkpoint, tmp_path))
+    args = evaluate_args(own, weights, tiny_vae_dir, tmp_path / "one", metrics.FORM_STYLEGAN, "--data-root", root)
     assert evaluate.main(args) == 0
     first = json.loads((tmp_path / "one" / "metrics.json").read_text())
     assert all(v.startswith("computed and cached") for v in first["protocol"]["real_features"].values())
@@ -229,7 +241,7 @@ def test_a_rewritten_data_set_never_reuses_stale_features(checkpoint, weights, t
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert os.path.getsize(path) == stat.st_size and os.stat(path).st_mtime_ns == stat.st_mtime_ns
     capsys.readouterr()
-    assert evaluate.main(evaluate_args(checkpoint[0], weights, tiny_vae_dir, tmp_path / "two", metrics.FORM_STYLEGAN,
+    assert evaluate.main(evaluate_args(own, weights, tiny_vae_dir, tmp_path / "two", metrics.FORM_STYLEGAN,
                                        "--data-root", root)) == 0
     second = json.loads((tmp_path / "two" / "metrics.json").read_text())
     used = second["protocol"]["real_features"]
