@@ -122,6 +122,7 @@ OPTIONAL_TYPES = {
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 EVAL_METRICS = ("FID", "KID", "LPIPS")  # what evaluation can compute (evaluation.metrics, evaluate.py --metrics)
+METRIC_KEY = re.compile(r"(FID|KID|LPIPS)_(latent|reference)/\S+")  # a metric's key: FID_latent/photo2monet
 
 # Upper bounds: far beyond any sensible run, low enough that a typo or a tampered checkpoint's config
 # is an error naming the key instead of a terabyte allocation.
@@ -276,18 +277,26 @@ def validate(cfg):
     check(e["every_epochs"] is None or e["every_epochs"] >= 1, "evaluation.every_epochs", "a positive int or null (off)")
     check(e["num_sources"] >= 1, "evaluation.num_sources", "a positive int (sources per domain)")
     check(e["num_outs"] >= 2, "evaluation.num_outs", "an int >= 2 (LPIPS compares the outputs of one source)")
-    check(re.fullmatch(r"(FID|KID|LPIPS)_(latent|reference)/\S+", e["best_metric"]) is not None,
+    check(METRIC_KEY.fullmatch(e["best_metric"]) is not None,
           "evaluation.best_metric", "a metric key such as FID_latent/mean, KID_reference/mean or "
           "FID_latent/photo2monet")
-    names = [str(m).strip().upper() for m in e["metrics"]]
-    check(bool(names) and set(names) <= set(EVAL_METRICS), "evaluation.metrics",
-          f"a list of one or more of {', '.join(EVAL_METRICS)}")
-    e["metrics"] = [m for m in EVAL_METRICS if m in names]
+    e["metrics"] = parse_metrics(e["metrics"], "config key 'evaluation.metrics'")
     check(e["best_metric"].split("_")[0] in e["metrics"], "evaluation.best_metric",
           f"a metric of evaluation.metrics {e['metrics']}")
     if not t["progress_bar"]:  # the seed's older switch: progress_bar false means no display
         t["progress_style"] = "off"
     check_model_size(cfg)
+
+
+def parse_metrics(value, flag="--metrics"):
+    """'fid,kid' or ['FID', 'KID'] -> ['FID', 'KID'] in EVAL_METRICS' order; InputError naming `flag`."""
+    names = value.split(",") if isinstance(value, str) else list(value)
+    chosen = {str(n).strip().upper() for n in names if str(n).strip()}
+    unknown = sorted(chosen - set(EVAL_METRICS))
+    if unknown or not chosen:
+        raise InputError(f"{flag} {value!r}: expected one or more of {', '.join(m.lower() for m in EVAL_METRICS)}, "
+                         "separated by commas")
+    return [m for m in EVAL_METRICS if m in chosen]
 
 
 def check_model_size(cfg):

@@ -168,8 +168,10 @@ def read_latent(path):
 
 
 def outliers(latents, names):
-    """[(name, max |value|)] of the latents [N, 4, H, W] beyond OUTLIER_LIMIT: one vectorised pass."""
-    peak = latents.abs().flatten(1).amax(dim=1)  # [N]
+    """[(name, max |value|)] of the latents [N, 4, H, W] beyond OUTLIER_LIMIT: vectorised reductions,
+    no copy of the data (abs() would allocate one as large as all the latents)."""
+    flat = latents.flatten(1)  # [N, 4*H*W], a view
+    peak = torch.maximum(flat.amax(dim=1), flat.amin(dim=1).neg())  # [N] max |value|
     rows = (peak > OUTLIER_LIMIT).nonzero().flatten().tolist()
     return [(names[r], peak[r].item()) for r in rows]
 

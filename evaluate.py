@@ -28,7 +28,8 @@ from tqdm import tqdm
 from dataset import MultiDomainLatentDataset
 from inference import networks_from_checkpoint
 from display import WorkProgress
-from metrics import Evaluator, format_table, parse_metrics
+from config import parse_metrics
+from metrics import Evaluator, format_table
 from runtime import (InputError, atomic_write, check_seed, check_writable_folder, load_checkpoint, remove_if_empty,
                      resolve_device, script_main)
 

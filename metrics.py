@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import EVAL_METRICS as METRICS
+from config import parse_metrics
 from runtime import InputError, atomic_write
 
 MODES = ("latent", "reference")
@@ -697,17 +698,6 @@ def metric_keys(domains, modes=MODES, metrics=METRICS):
     tasks = [f"{src}2{trg}" for trg in domains for src in domains if src != trg]
     means = [f"{metric}_{mode}/mean" for mode in modes for metric in metrics]
     return means + [f"{metric}_{mode}/{task}" for mode in modes for metric in metrics for task in tasks]
-
-
-def parse_metrics(value, flag="--metrics"):
-    """'fid,kid' or ['FID', 'KID'] -> ['FID', 'KID'] in METRICS' order; InputError naming `flag`."""
-    names = value.split(",") if isinstance(value, str) else list(value)
-    chosen = {str(n).strip().upper() for n in names if str(n).strip()}
-    unknown = sorted(chosen - set(METRICS))
-    if unknown or not chosen:
-        raise InputError(f"{flag} {value!r}: expected one or more of {', '.join(m.lower() for m in METRICS)}, "
-                         "separated by commas")
-    return [m for m in METRICS if m in chosen]
 
 
 def vae_identity(vae, path, subfolder=None):

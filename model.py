@@ -6,6 +6,8 @@ module assumes 32x32. Every output for sample i depends on sample i alone (no Ba
 G normalises: E and D see the raw per-channel statistics that carry much of a latent's style.
 """
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -219,10 +221,12 @@ def count_parameters(module):
     return sum(p.numel() for p in module.parameters())
 
 
+@functools.lru_cache(maxsize=8)
 def expected_state(num_domains, **model_kwargs):
     """What checkpoints of `build_models(num_domains, **model_kwargs)` hold, without allocating a
     weight (the networks are built on the meta device): {net: {state key: (shape, dtype)}}, and
-    {net: [parameter shapes in `parameters()` order]} (the optimizers' state indices)."""
+    {net: [parameter shapes in `parameters()` order]} (the optimizers' state indices). Cached: a
+    checkpoint's validation asks twice (its config's size, then its tensors); read it, never change it."""
     with torch.device("meta"):
         models = build_models(num_domains, **model_kwargs)
     states = {name: {k: (tuple(v.shape), v.dtype) for k, v in m.state_dict().items()} for name, m in models.items()}

@@ -26,8 +26,8 @@ from config import load_config, model_kwargs, save_resolved  # noqa: E402
 from dataset import MultiDomainLatentDataset  # noqa: E402
 from model import build_models, count_parameters  # noqa: E402
 from runtime import (BAD_INPUT, LOCK_NAME, FolderLock, InputError, WriteError, check_writable_folder,  # noqa: E402
-                     configure_backends, load_checkpoint, remove_orphaned_temporaries, resolve_device, run_script,
-                     seed_everything, setup_distributed)
+                     configure_backends, load_checkpoint, remove_if_empty, remove_orphaned_temporaries, resolve_device,
+                     run_script, seed_everything, setup_distributed)
 from trainer import NonFiniteError, Trainer  # noqa: E402
 
 
@@ -80,7 +80,7 @@ def claimed_folder(folder, dist, log):
         if dist.is_main and created and set(os.listdir(folder)) <= {LOCK_NAME}:
             with contextlib.suppress(OSError):
                 os.remove(lock.path)
-                os.rmdir(folder)
+            remove_if_empty(folder)
         lock.release()
 
 

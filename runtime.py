@@ -582,8 +582,9 @@ class _CheckpointChecker:
         if best is None:
             return
         self.mapping("best", best, ("metric", "value", "epoch", "step"))
-        if not isinstance(best["metric"], str) or not re.fullmatch(r"(FID|KID|LPIPS)_(latent|reference)/\S+",
-                                                                   best["metric"]):
+        from config import METRIC_KEY
+
+        if not isinstance(best["metric"], str) or not METRIC_KEY.fullmatch(best["metric"]):
             self.fail("best.metric", "a metric key such as FID_latent/mean", best["metric"])
         self.number("best.value", best["value"])
         self.integer("best.epoch", best["epoch"], 0, ckpt["epoch"])

@@ -482,15 +482,21 @@ def test_outlier_latents_are_reported_by_translate_and_evaluate(trained, tmp_pat
     assert f"{bad}: max |value| 2e+04" in capsys.readouterr().err
 
 
-def test_every_bad_data_file_is_listed_at_once(tmp_path, capsys):
-    root = write_latent_folders(tmp_path / "data")
-    torch.save(torch.zeros(4, 8, 8), os.path.join(root, "a", "001.pt"))  # another shape
+def run_on_bad_data(tmp_path, first):
+    """A run on data holding `first` as a/000 or a/001 (another shape), a garbage b/002.pt and a
+    dict c/003.pt: refused (exit 2)."""
+    root = write_latent_folders(tmp_path / "data", size=16)
+    name, latent = first
+    torch.save(latent, os.path.join(root, "a", name))
     (tmp_path / "data" / "b" / "002.pt").write_bytes(b"garbage")
     torch.save({"not": "a tensor"}, os.path.join(root, "c", "003.pt"))
-    cfg = tiny_run_config(tmp_path)
     path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(tiny_run_config(tmp_path)))
     assert run.main(["--config", str(path)]) == 2
+
+
+def test_every_bad_data_file_is_listed_at_once(tmp_path, capsys):
+    run_on_bad_data(tmp_path, ("001.pt", torch.zeros(4, 8, 8)))  # another shape
     err = capsys.readouterr().err
     assert "3 latent file(s) under" in err
     for name in ("a/001.pt has shape [4, 8, 8]; expected [4, 16, 16]", "b/002.pt", "c/003.pt holds a dict"):
@@ -501,14 +507,7 @@ def test_every_bad_data_file_is_listed_at_once(tmp_path, capsys):
 def test_a_stray_first_file_neither_hides_the_list_nor_sizes_the_data(tmp_path, capsys):
     """The first file has the odd shape (here a large one): the data is sized by most files, and
     every bad file, unreadable ones included, is still listed at once."""
-    root = write_latent_folders(tmp_path / "data", size=16)
-    torch.save(torch.zeros(4, 1024, 1024), os.path.join(root, "a", "000.pt"))
-    (tmp_path / "data" / "b" / "002.pt").write_bytes(b"garbage")
-    torch.save({"not": "a tensor"}, os.path.join(root, "c", "003.pt"))
-    cfg = tiny_run_config(tmp_path)
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    assert run.main(["--config", str(path)]) == 2
+    run_on_bad_data(tmp_path, ("000.pt", torch.zeros(4, 1024, 1024)))
     err = capsys.readouterr().err
     assert "3 latent file(s) under" in err and "a/000.pt has shape [4, 1024, 1024]; expected [4, 16, 16]" in err
     assert "b/002.pt" in err and "c/003.pt holds a dict" in err
