@@ -41,9 +41,9 @@ import traceback
 import torch
 from PIL import Image
 
-from dataset import list_latent_files, read_latent
-from inference import (domain_index, latent_styles, load_networks, open_vae_for, reference_styles,
-                       training_latent_size, translate_pairs)
+from inference import (domain_index, latent_styles, load_networks, open_vae_for, reference_styles, training_latent_size,
+                       translate_pairs)
+from latents import list_latent_files, read_latent
 from runtime import InputError, check_psi, check_seed, configure_backends, resolve_device, script_main
 from sampling import (FPS, FRAMES_PER_TRANSITION, default_hold, frame_styles, interpolation_schedule, video_frames,
                       write_video)

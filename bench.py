@@ -64,7 +64,8 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from config import load_config, model_kwargs  # noqa: E402
-from dataset import LATENT_CHANNELS, MultiDomainLatentDataset, build_loader, write_latent_folders  # noqa: E402
+from dataset import MultiDomainLatentDataset, build_loader  # noqa: E402
+from latents import LATENT_CHANNELS, write_latent_folders  # noqa: E402
 from model import NETS, build_models  # noqa: E402
 from runtime import InputError, configure_backends, resolve_device, run_script, seed_everything  # noqa: E402
 from trainer import AMP_DTYPES, Trainer  # noqa: E402
@@ -555,7 +556,7 @@ def write_startup_data(root, domains, n, size=LATENT_SIZE, layout="packed", seed
     """`n` random latents (SD1.5's spread, values float16 holds exactly) split evenly over `domains`
     under `root`: one float32 .pt per latent ("files") or a float16 packed shard per domain
     ("packed", through packing.PackWriter). Returns the bytes written."""
-    from dataset import PACKED_ARRAY, save_latent
+    from latents import PACKED_ARRAY, save_latent
     from packing import PackWriter
 
     g = torch.Generator().manual_seed(seed)

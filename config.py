@@ -14,8 +14,9 @@ import re
 
 import yaml
 
+from latents import SD15_LATENT_SCALE
+from model import expected_state
 from runtime import InputError, atomic_write, path_component_problem
-from vae import SD15_LATENT_SCALE
 
 DEFAULTS = {
     "seed": 0,
@@ -301,8 +302,6 @@ def parse_metrics(value, flag="--metrics"):
 
 def check_model_size(cfg):
     """The four networks' parameter count, from shapes alone (nothing allocated), within MAX_PARAMETERS."""
-    from model import expected_state
-
     _, params = expected_state(**model_kwargs(cfg))
     total = sum(math.prod(shape) for shapes in params.values() for shape in shapes)
     if total > MAX_PARAMETERS:

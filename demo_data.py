@@ -22,9 +22,9 @@ import time
 import numpy as np
 import torch
 
-from dataset import write_latent_folders
+from latents import SD15_LATENT_SCALE, write_latent_folders
 from runtime import atomic_write
-from vae import PREVIEW_FACTORS, SD15_LATENT_SCALE
+from vae import PREVIEW_FACTORS
 
 DEMO_DATA_VERSION = 1  # bump when the composition changes, so old demo folders are regenerated
 MANIFEST_NAME = "demo_manifest.json"

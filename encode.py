@@ -35,11 +35,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from tqdm import tqdm
 
-from dataset import save_latent
+from latents import save_latent
 from packing import PACK_DTYPES, PackWriter, check_names
 from runtime import InputError, resolve_device, run_script
-from vae import (IMAGE_EXTENSIONS, encode_raw, inspect_image, load_image, load_vae, to_model_input,
-                 vae_downsample_factor)
+from vae import IMAGE_EXTENSIONS, encode_raw, inspect_image, load_image, load_vae, to_model_input, vae_downsample_factor
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PREFETCH_BATCHES = 2  # batches decoded ahead of the VAE: bounds memory on huge folders

@@ -25,13 +25,14 @@ import sys
 import torch
 from tqdm import tqdm
 
-from dataset import MultiDomainLatentDataset
-from inference import networks_from_checkpoint
-from display import WorkProgress
+from checkpoint import load_checkpoint
 from config import parse_metrics
+from dataset import MultiDomainLatentDataset
+from display import WorkProgress
+from inference import networks_from_checkpoint
 from metrics import Evaluator, format_table
-from runtime import (InputError, atomic_write, check_seed, check_writable_folder, load_checkpoint, remove_if_empty,
-                     resolve_device, script_main)
+from runtime import (InputError, atomic_write, check_seed, check_writable_folder, remove_if_empty, resolve_device,
+                     script_main)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -24,11 +24,12 @@ import sys
 
 import torch
 
-from exporting import (GRAPHS, MIN_REFERENCE_SIZE, FORMATS, Decoder, build_graphs, export_program, max_abs_diff,
+from checkpoint import load_checkpoint
+from exporting import (FORMATS, GRAPHS, MIN_REFERENCE_SIZE, Decoder, build_graphs, export_program, max_abs_diff,
                        metadata_for, onnx_bytes, pt2_bytes, random_inputs, require_onnx_packages)
-from dataset import LATENT_CHANNELS
 from inference import domain_index, mean_style, networks_from_checkpoint, training_latent_size
-from runtime import InputError, atomic_write, check_seed, check_writable_folder, load_checkpoint, run_script
+from latents import LATENT_CHANNELS
+from runtime import InputError, atomic_write, check_seed, check_writable_folder, run_script
 from vae import decode, load_vae, vae_downsample_factor
 
 # max abs difference: in raw latent units (a raw SD1.5 latent's std is ~5.5), or for RGB in [0, 1] a

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from config import model_kwargs
-from dataset import LATENT_CHANNELS
 from inference import MEAN_STYLE_SAMPLES, mean_style
+from latents import LATENT_CHANNELS
 from model import build_models
 from runtime import InputError
 

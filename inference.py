@@ -11,10 +11,11 @@ import weakref
 
 import torch
 
+from checkpoint import load_checkpoint
 from config import model_kwargs, resolve_config
-from dataset import LATENT_CHANNELS, list_latent_files, load_latent_file
+from latents import LATENT_CHANNELS, list_latent_files, load_latent_file
 from model import EMA_NETS, build_models
-from runtime import InputError, load_checkpoint
+from runtime import InputError
 from vae import load_vae_or_preview
 
 MEAN_STYLE_SAMPLES = 10000  # z draws averaged into a domain's mean style for psi (StarGAN v2's count)

@@ -34,7 +34,9 @@ import torch.nn.functional as F
 
 from config import EVAL_METRICS as METRICS
 from config import parse_metrics
+from latents import content_hash
 from runtime import InputError, atomic_write
+from vae import decode, load_vae
 
 MODES = ("latent", "reference")
 LATENT_CHANNELS = 4  # SD1.5 VAE latents
@@ -440,20 +442,6 @@ def latent_features(latents, decode, inception, batch_size=32, device="cpu", amp
     return in_batches(features, latents, batch_size)
 
 
-HASH_CHUNK_BYTES = 64 * 2**20  # content_hash reads this much at a time: its memory, whatever the set's size
-
-
-def content_hash(tensor):
-    """sha256 of a tensor's shape, dtype and bytes: identifies a real set given as tensors. Read in
-    chunks of rows, so a memory-mapped set (packed latents) is never copied whole into memory."""
-    t = tensor.detach()
-    digest = hashlib.sha256(f"{tuple(t.shape)}{t.dtype}".encode())
-    rows = max(1, HASH_CHUNK_BYTES // max(1, t[:1].numel() * t.element_size())) if t.dim() else 1
-    for chunk in (t.split(rows) if t.dim() else [t]):
-        digest.update(memoryview(chunk.contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
-    return digest.hexdigest()
-
-
 def cached_real_features(domain, latents, compute, cache_dir, key):
     """Real-domain features from `cache_dir` when a file with this exact `key` (which names the
     latents by a hash of their content) is there, else `compute()` and store them (atomically), so
@@ -728,8 +716,6 @@ class Evaluator:
         numbers would mean something else), and Inception and LPIPS for the `metrics` that need
         them (without LPIPS, no AlexNet: it cannot be had offline). Any missing or wrong file is an
         InputError that starts with `what` (e.g. which setting asked for evaluation)."""
-        from vae import load_vae
-
         metrics = parse_metrics(metrics)
         if not vae_path:
             raise InputError(f"{what}evaluation decodes reals and fakes with the SD VAE, and none is set: pass --vae, or "
@@ -754,40 +740,9 @@ class Evaluator:
         return cls(vae, vae_identity(vae, vae_path, vae_subfolder), inception, lpips, device, amp_dtype, batch_size,
                    cache_dir, metrics)
 
-    @classmethod
-    def from_config(cls, cfg, device, cache_dir, amp_dtype=None, latent_shape=None):
-        """`load` from a training config's evaluation section (the VAE: evaluation.vae_path, else
-        visualization.vae_path; the metrics: evaluation.metrics); its best_metric must name one of
-        them for the config's domains. With evaluation.source_root, its latents (same domains, of
-        `latent_shape`, the training latents') are the sources and references, held out."""
-        from dataset import MultiDomainLatentDataset
-
-        e, v, domains = cfg["evaluation"], cfg["visualization"], list(cfg["data"]["domains"])
-        what = "evaluation.every_epochs is set: "
-        keys = metric_keys(domains, metrics=e["metrics"])
-        if e["best_metric"] not in keys:
-            raise InputError(f"evaluation.best_metric={e['best_metric']!r} is not a metric of these domains and of "
-                             f"evaluation.metrics {e['metrics']}; e.g. {', '.join(keys[:4])}, ...")
-        held_out = None
-        if e["source_root"]:
-            held = MultiDomainLatentDataset(e["source_root"], domains, preload_to_gpu=False, device="cpu",
-                                            log=lambda *a: None)
-            if latent_shape is not None and tuple(held.shape) != tuple(latent_shape):
-                raise InputError(f"evaluation.source_root {e['source_root']!r} holds latents of shape "
-                                 f"{list(held.shape)}; the training latents are {list(latent_shape)}")
-            held_out = held.by_domain()
-        evaluator = cls.load(e["vae_path"] or v["vae_path"], None if e["vae_path"] else v["vae_subfolder"],
-                             e["inception_weights"], e["lpips_weights"], device, amp_dtype=amp_dtype,
-                             batch_size=cfg["training"]["batch_size"], cache_dir=cache_dir, what=what,
-                             metrics=e["metrics"])
-        evaluator.held_out, evaluator.source_root = held_out, e["source_root"]
-        return evaluator
-
     @torch.no_grad()
     def decode(self, raw):
         """Raw latents [n, 4, h, w] -> RGB [n, 3, H, W] in [0, 1] on the device."""
-        from vae import decode
-
         return decode(self.vae, raw)
 
     def __call__(self, nets, domains, real, sources=None, latent_scale=None, latent_dim=None, num_outs=10,

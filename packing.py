@@ -1,8 +1,15 @@
-"""Writing packed latents: a domain folder's latents as one latents.npy [N, 4, H, W] plus index.json
-(the format is described in dataset.py, which reads it). Used by pack.py (per-file folders ->
-packed) and encode.py --pack.
+"""The packed latent format, reader and writer.
 
-Atomic and resumable. `PackWriter` appends rows, in any order, to a hidden partial file beside the
+A packed domain folder holds two files instead of one file per latent:
+  latents.npy  [N, 4, H, W] raw latents, little-endian float16 (the default) or float32, C order
+  index.json   {"version": 1, "names": [N names]}: row i came from the file names[i]
+Rows are in name order, the order a per-file folder is read in, so a packed copy of a folder gives
+the same epoch tables and the same batches.
+
+Reading (`PackedShard`, `scan_packed`, used by dataset.py): a read-only memory map; start-up reads
+the headers and the index, then makes one chunked pass over the values.
+
+Writing (pack.py, encode.py --pack) is atomic and resumable. `PackWriter` appends rows, in any order, to a hidden partial file beside the
 shard and logs each row's name once the rows are on disk (fsync), so an interrupted run keeps every
 logged row and a rerun produces only the rest. `finish` puts the rows in name order and commits:
 the old latents.npy is removed, index.json written, the partial renamed to latents.npy. At every
@@ -13,17 +20,20 @@ interrupted pack: never a half-written latents.npy.
 
 import json
 import math
+import mmap
 import os
 import re
 import struct
 import time
 import uuid
+import warnings
 
 import numpy as np
 import torch
 
-from dataset import (LATENT_SUFFIXES, MAX_LISTED, MIN_LATENT_SIZE, PACKED_ARRAY, PACKED_INDEX, PACKED_VERSION,
-                     PackedShard, bad_name, first_lines, is_packed, list_latent_files, load_latent_file)
+from latents import (LATENT_CHANNELS, LATENT_SUFFIXES, MAX_LATENT_SIZE, MAX_LISTED, OUTLIER_LIMIT, PACKED_ARRAY,
+                     PACKED_INDEX, first_lines, is_packed, list_latent_files, load_latent_file)
+from model import MIN_LATENT_SIZE
 from runtime import InputError, atomic_write
 
 PACK_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -339,3 +349,243 @@ def pack_folders(src_root, dst_root, domains=None, dtype="float16", log=print):
     if bad:
         raise InputError(f"domain names must be single folder names, got {bad}")
     return {d: pack_domain(os.path.join(src_root, d), os.path.join(dst_root, d), dtype, log) for d in domains}
+
+PACKED_VERSION = 1
+
+PACKED_DTYPES = (np.dtype("<f2"), np.dtype("<f4"))
+
+NAME_MAX = 255  # bytes in a file name on common file systems
+
+SCAN_CHUNK_BYTES = 32 * 2**20  # one read of the start-up pass: its memory, whatever the data's size
+
+_INT_VIEWS = {np.dtype("<f2"): (np.int16, np.uint16), np.dtype("<f4"): (np.int32, np.uint32)}  # same bits
+
+
+def open_packed_domains(folders):
+    """[PackedShard] when every folder is packed, None when none is; a mix is an InputError."""
+    packed = [is_packed(f) for f in folders]
+    if not any(packed):
+        return None
+    if not all(packed):
+        per_file = [f for f, p in zip(folders, packed) if not p]
+        for folder in per_file:
+            list_latent_files(folder)  # a missing or empty folder says so first
+        raise InputError(
+            f"packed and per-file domain folders mixed under one data.root: {', '.join(per_file)} hold(s) one file per "
+            f"latent, the others a packed {PACKED_ARRAY} + {PACKED_INDEX}. Use one layout: pack the per-file "
+            f"folders with `python pack.py SRC DST` (README, 'Packed latents')")
+    return [PackedShard(f) for f in folders]
+
+
+def open_packed_array(path):
+    """`path` as a read-only memory map [N, 4, H, W] after checking its header against the file's
+    size; nothing beyond the header is read. InputError naming the file otherwise."""
+    expected = (f"expected a .npy array [N, 4, H, W] ({MIN_LATENT_SIZE} <= H, W <= {MAX_LATENT_SIZE}) of "
+                "little-endian float16 or float32 in C order, as pack.py writes")
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f".npy format version {version} (1.0 or 2.0 expected)")
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(f)  # a literal, never unpickled
+            offset = f.tell()
+    except Exception as e:  # not a .npy file, a garbled or truncated header
+        raise InputError(f"cannot read {path} as a .npy array header ({type(e).__name__}: {e}); {expected}") from e
+    if dtype not in PACKED_DTYPES or fortran_order:
+        raise InputError(f"{path} has dtype {dtype.str}{' in Fortran order' if fortran_order else ''}; {expected}")
+    if len(shape) != 4 or shape[0] < 1 or shape[1] != LATENT_CHANNELS or min(shape[2:]) < MIN_LATENT_SIZE \
+            or max(shape[2:]) > MAX_LATENT_SIZE:
+        raise InputError(f"{path} has shape {list(shape)}; {expected}")
+    size, needed = os.path.getsize(path), offset + math.prod(shape) * dtype.itemsize
+    if size != needed:
+        raise InputError(f"{path} is {size} bytes but its header promises {needed} ({list(shape)} {dtype.name} "
+                         f"after a {offset}-byte header): {'truncated' if size < needed else 'bytes after the array'}; "
+                         f"{expected}")
+    return np.load(path, mmap_mode="r", allow_pickle=False)  # [N, 4, H, W], read-only
+
+
+def bad_name(name):
+    """Why `name` is not a plain file name (a row's origin in a packed index), or None."""
+    if not isinstance(name, str):
+        return f"a {type(name).__name__}, not a string"
+    if name in ("", ".", ".."):
+        return "not a file name"
+    if re.search(r"[/\\\x00-\x1f]", name):
+        return "holds a path separator or a control character"
+    if len(name.encode("utf-8", "surrogatepass")) > NAME_MAX:
+        return f"longer than {NAME_MAX} bytes"
+    return None
+
+
+def read_packed_index(path, count, array_path):
+    """The `count` row names of a packed domain from `path`: plain file names, each once.
+    InputError naming the index and every bad entry otherwise."""
+    expected = (f'expected {{"version": {PACKED_VERSION}, "names": [...]}} with one plain file name per row of '
+                f'{array_path}, as pack.py writes')
+    if not os.path.isfile(path):
+        raise InputError(f"{path} not found: a packed domain needs it beside {array_path}; {expected}")
+    if os.path.getsize(path) > 64 + count * (6 * NAME_MAX + 4):  # each name fully \u-escaped, quoted, comma
+        raise InputError(f"{path} is {os.path.getsize(path)} bytes, too large for {count} names; {expected}")
+    try:
+        with open(path, "rb") as f:
+            index = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path} as JSON ({type(e).__name__}: {e}); {expected}") from e
+    names = index.get("names") if isinstance(index, dict) and index.get("version") == PACKED_VERSION else None
+    if not isinstance(names, list):
+        raise InputError(f"{path} is not a version-{PACKED_VERSION} index; {expected}")
+    if len(names) != count:
+        raise InputError(f"{path} names {len(names)} rows but {array_path} holds {count}; {expected}")
+    # the common case checked at C speed: strings, no separator or control character, short, unique
+    plain = (all(type(n) is str for n in names) and not re.search(r"[/\\\x00-\x1f]", "".join(names))
+             and not {"", ".", ".."} & set(names) and len(set(names)) == count
+             and (max(map(len, names)) * 4 <= NAME_MAX or max(len(n.encode("utf-8", "surrogatepass")) for n in names)
+                  <= NAME_MAX))
+    if not plain:
+        bad = [f"row {i}: {n!r} is {why}" for i, n in enumerate(names) if (why := bad_name(n))]
+        rows_of = {}
+        for i, n in enumerate(names):
+            if isinstance(n, str):
+                rows_of.setdefault(n, []).append(i)
+        bad += [f"rows {rows}: {n!r} names more than one row" for n, rows in rows_of.items() if len(rows) > 1]
+        raise InputError(f"{path}: {len(bad)} bad name(s); {expected}:\n  " +
+                         "\n  ".join(first_lines(bad[:MAX_LISTED], len(bad))))
+    return names
+
+
+class PackedShard:
+    """One packed domain folder: latents.npy as a read-only memory map (only its header is read
+    here) and the row names of index.json. Pickled (a loader worker under spawn), it travels as its
+    folder and maps the file again: the data never goes through a pipe."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.path = os.path.join(folder, PACKED_ARRAY)
+        self.index_path = os.path.join(folder, PACKED_INDEX)
+        if not os.path.isfile(self.path):
+            raise InputError(f"{folder} holds {PACKED_INDEX} but no {PACKED_ARRAY}: an interrupted pack? Rerun the "
+                             f"pack.py or encode.py --pack command that writes it")
+        others = sorted(n for n in os.listdir(folder) if n.endswith(LATENT_SUFFIXES) and n != PACKED_ARRAY)
+        if others:
+            raise InputError(f"{folder} holds both a packed {PACKED_ARRAY} and {len(others)} latent file(s) "
+                             f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); expected one layout per "
+                             f"domain folder: move one of them away")
+        self.array = open_packed_array(self.path)  # [N, 4, H, W] np.memmap
+        self.names = read_packed_index(self.index_path, len(self.array), self.path)
+        self._tensor = None
+
+    def __len__(self):
+        return self.array.shape[0]
+
+    @property
+    def shape(self):
+        return tuple(self.array.shape[1:])
+
+    @property
+    def dtype(self):
+        return torch.float16 if self.array.dtype.itemsize == 2 else torch.float32
+
+    def label(self, row):
+        return f"{self.path} row {row} ({self.names[row]})"
+
+    def peak(self, row):
+        """Max |value| of one row, read from the map."""
+        return float(np.abs(self.array[row].astype(np.float32)).max())
+
+    def tensor(self):
+        """The map as a CPU tensor [N, 4, H, W] (no copy)."""
+        if self._tensor is None:
+            self._tensor = read_only_tensor(self.array)
+        return self._tensor
+
+    def chunks(self, rows):
+        """(first row, [k, 4, H, W] read-only array) for every `rows` rows in order, from a map of
+        its own whose pages are dropped from this process after each chunk. Every page a map has
+        touched counts in the process's memory until it is unmapped, so a pass over the whole file
+        would hold all of it; this pass holds one chunk and leaves the file in the page cache for the
+        batches and for the other ranks."""
+        with open(self.path, "rb") as f:
+            whole = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        row_bytes = self.array.nbytes // len(self)
+        array = np.frombuffer(whole, self.array.dtype, self.array.size, self.array.offset).reshape(self.array.shape)
+        advise = getattr(whole, "madvise", lambda *args: None)  # no madvise on Windows
+
+        def pages(start):  # the page-aligned byte range of the chunk at row `start`
+            begin = (self.array.offset + start * row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+            return begin, self.array.offset + min(start + rows, len(self)) * row_bytes - begin
+
+        try:
+            advise(mmap.MADV_SEQUENTIAL)
+            for start in range(0, len(self), rows):
+                if start + rows < len(self):
+                    advise(mmap.MADV_WILLNEED, *pages(start + rows))  # read ahead while this chunk is checked
+                yield start, array[start:start + rows]
+                advise(mmap.MADV_DONTNEED, *pages(start))
+        finally:
+            del array
+            try:
+                whole.close()
+            except BufferError:  # a chunk is still referenced: the map closes with it
+                pass
+
+    def __getstate__(self):
+        return {"folder": self.folder}
+
+    def __setstate__(self, state):
+        self.__init__(state["folder"])
+
+
+def read_only_tensor(array):
+    """torch.from_numpy of a read-only array (a map), without torch's warning that the tensor is
+    not writable: nothing here writes to one (gathers copy)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
+def magnitude_bits(chunk):
+    """Per-row max |value| of a float16/float32 array [k, ...] as an integer ordered like |value|.
+
+    IEEE 754 orders non-negative floats like their bit patterns read as integers, with inf and then
+    NaN above every finite number, and a negative number is its magnitude's pattern plus the sign
+    bit. So a row's largest non-negative magnitude is the max of its patterns read as signed
+    integers (the negatives read below zero), and its largest negative magnitude the max read as
+    unsigned integers, less the sign bit. Two integer reductions that write nothing (so they run on
+    the read-only map, ~10 GB/s each in numpy) answer both start-up questions exactly: finite, and
+    within OUTLIER_LIMIT."""
+    signed, unsigned = _INT_VIEWS[chunk.dtype]
+    flat = chunk.reshape(len(chunk), -1)  # [k, 4*H*W]
+    sign_bit = 1 << (8 * chunk.dtype.itemsize - 1)
+    return np.maximum(flat.view(signed).max(axis=1).astype(np.int64),
+                      flat.view(unsigned).max(axis=1).astype(np.int64) - sign_bit)  # [k]
+
+
+def magnitude_threshold(value, dtype):
+    """The bit pattern of the largest `dtype` (float16 or float32) number <= `value`: |x| > value
+    iff magnitude_bits of x is above it."""
+    x = np.array(value, dtype)
+    if float(x) > value:  # rounded up: step down (compared in float64: numpy would compare in float16)
+        x = np.nextafter(x, x.dtype.type(0))
+    return int(x.view(_INT_VIEWS[x.dtype][0]))
+
+
+def scan_packed(shards, out=None, chunk_bytes=None):
+    """One pass over every row of `shards`, in order: ([(shard, row)] non-finite, [(shard, row)]
+    beyond OUTLIER_LIMIT). With `out` [N_total, 4, H, W] (the GPU preload), each chunk is copied
+    there from the map first: the file is read once for both."""
+    nonfinite, outliers, first = [], [], 0
+    for shard in shards:
+        dtype = shard.array.dtype
+        finite_max = magnitude_threshold(np.finfo(dtype).max, dtype)
+        limit = magnitude_threshold(OUTLIER_LIMIT, dtype)
+        rows = max(1, (chunk_bytes or SCAN_CHUNK_BYTES) // (shard.array.nbytes // len(shard)))
+        for start, chunk in shard.chunks(rows):
+            if out is not None:
+                out[first + start:first + start + len(chunk)].copy_(read_only_tensor(chunk))
+            peak = magnitude_bits(chunk)  # [k]
+            for row in np.flatnonzero(peak > limit).tolist():
+                (nonfinite if peak[row] > finite_max else outliers).append((shard, start + row))
+        first += len(shard)
+    return nonfinite, outliers

@@ -24,10 +24,11 @@ import torch  # noqa: E402
 
 from config import load_config, model_kwargs, save_resolved  # noqa: E402
 from dataset import MultiDomainLatentDataset  # noqa: E402
+from demo_data import generate_demo_data  # noqa: E402
 from model import build_models, count_parameters  # noqa: E402
-from runtime import (BAD_INPUT, LOCK_NAME, FolderLock, InputError, WriteError, check_writable_folder,  # noqa: E402
-                     configure_backends, load_checkpoint, remove_if_empty, remove_orphaned_temporaries, resolve_device,
-                     run_script, seed_everything, setup_distributed)
+from runtime import BAD_INPUT, LOCK_NAME, FolderLock, InputError, WriteError, check_writable_folder, configure_backends, remove_if_empty, remove_orphaned_temporaries, resolve_device, run_script, seed_everything  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
+from distributed import setup_distributed  # noqa: E402
 from trainer import NonFiniteError, Trainer  # noqa: E402
 
 
@@ -144,8 +145,6 @@ def build(cfg, ckpt, dist, device, log):
     """The data set, the networks and the Trainer (resumed from `ckpt` when given)."""
     t, d = cfg["training"], cfg["data"]
     if d["synthetic"]:
-        from demo_data import generate_demo_data
-
         if dist.is_main:
             generate_demo_data(d["root"], d["domains"], files_per_domain=d["synthetic_files_per_domain"],
                                seed=cfg["seed"], latent_scale=t["latent_scale"], log=log)

@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 
-from dataset import list_latent_files, split_names
+from latents import list_latent_files, split_names
 from runtime import InputError, atomic_write, check_writable_folder, path_component_problem, script_main
 
 

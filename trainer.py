@@ -25,9 +25,10 @@ from dataset import build_loader, check_epoch_has_steps, rank_indices
 from display import Display, WorkProgress, json_line
 from inference import grid_cells
 from model import EMA_NETS, NETS
-from runtime import (CheckpointError, Distributed, InputError, StopNow, StopRequested, WriteError, atomic_save,
-                     compile_options, fused_adam_supported, get_rng_state, is_oom, on_stop_signal, prune_checkpoints,
-                     set_rng_state, validate_checkpoint, write_failure)
+from checkpoint import CheckpointError, atomic_save, get_rng_state, prune_checkpoints, set_rng_state, validate_checkpoint
+from distributed import Distributed
+from runtime import InputError, StopNow, StopRequested, WriteError, write_failure
+from train_eval import open_evaluator
 from vae import load_vae_or_preview, save_image_grid, to_rgb
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -488,10 +489,8 @@ class Trainer:
         error before the first step rather than after an epoch; every rank learns of a failure."""
         problem = None
         if self.dist.is_main:
-            from metrics import Evaluator
-
             try:
-                self.evaluator = Evaluator.from_config(self.cfg, self.device, self.checkpoint_path("eval_cache"),
+                self.evaluator = open_evaluator(self.cfg, self.device, self.checkpoint_path("eval_cache"),
                                                        amp_dtype=self.amp_dtype if self.device.type == "cuda" else None,
                                                        latent_shape=self.latent_shape)
             except (InputError, FileNotFoundError) as err:
@@ -756,3 +755,48 @@ class Trainer:
         folder = self.cfg["visualization"]["save_dir"] or self.checkpoint_path("vis")
         return save_image_grid(os.path.join(folder, f"epoch_{epoch:04d}.png"), rgb, nrow=len(row_labels),
                                row_labels=row_labels, col_labels=["source"] + self.domains)
+
+
+def is_oom(err):
+    """An out-of-memory error, whichever way the device reported it."""
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
+def fused_adam_supported(device):
+    """Whether fused Adam runs on `device` (CUDA and, in recent torch, the CPU): probe it once."""
+    try:
+        p = torch.nn.Parameter(torch.zeros(1, device=device))
+        p.grad = torch.zeros(1, device=device)
+        torch.optim.Adam([p], fused=True).step()
+        return True
+    except Exception:
+        return False
+
+
+def compile_options(mode, cudagraphs):
+    """torch refuses `mode` and `options` together: translate the pair into options alone, so
+    `compile_cudagraphs` decides CUDA graphs whatever the mode."""
+    try:
+        import torch._inductor
+
+        opts = dict(torch._inductor.list_mode_options(mode)) if mode != "default" else {}
+    except Exception:
+        opts = {}
+    opts["triton.cudagraphs"] = bool(cudagraphs)
+    return opts
+
+
+def on_stop_signal(callback):
+    """Call `callback(signum)` on SIGINT / SIGTERM in this process (forked loader workers ignore
+    them: the main process decides). Returns the previous handlers, for `signal.signal` to restore."""
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() == owner:
+            callback(signum)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, handler)
+    return previous

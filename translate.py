@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dataset import LATENT_SUFFIXES, read_latent
+from latents import LATENT_SUFFIXES, read_latent
 from inference import (DEFAULT_LATENT_SIZE, MEAN_STYLE_SAMPLES, domain_index, latent_styles, load_networks,
                        open_vae_for, reference_styles, training_latent_size, translate_pairs)
 from runtime import (InputError, atomic_write, check_psi, check_seed, check_writable_folder, remove_if_empty,

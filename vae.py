@@ -16,7 +16,6 @@ import torch
 
 from runtime import InputError, atomic_write
 
-SD15_LATENT_SCALE = 0.18215  # the SD1.5 VAE's scaling_factor: scaled latents have roughly unit std
 
 # Linear latent -> RGB for *scaled* SD1.5 latents (rows: latent channels; columns: R, G, B). The
 # widely used preview factors; an RGB in about [-1, 1].

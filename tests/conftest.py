@@ -65,7 +65,7 @@ def tiny_vae_dir(tmp_path_factory):
 
 def write_latent_folders(root, domains=("a", "b", "c"), files=6, size=16, seed=0):
     """root/<domain>/<k:03d>.pt raw latents whose mean encodes the domain (domain i ~ 2*i - 2)."""
-    from dataset import write_latent_folders as write
+    from latents import write_latent_folders as write
 
     g = torch.Generator().manual_seed(seed)
     write(root, {d: torch.randn(files, 4, size, size, generator=g) * 4 + (2 * i - 2) for i, d in enumerate(domains)},

@@ -7,7 +7,8 @@ import torch
 
 from demo_data import (MANIFEST_NAME, SHAPE_KINDS, compose_domain_rgb, domain_style, generate_demo_data,
                        rgb_to_scaled_latent)
-from vae import SD15_LATENT_SCALE, latent_preview
+from latents import SD15_LATENT_SCALE
+from vae import latent_preview
 
 DOMAINS = ["photo", "Hayao", "monet", "cezanne", "vangogh"]
 

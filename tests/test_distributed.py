@@ -60,7 +60,7 @@ def test_two_process_run_and_resume(tmp_path):
 def _sync_worker(rank, port, perturb, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    from runtime import Distributed
+    from distributed import Distributed
 
     dist = Distributed(rank, 2)
     torch.manual_seed(0)

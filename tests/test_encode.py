@@ -244,7 +244,7 @@ def test_images_too_small_to_upscale_are_refused_and_changes_are_reported(vae_di
 
 def load_shard(folder):
     """(row names, rows [N, 4, h, w] as stored) of a packed folder, read by the dataset's reader."""
-    from dataset import PackedShard
+    from packing import PackedShard
 
     shard = PackedShard(str(folder))
     return shard.names, torch.from_numpy(np.array(shard.array))

@@ -17,8 +17,8 @@ import yaml
 import evaluate
 import metrics
 import run
-from dataset import save_latent
 from conftest import tiny_run_config, write_latent_folders, write_random_alexnet
+from latents import save_latent
 from test_metrics import PlainFormStandIn, StyleGANFormStandIn, script_to
 
 DOMAINS = ["a", "b", "c"]

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 import app
+import checkpoint
 import evaluate
 import export
 import run
@@ -84,7 +85,7 @@ def entry(keys):
 
 # (id, mutation, what the one-line error must name)
 BROKEN = [
-    *[(f"missing {key}", drop(key), f"entry {key}") for key in runtime.CHECKPOINT_KEYS],
+    *[(f"missing {key}", drop(key), f"entry {key}") for key in checkpoint.CHECKPOINT_KEYS],
     ("extra entry", put("surprise", 1), "entry surprise"),
     ("live weight wrong shape", put(G0, lambda: torch.zeros(3, 4, 3, 3)), entry(G0)),
     ("live weight float64", put(G0, lambda: torch.zeros(8, 4, 3, 3, dtype=torch.float64)), entry(G0)),
@@ -184,7 +185,7 @@ def broken_dir(trained, tmp_path_factory):
     """Every BROKEN checkpoint written once: {id: path}."""
     folder = tmp_path_factory.mktemp("broken")
     good = torch.load(trained[0], weights_only=True)
-    runtime.validate_checkpoint(good, trained[0])  # the unbroken one passes
+    checkpoint.validate_checkpoint(good, trained[0])  # the unbroken one passes
     paths = {}
     for k, (name, mutate, _) in enumerate(BROKEN):
         ckpt = copy.deepcopy(good)

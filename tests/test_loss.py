@@ -11,6 +11,7 @@ import torch
 import loss as L
 from model import Discriminator
 
+
 def test_d_hinge_loss():
     real, fake = torch.tensor([[2.0, 0.5], [-1.0, 0.0]]), torch.tensor([[-3.0, 0.5], [1.0, -0.5]])
     # by hand: max(0, 1 - real) = [0, .5, 2, 1] -> mean .875; max(0, 1 + fake) = [0, 1.5, 2, .5] -> 1.0

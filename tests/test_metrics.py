@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from scipy import linalg
 
 import metrics
-from runtime import InputError
 from conftest import TINY_MODEL, write_random_alexnet
 from model import AdaIN, build_models
+from runtime import InputError
 
 DOMAINS = ("a", "b", "c")
 

@@ -13,9 +13,12 @@ import pytest
 import torch
 
 import dataset
+import latents
 import pack
 import packing
-from dataset import MultiDomainLatentDataset, PackedShard, build_loader, write_latent_folders
+from dataset import MultiDomainLatentDataset, build_loader
+from latents import write_latent_folders
+from packing import PackedShard
 
 H = W = 8
 DOMAINS = ["a", "b", "c"]
@@ -112,7 +115,7 @@ def test_per_file_listing_refuses_a_packed_folder(roots):
     """The app's examples and a checkpoint's latent-size probe list per-file folders: a packed one
     says what it is (they skip it) instead of offering latents.npy as one latent."""
     with pytest.raises(ValueError, match="packed latents"):
-        dataset.list_latent_files(str(roots[1] / "a"))
+        latents.list_latent_files(str(roots[1] / "a"))
 
 
 def test_workers_and_pickling_map_the_file_again(roots):
@@ -135,7 +138,7 @@ def test_preload_pass_fills_one_tensor(roots):
     files, f16 = roots[:2]
     shards = [PackedShard(str(f16 / d)) for d in DOMAINS]
     out = torch.full((24, 4, H, W), float("nan"), dtype=torch.float16)
-    assert dataset.scan_packed(shards, out, chunk_bytes=3 * 4 * H * W * 2) == ([], [])
+    assert packing.scan_packed(shards, out, chunk_bytes=3 * 4 * H * W * 2) == ([], [])
     assert torch.equal(out.float(), make_dataset(files).data)
 
 
@@ -151,11 +154,12 @@ def test_the_start_up_pass_holds_one_chunk_not_the_file(tmp_path):
 import sys
 sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
 import dataset
+import packing
 
 def kb(key):
     return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1])
 
-dataset.SCAN_CHUNK_BYTES = 2**20
+packing.SCAN_CHUNK_BYTES = 2**20
 open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) restarts from now
 before = kb("VmRSS")
 ds = dataset.MultiDomainLatentDataset({str(tmp_path)!r}, {DOMAINS!r}, preload_to_gpu=False, device="cpu",
@@ -183,7 +187,7 @@ def test_magnitude_bits_match_numpy():
     """Per-row finiteness and max |value| > 1e3 from bit patterns == numpy's float answers, with
     signed zeros, subnormals, the limit itself, its neighbours, inf and NaN, and rows of one sign."""
     for np_dtype in (np.float16, np.float32):
-        limit = np_dtype(dataset.OUTLIER_LIMIT)
+        limit = np_dtype(latents.OUTLIER_LIMIT)
         specials = [0.0, -0.0, np.finfo(np_dtype).smallest_subnormal, -np.finfo(np_dtype).smallest_subnormal,
                     limit, -limit, np.nextafter(limit, np_dtype(np.inf)), -np.nextafter(limit, np_dtype(np.inf)),
                     np.nextafter(limit, np_dtype(0)), np.finfo(np_dtype).max, -np.finfo(np_dtype).max,
@@ -196,9 +200,9 @@ def test_magnitude_bits_match_numpy():
         rows[301:350] = np.abs(rows[301:350])  # all non-negative
         rows[350:399] = -np.abs(rows[350:399])  # all negative (the unsigned reading alone sees them)
         rows[351, 2, 0, 1] = -1500
-        peak = dataset.magnitude_bits(rows)
-        finite_max = dataset.magnitude_threshold(np.finfo(np_dtype).max, rows.dtype)
-        beyond = dataset.magnitude_threshold(dataset.OUTLIER_LIMIT, rows.dtype)
+        peak = packing.magnitude_bits(rows)
+        finite_max = packing.magnitude_threshold(np.finfo(np_dtype).max, rows.dtype)
+        beyond = packing.magnitude_threshold(latents.OUTLIER_LIMIT, rows.dtype)
         with np.errstate(invalid="ignore"):
             want_nonfinite = ~np.isfinite(rows).reshape(400, -1).all(axis=1)
             magnitude = np.nan_to_num(np.abs(rows.astype(np.float64)), nan=np.inf).reshape(400, -1).max(axis=1)
@@ -212,8 +216,8 @@ def test_magnitude_bits_match_numpy():
     # limits between two float16 numbers (1000 and 1000.5): the threshold is the one below, even where
     # the cast rounds up (1000.4 -> 1000.5, which would let 1000.5 > 1000.4 pass)
     bits = {v: int(np.array(v, np.float16).view(np.int16)) for v in (1000.0, 1000.5)}
-    assert dataset.magnitude_threshold(1000.4, np.dtype(np.float16)) == bits[1000.0]
-    assert dataset.magnitude_threshold(1000.6, np.dtype(np.float16)) == bits[1000.5]
+    assert packing.magnitude_threshold(1000.4, np.dtype(np.float16)) == bits[1000.0]
+    assert packing.magnitude_threshold(1000.6, np.dtype(np.float16)) == bits[1000.5]
 
 
 # ---------------------------------------------------------------------- hostile shards
@@ -381,7 +385,7 @@ def test_hostile_pickle_in_a_shard_is_never_run(tmp_path):
 
 
 def test_non_finite_rows_are_all_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(dataset, "SCAN_CHUNK_BYTES", 3 * 4 * H * W * 2)  # 3 float16 rows a read
+    monkeypatch.setattr(packing, "SCAN_CHUNK_BYTES", 3 * 4 * H * W * 2)  # 3 float16 rows a read
     latents = half_exact_latents([6, 9, 3])
     latents["b"][2, 1, 3, 3] = float("nan")
     latents["b"][7, 0, 0, 0] = float("-inf")

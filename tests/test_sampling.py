@@ -11,9 +11,8 @@ import pytest
 import torch
 from PIL import Image, ImageSequence
 
-from conftest import decode_video
-
 import sampling
+from conftest import decode_video
 from translate import main
 from vae import image_grid, latent_preview, to_uint8
 

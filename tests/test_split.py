@@ -7,7 +7,8 @@ import torch
 
 import split
 from conftest import write_latent_folders
-from dataset import MultiDomainLatentDataset, split_names
+from dataset import MultiDomainLatentDataset
+from latents import split_names
 
 
 def test_split_is_disjoint_complete_linked_and_reproducible(tmp_path, capsys):

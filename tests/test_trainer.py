@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import checkpoint
 import loss as L
 import runtime
 import trainer as T
@@ -320,17 +321,17 @@ def test_compile_failure_in_g_phase_does_not_step_d_twice(tmp_path):
 
 
 def test_compile_options_translate_mode_and_cudagraphs():
-    opts = runtime.compile_options("reduce-overhead", False)
+    opts = T.compile_options("reduce-overhead", False)
     assert opts["triton.cudagraphs"] is False
-    assert runtime.compile_options("default", True) == {"triton.cudagraphs": True}
-    assert runtime.compile_options("max-autotune", False)["triton.cudagraphs"] is False
+    assert T.compile_options("default", True) == {"triton.cudagraphs": True}
+    assert T.compile_options("max-autotune", False)["triton.cudagraphs"] is False
 
 
 def test_state_dict_round_trip_is_exact(tmp_path):
     tr = make_trainer(tmp_path)
     tr.train_step(make_batch())
-    path = runtime.atomic_save(tr.state_dict(epoch=1), str(tmp_path / "c.pt"))
-    ckpt = runtime.load_checkpoint(path)
+    path = checkpoint.atomic_save(tr.state_dict(epoch=1), str(tmp_path / "c.pt"))
+    ckpt = checkpoint.load_checkpoint(path)
     tr2 = make_trainer(tmp_path)
     tr2.load_state_dict(ckpt)
     torch.manual_seed(5)
@@ -343,7 +344,7 @@ def test_state_dict_round_trip_is_exact(tmp_path):
 
 def test_atomic_save_failure_keeps_old_file(tmp_path, monkeypatch):
     path = str(tmp_path / "latest.pt")
-    runtime.atomic_save({"a": torch.ones(2)}, path)
+    checkpoint.atomic_save({"a": torch.ones(2)}, path)
 
     def broken_save(obj, f):
         f.write(b"partial")
@@ -351,7 +352,7 @@ def test_atomic_save_failure_keeps_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runtime.torch, "save", broken_save)
     with pytest.raises(OSError):
-        runtime.atomic_save({"a": torch.zeros(2)}, path)
+        checkpoint.atomic_save({"a": torch.zeros(2)}, path)
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]
@@ -379,7 +380,7 @@ def test_load_checkpoint_never_runs_pickled_code(tmp_path):
     state = make_trainer(tmp_path).state_dict(epoch=1)
     path = _save(tmp_path / "latest.pt", {**state, "notes": _Payload(marker)})
     with pytest.raises(ValueError, match="it holds a pickled io.open, which is refused"):
-        runtime.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
     assert not marker.exists()
 
 

@@ -1,0 +1,238 @@
+"""The per-file latent format: one raw VAE latent [C, H, W] per `.pt` or `.npy` file, one folder
+per domain under the data root (a packed domain folder holds `latents.npy` + `index.json` instead,
+see packing.py). The latent constants, the rules for file names, reading and writing one file with
+its checks, the outlier report and the content hash that names a set of latents in caches.
+
+Files are untrusted input: `.pt` goes through `torch.load(weights_only=True)` (never a full
+unpickle, so a hostile pickle cannot run code) and `.npy` through `np.load(allow_pickle=False)`.
+Anything unexpected is an InputError naming the file by its full path.
+"""
+
+import hashlib
+import io
+import os
+import re
+
+import numpy as np
+import torch
+
+from model import MIN_LATENT_SIZE
+from runtime import InputError, atomic_write
+
+LATENT_CHANNELS = 4  # SD1.5 VAE latent channels
+
+LATENT_SUFFIXES = (".pt", ".npy")
+
+
+# Raw SD1.5 latents have a standard deviation of about 5.5 (1 / 0.18215) and in practice stay within a
+# few tens. A max |value| above 1e3 (about 180 standard deviations) is no VAE latent: a file scaled
+# twice, saved as pixels, or corrupted. Such a value is finite, so the finiteness check misses it, yet
+# it drives activations and gradients to inf and every step that draws it is skipped.
+OUTLIER_LIMIT = 1e3
+
+MAX_LISTED = 100  # files (or packed rows) named in one error; the count says how many in all
+
+PACKED_ARRAY = "latents.npy"
+
+PACKED_INDEX = "index.json"
+
+
+def first_lines(lines, total):
+    """`lines` (the first of `total`), with a last line saying how many were left out."""
+    return lines + ([f"... and {total - len(lines)} more"] if total > len(lines) else [])
+
+
+def listed(lines):
+    """Lines for an error message: the first MAX_LISTED, and a count of the rest."""
+    lines = list(lines)
+    return "\n  ".join(first_lines(lines[:MAX_LISTED], len(lines)))
+
+
+def is_packed(folder):
+    return os.path.exists(os.path.join(folder, PACKED_ARRAY)) or os.path.exists(os.path.join(folder, PACKED_INDEX))
+
+
+def list_latent_files(folder):
+    """Sorted full paths of the `*.pt` / `*.npy` files in `folder`; errors name the folder."""
+    if not os.path.isdir(folder):
+        root = os.path.dirname(folder)
+        found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) \
+            if os.path.isdir(root) else None
+        hint = f"; folders in {root}: {found}" if found is not None else f"; {root} does not exist either"
+        raise FileNotFoundError(
+            f"domain folder not found: {folder} (expected one folder per domain under data.root, "
+            f"holding *.pt or *.npy latents{hint})")
+    if is_packed(folder):  # its latents.npy is no single latent
+        raise InputError(f"{folder} holds packed latents ({PACKED_ARRAY} + {PACKED_INDEX}), not one file per latent")
+    files = sorted(name for name in os.listdir(folder)
+                   if name.endswith(LATENT_SUFFIXES) and os.path.isfile(os.path.join(folder, name)))
+    if not files:
+        raise InputError(f"domain folder is empty: {folder} (expected *.pt or *.npy latent files "
+                         f"of shape [4, H, W] or [1, 4, H, W])")
+    return [os.path.join(folder, name) for name in files]
+
+
+def split_names(names, fraction, seed=0, key=""):
+    """(train, val): `names` split reproducibly, `fraction` of them (rounded, at least 1, at most all
+    but 1) to val: the names whose sha256 of (seed, key, name) is smallest. A name's side depends on
+    the seed and the name alone, not on the machine, the listing order or the other files, so a
+    folder that grows keeps its old split for its old files (bar the boundary)."""
+    names = sorted(names)
+    if len(names) < 2:
+        raise InputError(f"{key or 'a domain'} has {len(names)} file(s): a split needs at least 2")
+    count = min(len(names) - 1, max(1, round(fraction * len(names))))
+    rank = sorted(names, key=lambda name: hashlib.sha256(f"{seed}:{key}:{name}".encode()).hexdigest())
+    val = set(rank[:count])
+    return [n for n in names if n not in val], [n for n in names if n in val]
+
+
+def save_latent(latent, path):
+    """One raw latent [4, H, W] to `path` (.pt, or .npy by suffix), atomically. A .pt goes through a
+    buffer so its bytes do not depend on the file's name (same tensor, same bytes in any folder), and
+    is cloned so a row of a batch never saves the whole batch's storage."""
+    latent = latent.detach().cpu()
+    if path.endswith(".npy"):
+        return atomic_write(path, lambda f: np.save(f, latent.numpy(), allow_pickle=False))
+    buffer = io.BytesIO()
+    torch.save(latent.clone(), buffer)
+    return atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def write_latent_folders(root, latents, stem="{index:05d}", suffix=".pt"):
+    """{domain: raw latents [N, 4, H, W]} -> root/<domain>/<stem><suffix>, one file per latent, the
+    layout MultiDomainLatentDataset reads. `stem` is formatted with `domain` and `index`. Returns
+    the paths written, in order."""
+    paths = []
+    for domain, batch in latents.items():
+        folder = os.path.join(str(root), domain)
+        os.makedirs(folder, exist_ok=True)
+        for index, latent in enumerate(batch):
+            paths.append(save_latent(latent, os.path.join(folder, stem.format(domain=domain, index=index) + suffix)))
+    return paths
+
+
+def check_latent_shape(path, shape):
+    """[4, H, W] or [1, 4, H, W] with MIN_LATENT_SIZE <= H, W <= MAX_LATENT_SIZE, else InputError."""
+    shape = list(shape)
+    expected = "expected a float tensor of shape [4, H, W] or [1, 4, H, W] (an SD VAE latent)"
+    if len(shape) == 4 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 3 or shape[0] != LATENT_CHANNELS:
+        raise InputError(f"{path} has shape {shape}; {expected}")
+    if not all(MIN_LATENT_SIZE <= side <= MAX_LATENT_SIZE for side in shape[1:]):
+        raise InputError(f"{path} has shape {shape}: a latent's H and W must be from {MIN_LATENT_SIZE} (the "
+                         f"networks halve them {MIN_LATENT_SIZE.bit_length() - 1} times) to {MAX_LATENT_SIZE}")
+
+
+def load_latent_file(path):
+    """One latent file -> CPU float tensor [4, H, W] (dtype as stored); InputError naming `path`.
+
+    Shape, size and dtype are checked here, where files enter the program (a .npy's from its header,
+    before its data is read); finiteness is checked once on the assembled float32 tensor (one
+    vectorised pass, which also catches float64 values that overflow float32).
+    """
+    expected = "expected a float tensor of shape [4, H, W] or [1, 4, H, W] (an SD VAE latent)"
+    if path.endswith(".npy"):
+        try:  # memory-mapped: the header's shape is checked before a byte of data is read
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as e:  # object arrays, pickles, truncated or garbage bytes
+            raise InputError(f"cannot read {path} as a .npy array ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); {expected}") from None
+        if not isinstance(array, np.ndarray):  # e.g. an .npz archive renamed to .npy
+            raise InputError(f"{path} holds {type(array).__name__}, not a single array; {expected}")
+        if not np.issubdtype(array.dtype, np.floating):
+            raise InputError(f"{path} has dtype {array.dtype}; {expected}")
+        check_latent_shape(path, array.shape)
+        with np.errstate(over="ignore"):  # float64 beyond float32's range: caught as inf below
+            latent = torch.from_numpy(np.array(array, dtype=np.float32))
+    else:
+        try:
+            latent = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # weights_only refuses any pickle that is not plain tensor data
+            raise InputError(f"cannot load {path} with torch.load(weights_only=True): {load_error_reason(e)}; "
+                             f"{expected}, saved with torch.save(tensor)") from None
+        if not isinstance(latent, torch.Tensor):
+            raise InputError(f"{path} holds a {type(latent).__name__}, not a tensor; {expected}")
+        if latent.layout != torch.strided or not latent.is_floating_point() or latent.is_complex():
+            raise InputError(f"{path} has dtype {latent.dtype} and layout {latent.layout}; {expected}")
+        check_latent_shape(path, latent.shape)
+        latent = latent.detach()
+    return latent.reshape(latent.shape[-3:])  # [4, H, W]
+
+
+def read_latent(path):
+    """One latent file to translate: float32 [4, H, W], finite, no outlier; InputError naming the
+    file otherwise. (Training checks all its data at once instead.)"""
+    latent = load_latent_file(path).float()  # [4, H, W]
+    if not torch.isfinite(latent).all():
+        raise InputError(f"{path} holds non-finite values (NaN or inf)")
+    found = outliers(latent[None], [path])
+    if found:
+        raise InputError(outlier_message(outlier_lines(found), len(found)) + "\nRe-encode it, or use another file")
+    return latent
+
+
+def outliers(latents, names):
+    """[(name, max |value|)] of the latents [N, 4, H, W] beyond OUTLIER_LIMIT: vectorised reductions,
+    no copy of the data (abs() would allocate one as large as all the latents)."""
+    flat = latents.flatten(1)  # [N, 4*H*W], a view
+    peak = torch.maximum(flat.amax(dim=1), flat.amin(dim=1).neg())  # [N] max |value|
+    rows = (peak > OUTLIER_LIMIT).nonzero().flatten().tolist()
+    return [(names[r], peak[r].item()) for r in rows]
+
+
+def outlier_lines(found):
+    """One line per (name, peak) of `found`, the first MAX_LISTED of them."""
+    return [f"{name}: max |value| {peak:.3g}" for name, peak in found[:MAX_LISTED]]
+
+
+def outlier_message(lines, count, what="latent file(s)"):
+    """The message for `count` latents beyond OUTLIER_LIMIT, `lines` naming (the first of) them."""
+    return (f"{count} {what} hold values far outside a VAE latent's range (max |value| > {OUTLIER_LIMIT:g}; raw "
+            f"SD1.5 latents have a std of about 5.5):\n  " + "\n  ".join(first_lines(lines, count)))
+
+
+def report_outliers(lines, count, what, reject, log):
+    """Latents beyond OUTLIER_LIMIT, one line each in `lines`: an InputError when `reject`, else a
+    warning (training then skips the steps that draw them as non-finite)."""
+    message = outlier_message(lines, count, what)
+    if reject:
+        raise InputError(f"{message}\nRe-encode or remove them (training: data.reject_outliers: false trains anyway, "
+                         "skipping the steps that draw them as non-finite)")
+    log(f"warning: {message}\ndata.reject_outliers is false: training goes on; steps that draw them are skipped "
+        "as non-finite")
+
+MAX_LATENT_SIZE = 1024  # latent H and W: an 8192 px image for an SD VAE
+
+
+def load_error_reason(err):
+    """Why torch.load(weights_only=True) refused a file, in one line. torch's own message advises
+    retrying with weights_only=False: wrong for a corrupt file and unsafe for a hostile one."""
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"it holds a pickled {found.group(1)}, which is refused: only tensors and plain containers load "
+                "safely (unpickling anything else could run code)")
+    found = re.search(r"WeightsUnpickler error: \s*(.+)", text)
+    if found or "Weights only load failed" in text:
+        detail = found.group(1).strip().splitlines()[0] if found else "unsupported content"
+        return f"it is not a torch.save file of tensors (the weights-only unpickler stopped: {detail})"
+    if "zip archive" in text or "central directory" in text:
+        return "it is not a torch.save file, or a truncated or corrupted one"
+    first = text.strip().splitlines()[0][:200] if text.strip() else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+HASH_CHUNK_BYTES = 64 * 2**20  # content_hash reads this much at a time: its memory, whatever the set's size
+
+
+def content_hash(tensor):
+    """sha256 of a tensor's shape, dtype and bytes: identifies a real set given as tensors. Read in
+    chunks of rows, so a memory-mapped set (packed latents) is never copied whole into memory."""
+    t = tensor.detach()
+    digest = hashlib.sha256(f"{tuple(t.shape)}{t.dtype}".encode())
+    rows = max(1, HASH_CHUNK_BYTES // max(1, t[:1].numel() * t.element_size())) if t.dim() else 1
+    for chunk in (t.split(rows) if t.dim() else [t]):
+        digest.update(memoryview(chunk.contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+SD15_LATENT_SCALE = 0.18215  # the SD1.5 VAE's scaling_factor: scaled latents have roughly unit std
