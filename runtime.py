@@ -318,6 +318,8 @@ class FolderLock:
 
 # ---------------------------------------------------------------------- seeds and devices
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # training.amp_dtype, --dtype
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)

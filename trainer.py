@@ -27,11 +27,10 @@ from inference import grid_cells
 from model import EMA_NETS, NETS
 from checkpoint import CheckpointError, atomic_save, get_rng_state, prune_checkpoints, set_rng_state, validate_checkpoint
 from distributed import Distributed
-from runtime import InputError, StopNow, StopRequested, WriteError, write_failure
+from runtime import AMP_DTYPES, InputError, StopNow, StopRequested, WriteError, write_failure
 from train_eval import open_evaluator
 from vae import load_vae_or_preview, save_image_grid, to_rgb
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PHASE_NETS = {"d": ("discriminator",), "g": EMA_NETS}  # what each phase's optimizers train
 LOSS_KEYS = ("d_loss", "d_adv", "r1", "g_loss", "lat_adv", "lat_sty", "lat_ds", "lat_cyc",
              "ref_adv", "ref_sty", "ref_ds", "ref_cyc")
