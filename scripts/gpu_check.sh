@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# The one prepared device command for the performance work (../shared/GPU.md, BENCHMARKS.md).
-# On a lent CUDA machine it runs, in this order (most important first, so a timeout loses the least):
+# GPU check: the cuda-marked tests and the GPU benchmarks, in one command on a machine with CUDA.
+#
+#   pip install -r requirements-test.txt -r requirements-app.txt   # the test install, as in the README
+#   bash scripts/gpu_check.sh            # from anywhere; results in $OUT (default /tmp/gpu_check)
+#
+# diffusers must be installed (pip install -r requirements.txt, which the line above includes): the
+# tests and the evaluation stage use it.
+#
+# It runs, most important first, so that a timeout loses the least:
 #   1. the cuda-marked tests (no host sync per step, no recompiles after warm-up, CUDA preload, ...)
 #   2. bench.py --matrix at the default config (bf16/fp32 x compile off/on, batch 32)
 #   3. a batch sweep, bf16 eager: peak memory and the largest batch that fits (doubling until OOM)
 #   4. bf16 + compile with CUDA graphs (compile_mode reduce-overhead, compile_cudagraphs true)
 #   5. evaluation throughput (bench.py --evaluation): SD1.5-config VAE decode + Inception features
-# Every result lands under $OUT (8 files, the most that come back) and a short table ends the output.
-# Stages start only before START_BY seconds and each has its own timeout, so the whole command
-# ends before ~9.5 minutes (the device tool's limit is 10).
-#
-# From a session that has a device, in the repo root:
-#   echo /.whl/ >> .git/info/exclude; mkdir -p .whl && cp ../shared/wheels/*.whl .whl/
-#   device tool `run`: command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600
+# How long: no stage starts after START_BY seconds (480) and each has its own timeout, so the whole
+# command ends within about 9.5 minutes. Results: $OUT holds env.txt (date, GPU, torch, commit),
+# status.txt (each stage's exit code and time), stderr.log, cuda_tests.txt, matrix.txt, sweep.txt,
+# cudagraphs.txt and summary.md, the table printed at the end (docs/benchmarks.md explains its columns).
+# If a .whl/ folder of wheels is present in the repo root, they are installed first (into /tmp/site).
 # Dry run of every path on a CPU (tiny model, minutes):
 #   DEVICE=cpu QUICK=1 OUT=/tmp/gpu_check bash scripts/gpu_check.sh
 set -uo pipefail
@@ -36,11 +41,13 @@ mkdir -p "$OUT"
 ERR="$OUT/stderr.log"
 : > "$ERR"
 
-if ls .whl/*.whl >/dev/null 2>&1; then  # diffusers is not on the GPU machine (GPU.md)
+if ls .whl/*.whl >/dev/null 2>&1; then  # optional: wheels for a machine without a package index
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>>"$ERR" \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || echo "warning: wheel install failed" | tee -a "$ERR"
-else
-  echo "warning: no .whl/ here: tests that need diffusers will fail or skip" | tee -a "$ERR"
+fi
+if ! python3 -c "import diffusers" 2>/dev/null; then
+  echo "warning: diffusers is not installed (pip install -r requirements.txt): tests that need it will fail or skip" \
+    | tee -a "$ERR"
 fi
 export PYTHONUNBUFFERED=1
 
@@ -96,10 +103,10 @@ stage cudagraphs 150 "$OUT/cudagraphs.txt" python3 bench.py --config "$CONFIG" -
   --steps "$STEPS" --warmup "$WARMUP" training.amp_dtype=bf16 training.use_compile=true \
   training.compile_mode=reduce-overhead training.compile_cudagraphs=true "${EXTRA[@]}"
 
-# 5. evaluation throughput: random SD1.5-config VAE decode + Inception features (+ LPIPS). The real
-# TF-Inception cannot be downloaded there: torchvision's Inception v3 with random weights has the same
-# cost (a tiny stand-in where torchvision is missing, e.g. the CPU dry run). Output kept out of $OUT
-# (8 files come back at most); the summary below prints it.
+# 5. evaluation throughput: random SD1.5-config VAE decode + Inception features (+ LPIPS). No weights
+# are downloaded: torchvision's Inception v3 with random weights has the real TF-Inception's cost (a
+# tiny stand-in where torchvision is missing, e.g. the CPU dry run). Its output stays out of $OUT,
+# which keeps to the eight files above; the summary below prints it.
 EVAL_OUT=/tmp/gpu_check_eval.txt
 : > "$EVAL_OUT"
 python3 - /tmp/inception_random.pt >>"$ERR" 2>&1 <<'PY'

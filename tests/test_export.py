@@ -1,7 +1,7 @@
 """export.py: the tiny trained checkpoint exported to ONNX and torch.export (.pt2), read back with
 onnxruntime and torch.export.load (not with the code under test) and compared with an independent
 eager computation from the checkpoint's EMA networks: both modes, batch 1 and 3, psi 1 and 0.5,
-other spatial sizes, a domain subset, the VAE decoder; the metadata; the README's onnxruntime example;
+other spatial sizes, a domain subset, the VAE decoder; the metadata; the onnxruntime example of docs/export.md;
 --verify refusing a wrong graph; bad input."""
 
 import functools
@@ -181,15 +181,15 @@ def test_files_carry_their_metadata(exported, trained):
 
 @pytest.mark.slow
 def test_readme_onnxruntime_example_runs(exported, tmp_path, monkeypatch):
-    """The README's example on the exported tiny model, whose domains are a, b, c instead of monet."""
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    code = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "onnxruntime" in block)
+    """The example of docs/export.md on the exported tiny model, whose domains are a, b, c instead of monet."""
+    page = open(os.path.join(ROOT, "docs", "export.md")).read()
+    code = next(block for block in re.findall(r"```python\n(.*?)```", page, re.S) if "onnxruntime" in block)
     code = code.replace('"monet"', '"c"')
     os.symlink(exported, tmp_path / "exported")
     np.save(tmp_path / "photo.npy", np.random.default_rng(0).standard_normal((4, SIZE, SIZE), dtype=np.float32))
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/export.md", "exec"), namespace)
     assert namespace["rgb"].shape == (1, 3, 2 * SIZE, 2 * SIZE)  # the tiny VAE upsamples by 2
     assert namespace["translated"].shape == (1, 4, SIZE, SIZE)
 
