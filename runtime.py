@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -367,7 +368,9 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise InputError(f"checkpoint {path!r} not found")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a plain pickle's protocol: the error says enough
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: not a Latent StarGAN v2 checkpoint ({load_error_reason(e)})") from None
     validate_checkpoint(ckpt, path)
