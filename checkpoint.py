@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from config import METRIC_KEY, model_kwargs, resolve_config
-from latents import MAX_LATENT_SIZE, load_error_reason
+from latents import MAX_LATENT_SIZE, load_error_reason, load_plain
 from model import EMA_NETS, MIN_LATENT_SIZE, NETS, expected_state
 from runtime import InputError, atomic_write
 
@@ -38,7 +38,7 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise InputError(f"checkpoint {path!r} not found")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = load_plain(path, map_location)
     except Exception as e:
         raise CheckpointError(f"{path}: not a Latent StarGAN v2 checkpoint ({load_error_reason(e)})") from None
     validate_checkpoint(ckpt, path)

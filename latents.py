@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import re
+import warnings
 
 import numpy as np
 import torch
@@ -147,7 +148,7 @@ def load_latent_file(path):
             latent = torch.from_numpy(np.array(array, dtype=np.float32))
     else:
         try:
-            latent = torch.load(path, map_location="cpu", weights_only=True)
+            latent = load_plain(path)
         except Exception as e:  # weights_only refuses any pickle that is not plain tensor data
             raise InputError(f"cannot load {path} with torch.load(weights_only=True): {load_error_reason(e)}; "
                              f"{expected}, saved with torch.save(tensor)") from None
@@ -203,6 +204,15 @@ def report_outliers(lines, count, what, reject, log):
         "as non-finite")
 
 MAX_LATENT_SIZE = 1024  # latent H and W: an 8192 px image for an SD VAE
+
+
+def load_plain(path, map_location="cpu"):
+    """torch.load with weights_only=True: tensors and plain containers only, never a full unpickle
+    (a hostile file cannot run code). torch's note on a plain pickle's protocol is silenced: the
+    caller's error, with `load_error_reason`, says what is wrong in one line."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def load_error_reason(err):

@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny-config factory (diffusers-style), seeding, and the cuda marker."""
+"""Shared fixtures and helpers: one tiny-config factory (diffusers-style), seeding, the cuda marker and the
+one-line refusal check."""
 
 import os
 import sys
@@ -71,6 +72,14 @@ def write_latent_folders(root, domains=("a", "b", "c"), files=6, size=16, seed=0
     write(root, {d: torch.randn(files, 4, size, size, generator=g) * 4 + (2 * i - 2) for i, d in enumerate(domains)},
           stem="{index:03d}")
     return str(root)
+
+
+def one_line_naming(err, path, entry):
+    """The one line of a refusal on stderr, which names `path` and `entry`; no traceback."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert path in lines[0] and entry in lines[0] and "Traceback" not in err, err
+    return lines[0]
 
 
 def tiny_run_config(tmp_path, **sections):

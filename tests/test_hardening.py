@@ -26,7 +26,7 @@ import export
 import run
 import runtime
 import translate
-from conftest import ROOT, tiny_run_config, write_latent_folders
+from conftest import ROOT, one_line_naming, tiny_run_config, write_latent_folders
 
 
 def parent(ckpt, keys):
@@ -203,13 +203,6 @@ def resume_config(trained, tmp_path_factory):
     path = folder / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
-
-
-def one_line_naming(err, path, entry):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert path in lines[0] and entry in lines[0] and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.mark.parametrize("name, mutate, entry", BROKEN, ids=[b[0] for b in BROKEN])
