@@ -31,30 +31,36 @@ class CheckpointError(InputError):
     """A checkpoint that is not what run.py writes: the message names the file and the entry."""
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", resume=False):
     """torch.load with weights_only=True (never a full unpickle: a hostile file cannot run code),
     then `validate_checkpoint` (weights_only stops code, not bad values). CheckpointError (an
-    InputError) naming the file and the entry for anything that is not a sound checkpoint."""
+    InputError) naming the file and the entry for anything that is not a sound checkpoint.
+
+    The returned checkpoint's `config` is resolved: a key added to the code after the checkpoint
+    was written takes its default, in every tool alike. A key this code does not know is refused
+    where it matters: in `model` always (the networks could not be rebuilt), anywhere when
+    `resume` (the run would go on without it); for inference the others are ignored."""
     if not os.path.isfile(path):
         raise InputError(f"checkpoint {path!r} not found")
     try:
         ckpt = load_plain(path, map_location)
     except Exception as e:
         raise CheckpointError(f"{path}: not a Latent StarGAN v2 checkpoint ({load_error_reason(e)})") from None
-    validate_checkpoint(ckpt, path)
+    ckpt["config"] = validate_checkpoint(ckpt, path, strict=resume)
     return ckpt
 
 
-def validate_checkpoint(ckpt, path):
+def validate_checkpoint(ckpt, path, strict=True):
     """Check a checkpoint completely before anything is built from it, on save and on load: every
     entry present; the config valid and within bounds; every weight (live and EMA) and optimizer
     moment of the right shape and dtype for the networks that config describes, and finite;
     optimizer settings and scaler state sane; counters non-negative and consistent; RNG states
     loadable; every tensor owning storage of exactly its size (a tiny file cannot expand into gigabytes,
     or feed a kernel a zero-stride view). Raises CheckpointError naming `path` and the entry;
-    returns the resolved config."""
+    returns the resolved config. `strict`: an unknown config key anywhere is refused, else only in
+    the model section (see `load_checkpoint`)."""
     try:
-        return _CheckpointChecker(path).check(ckpt)
+        return _CheckpointChecker(path, strict).check(ckpt)
     except (RecursionError, OverflowError, MemoryError) as err:  # absurdly nested or sized values
         raise CheckpointError(f"{path}: not a Latent StarGAN v2 checkpoint ({type(err).__name__} while checking "
                               "it: values nested or sized beyond any checkpoint run.py writes)") from None
@@ -76,8 +82,8 @@ def _all_finite(tensor):
 class _CheckpointChecker:
     """One walk over a checkpoint dict; `fail` names the entry as a dotted path."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, strict=True):
+        self.path, self.strict = path, strict
 
     def fail(self, entry, expected, value=None, got=None):
         got = got if got is not None else _describe(value)
@@ -137,7 +143,8 @@ class _CheckpointChecker:
         if not isinstance(ckpt["config"], dict):
             self.fail("config", "the resolved config (a dict)", ckpt["config"])
         try:
-            cfg = resolve_config(ckpt["config"], source=f"the config saved in {self.path}")
+            cfg = resolve_config(ckpt["config"], source=f"the config saved in {self.path}",
+                                 ignore_unknown=not self.strict)
         except InputError as e:
             raise CheckpointError(f"{self.path}: entry config: {e}") from None
         domains = list(cfg["data"]["domains"])

@@ -16,7 +16,7 @@ import yaml
 
 from latents import SD15_LATENT_SCALE
 from model import expected_state
-from runtime import InputError, atomic_write, path_component_problem
+from runtime import SEED_LIMIT, InputError, atomic_write, path_component_problem
 
 DEFAULTS = {
     "seed": 0,
@@ -137,6 +137,8 @@ UPPER_BOUNDS = {
     "training.latent_scale": 100.0,  # SD1.5 0.18215, SDXL 0.13025, SD3 1.5305: raw x scale must stay a number
     "evaluation.num_sources": 1_000_000, "evaluation.num_outs": 1000,
 }
+# model keys with a range of their own; any other int key must be positive, a bool or float key of the right type
+MODEL_BOUNDS = {}
 MAX_DOMAINS = 1024
 MAX_PARAMETERS = 2 * 10 ** 9  # G + F + E + D; the default model has about 10M
 
@@ -157,17 +159,24 @@ def read_config_file(path):
     return data
 
 
-def merge(base, update, source, prefix=""):
-    """Recursively merge `update` into `base` in place; unknown keys are an error naming the path."""
+def merge(base, update, source, prefix="", ignore_unknown=False, ignored=None):
+    """Recursively merge `update` into `base` in place; unknown keys are an error naming the path.
+    With `ignore_unknown` (a checkpoint's config read for inference), unknown keys outside the
+    `model` section are skipped and their paths appended to `ignored`: they cannot change how a
+    checkpoint's networks are built."""
     for key, value in update.items():
         path = f"{prefix}{key}"
         if key not in base:
+            if ignore_unknown and not path.startswith("model."):
+                if ignored is not None:
+                    ignored.append(path)
+                continue
             raise InputError(f"unknown config key {path!r} in {source}; known keys here: "
-                              f"{', '.join(sorted(base))}")
+                              f"{', '.join(sorted(map(str, base)))}")
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise InputError(f"config key {path!r} in {source} must be a section (mapping), got {value!r}")
-            merge(base[key], value, source, prefix=f"{path}.")
+            merge(base[key], value, source, f"{path}.", ignore_unknown, ignored)
         else:
             base[key] = value
 
@@ -198,95 +207,144 @@ def load_config(path=None, overrides=()):
     return cfg
 
 
-def resolve_config(cfg, source="checkpoint config"):
-    """Defaults merged with a config dict (e.g. a checkpoint's), validated."""
+def resolve_config(cfg, source="checkpoint config", ignore_unknown=False, ignored=None):
+    """Defaults merged with a config dict (e.g. a checkpoint's), validated. A key the dict lacks (a
+    checkpoint written before the key existed) takes its default. `ignore_unknown`: see `merge`."""
     out = copy.deepcopy(DEFAULTS)
-    merge(out, cfg, source)
+    merge(out, cfg, source, ignore_unknown=ignore_unknown, ignored=ignored)
     validate(out)
     return out
 
 
-def flatten(cfg, prefix=""):
-    for key, value in cfg.items():
-        if isinstance(value, dict):
-            yield from flatten(value, f"{prefix}{key}.")
+def flatten(cfg, template=DEFAULTS, prefix=""):
+    """(dotted key, value) of every leaf of `template` (DEFAULTS' shape): a mapping given where a
+    value belongs is yielded as that key's value, for the type check to name."""
+    for key, default in template.items():
+        value = cfg[key]
+        if isinstance(default, dict):
+            yield from flatten(value, default, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
 
 
+DEFAULTS_FLAT = dict(flatten(DEFAULTS))
+
+
 def validate(cfg):
-    defaults = dict(flatten(DEFAULTS))
+    """Every value of a merged config: its type (the type of its default, OPTIONAL_TYPES for keys
+    whose default is None), then its range. InputError naming the key and what was expected."""
     if cfg["training"].get("progress_style") is False:  # YAML 1.1 reads a bare `off` as false
         cfg["training"]["progress_style"] = "off"
+    check_types(cfg)
+    check_data(cfg)
+    check_model(cfg)
+    check_loss(cfg["loss"])
+    check_training(cfg["training"])
+    check_evaluation(cfg)
+    if not cfg["training"]["progress_bar"]:  # the seed's older switch: progress_bar false means no display
+        cfg["training"]["progress_style"] = "off"
+    check_model_size(cfg)
+
+
+def check_types(cfg):
     for key, value in flatten(cfg):
-        expected = OPTIONAL_TYPES.get(key) or type(defaults[key])
-        if value is None and (defaults[key] is None or key in OPTIONAL_TYPES):
+        default = DEFAULTS_FLAT[key]
+        expected = OPTIONAL_TYPES.get(key) or type(default)
+        if value is None and (default is None or key in OPTIONAL_TYPES):
             continue
         if expected is float:
             set_key(cfg, key, to_float(key, value))
             continue
-        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
-        if not ok:
-            raise InputError(f"config key {key!r} must be {expected.__name__}, got {value!r}")
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise InputError(f"config key {key!r} must be {expected.__name__}, got {short_repr(value)}")
+    for key, limit in UPPER_BOUNDS.items():
+        value = cfg
+        for part in key.split("."):
+            value = value[part]
+        check(value is None or value <= limit, key, value, f"at most {limit:,}")
+    check(0 <= cfg["seed"] < SEED_LIMIT, "seed", cfg["seed"], "an integer from 0 to 2**63 - 1")
 
-    def check(ok, key, expected):
-        if not ok:
-            value = cfg
-            for part in key.split("."):
-                value = value[part]
-            raise InputError(f"config key {key!r} = {value!r}: expected {expected}")
 
-    d, m, l, t, v = cfg["data"], cfg["model"], cfg["loss"], cfg["training"], cfg["visualization"]
-    check(2 <= len(d["domains"]) <= MAX_DOMAINS and all(isinstance(x, str) and x for x in d["domains"]),
-          "data.domains", f"a list of 2 to {MAX_DOMAINS} domain folder names")
-    for name in d["domains"]:  # each becomes a folder under data.root and part of output file names
+def check(ok, key, value, expected):
+    if not ok:
+        raise InputError(f"config key {key!r} = {short_repr(value)}: expected {expected}")
+
+
+def short_repr(value):
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_data(cfg):
+    d = cfg["data"]
+    domains = d["domains"]
+    check(2 <= len(domains) <= MAX_DOMAINS and all(isinstance(x, str) and x for x in domains),
+          "data.domains", domains, f"a list of 2 to {MAX_DOMAINS} domain folder names")
+    for name in domains:  # each becomes a folder under data.root and part of output file names
         problem = path_component_problem(name)
         if problem:
             raise InputError(f"config key 'data.domains': domain name {name!r} is not a plain folder name: {problem}")
-    check(len(set(d["domains"])) == len(d["domains"]), "data.domains", "distinct names")
-    for key, limit in UPPER_BOUNDS.items():
-        section, name = key.split(".")
-        check(cfg[section][name] is None or cfg[section][name] <= limit, key, f"at most {limit:,}")
-    check(0 < d["preload_max_fraction"] <= 1, "data.preload_max_fraction", "a fraction in (0, 1]")
-    check(d["samples_per_epoch"] is None or d["samples_per_epoch"] > 0, "data.samples_per_epoch", "a positive int or null")
-    check(d["synthetic_files_per_domain"] > 0, "data.synthetic_files_per_domain", "a positive int")
-    for key, value in m.items():
-        check(value > 0, f"model.{key}", "a positive int")
+    check(len(set(domains)) == len(domains), "data.domains", domains, "distinct names")
+    check(0 < d["preload_max_fraction"] <= 1, "data.preload_max_fraction", d["preload_max_fraction"],
+          "a fraction in (0, 1]")
+    check(d["samples_per_epoch"] is None or d["samples_per_epoch"] > 0, "data.samples_per_epoch",
+          d["samples_per_epoch"], "a positive int or null")
+    check(d["synthetic_files_per_domain"] > 0, "data.synthetic_files_per_domain", d["synthetic_files_per_domain"],
+          "a positive int")
+
+
+def check_model(cfg):
+    """Each model key by the type of its default: widths and counts are positive ints; a bool or a
+    float option is checked by its type alone unless MODEL_BOUNDS names its range."""
+    for key, value in cfg["model"].items():
+        low, high = MODEL_BOUNDS.get(key, (1, None) if type(DEFAULTS["model"][key]) is int else (None, None))
+        check((low is None or value >= low) and (high is None or value <= high), f"model.{key}", value,
+              f"a number from {low} to {high}" if high is not None else f"a positive int")
+
+
+def check_loss(loss):
     for key in ("w_adv", "w_sty", "w_ds", "w_cyc", "w_r1"):
-        check(l[key] >= 0, f"loss.{key}", "a non-negative weight")
-    check(l["r1_interval"] >= 1, "loss.r1_interval", "an int >= 1")
-    check(l["ds_decay_steps"] >= 0, "loss.ds_decay_steps", "an int >= 0 (0 = no decay)")
+        check(loss[key] >= 0, f"loss.{key}", loss[key], "a non-negative weight")
+    check(loss["r1_interval"] >= 1, "loss.r1_interval", loss["r1_interval"], "an int >= 1")
+    check(loss["ds_decay_steps"] >= 0, "loss.ds_decay_steps", loss["ds_decay_steps"], "an int >= 0 (0 = no decay)")
+
+
+def check_training(t):
     for key in ("epochs", "batch_size", "display_interval", "log_interval", "save_interval", "eval_interval",
                 "max_nonfinite_steps"):
-        check(t[key] >= 1, f"training.{key}", "a positive int")
+        check(t[key] >= 1, f"training.{key}", t[key], "a positive int")
     for key in ("lr", "lr_mapping", "latent_scale"):
-        check(t[key] > 0, f"training.{key}", "a positive number")
-    check(t["weight_decay"] >= 0, "training.weight_decay", "a non-negative number")
-    check(0 <= t["ema_beta"] < 1, "training.ema_beta", "a number in [0, 1)")
-    check(t["num_workers"] >= 0, "training.num_workers", "an int >= 0")
-    check(t["cpu_threads"] is None or 1 <= t["cpu_threads"] <= 1024, "training.cpu_threads",
+        check(t[key] > 0, f"training.{key}", t[key], "a positive number")
+    check(t["weight_decay"] >= 0, "training.weight_decay", t["weight_decay"], "a non-negative number")
+    check(0 <= t["ema_beta"] < 1, "training.ema_beta", t["ema_beta"], "a number in [0, 1)")
+    check(t["num_workers"] >= 0, "training.num_workers", t["num_workers"], "an int >= 0")
+    check(t["cpu_threads"] is None or 1 <= t["cpu_threads"] <= 1024, "training.cpu_threads", t["cpu_threads"],
           "null (torch's choice) or an int from 1 to 1024")
     check(t["keep_checkpoints"] is None or t["keep_checkpoints"] >= 1, "training.keep_checkpoints",
-          "null (keep all) or an int >= 1")
-    check(t["amp_dtype"] in ("bf16", "fp16", "fp32"), "training.amp_dtype", "one of bf16 | fp16 | fp32")
-    check(t["progress_style"] in ("bar", "percent", "off"), "training.progress_style", "one of bar | percent | off")
+          t["keep_checkpoints"], "null (keep all) or an int >= 1")
+    check(t["amp_dtype"] in ("bf16", "fp16", "fp32"), "training.amp_dtype", t["amp_dtype"], "one of bf16 | fp16 | fp32")
+    check(t["progress_style"] in ("bar", "percent", "off"), "training.progress_style", t["progress_style"],
+          "one of bar | percent | off")
     if t["compile_mode"] not in COMPILE_MODES:  # listing this torch's modes imports Inductor (seconds)
-        check(t["compile_mode"] in compile_modes(), "training.compile_mode", f"one of {' | '.join(compile_modes())}")
-    check(t["device"] == "cpu" or t["device"].startswith("cuda"), "training.device", "cuda, cuda:N or cpu")
-    check(v["every_epochs"] is None or v["every_epochs"] >= 1, "visualization.every_epochs", "a positive int or null")
-    e = cfg["evaluation"]
-    check(e["every_epochs"] is None or e["every_epochs"] >= 1, "evaluation.every_epochs", "a positive int or null (off)")
-    check(e["num_sources"] >= 1, "evaluation.num_sources", "a positive int (sources per domain)")
-    check(e["num_outs"] >= 2, "evaluation.num_outs", "an int >= 2 (LPIPS compares the outputs of one source)")
-    check(METRIC_KEY.fullmatch(e["best_metric"]) is not None,
-          "evaluation.best_metric", "a metric key such as FID_latent/mean, KID_reference/mean or "
-          "FID_latent/photo2monet")
+        check(t["compile_mode"] in compile_modes(), "training.compile_mode", t["compile_mode"],
+              f"one of {' | '.join(compile_modes())}")
+    check(t["device"] == "cpu" or t["device"].startswith("cuda"), "training.device", t["device"], "cuda, cuda:N or cpu")
+
+
+def check_evaluation(cfg):
+    v, e = cfg["visualization"], cfg["evaluation"]
+    check(v["every_epochs"] is None or v["every_epochs"] >= 1, "visualization.every_epochs", v["every_epochs"],
+          "a positive int or null")
+    check(e["every_epochs"] is None or e["every_epochs"] >= 1, "evaluation.every_epochs", e["every_epochs"],
+          "a positive int or null (off)")
+    check(e["num_sources"] >= 1, "evaluation.num_sources", e["num_sources"], "a positive int (sources per domain)")
+    check(e["num_outs"] >= 2, "evaluation.num_outs", e["num_outs"],
+          "an int >= 2 (LPIPS compares the outputs of one source)")
+    check(METRIC_KEY.fullmatch(e["best_metric"]) is not None, "evaluation.best_metric", e["best_metric"],
+          "a metric key such as FID_latent/mean, KID_reference/mean or FID_latent/photo2monet")
     e["metrics"] = parse_metrics(e["metrics"], "config key 'evaluation.metrics'")
-    check(e["best_metric"].split("_")[0] in e["metrics"], "evaluation.best_metric",
+    check(e["best_metric"].split("_")[0] in e["metrics"], "evaluation.best_metric", e["best_metric"],
           f"a metric of evaluation.metrics {e['metrics']}")
-    if not t["progress_bar"]:  # the seed's older switch: progress_bar false means no display
-        t["progress_style"] = "off"
-    check_model_size(cfg)
 
 
 def parse_metrics(value, flag="--metrics"):

@@ -112,7 +112,7 @@ def train(cfg, resume, dist, local_rank, log, args):
     ckpt = None
     if resume is not None:  # checked completely before the folder is claimed or anything is built
         path = resume or os.path.join(t["checkpoint_dir"], "latest.pt")
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, resume=True)
         check_architecture(ckpt["config"], cfg, path)
     with claimed_folder(t["checkpoint_dir"], dist, log):
         if ckpt is not None:
