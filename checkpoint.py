@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from config import METRIC_KEY, model_kwargs, resolve_config
-from latents import MAX_LATENT_SIZE, load_error_reason, load_plain
+from latents import MAX_LATENT_SIZE, load_error_reason, load_plain, plain_tensor
 from model import EMA_NETS, MIN_LATENT_SIZE, NETS, expected_state
 from runtime import InputError, atomic_write
 
@@ -71,7 +71,10 @@ _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 60, 60, 40
 
 def _describe(value):
     if isinstance(value, torch.Tensor):
-        return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {list(value.shape)}"
+        if value.is_nested or value.layout != torch.strided:
+            return f"a {'nested' if value.is_nested else str(value.layout).replace('torch.', '')} tensor"
+        where = f" on the {value.device.type} device" if value.device.type != "cpu" else ""
+        return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {list(value.shape)}{where}"
     return f"{type(value).__name__} {_REPR.repr(value)}"
 
 
@@ -84,6 +87,7 @@ class _CheckpointChecker:
 
     def __init__(self, path, strict=True):
         self.path, self.strict = path, strict
+        self.storages = {}  # data_ptr -> the entry whose tensor owns that storage
 
     def fail(self, entry, expected, value=None, got=None):
         got = got if got is not None else _describe(value)
@@ -120,13 +124,16 @@ class _CheckpointChecker:
 
     def tensor(self, entry, value, shape, dtype, finite=True, non_negative=False, what=""):
         expected = f"a {str(dtype).replace('torch.', '')} tensor of shape {list(shape)}{what}"
-        if not isinstance(value, torch.Tensor) or value.layout != torch.strided or value.dtype != dtype \
-                or tuple(value.shape) != tuple(shape):
+        if not plain_tensor(value) or value.dtype != dtype or tuple(value.shape) != tuple(shape):
             self.fail(entry, expected, value)
         nbytes = value.untyped_storage().nbytes()
         if not value.is_contiguous() or value.storage_offset() != 0 or nbytes != value.numel() * value.element_size():
             self.fail(entry, f"{expected}, contiguous, with storage of its own", got=f"a view (strides "
                       f"{list(value.stride())}, offset {value.storage_offset()}, storage of {nbytes} bytes)")
+        if nbytes:  # two entries on one storage would load as one tensor and train differently
+            owner = self.storages.setdefault(value.untyped_storage().data_ptr(), entry)
+            if owner != entry:
+                self.fail(entry, f"{expected} with storage of its own", got=f"the storage of {owner}")
         if finite and not _all_finite(value):
             self.fail(entry, "finite values", got="non-finite values (NaN or inf)")
         if non_negative and not bool((value >= 0).all()):
@@ -274,7 +281,7 @@ class _CheckpointChecker:
             self.fail(f"{entry}.cuda", "a list of CUDA generator states", cuda)
         size = torch.cuda.get_rng_state().numel() if torch.cuda.is_available() else None
         for k, t in enumerate(cuda):
-            if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1 or \
+            if not plain_tensor(t) or t.dtype != torch.uint8 or t.dim() != 1 or \
                     (size is not None and t.numel() != size) or t.numel() > 4096:
                 self.fail(f"{entry}.cuda.{k}", "a CUDA generator state (uint8 bytes)", t)
         n = self.mapping(f"{entry}.numpy", state["numpy"], ("keys", "pos", "has_gauss", "cached_gaussian"))

@@ -13,6 +13,7 @@ import io
 import os
 import re
 import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -154,7 +155,11 @@ def load_latent_file(path):
                              f"{expected}, saved with torch.save(tensor)") from None
         if not isinstance(latent, torch.Tensor):
             raise InputError(f"{path} holds a {type(latent).__name__}, not a tensor; {expected}")
-        if latent.layout != torch.strided or not latent.is_floating_point() or latent.is_complex():
+        if not plain_tensor(latent):
+            kind = "a nested tensor" if latent.is_nested else f"a {latent.layout} tensor" \
+                if latent.layout != torch.strided else f"a tensor on the {latent.device.type} device, without data"
+            raise InputError(f"{path} holds {kind}; {expected}")
+        if not latent.is_floating_point() or latent.is_complex():
             raise InputError(f"{path} has dtype {latent.dtype} and layout {latent.layout}; {expected}")
         check_latent_shape(path, latent.shape)
         latent = latent.detach()
@@ -206,10 +211,52 @@ def report_outliers(lines, count, what, reject, log):
 MAX_LATENT_SIZE = 1024  # latent H and W: an 8192 px image for an SD VAE
 
 
+def plain_tensor(value):
+    """A dense CPU tensor: what torch.load(map_location="cpu") gives for any tensor run.py saved.
+    Meta-device and nested tensors load too, but have no data to check (or no shape)."""
+    return isinstance(value, torch.Tensor) and not value.is_nested and value.layout == torch.strided \
+        and value.device.type == "cpu"
+
+
+class ArchiveError(ValueError):
+    """A file that is not a torch.save zip archive of stored records; the message says why."""
+
+
+def check_archive(path):
+    """torch.save writes a zip archive whose records are stored, not compressed. Refuse anything
+    else before torch.load reads it: a compressed record can inflate far beyond the file's size (an
+    8 MB file into 8 GiB, all allocated before any check), and the legacy format allocates whatever
+    sizes it declares. Stored records whose declared sizes fit the file bound torch.load's memory
+    by the file's own size."""
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError):
+        raise ArchiveError("it is not a torch.save file, or a truncated or corrupted one") from None
+    declared = 0
+    for record in records:
+        if record.compress_type != zipfile.ZIP_STORED:
+            raise ArchiveError(f"its record {safe_name(record.filename)} is compressed (zip method "
+                               f"{record.compress_type}); torch.save stores records uncompressed, and a compressed "
+                               "one may inflate far beyond the file's size")
+        declared += record.file_size
+        if record.file_size != record.compress_size or declared > size:
+            raise ArchiveError(f"its records declare {declared:,} bytes in a file of {size:,} bytes (a truncated "
+                               "or forged archive)")
+
+
+def safe_name(name, limit=80):
+    """`name` for one log line: control characters escaped, at most `limit` characters."""
+    text = name.encode("unicode_escape", "backslashreplace").decode("ascii") if not name.isprintable() else name
+    return repr(text if len(text) <= limit else text[:limit - 3] + "...")
+
+
 def load_plain(path, map_location="cpu"):
     """torch.load with weights_only=True: tensors and plain containers only, never a full unpickle
-    (a hostile file cannot run code). torch's note on a plain pickle's protocol is silenced: the
-    caller's error, with `load_error_reason`, says what is wrong in one line."""
+    (a hostile file cannot run code), after `check_archive`. torch's note on a plain pickle's
+    protocol is silenced: the caller's error, with `load_error_reason`, says what is wrong in one line."""
+    check_archive(path)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Detected pickle protocol")
         return torch.load(path, map_location=map_location, weights_only=True)
@@ -219,6 +266,8 @@ def load_error_reason(err):
     """Why torch.load(weights_only=True) refused a file, in one line. torch's own message advises
     retrying with weights_only=False: wrong for a corrupt file and unsafe for a hostile one."""
     text = str(err)
+    if isinstance(err, ArchiveError):
+        return text
     found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if found:
         return (f"it holds a pickled {found.group(1)}, which is refused: only tensors and plain containers load "

@@ -165,13 +165,23 @@ BROKEN = [
     ("int beyond any float", put(("counters", "last_r1"), 10 ** 400), "entry counters.last_r1"),
     ("deeply nested", put("latent_shape", DEEP), "latent_shape"),
     ("latent_scale 1e300", with_config("training.latent_scale", 1e300), "training.latent_scale"),
+    ("weight on the meta device", lambda c: c["models"]["generator"].update(
+        {"conv_in.weight": torch.empty_like(c["models"]["generator"]["conv_in.weight"], device="meta")}), entry(G0)),
+    ("weight a nested tensor", put(G0, lambda: torch.nested.nested_tensor([torch.zeros(4, 3, 3)] * 8)), entry(G0)),
+    ("two Adam moments one tensor", lambda c: c["optimizers"]["generator"]["state"][0].update(
+        exp_avg_sq=c["optimizers"]["generator"]["state"][0]["exp_avg"]), "storage of optimizers.generator.state.0"),
+    ("every Adam step one tensor", lambda c: [s.update(step=c["optimizers"]["discriminator"]["state"][0]["step"])
+                                             for s in c["optimizers"]["discriminator"]["state"].values()],
+     "the storage of optimizers.discriminator.state.0.step"),
+    ("compressed records", lambda c: None, "is compressed"),
 ]
 
 
 
 
-def write_checkpoint(ckpt, path):
-    """torch.save, with the string DEEP replaced in the pickle by a list nested 20000 deep."""
+def write_checkpoint(ckpt, path, compress=False):
+    """torch.save, with the string DEEP replaced in the pickle by a list nested 20000 deep; its
+    records deflated when `compress` (a small file that would inflate inside torch.load)."""
     buffer = io.BytesIO()
     torch.save(ckpt, buffer)
     archive = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
@@ -181,7 +191,7 @@ def write_checkpoint(ckpt, path):
             data = archive.read(name)
             if name.endswith("data.pkl"):
                 data = data.replace(marker, b"]" * 20000 + b"a" * 19999)  # EMPTY_LIST x n, APPEND x n-1
-            out.writestr(name, data)
+            out.writestr(name, data, zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED)
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +205,7 @@ def broken_dir(trained, tmp_path_factory):
         ckpt = copy.deepcopy(good)
         mutate(ckpt)
         paths[name] = str(folder / f"broken_{k:02d}.pt")
-        write_checkpoint(ckpt, paths[name])
+        write_checkpoint(ckpt, paths[name], compress=name == "compressed records")
     return paths
 
 
@@ -520,3 +530,30 @@ def test_config_bounds_name_the_key():
         with pytest.raises(runtime.InputError, match=key):
             load_config(None, [override])
     assert math.isfinite(load_config(None, ["model.gen_channels=512"])["training"]["lr"])
+
+
+@pytest.mark.parametrize("kind", ["meta", "nested", "compressed"])
+def test_a_latent_file_of_an_unusual_kind_is_one_line(kind, tmp_path):
+    """A tensor on the meta device (no data), a nested tensor (no shape), a deflated torch.save
+    archive (may inflate beyond its size): run.py refuses each, naming the file, in a process."""
+    data = write_latent_folders(tmp_path / "data")
+    bad = os.path.join(data, "b", "001.pt")
+    if kind == "meta":
+        torch.save(torch.empty(4, 16, 16, device="meta"), bad)
+    elif kind == "nested":
+        torch.save(torch.nested.nested_tensor([torch.zeros(4, 16, 16)]), bad)
+    else:
+        buffer = io.BytesIO()
+        torch.save(torch.zeros(4, 16, 16), buffer)
+        with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as archive, \
+                zipfile.ZipFile(bad, "w", zipfile.ZIP_DEFLATED) as out:
+            for name in archive.namelist():
+                out.writestr(name, archive.read(name))
+    cfg = tiny_run_config(tmp_path)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "run.py", "--config", str(path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert bad in proc.stderr and "Traceback" not in proc.stderr and "Fatal" not in proc.stderr, proc.stderr
+    assert {"meta": "meta device", "nested": "nested tensor", "compressed": "is compressed"}[kind] in proc.stderr
