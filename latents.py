@@ -16,10 +16,8 @@ import re
 import numpy as np
 import torch
 
-from model import MIN_LATENT_SIZE
+from model import LATENT_CHANNELS, MIN_LATENT_SIZE
 from runtime import InputError, atomic_write
-
-LATENT_CHANNELS = 4  # SD1.5 VAE latent channels
 
 LATENT_SUFFIXES = (".pt", ".npy")
 

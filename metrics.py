@@ -34,12 +34,11 @@ import torch.nn.functional as F
 
 from config import EVAL_METRICS as METRICS
 from config import parse_metrics
-from latents import content_hash
+from latents import LATENT_CHANNELS, content_hash
 from runtime import InputError, atomic_write
 from vae import decode, load_vae
 
 MODES = ("latent", "reference")
-LATENT_CHANNELS = 4  # SD1.5 VAE latents
 
 # The StyleGAN2-ADA TorchScript of the TF-Inception graph (2015-12-05), also what clean-fid downloads.
 INCEPTION_FILE = "inception-2015-12-05.pt"
