@@ -44,7 +44,7 @@ from PIL import Image
 from inference import (domain_index, latent_styles, load_networks, open_vae_for, reference_styles, training_latent_size,
                        translate_pairs)
 from latents import list_latent_files, read_latent
-from runtime import InputError, check_psi, check_seed, configure_backends, resolve_device, script_main
+from runtime import AMP_DTYPES, InputError, check_psi, check_seed, configure_backends, resolve_device, script_main
 from sampling import (FPS, FRAMES_PER_TRANSITION, default_hold, frame_styles, interpolation_schedule, video_frames,
                       write_video)
 from vae import (MAX_IMAGE_PIXELS, encode_raw, inspect_image, load_image, to_model_input, to_rgb, to_uint8,
@@ -67,7 +67,6 @@ MAX_STYLES = 8  # latent-guided styles per domain: one row of the gallery
 EXAMPLES_PER_DOMAIN = 4  # latents offered from each domain folder of data.root
 KEEP_REQUESTS = 64  # request folders of outputs kept on disk (Gradio serves its own copies)
 MAX_UPLOAD = "25mb"  # Gradio refuses bigger uploads before they reach the handler
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def parse_args(argv=None):
@@ -106,6 +105,17 @@ def stem_of(source_mode, source_image, source_latent):
     return safe_stem(source_latent.replace("/", "_") if source_mode == DATA else source_image)
 
 
+def autocast_dtype(amp_dtype, device):
+    """training.amp_dtype as the dtype requests autocast to, None for none: fp32, and the CPU (autocast
+    gains little there); fp16 for bf16 on a GPU without bf16."""
+    amp = AMP_DTYPES[amp_dtype]
+    if device.type != "cuda" or amp == torch.float32:
+        return None
+    if amp is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return amp
+
+
 # ---------------------------------------------------------------------- the model, loaded once
 
 class Translator:
@@ -124,10 +134,7 @@ class Translator:
         self.latent_size = training_latent_size(self.cfg)
         self.image_size = self.latent_size * vae_downsample_factor(self.vae) if self.vae is not None else None
         self.examples = self._find_examples()  # {"domain/file.pt": path}
-        amp = AMP_DTYPES[self.cfg["training"]["amp_dtype"]]
-        if amp is torch.bfloat16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            amp = torch.float16
-        self.amp_dtype = amp if self.device.type == "cuda" else None  # CPU: fp32, autocast gains little there
+        self.amp_dtype = autocast_dtype(self.cfg["training"]["amp_dtype"], self.device)
 
     def _open_vae(self, path, subfolder, log):
         """--vae, else the checkpoint's visualization.vae_path; (None, why) when none loads."""

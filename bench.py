@@ -67,8 +67,8 @@ from config import load_config, model_kwargs  # noqa: E402
 from dataset import MultiDomainLatentDataset, build_loader  # noqa: E402
 from latents import LATENT_CHANNELS, write_latent_folders  # noqa: E402
 from model import NETS, build_models  # noqa: E402
-from runtime import InputError, configure_backends, resolve_device, run_script, seed_everything  # noqa: E402
-from trainer import AMP_DTYPES, Trainer  # noqa: E402
+from runtime import AMP_DTYPES, InputError, configure_backends, resolve_device, run_script, seed_everything  # noqa: E402
+from trainer import Trainer  # noqa: E402
 
 LATENT_SIZE = 32  # SD1.5 latents of 256x256 images (VAE factor 8)
 FILES_PER_DOMAIN = 64

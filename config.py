@@ -16,7 +16,7 @@ import yaml
 
 from latents import SD15_LATENT_SCALE
 from model import expected_state
-from runtime import InputError, atomic_write, path_component_problem
+from runtime import AMP_DTYPES, InputError, atomic_write, path_component_problem
 
 DEFAULTS = {
     "seed": 0,
@@ -268,7 +268,7 @@ def validate(cfg):
           "null (torch's choice) or an int from 1 to 1024")
     check(t["keep_checkpoints"] is None or t["keep_checkpoints"] >= 1, "training.keep_checkpoints",
           "null (keep all) or an int >= 1")
-    check(t["amp_dtype"] in ("bf16", "fp16", "fp32"), "training.amp_dtype", "one of bf16 | fp16 | fp32")
+    check(t["amp_dtype"] in tuple(AMP_DTYPES), "training.amp_dtype", "one of " + " | ".join(AMP_DTYPES))
     check(t["progress_style"] in ("bar", "percent", "off"), "training.progress_style", "one of bar | percent | off")
     if t["compile_mode"] not in COMPILE_MODES:  # listing this torch's modes imports Inductor (seconds)
         check(t["compile_mode"] in compile_modes(), "training.compile_mode", f"one of {' | '.join(compile_modes())}")

@@ -37,10 +37,9 @@ from tqdm import tqdm
 
 from latents import save_latent
 from packing import PACK_DTYPES, PackWriter, check_names
-from runtime import InputError, resolve_device, run_script
+from runtime import AMP_DTYPES, InputError, resolve_device, run_script
 from vae import IMAGE_EXTENSIONS, encode_raw, inspect_image, load_image, load_vae, to_model_input, vae_downsample_factor
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PREFETCH_BATCHES = 2  # batches decoded ahead of the VAE: bounds memory on huge folders
 
 
@@ -70,7 +69,7 @@ def parse_args(argv=None):
                              "depends only on --seed and the image's path, not on batching or resuming")
     parser.add_argument("--seed", type=int, default=0, help="seed for --sample")
     parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="VAE precision")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="VAE precision")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="threads decoding and resizing images while the VAE encodes (0: main thread)")
     return parser.parse_args(argv)
@@ -266,7 +265,7 @@ def run(args):
 
     device = resolve_device(args.device, fallback=False)
     try:
-        vae = load_vae(args.vae, args.vae_subfolder, device=device, dtype=DTYPES[args.dtype])
+        vae = load_vae(args.vae, args.vae_subfolder, device=device, dtype=AMP_DTYPES[args.dtype])
     except Exception as e:
         where = args.vae + (f" (subfolder {args.vae_subfolder!r})" if args.vae_subfolder else "")
         hint = ""

@@ -31,10 +31,8 @@ from dataset import MultiDomainLatentDataset
 from display import WorkProgress
 from inference import networks_from_checkpoint
 from metrics import Evaluator, format_table
-from runtime import (InputError, atomic_write, check_seed, check_writable_folder, remove_if_empty, resolve_device,
+from runtime import (AMP_DTYPES, InputError, atomic_write, check_seed, check_writable_folder, remove_if_empty, resolve_device,
                      script_main)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None):
@@ -56,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the z and reference draws")
     p.add_argument("--batch-size", type=int, default=32, help="images per decode / feature batch")
     p.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                    help="autocast of the networks and the decode (default: bf16 on CUDA, fp32 on the CPU); "
                         "features and LPIPS stay float32")
     p.add_argument("--inception-weights", default=None,
@@ -140,7 +138,7 @@ def evaluate(args, ckpt, cfg, nets, device, out):
     # only for visualization.vae_path (as training-time evaluation does)
     subfolder = args.vae_subfolder if (args.vae or args.vae_subfolder) else (
         None if e["vae_path"] else cfg["visualization"]["vae_subfolder"])
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = AMP_DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     evaluator = Evaluator.load(vae_path, subfolder, args.inception_weights or e["inception_weights"],
                                args.lpips_weights or e["lpips_weights"], device, amp_dtype=dtype,
                                batch_size=args.batch_size, metrics=args.metrics,
