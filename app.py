@@ -41,8 +41,8 @@ import traceback
 import torch
 from PIL import Image
 
-from inference import (domain_index, latent_styles, load_networks, open_vae_for, reference_styles, training_latent_size,
-                       translate_pairs)
+from inference import (domain_index, file_stem, latent_styles, load_networks, open_vae_for, output_name,
+                       reference_styles, training_latent_size, translate_pairs)
 from latents import list_latent_files, read_latent
 from runtime import AMP_DTYPES, InputError, check_psi, check_seed, configure_backends, resolve_device, script_main
 from sampling import (FPS, FRAMES_PER_TRANSITION, default_hold, frame_styles, interpolation_schedule, video_frames,
@@ -96,7 +96,7 @@ def parse_args(argv=None):
 
 def safe_stem(name, fallback="source"):
     """A file stem safe in download names: letters, digits, '-' and '_', at most 40 characters."""
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", os.path.splitext(os.path.basename(name or ""))[0]).strip("_")
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", file_stem(name or "")).strip("_")
     return stem[:40] or fallback
 
 
@@ -258,7 +258,7 @@ class Translator:
         for k in range(styles.shape[0] // len(domain_ids)):  # style-major, as `styles` orders them
             for d in domain_ids:
                 tag = f"style {k}" if style_mode == LATENT_GUIDED else "reference"
-                names.append(f"{source_stem}_to_{self.domains[d]}_{k if style_mode == LATENT_GUIDED else 'ref'}")
+                names.append(output_name(source_stem, self.domains[d], k if style_mode == LATENT_GUIDED else "ref"))
                 captions.append(f"{self.domains[d]} · {tag}")
         status = (f"{len(names)} output(s) on {self.device_label} in {seconds * 1000:.0f} ms "
                   f"({seconds * 1000 / len(names):.0f} ms per image: styles, generator and {self.pictures}) · "
@@ -343,7 +343,7 @@ class Translator:
         start = time.perf_counter()
         chunks = video_frames(self.nets["generator"], e["source"], e["keys"], schedule, self.latent_scale, self.vae,
                               e["key_latents"], VIDEO_BATCH, self.device, autocast=self.autocast)
-        name = f"{e['stem']}_to_{self.domains[e['domain_id']]}_{e['tag']}.{video_format}"
+        name = f"{output_name(e['stem'], self.domains[e['domain_id']], e['tag'])}.{video_format}"
         path, count = write_video(os.path.join(folder, name), chunks, fps, on_frames)
         seconds = time.perf_counter() - start
         status = (f"{count} frames ({frames_per_transition} from A to B, {hold} more held at the end) at {fps:g} fps, "

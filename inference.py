@@ -72,6 +72,17 @@ def open_vae_for(cfg, path=None, subfolder=None, device="cpu", log=print):
     return vae
 
 
+def file_stem(path):
+    """A file's name without its folder and suffix: what the outputs made from it are named after."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def output_name(stem, domain, tag):
+    """`<stem>_to_<domain>_<tag>`: the name of a translation of `stem` into `domain`, `tag` saying which
+    style (its number, or what it is)."""
+    return f"{stem}_to_{domain}_{tag}"
+
+
 def domain_index(cfg, domain, flag="--target-domain"):
     """The id of `domain` among the checkpoint's domains; InputError listing them otherwise."""
     domains = list(cfg["data"]["domains"])

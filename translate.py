@@ -36,8 +36,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from latents import LATENT_SUFFIXES, read_latent
-from inference import (DEFAULT_LATENT_SIZE, MEAN_STYLE_SAMPLES, domain_index, latent_styles, load_networks,
-                       open_vae_for, reference_styles, training_latent_size, translate_pairs)
+from inference import (DEFAULT_LATENT_SIZE, MEAN_STYLE_SAMPLES, domain_index, file_stem, latent_styles, load_networks,
+                       open_vae_for, output_name, reference_styles, training_latent_size, translate_pairs)
 from runtime import (InputError, atomic_write, check_psi, check_seed, check_writable_folder, remove_if_empty,
                      resolve_device, script_main)
 from sampling import (FPS, FRAMES_PER_TRANSITION, HOLD_FRAMES, check_video_path, default_hold, grid_cells,
@@ -189,13 +189,9 @@ def list_inputs(paths, flag):
     return files
 
 
-def stem(path):
-    return os.path.splitext(os.path.basename(path))[0]
-
-
 def check_distinct_stems(paths, flag):
     """Outputs are named by their source's stem: two sources of one stem would write the same files."""
-    stems = [stem(p) for p in paths]
+    stems = [file_stem(p) for p in paths]
     clashes = sorted({s for s in stems if stems.count(s) > 1})
     if clashes:
         raise InputError(f"{flag} inputs share a file name stem and would write the same outputs: "
@@ -378,15 +374,15 @@ def translate_each(args, cfg, nets, vae, sources, source_paths, refs, ref_paths,
     latent_scale = cfg["training"]["latent_scale"]
     if refs is not None:  # styles: [M, S] one per reference, or [K, S] from the mapping network
         styles = reference_styles(nets["style_encoder"], refs, domain_id, latent_scale, args.batch_size, args.device)
-        col_labels = [stem(p) for p in ref_paths]
+        col_labels = [file_stem(p) for p in ref_paths]
     else:
         styles = latent_styles(nets["mapping_network"], domain_id, args.num_styles, cfg["model"]["latent_dim"],
                                args.seed, args.psi, args.device)
         col_labels = [f"style {k}" for k in range(args.num_styles)]
 
-    stems = [stem(p) for p in source_paths]
+    stems = [file_stem(p) for p in source_paths]
     domain = cfg["data"]["domains"][domain_id]
-    names = [f"{s}_to_{domain}_{k}" for s in stems for k in range(styles.shape[0])]
+    names = [output_name(s, domain, k) for s in stems for k in range(styles.shape[0])]
     warn_about_stale_outputs(args.output, names)
     sheet_cells = write_outputs(args, nets, sources, styles, latent_scale, vae, names)
     ref_rgb = to_rgb(refs[:SHEET_MAX_COLS], vae, latent_scale, args.batch_size) if refs is not None else None
@@ -412,8 +408,8 @@ def reference_grid_file(args, nets, vae, latent_scale, sources, source_paths, re
         cells, rows = reference_grid(nets["generator"], nets["style_encoder"], sources, refs, domain_id, latent_scale,
                                      vae, args.batch_size, args.device, args.cell_size, on_batch=bar.update)
     path = os.path.join(args.output, "grid.png")
-    return save_image_grid(path, cells, nrow=rows, row_labels=["references"] + [stem(p) for p in source_paths],
-                           col_labels=["source"] + [stem(p) for p in ref_paths])
+    return save_image_grid(path, cells, nrow=rows, row_labels=["references"] + [file_stem(p) for p in source_paths],
+                           col_labels=["source"] + [file_stem(p) for p in ref_paths])
 
 
 def video_file(args, cfg, nets, vae, sources, refs, domain_ids):
