@@ -130,19 +130,13 @@ class Translator:
         self.domains = list(self.cfg["data"]["domains"])
         self.latent_scale = self.cfg["training"]["latent_scale"]
         self.latent_dim = self.cfg["model"]["latent_dim"]
-        self.vae, self.vae_problem = self._open_vae(vae, vae_subfolder, log)
+        self.vae, why = open_vae_for(self.cfg, vae, vae_subfolder, self.device)  # None: the linear latent preview
+        for line in why:
+            log(line)
         self.latent_size = training_latent_size(self.cfg)
         self.image_size = self.latent_size * vae_downsample_factor(self.vae) if self.vae is not None else None
         self.examples = self._find_examples()  # {"domain/file.pt": path}
         self.amp_dtype = autocast_dtype(self.cfg["training"]["amp_dtype"], self.device)
-
-    def _open_vae(self, path, subfolder, log):
-        """--vae, else the checkpoint's visualization.vae_path; (None, why) when none loads."""
-        problems = []
-        vae = open_vae_for(self.cfg, path, subfolder, self.device, problems.append)
-        for line in problems:
-            log(line)
-        return vae, "; ".join(problems)
 
     def _find_examples(self):
         """The first EXAMPLES_PER_DOMAIN latent files of each domain folder under data.root, when

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from latents import save_latent
 from packing import PACK_DTYPES, PackWriter, check_names
 from runtime import AMP_DTYPES, InputError, resolve_device, run_script
-from vae import IMAGE_EXTENSIONS, encode_raw, inspect_image, load_image, load_vae, to_model_input, vae_downsample_factor
+from vae import IMAGE_EXTENSIONS, encode_raw, inspect_image, load_image, open_vae, to_model_input, vae_downsample_factor
 
 PREFETCH_BATCHES = 2  # batches decoded ahead of the VAE: bounds memory on huge folders
 
@@ -264,14 +264,11 @@ def run(args):
         raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {input_dir!r} or its subfolders")
 
     device = resolve_device(args.device, fallback=False)
-    try:
-        vae = load_vae(args.vae, args.vae_subfolder, device=device, dtype=AMP_DTYPES[args.dtype])
-    except Exception as e:
-        where = args.vae + (f" (subfolder {args.vae_subfolder!r})" if args.vae_subfolder else "")
-        hint = ""
-        if not args.vae_subfolder and os.path.isdir(os.path.join(os.path.expanduser(args.vae), "vae")):
-            hint = "\n  it has a 'vae' subfolder: for a full Stable Diffusion pipeline add --vae-subfolder vae"
-        raise InputError(f"cannot load the VAE from {where}: {type(e).__name__}: {e}{hint}") from None
+    hint = ""
+    if not args.vae_subfolder and os.path.isdir(os.path.join(os.path.expanduser(args.vae), "vae")):
+        hint = "\n  it has a 'vae' subfolder: for a full Stable Diffusion pipeline add --vae-subfolder vae"
+    # any latent width: the latents' shape is the VAE's, [C, size/f, size/f]
+    vae = open_vae(args.vae, args.vae_subfolder, device, AMP_DTYPES[args.dtype], hint=hint, channels=None)
     factor = vae_downsample_factor(vae)
     if args.size % factor:
         raise InputError(f"--size {args.size} is not divisible by the VAE's downsampling factor {factor} "

@@ -27,10 +27,9 @@ import torch
 from checkpoint import load_checkpoint
 from exporting import (FORMATS, GRAPHS, MIN_REFERENCE_SIZE, Decoder, build_graphs, export_program, max_abs_diff,
                        metadata_for, onnx_bytes, pt2_bytes, random_inputs, require_onnx_packages)
-from inference import domain_index, mean_style, networks_from_checkpoint, training_latent_size
-from latents import LATENT_CHANNELS
+from inference import domain_index, mean_style, networks_from_checkpoint, training_latent_size, vae_source
 from runtime import InputError, atomic_write, check_seed, check_writable_folder, run_script
-from vae import decode, load_vae, vae_downsample_factor
+from vae import decode, open_vae, vae_downsample_factor
 
 # max abs difference: in raw latent units (a raw SD1.5 latent's std is ~5.5), or for RGB in [0, 1] a
 # quarter of one 8-bit level
@@ -86,22 +85,12 @@ def selected_domains(cfg, names):
 
 
 def decoder_vae(cfg, path, subfolder):
-    """The VAE whose decoder --with-decoder exports: --vae, else the checkpoint's
-    visualization.vae_path (with its subfolder); never the linear preview."""
-    subfolder = subfolder if (path or subfolder) else cfg["visualization"]["vae_subfolder"]
-    path = path or cfg["visualization"]["vae_path"]
+    """The VAE whose decoder --with-decoder exports (inference.vae_source); never the linear preview."""
+    path, subfolder = vae_source(cfg, path, subfolder)
     if not path:
         raise InputError("--with-decoder needs a VAE: pass --vae (a diffusers AutoencoderKL folder or hub id); the "
                          "checkpoint's visualization.vae_path is not set")
-    try:
-        vae = load_vae(path, subfolder)
-    except Exception as e:  # diffusers / huggingface_hub raise OSError, ValueError, ImportError, ...
-        raise InputError(f"--with-decoder: the VAE {path!r} could not be loaded ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:300] if str(e) else ''})") from None
-    if vae.config.latent_channels != LATENT_CHANNELS:
-        raise InputError(f"--with-decoder: the VAE {path!r} has {vae.config.latent_channels} latent channels; the "
-                         f"model works on {LATENT_CHANNELS}")
-    return vae
+    return open_vae(path, subfolder, what="--with-decoder: ")
 
 
 @torch.no_grad()

@@ -58,18 +58,21 @@ def training_latent_size(cfg, default=DEFAULT_LATENT_SIZE):
     return default
 
 
-def open_vae_for(cfg, path=None, subfolder=None, device="cpu", log=print):
-    """The VAE for pictures and image inputs of a checkpoint's model: `path` (a --vae flag), else the
-    checkpoint's visualization.vae_path; None (linear latent preview) when none loads, with `log`
-    told why. A VAE of another latent width than the model's is an InputError."""
+def vae_source(cfg, path=None, subfolder=None):
+    """(path, subfolder) of the VAE for a checkpoint's model: `path` (a --vae flag), else the
+    checkpoint's visualization.vae_path; a subfolder belongs to the path it came with."""
     v = cfg["visualization"]
-    subfolder = subfolder if (path or subfolder) else v["vae_subfolder"]
-    vae = load_vae_or_preview(path or v["vae_path"], subfolder, device, log,
+    return path or v["vae_path"], subfolder if (path or subfolder) else v["vae_subfolder"]
+
+
+def open_vae_for(cfg, path=None, subfolder=None, device="cpu"):
+    """The VAE for pictures and image inputs of a checkpoint's model (`vae_source`), or None (linear
+    latent preview) when none loads; and the lines saying why (or of a download). A VAE of another
+    latent width than the model's is an InputError."""
+    lines = []
+    vae = load_vae_or_preview(*vae_source(cfg, path, subfolder), device, lines.append, channels=LATENT_CHANNELS,
                               origin="--vae" if path else "the checkpoint's visualization.vae_path")
-    if vae is not None and vae.config.latent_channels != LATENT_CHANNELS:
-        raise InputError(f"the VAE has {vae.config.latent_channels} latent channels; the model works on "
-                         f"{LATENT_CHANNELS} (an SD1.5-style VAE)")
-    return vae
+    return vae, lines
 
 
 def file_stem(path):

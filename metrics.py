@@ -36,7 +36,7 @@ from config import EVAL_METRICS as METRICS
 from config import parse_metrics
 from latents import LATENT_CHANNELS, content_hash
 from runtime import InputError, atomic_write
-from vae import decode, load_vae
+from vae import decode, open_vae
 
 MODES = ("latent", "reference")
 
@@ -720,17 +720,10 @@ class Evaluator:
             raise InputError(f"{what}evaluation decodes reals and fakes with the SD VAE, and none is set: pass --vae, or "
                              "set evaluation.vae_path (or visualization.vae_path), to a local diffusers AutoencoderKL "
                              "folder or a hub id; metrics never use the linear latent preview")
-        try:
-            vae = load_vae(vae_path, vae_subfolder, device=device, dtype=torch.float32)
-        except Exception as err:  # diffusers / huggingface_hub raise OSError, ValueError, ImportError, ...
-            raise InputError(
-                f"{what}evaluation decodes reals and fakes with the SD VAE, and {vae_path!r} could not be loaded "
-                f"({err.__class__.__name__}: {err}). Set evaluation.vae_path (or visualization.vae_path) / --vae to a "
-                "local diffusers AutoencoderKL folder or a hub id; metrics never use the linear latent preview."
-            ) from None
-        if vae.config.latent_channels != LATENT_CHANNELS:
-            raise InputError(f"{what}the VAE {vae_path!r} has {vae.config.latent_channels} latent channels; the model's "
-                             f"latents have {LATENT_CHANNELS} (an SD1.5-style VAE)")
+        vae = open_vae(vae_path, vae_subfolder, device, what=what,
+                       hint=". Evaluation decodes reals and fakes with the SD VAE: set evaluation.vae_path (or "
+                            "visualization.vae_path) / --vae to a local diffusers AutoencoderKL folder or a hub id; "
+                            "metrics never use the linear latent preview")
         try:
             inception = load_inception(inception_weights, device) if {"FID", "KID"} & set(metrics) else None
             lpips = load_lpips(lpips_weights, device) if "LPIPS" in metrics else None

@@ -288,12 +288,6 @@ def warn_about_stale_outputs(output_dir, names):
 
 # ------------------------------------------------------------------ run
 
-def open_vae(args, cfg, device):
-    """The VAE for PNGs and image inputs, or None (linear latent preview); and why it is None."""
-    problems = []
-    return open_vae_for(cfg, args.vae, args.vae_subfolder, device, problems.append), "; ".join(problems)
-
-
 def load_inputs(args, cfg, vae, source_paths, ref_paths):
     """{path: raw [4, h, w]} for every source and reference: latent files read, images encoded."""
     images = [p for p in source_paths + ref_paths if is_image(p)]
@@ -333,10 +327,10 @@ def run(args):
 
 def translate(args, cfg, nets, domain_ids, source_paths, ref_paths):
     latent_scale = cfg["training"]["latent_scale"]
-    vae, vae_problem = open_vae(args, cfg, args.device)
+    vae, why = open_vae_for(cfg, args.vae, args.vae_subfolder, args.device)  # None: the linear latent preview
     latents = load_inputs(args, cfg, vae, source_paths, ref_paths)
     if vae is None:
-        warn(vae_problem.removeprefix("warning: "))  # it says why, and that pictures use the latent preview
+        warn("; ".join(why).removeprefix("warning: "))  # it says why, and that pictures use the latent preview
     sources = stack_inputs(source_paths, latents, "--source")  # [N, 4, h, w] raw, CPU
     refs = stack_inputs(ref_paths, latents, "--reference") if ref_paths else None  # [M, 4, h', w'] raw
 
