@@ -100,11 +100,17 @@ def latent_styles(mapping_network, domain_id, num_styles, latent_dim, seed=0, ps
     domain's mean style (StarGAN v2's psi: s = s_avg + psi * (s - s_avg), s_avg = F over
     MEAN_STYLE_SAMPLES z). Style k is the same for any caller: z = randn(K, L, seed)[k]. [K, S]"""
     z = torch.randn(num_styles, latent_dim, generator=torch.Generator().manual_seed(seed))  # [K, L]
-    y = torch.full((num_styles,), domain_id, dtype=torch.long, device=device)
-    s = mapping_network(z.to(device), y)  # [K, S]
+    s = mapped_styles(mapping_network, z, domain_id, device)  # [K, S]
     if psi != 1.0:
         s = torch.lerp(mean_style(mapping_network, domain_id, latent_dim, device), s, psi)  # s_mean + psi * (s - s_mean)
     return s
+
+
+@torch.no_grad()
+def mapped_styles(mapping_network, z, domain_id, device="cpu"):
+    """F(z, y) with y the target domain for every row: styles [n, S] of z [n, L]."""
+    y = torch.full((z.shape[0],), domain_id, dtype=torch.long, device=device)
+    return mapping_network(z.to(device), y)  # [n, S]
 
 
 @torch.no_grad()
@@ -132,6 +138,14 @@ def reference_styles(style_encoder, refs_raw, domain_id, latent_scale, batch_siz
 
 
 @torch.no_grad()
+def translate_raw(generator, content_raw, styles, latent_scale, device="cpu"):
+    """G(content, s) on raw latents: content [b, 4, h, w] raw and styles [b, S] -> raw outputs
+    [b, 4, h, w] float32 on `device`. The generator sees `raw * latent_scale`."""
+    x = content_raw.to(device).float() * latent_scale  # [b, 4, h, w] scaled
+    return generator(x, styles).float() / latent_scale  # [b, 4, h, w] raw
+
+
+@torch.no_grad()
 def translate_pairs(generator, sources_raw, styles, latent_scale, batch_size=16, device="cpu"):
     """Every (source i, style k) pair, flattened as i * K + k and run in chunks of `batch_size`.
     Yields (pair indices [b], raw outputs [b, 4, h, w] on the CPU): one host transfer per chunk, so a
@@ -139,9 +153,9 @@ def translate_pairs(generator, sources_raw, styles, latent_scale, batch_size=16,
     num_styles = styles.shape[0]
     pairs = torch.arange(sources_raw.shape[0] * num_styles)
     for chunk in pairs.split(batch_size):
-        x = sources_raw[chunk // num_styles].to(device).float() * latent_scale  # [b, 4, h, w] scaled
-        fake = generator(x, styles[(chunk % num_styles).to(styles.device)])  # [b, 4, h, w] scaled
-        yield chunk, check_finite_outputs((fake.float() / latent_scale).cpu())
+        raw = translate_raw(generator, sources_raw[chunk // num_styles], styles[(chunk % num_styles).to(styles.device)],
+                            latent_scale, device)  # [b, 4, h, w]
+        yield chunk, check_finite_outputs(raw.cpu())
 
 
 def check_finite_outputs(raw):

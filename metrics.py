@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from config import EVAL_METRICS as METRICS
 from config import parse_metrics
+from inference import mapped_styles, reference_styles, translate_raw
 from latents import LATENT_CHANNELS, content_hash
 from runtime import InputError, atomic_write
 from vae import decode, open_vae
@@ -491,17 +492,16 @@ def translate_task(generator, mapping_network, style_encoder, content_raw, trg_i
 
     feats, diversity, nonfinite = [], [], 0
     for start in range(0, n, per_chunk):
-        content = content_raw[start:start + per_chunk].to(device).float() * latent_scale  # [S, 4, h, w]
+        content = content_raw[start:start + per_chunk].to(device)  # [S, 4, h, w] raw
         s = len(content)
-        content = content.repeat_interleave(k, dim=0)  # [S*K, 4, h, w], a source's outputs adjacent
-        y_trg = torch.full((s * k,), trg_idx, dtype=torch.long, device=device)
-        with autocast_context(device, amp_dtype):
+        with autocast_context(device, amp_dtype):  # styles [S*K, S_dim], in one batch
             if mode == "latent":
-                style = mapping_network(codes[start:start + s].flatten(0, 1).to(device), y_trg)  # [S*K, S_dim]
+                style = mapped_styles(mapping_network, codes[start:start + s].flatten(0, 1), trg_idx, device)
             else:
                 refs = refs_raw[codes[start:start + s].flatten().to(refs_raw.device)]  # [S*K, 4, h, w]
-                style = style_encoder(refs.to(device).float() * latent_scale, y_trg)  # [S*K, S_dim]
-            fake = generator(content, style).float() / latent_scale  # [S*K, 4, h, w] raw
+                style = reference_styles(style_encoder, refs, trg_idx, latent_scale, len(refs), device)
+            content = content.repeat_interleave(k, dim=0)  # [S*K, 4, h, w], a source's outputs adjacent
+            fake = translate_raw(generator, content, style, latent_scale, device)  # [S*K, 4, h, w] raw
         images = in_batches(decoded, fake, batch_size)  # [S*K, 3, H, W]
         bad = ~(torch.isfinite(fake.flatten(1)).all(1) & torch.isfinite(images.flatten(1)).all(1))  # [S*K]
         nonfinite += int(bad.sum())
