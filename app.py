@@ -41,10 +41,10 @@ import traceback
 import torch
 from PIL import Image
 
-from inference import (domain_index, file_stem, latent_styles, load_networks, open_vae_for, output_name,
+from inference import (check_psi, domain_index, file_stem, latent_styles, load_networks, open_vae_for, output_name,
                        reference_styles, training_latent_size, translate_pairs)
 from latents import list_latent_files, read_latent
-from runtime import AMP_DTYPES, InputError, check_psi, check_seed, configure_backends, resolve_device, script_main
+from runtime import AMP_DTYPES, InputError, check_seed, configure_backends, resolve_device, script_main
 from sampling import (FPS, FRAMES_PER_TRANSITION, default_hold, frame_styles, interpolation_schedule, video_frames,
                       write_video)
 from vae import (MAX_IMAGE_PIXELS, encode_raw, inspect_image, load_image, to_model_input, to_rgb, to_uint8,

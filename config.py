@@ -14,9 +14,9 @@ import re
 
 import yaml
 
-from latents import SD15_LATENT_SCALE
+from latents import SD15_LATENT_SCALE, path_component_problem
 from model import expected_state
-from runtime import AMP_DTYPES, InputError, atomic_write, path_component_problem
+from runtime import AMP_DTYPES, InputError, atomic_write
 
 DEFAULTS = {
     "seed": 0,

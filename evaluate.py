@@ -31,8 +31,7 @@ from dataset import MultiDomainLatentDataset
 from display import WorkProgress
 from inference import networks_from_checkpoint
 from metrics import Evaluator, format_table
-from runtime import (AMP_DTYPES, InputError, atomic_write, check_seed, check_writable_folder, remove_if_empty, resolve_device,
-                     script_main)
+from runtime import AMP_DTYPES, InputError, atomic_write, check_seed, output_folder, resolve_device, script_main
 
 
 def parse_args(argv=None):
@@ -101,12 +100,8 @@ def run(args):
     args.metrics = parse_metrics(args.metrics or cfg["evaluation"]["metrics"])
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                    "eval_" + os.path.splitext(os.path.basename(args.checkpoint))[0])
-    created = check_writable_folder(out, "--out")  # before the data, the weights and the evaluation
-    try:
+    with output_folder(out, "--out"):  # before the data, the weights and the evaluation
         return evaluate(args, ckpt, cfg, nets, device, out)
-    finally:
-        if created:  # a run that failed before writing metrics.json leaves no empty folder behind
-            remove_if_empty(out)
 
 
 def read_data(args, cfg):

@@ -6,6 +6,7 @@ Shared by translate.py, the evaluation protocol and the app, so all three transl
 Latents outside are raw; the networks see `raw * latent_scale`, and outputs are divided back.
 """
 
+import math
 import os
 import weakref
 
@@ -92,6 +93,17 @@ def domain_index(cfg, domain, flag="--target-domain"):
     if domain not in domains:
         raise InputError(f"unknown {flag} {domain!r}; the checkpoint's domains are: {', '.join(domains)}")
     return domains.index(domain)
+
+
+def check_psi(psi, flag="--psi"):
+    """StarGAN v2's truncation psi: a finite number in [0, 1] (0: the domain's mean style, 1: none)."""
+    try:
+        value = float(psi)
+    except (TypeError, ValueError):
+        raise InputError(f"{flag} {psi!r}: expected a number from 0 to 1") from None
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise InputError(f"{flag} {psi!r}: expected a number from 0 (the domain's mean style) to 1 (no truncation)")
+    return value
 
 
 @torch.no_grad()

@@ -46,6 +46,22 @@ def listed(lines):
     return "\n  ".join(first_lines(lines[:MAX_LISTED], len(lines)))
 
 
+def path_component_problem(name):
+    """Why `name` cannot be one path component (a domain name becomes a folder and file names in
+    every tool), or None. Refused: empty, '.', '..', separators, NUL and other control characters."""
+    if not isinstance(name, str) or not name:
+        return "expected a non-empty string"
+    if name in (".", ".."):
+        return "'.' and '..' are not folder names"
+    if "/" in name or "\\" in name:
+        return "a name may not contain '/' or '\\'"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "a name may not contain NUL or other control characters"
+    if len(name.encode("utf-8", "surrogatepass")) > 255:
+        return "a name may be at most 255 bytes"
+    return None
+
+
 def is_packed(folder):
     return os.path.exists(os.path.join(folder, PACKED_ARRAY)) or os.path.exists(os.path.join(folder, PACKED_INDEX))
 

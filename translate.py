@@ -28,6 +28,7 @@ FILE (.mp4, .mkv lossless, or .gif), with or without --output.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -36,10 +37,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from latents import LATENT_SUFFIXES, read_latent
-from inference import (DEFAULT_LATENT_SIZE, MEAN_STYLE_SAMPLES, domain_index, file_stem, latent_styles, load_networks,
+from inference import (DEFAULT_LATENT_SIZE, MEAN_STYLE_SAMPLES, check_psi, domain_index, file_stem, latent_styles, load_networks,
                        open_vae_for, output_name, reference_styles, training_latent_size, translate_pairs)
-from runtime import (InputError, atomic_write, check_psi, check_seed, check_writable_folder, remove_if_empty,
-                     resolve_device, script_main)
+from runtime import InputError, atomic_write, check_seed, output_folder, resolve_device, script_main
 from sampling import (FPS, FRAMES_PER_TRANSITION, HOLD_FRAMES, check_video_path, default_hold, grid_cells,
                       interpolation_schedule, num_frames, reference_grid, video_frames, write_video)
 from vae import (IMAGE_EXTENSIONS, encode_raw, inspect_image, load_image, save_image_grid, to_model_input, to_rgb,
@@ -312,17 +312,13 @@ def run(args):
     source_paths = list_inputs(args.source, "--source")
     ref_paths = list_inputs(args.reference, "--reference") if args.reference is not None else []
     check_counts(args, source_paths, ref_paths)
-    if args.output is not None and os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise InputError(f"--output {args.output!r} exists and is not a folder")
     folders = [(args.output, "--output")] if args.output is not None else []
     if args.video is not None:
         folders.append((os.path.dirname(os.path.abspath(os.path.expanduser(args.video[1]))), "--video's folder"))
-    created = [folder for folder, flag in folders if check_writable_folder(folder, flag)]  # before any work
-    try:
+    with contextlib.ExitStack() as stack:
+        for folder, flag in folders:
+            stack.enter_context(output_folder(folder, flag))
         return translate(args, cfg, nets, domain_ids, source_paths, ref_paths)
-    finally:
-        for folder in created:  # a run that failed before writing anything leaves no empty folder behind
-            remove_if_empty(folder)
 
 
 def translate(args, cfg, nets, domain_ids, source_paths, ref_paths):
