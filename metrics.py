@@ -92,6 +92,8 @@ def download(url, dest, sha256_prefix=None):
     in seconds, never a retry loop.
     """
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    # a rename of its own, not runtime.atomic_write: what fails here is mostly the network (refused,
+    # timed out, reset), which atomic_write would report as a failed write of `dest`
     partial = f"{dest}.{os.getpid()}.part"
     print(f"downloading {url} -> {dest}", file=sys.stderr)
     try:

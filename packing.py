@@ -223,6 +223,8 @@ class PackWriter:
             os.remove(self.array_path)  # from here to the rename, the folder reads as an interrupted pack
         index = json.dumps({"version": PACKED_VERSION, "names": order})
         atomic_write(os.path.join(self.folder, PACKED_INDEX), lambda f: f.write(index.encode()), fsync=True)
+        # a rename of its own, not runtime.atomic_write: the partial file outlives a run (rows appended,
+        # fsynced and logged as they come, resumed by the next run), atomic_write's lives for one call
         os.replace(self.data_path, self.array_path)
         os.remove(self.log_path)
         fsync_folder(self.folder)
