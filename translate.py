@@ -37,11 +37,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from latents import LATENT_SUFFIXES, read_latent
-from inference import (DEFAULT_LATENT_SIZE, MEAN_STYLE_SAMPLES, check_psi, domain_index, file_stem, latent_styles, load_networks,
-                       open_vae_for, output_name, reference_styles, training_latent_size, translate_pairs)
+from inference import (DEFAULT_LATENT_SIZE, MEAN_STYLE_SAMPLES, check_psi, domain_index, file_stem, latent_styles,
+                       load_networks, open_vae_for, output_name, reference_styles, training_latent_size, translate_pairs)
 from runtime import InputError, atomic_write, check_seed, output_folder, resolve_device, script_main
-from sampling import (FPS, FRAMES_PER_TRANSITION, HOLD_FRAMES, check_video_path, default_hold, grid_cells,
-                      interpolation_schedule, num_frames, reference_grid, video_frames, write_video)
+from sampling import (FPS, FRAMES_PER_TRANSITION, HOLD_FRAMES, check_video_path, default_hold, interpolation_schedule,
+                      num_frames, reference_grid, source_grid, video_frames, write_video)
 from vae import (IMAGE_EXTENSIONS, encode_raw, inspect_image, load_image, save_image_grid, to_model_input, to_rgb,
                  to_uint8, vae_downsample_factor)
 
@@ -273,7 +273,7 @@ def write_sheet(path, source_rgb, sheet_cells, num_styles, row_labels, col_label
     """Rows: sources (plus, reference-guided, a first row of the references); columns: source, outputs."""
     rows, cols = source_rgb.shape[0], min(num_styles, SHEET_MAX_COLS)
     outputs = torch.stack([torch.stack([sheet_cells[(i, k)] for k in range(cols)]) for i in range(rows)])
-    cells, nrow = grid_cells(source_rgb, outputs, None if ref_rgb is None else ref_rgb[:cols])
+    cells, nrow = source_grid(source_rgb, outputs, None if ref_rgb is None else ref_rgb[:cols])
     return save_image_grid(path, cells, nrow=nrow, row_labels=(["references"] if ref_rgb is not None else []) + row_labels,
                            col_labels=["source"] + col_labels[:cols])
 
