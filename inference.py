@@ -14,7 +14,7 @@ import torch
 
 from checkpoint import load_checkpoint
 from config import model_kwargs, resolve_config
-from latents import LATENT_CHANNELS, list_latent_files, load_latent_file
+from latents import LATENT_CHANNELS
 from model import EMA_NETS, build_models
 from runtime import InputError
 from vae import load_vae_or_preview
@@ -27,13 +27,13 @@ _mean_styles = weakref.WeakKeyDictionary()  # mapping network -> {domain id: mea
 
 def load_networks(path, device):
     """Checkpoint file -> (resolved config, {generator, mapping_network, style_encoder} with the EMA
-    weights, in eval mode). `cfg["latent_shape"]` is the [4, h, w] trained on (None in checkpoints
-    older than that record). InputError naming the file and key for anything else."""
+    weights, in eval mode). `cfg["latent_shape"]` is the [4, h, w] trained on (None in a
+    checkpoint saved before any data was seen). InputError naming the file and key for anything else."""
     return networks_from_checkpoint(load_checkpoint(path), path, device)
 
 
 def networks_from_checkpoint(ckpt, path, device):
-    """`load_networks` for a checkpoint dict that `runtime.load_checkpoint` loaded (and so checked
+    """`load_networks` for a checkpoint dict that `checkpoint.load_checkpoint` loaded (and so checked
     completely: its config, shapes and finiteness) from `path`."""
     cfg = resolve_config(ckpt["config"], source=f"the config saved in {path}")
     models = build_models(**model_kwargs(cfg))
@@ -46,17 +46,9 @@ def networks_from_checkpoint(ckpt, path, device):
 
 
 def training_latent_size(cfg, default=DEFAULT_LATENT_SIZE):
-    """Spatial size of the training latents: the checkpoint's `latent_shape`, else one file of its
-    data.root when that folder is reachable from here (older checkpoints); `default` otherwise."""
-    if cfg.get("latent_shape"):
-        return int(cfg["latent_shape"][-1])
-    root = os.path.expanduser(cfg["data"]["root"])
-    for domain in cfg["data"]["domains"]:
-        try:
-            return int(load_latent_file(list_latent_files(os.path.join(root, domain))[0]).shape[-1])
-        except (OSError, ValueError):
-            continue
-    return default
+    """Spatial size of the training latents: the checkpoint's `latent_shape`; `default` when it is
+    None (a checkpoint saved before any data was seen)."""
+    return int(cfg["latent_shape"][-1]) if cfg.get("latent_shape") else default
 
 
 def vae_source(cfg, path=None, subfolder=None):

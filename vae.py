@@ -293,8 +293,7 @@ def to_uint8(images):
 def image_grid(images, nrow, row_labels=None, col_labels=None, pad=2, label_px=None):
     """Tile [N, 3, H, W] images in [0, 1] into a PIL image, `nrow` rows, N / nrow columns.
 
-    With labels, a strip on the left names the rows and one on top names the columns. Labels need
-    Pillow's ImageDraw; without Pillow the caller gets a plain numpy grid via `grid_array`.
+    With labels, a strip on the left names the rows and one on top names the columns.
     """
     from PIL import Image, ImageDraw
 
@@ -330,24 +329,6 @@ def grid_array(images, nrow, pad=2):
 
 
 def save_image_grid(path, images, nrow, row_labels=None, col_labels=None):
-    """Write a grid PNG atomically; labelled when Pillow is there, else unlabelled via numpy->PNG."""
-    try:
-        grid = image_grid(images, nrow, row_labels, col_labels)
-        return atomic_write(path, lambda f: grid.save(f, format="PNG"))
-    except ImportError:  # no Pillow: an unlabelled grid with the minimal PNG writer
-        return atomic_write(path, lambda f: write_png(f, grid_array(images, nrow)))
-
-
-def write_png(f, array):
-    """Minimal RGB PNG writer (zlib) for environments without Pillow; `f` a binary file."""
-    import struct
-    import zlib
-
-    h, w, _ = array.shape
-    raw = b"".join(b"\x00" + array[y].tobytes() for y in range(h))
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    """Write a (labelled) grid PNG atomically."""
+    grid = image_grid(images, nrow, row_labels, col_labels)
+    return atomic_write(path, lambda f: grid.save(f, format="PNG"))
