@@ -11,8 +11,12 @@ latent is translated `num_outs` times by the EMA networks with a fixed seed and 
 - LPIPS (Zhang et al., CVPR 2018, AlexNet with the v0.1 linear layers): the mean pairwise distance
   among the `num_outs` outputs of each source, averaged over sources (diversity; higher is more).
 
-This module takes tensors and networks; it knows nothing of checkpoints or data folders. Weights
-come from explicit paths or, on a machine with a network, download once into the torch hub cache.
+The protocol (`evaluate_translations`) takes tensors and networks and returns numbers: it reads no
+checkpoint and no data folder (evaluate.py and the trainer pass the latents in), and it translates
+as inference.py does. Files enter at two places only: the loaders (`load_inception`, `load_lpips`,
+`Evaluator.load`) read weight files from explicit paths or the torch hub cache (downloaded once on a
+machine with a network) and open the VAE through vae.py; and the real domains' features are cached
+in `cache_dir`.
 """
 
 import functools
@@ -555,6 +559,39 @@ def evaluate_translations(generator, mapping_network, style_encoder, domains, re
     came from, non-finite outputs per task (their metrics are NaN) and sample-count warnings.
     """
     domains = [str(d) for d in domains]
+    metrics, n_real, n_sources = check_protocol_inputs(domains, real, sources, modes, metrics, num_outs, max_sources,
+                                                       cache_dir, vae_id)
+    subset_size = min(KID_MAX_SUBSET, min(n_real.values()), min(n_sources.values()) * num_outs)
+    protocol = protocol_record(domains, metrics, modes, num_outs, n_real, n_sources, subset_size, kid_subsets, seed,
+                               batch_size, device, amp_dtype, inception, lpips, vae_id)
+    log = log or (lambda line: None)
+    for warning in protocol["warnings"]:
+        log(f"warning: {warning}")
+    reals_needed = sum(n_real.values()) if {"FID", "KID"} & set(metrics) else 0
+    total = reals_needed + len(modes) * sum(n_sources[s] * num_outs * (len(domains) - 1) for s in domains)
+    on_batch = (lambda n: progress(n, total)) if progress is not None else None
+    real_features = real_feature_source(real, real_ids, decode, inception, batch_size, device, amp_dtype, on_batch,
+                                        cache_dir, vae_id, protocol["real_features"], log)
+
+    def translate(mode, src_idx, trg_idx):  # one task: (fake features, LPIPS diversity, non-finite outputs)
+        src, trg = domains[src_idx], domains[trg_idx]
+        return translate_task(generator, mapping_network, style_encoder, sources[src][:n_sources[src]], trg_idx, mode,
+                              sources[trg], decode, inception, lpips, latent_scale, latent_dim, num_outs,
+                              task_generator(seed, mode, src_idx, trg_idx), batch_size, device, amp_dtype, on_batch)
+
+    results = {}
+    for mode in modes:
+        results.update(evaluate_mode(mode, domains, metrics, translate, real_features, subset_size, kid_subsets, seed,
+                                     protocol, log))
+    if "KID" in metrics:
+        results["KID_subset_size"] = subset_size
+    results["protocol"] = protocol
+    return results
+
+
+def check_protocol_inputs(domains, real, sources, modes, metrics, num_outs, max_sources, cache_dir, vae_id):
+    """`evaluate_translations`' arguments checked before any work: (the metrics asked for, in the
+    table's order; {domain: real latents}; {domain: sources used}), or an InputError saying what is wrong."""
     for name, sets in (("real", real), ("sources", sources)):
         missing = [d for d in domains if d not in sets]
         if missing:
@@ -586,69 +623,74 @@ def evaluate_translations(generator, mapping_network, style_encoder, domains, re
         if n_real[d] < 2 or n_sources[d] < 1:
             raise InputError(f"evaluation needs at least 2 samples on each side: domain {d!r} has {n_real[d]} real "
                              f"latents and {n_sources[d]} source latents x {num_outs} outputs")
-    subset_size = min(KID_MAX_SUBSET, min(n_real.values()), min(n_sources.values()) * num_outs)
-    log = log or (lambda line: None)
-    reals_needed = sum(n_real.values()) if {"FID", "KID"} & set(metrics) else 0
-    total = reals_needed + len(modes) * sum(n_sources[s] * num_outs * (len(domains) - 1) for s in domains)
-    on_batch = (lambda n: progress(n, total)) if progress is not None else None
-    protocol = {"domains": domains, "metrics": list(metrics), "modes": list(modes), "num_outs": num_outs,
-                "n_real": n_real, "n_sources": n_sources,
-                "fakes_per_task": {f"{s}2{t}": n_sources[s] * num_outs for t in domains for s in domains if s != t},
-                "kid_subset_size": subset_size, "kid_subsets": kid_subsets, "kid_std": {}, "nonfinite_outputs": {},
-                "seed": seed, "batch_size": batch_size, "device": str(device), "dtype": str(amp_dtype or torch.float32),
-                "inception": getattr(inception, "identity", None), "lpips": getattr(lpips, "identity", None),
-                "vae": vae_id, "real_features": {}, "warnings": sample_count_warnings(n_real, n_sources, num_outs)}
-    for warning in protocol["warnings"]:
-        log(f"warning: {warning}")
+    return metrics, n_real, n_sources
 
-    real_feats = {}
+
+def protocol_record(domains, metrics, modes, num_outs, n_real, n_sources, subset_size, kid_subsets, seed, batch_size,
+                    device, amp_dtype, inception, lpips, vae_id):
+    """The `protocol` entry of the results: what the numbers depend on. `kid_std`, `nonfinite_outputs`
+    and `real_features` are filled in as the tasks run."""
+    return {"domains": domains, "metrics": list(metrics), "modes": list(modes), "num_outs": num_outs,
+            "n_real": n_real, "n_sources": n_sources,
+            "fakes_per_task": {f"{s}2{t}": n_sources[s] * num_outs for t in domains for s in domains if s != t},
+            "kid_subset_size": subset_size, "kid_subsets": kid_subsets, "kid_std": {}, "nonfinite_outputs": {},
+            "seed": seed, "batch_size": batch_size, "device": str(device), "dtype": str(amp_dtype or torch.float32),
+            "inception": getattr(inception, "identity", None), "lpips": getattr(lpips, "identity", None),
+            "vae": vae_id, "real_features": {}, "warnings": sample_count_warnings(n_real, n_sources, num_outs)}
+
+
+def real_feature_source(real, real_ids, decode, inception, batch_size, device, amp_dtype, on_batch, cache_dir, vae_id,
+                        sources_of, log):
+    """domain -> its real latents' Inception features [N, D] on `device`, computed once (or read from
+    the cache, keyed by the content hash, VAE, Inception and dtype); `sources_of[domain]` records
+    where they came from."""
+    feats = {}
 
     def real_features(d):
-        if d not in real_feats:
+        if d not in feats:
             key = {"version": CACHE_VERSION, "real": (real_ids or {}).get(d) or content_hash(real[d]),
                    "vae": str(vae_id), "inception": getattr(inception, "identity", type(inception).__name__),
                    "dtype": str(amp_dtype or torch.float32)}
             compute = functools.partial(latent_features, real[d], decode, inception, batch_size, device, amp_dtype,
                                         on_batch)
-            feats, how = cached_real_features(d, real[d], compute, cache_dir, key)
-            real_feats[d] = feats.to(device)
-            protocol["real_features"][d] = how
-            log(f"real features of {d} ({n_real[d]} latents): {how}")
+            found, how = cached_real_features(d, real[d], compute, cache_dir, key)
+            feats[d] = found.to(device)
+            sources_of[d] = how
+            log(f"real features of {d} ({len(real[d])} latents): {how}")
             if how.startswith("cached") and on_batch is not None:  # counted as done
-                on_batch(n_real[d])
-        return real_feats[d]
+                on_batch(len(real[d]))
+        return feats[d]
 
+    return real_features
+
+
+def evaluate_mode(mode, domains, metrics, translate, real_features, subset_size, kid_subsets, seed, protocol, log):
+    """Every task of one mode, in the official order (targets outer, sources inner): {key: value}
+    for each task and the mean of each metric; the protocol's per-task records filled in."""
+    per_metric = {m: {} for m in metrics}
+    for trg_idx, trg in enumerate(domains):
+        target_feats = real_features(trg) if {"FID", "KID"} & set(metrics) else None
+        for src_idx, src in enumerate(domains):
+            if src == trg:
+                continue
+            task = f"{src}2{trg}"
+            fake_feats, diversity, nonfinite = translate(mode, src_idx, trg_idx)
+            values = task_metrics(metrics, target_feats, fake_feats, diversity, nonfinite, subset_size, kid_subsets,
+                                  seed)
+            for metric in metrics:
+                per_metric[metric][task] = values[metric]
+            if "KID" in metrics:
+                protocol["kid_std"][f"{mode}/{task}"] = values["KID_std"]
+            if nonfinite:
+                protocol["nonfinite_outputs"][f"{mode}/{task}"] = nonfinite
+                log(f"warning: {mode} {task}: {nonfinite} of {protocol['fakes_per_task'][task]} translations are not "
+                    "finite (a diverged generator): every metric of this task is NaN")
+            log(f"{mode} {task}: " + "  ".join(f"{m} {per_metric[m][task]:.4f}" for m in metrics))
     results = {}
-    for mode in modes:
-        per_metric = {m: {} for m in metrics}
-        for trg_idx, trg in enumerate(domains):  # the official order: targets outer, sources inner
-            target_feats = real_features(trg) if {"FID", "KID"} & set(metrics) else None
-            for src_idx, src in enumerate(domains):
-                if src == trg:
-                    continue
-                task = f"{src}2{trg}"
-                fake_feats, diversity, nonfinite = translate_task(
-                    generator, mapping_network, style_encoder, sources[src][:n_sources[src]], trg_idx, mode,
-                    sources[trg], decode, inception, lpips, latent_scale, latent_dim, num_outs,
-                    task_generator(seed, mode, src_idx, trg_idx), batch_size, device, amp_dtype, on_batch)
-                values = task_metrics(metrics, target_feats, fake_feats, diversity, nonfinite, subset_size, kid_subsets,
-                                      seed)
-                for metric in metrics:
-                    per_metric[metric][task] = values[metric]
-                if "KID" in metrics:
-                    protocol["kid_std"][f"{mode}/{task}"] = values["KID_std"]
-                if nonfinite:
-                    protocol["nonfinite_outputs"][f"{mode}/{task}"] = nonfinite
-                    log(f"warning: {mode} {task}: {nonfinite} of {n_sources[src] * num_outs} translations are not "
-                        "finite (a diverged generator): every metric of this task is NaN")
-                log(f"{mode} {task}: " + "  ".join(f"{m} {per_metric[m][task]:.4f}" for m in metrics))
-        for metric in metrics:
-            for task, value in per_metric[metric].items():
-                results[f"{metric}_{mode}/{task}"] = value
-            results[f"{metric}_{mode}/mean"] = float(np.mean(list(per_metric[metric].values())))
-    if "KID" in metrics:
-        results["KID_subset_size"] = subset_size
-    results["protocol"] = protocol
+    for metric in metrics:
+        for task, value in per_metric[metric].items():
+            results[f"{metric}_{mode}/{task}"] = value
+        results[f"{metric}_{mode}/mean"] = float(np.mean(list(per_metric[metric].values())))
     return results
 
 
