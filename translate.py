@@ -51,7 +51,7 @@ GRID_MAX = 32  # --grid: sources and references in the one picture
 VIDEO_MAX_SOURCES = 16  # --video: sources in the row (the official uses a batch of 8 or so)
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(
         description="Translate latents (or images, with a VAE) to a target domain with a Latent StarGAN v2 "
                     "checkpoint. Writes <stem>_to_<domain>_<k>.pt (raw float32 latent [4, h, w]) and "
@@ -80,6 +80,22 @@ def parse_args(argv=None):
     p.add_argument("--output", default=None,
                    help="output folder (created if missing; outputs of the same name are replaced, others kept with a "
                         "warning). Needed unless --video is given")
+    add_sample_mode_flags(p)
+    p.add_argument("--vae", default=None,
+                   help="diffusers AutoencoderKL (local folder or hub id) for PNGs and image inputs; default: "
+                        "the checkpoint's visualization.vae_path. When none loads, PNGs use the linear latent "
+                        "preview (one warning) and image inputs are an error")
+    p.add_argument("--vae-subfolder", default=None,
+                   help="subfolder of the VAE ('vae' for a full Stable Diffusion pipeline); default none "
+                        "(with --vae) or the checkpoint's visualization.vae_subfolder")
+    p.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="generator samples (source x style pairs) per forward pass; also the VAE batch")
+    return p
+
+
+def add_sample_mode_flags(p):
+    """--grid, --video and their settings: StarGAN v2's sample mode."""
     p.add_argument("--grid", action="store_true",
                    help="reference-guided: write one picture, <output>/grid.png, instead of a file per output: the "
                         "references along the top, the sources down the side, each cell the source in that "
@@ -101,16 +117,10 @@ def parse_args(argv=None):
     p.add_argument("--cell-size", type=int, default=None,
                    help="--grid and --video: side in pixels of every picture (default: as decoded, the latent "
                         "size x 8); smaller makes small GIFs")
-    p.add_argument("--vae", default=None,
-                   help="diffusers AutoencoderKL (local folder or hub id) for PNGs and image inputs; default: "
-                        "the checkpoint's visualization.vae_path. When none loads, PNGs use the linear latent "
-                        "preview (one warning) and image inputs are an error")
-    p.add_argument("--vae-subfolder", default=None,
-                   help="subfolder of the VAE ('vae' for a full Stable Diffusion pipeline); default none "
-                        "(with --vae) or the checkpoint's visualization.vae_subfolder")
-    p.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available)")
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="generator samples (source x style pairs) per forward pass; also the VAE batch")
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if (args.reference is None) == (args.num_styles is None):
         p.error("give exactly one of --reference (reference-guided) or --num-styles (latent-guided)")
