@@ -42,9 +42,9 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 
-from inference import (check_psi, domain_index, file_stem, latent_styles, load_networks, open_vae_for, output_name,
+from inference import (check_psi, domain_index, latent_styles, load_networks, open_vae_for, output_name,
                        reference_styles, training_latent_size, translate_pairs)
-from latents import list_latent_files, read_latent
+from latents import file_stem, list_latent_files, read_latent
 from runtime import AMP_DTYPES, InputError, check_seed, configure_backends, resolve_device, script_main
 from sampling import (FPS, FRAMES_PER_TRANSITION, default_hold, frame_styles, interpolation_schedule, video_frames,
                       write_video)

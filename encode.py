@@ -35,7 +35,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from tqdm import tqdm
 
-from latents import save_latent
+from latents import file_stem, save_latent
 from packing import PACK_DTYPES, PackWriter, check_names
 from runtime import AMP_DTYPES, InputError, resolve_device, run_script
 from vae import IMAGE_EXTENSIONS, encode_raw, inspect_image, load_image, open_vae, to_model_input, vae_downsample_factor
@@ -226,7 +226,7 @@ def encode_packed(vae, images, input_dir, output_dir, latent_shape, args, device
         check_names([os.path.basename(s) for s in sources], os.path.join(input_dir, rel_folder))
         writers[rel_folder] = PackWriter(os.path.join(output_dir, rel_folder), latent_shape, args.pack_dtype,
                                          reuse_shard=True)
-    jobs = {f: [(s, None, os.path.join(f, os.path.splitext(os.path.basename(s))[0])) for s in sources
+    jobs = {f: [(s, None, os.path.join(f, file_stem(s))) for s in sources
                 if not writers[f].has(os.path.basename(s))] for f, sources in folders.items()}
     todo = sum(len(j) for j in jobs.values())
     print(f"{len(images)} images in {input_dir}: {len(images) - todo} already in packed shards under {output_dir} "

@@ -29,7 +29,7 @@ from checkpoint import load_checkpoint
 from config import parse_metrics
 from dataset import MultiDomainLatentDataset
 from display import WorkProgress
-from inference import networks_from_checkpoint
+from inference import beside_checkpoint, networks_from_checkpoint
 from metrics import Evaluator, format_table
 from runtime import AMP_DTYPES, InputError, atomic_write, check_seed, output_folder, resolve_device, script_main
 
@@ -98,8 +98,7 @@ def run(args):
     ckpt = load_checkpoint(args.checkpoint)
     cfg, nets = networks_from_checkpoint(ckpt, args.checkpoint, device)
     args.metrics = parse_metrics(args.metrics or cfg["evaluation"]["metrics"])
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                   "eval_" + os.path.splitext(os.path.basename(args.checkpoint))[0])
+    out = args.out or beside_checkpoint(args.checkpoint, "eval")
     with output_folder(out, "--out"):  # before the data, the weights and the evaluation
         return evaluate(args, ckpt, cfg, nets, device, out)
 

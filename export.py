@@ -27,7 +27,8 @@ import torch
 from checkpoint import load_checkpoint
 from exporting import (FORMATS, GRAPHS, MIN_REFERENCE_SIZE, Decoder, build_graphs, export_program, max_abs_diff,
                        metadata_for, onnx_bytes, pt2_bytes, random_inputs, require_onnx_packages)
-from inference import domain_index, mean_style, networks_from_checkpoint, training_latent_size, vae_source
+from inference import (beside_checkpoint, domain_index, mean_style, networks_from_checkpoint, training_latent_size,
+                       vae_source)
 from runtime import InputError, atomic_write, check_output_folder, check_seed, run_script
 from vae import decode, open_vae, vae_downsample_factor
 
@@ -143,8 +144,7 @@ def run(args):
     ckpt = load_checkpoint(args.checkpoint)
     cfg, nets = networks_from_checkpoint(ckpt, args.checkpoint, "cpu")
     ids = selected_domains(cfg, args.domains)
-    output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                         "export_" + os.path.splitext(os.path.basename(args.checkpoint))[0])
+    output = args.output or beside_checkpoint(args.checkpoint, "export")
     check_output_folder(output, "--output")  # before the export work
     vae = decoder_vae(cfg, args.vae, args.vae_subfolder) if args.with_decoder else None
 

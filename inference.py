@@ -14,7 +14,7 @@ import torch
 
 from checkpoint import load_checkpoint
 from config import model_kwargs, resolve_config
-from latents import LATENT_CHANNELS
+from latents import LATENT_CHANNELS, file_stem
 from model import EMA_NETS, build_models
 from runtime import InputError
 from vae import load_vae_or_preview
@@ -68,9 +68,9 @@ def open_vae_for(cfg, path=None, subfolder=None, device="cpu"):
     return vae, lines
 
 
-def file_stem(path):
-    """A file's name without its folder and suffix: what the outputs made from it are named after."""
-    return os.path.splitext(os.path.basename(path))[0]
+def beside_checkpoint(checkpoint, prefix):
+    """`<prefix>_<checkpoint's stem>/` in the checkpoint's folder: a script's default output folder."""
+    return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), f"{prefix}_{file_stem(checkpoint)}")
 
 
 def output_name(stem, domain, tag):

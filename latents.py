@@ -46,6 +46,11 @@ def listed(lines):
     return "\n  ".join(first_lines(lines[:MAX_LISTED], len(lines)))
 
 
+def file_stem(path):
+    """A file's name without its folder and suffix: what latents and outputs made from it are named after."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
 def path_component_problem(name):
     """Why `name` cannot be one path component (a domain name becomes a folder and file names in
     every tool), or None. Refused: empty, '.', '..', separators, NUL and other control characters."""

@@ -36,8 +36,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from latents import LATENT_SUFFIXES, read_latent
-from inference import (DEFAULT_LATENT_SIZE, MEAN_STYLE_SAMPLES, check_psi, domain_index, file_stem, latent_styles,
+from latents import LATENT_SUFFIXES, file_stem, read_latent
+from inference import (DEFAULT_LATENT_SIZE, MEAN_STYLE_SAMPLES, check_psi, domain_index, latent_styles,
                        load_networks, open_vae_for, output_name, reference_styles, training_latent_size, translate_pairs)
 from runtime import InputError, atomic_write, check_seed, output_folder, resolve_device, script_main
 from sampling import (FPS, FRAMES_PER_TRANSITION, HOLD_FRAMES, check_video_path, default_hold, interpolation_schedule,
