@@ -124,8 +124,7 @@ def mean_style(mapping_network, domain_id, latent_dim, device="cpu"):
     cache = _mean_styles.setdefault(mapping_network, {})
     if domain_id not in cache:
         z = torch.randn(MEAN_STYLE_SAMPLES, latent_dim, generator=torch.Generator().manual_seed(MEAN_STYLE_SEED))
-        y = torch.full((MEAN_STYLE_SAMPLES,), domain_id, dtype=torch.long, device=device)
-        cache[domain_id] = mapping_network(z.to(device), y).mean(0, keepdim=True)  # [1, S]
+        cache[domain_id] = mapped_styles(mapping_network, z, domain_id, device).mean(0, keepdim=True)  # [1, S]
     return cache[domain_id].to(device)
 
 
