@@ -37,14 +37,15 @@ import sys
 import tempfile
 import time
 import traceback
+from typing import NamedTuple
 
 import torch
 from PIL import Image
 
-from inference import (domain_index, latent_styles, load_networks, open_vae_for, reference_styles, training_latent_size,
-                       translate_pairs)
-from latents import list_latent_files, read_latent
-from runtime import InputError, check_psi, check_seed, configure_backends, resolve_device, script_main
+from inference import (check_psi, domain_index, latent_styles, load_networks, open_vae_for, output_name,
+                       reference_styles, training_latent_size, translate_pairs)
+from latents import file_stem, list_latent_files, read_latent
+from runtime import AMP_DTYPES, InputError, check_seed, configure_backends, resolve_device, script_main
 from sampling import (FPS, FRAMES_PER_TRANSITION, default_hold, frame_styles, interpolation_schedule, video_frames,
                       write_video)
 from vae import (MAX_IMAGE_PIXELS, encode_raw, inspect_image, load_image, to_model_input, to_rgb, to_uint8,
@@ -67,7 +68,6 @@ MAX_STYLES = 8  # latent-guided styles per domain: one row of the gallery
 EXAMPLES_PER_DOMAIN = 4  # latents offered from each domain folder of data.root
 KEEP_REQUESTS = 64  # request folders of outputs kept on disk (Gradio serves its own copies)
 MAX_UPLOAD = "25mb"  # Gradio refuses bigger uploads before they reach the handler
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def parse_args(argv=None):
@@ -97,13 +97,24 @@ def parse_args(argv=None):
 
 def safe_stem(name, fallback="source"):
     """A file stem safe in download names: letters, digits, '-' and '_', at most 40 characters."""
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", os.path.splitext(os.path.basename(name or ""))[0]).strip("_")
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", file_stem(name or "")).strip("_")
     return stem[:40] or fallback
 
 
 def stem_of(source_mode, source_image, source_latent):
     """The download names' stem: the upload's file name, or the data latent's `domain_file`."""
     return safe_stem(source_latent.replace("/", "_") if source_mode == DATA else source_image)
+
+
+def autocast_dtype(amp_dtype, device):
+    """training.amp_dtype as the dtype requests autocast to, None for none: fp32, and the CPU (autocast
+    gains little there); fp16 for bf16 on a GPU without bf16."""
+    amp = AMP_DTYPES[amp_dtype]
+    if device.type != "cuda" or amp == torch.float32:
+        return None
+    if amp is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return amp
 
 
 # ---------------------------------------------------------------------- the model, loaded once
@@ -120,22 +131,13 @@ class Translator:
         self.domains = list(self.cfg["data"]["domains"])
         self.latent_scale = self.cfg["training"]["latent_scale"]
         self.latent_dim = self.cfg["model"]["latent_dim"]
-        self.vae, self.vae_problem = self._open_vae(vae, vae_subfolder, log)
+        self.vae, why = open_vae_for(self.cfg, vae, vae_subfolder, self.device)  # None: the linear latent preview
+        for line in why:
+            log(line)
         self.latent_size = training_latent_size(self.cfg)
         self.image_size = self.latent_size * vae_downsample_factor(self.vae) if self.vae is not None else None
         self.examples = self._find_examples()  # {"domain/file.pt": path}
-        amp = AMP_DTYPES[self.cfg["training"]["amp_dtype"]]
-        if amp is torch.bfloat16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            amp = torch.float16
-        self.amp_dtype = amp if self.device.type == "cuda" else None  # CPU: fp32, autocast gains little there
-
-    def _open_vae(self, path, subfolder, log):
-        """--vae, else the checkpoint's visualization.vae_path; (None, why) when none loads."""
-        problems = []
-        vae = open_vae_for(self.cfg, path, subfolder, self.device, problems.append)
-        for line in problems:
-            log(line)
-        return vae, "; ".join(problems)
+        self.amp_dtype = autocast_dtype(self.cfg["training"]["amp_dtype"], self.device)
 
     def _find_examples(self):
         """The first EXAMPLES_PER_DOMAIN latent files of each domain folder under data.root, when
@@ -251,7 +253,7 @@ class Translator:
         for k in range(styles.shape[0] // len(domain_ids)):  # style-major, as `styles` orders them
             for d in domain_ids:
                 tag = f"style {k}" if style_mode == LATENT_GUIDED else "reference"
-                names.append(f"{source_stem}_to_{self.domains[d]}_{k if style_mode == LATENT_GUIDED else 'ref'}")
+                names.append(output_name(source_stem, self.domains[d], k if style_mode == LATENT_GUIDED else "ref"))
                 captions.append(f"{self.domains[d]} · {tag}")
         status = (f"{len(names)} output(s) on {self.device_label} in {seconds * 1000:.0f} ms "
                   f"({seconds * 1000 / len(names):.0f} ms per image: styles, generator and {self.pictures}) · "
@@ -336,7 +338,7 @@ class Translator:
         start = time.perf_counter()
         chunks = video_frames(self.nets["generator"], e["source"], e["keys"], schedule, self.latent_scale, self.vae,
                               e["key_latents"], VIDEO_BATCH, self.device, autocast=self.autocast)
-        name = f"{e['stem']}_to_{self.domains[e['domain_id']]}_{e['tag']}.{video_format}"
+        name = f"{output_name(e['stem'], self.domains[e['domain_id']], e['tag'])}.{video_format}"
         path, count = write_video(os.path.join(folder, name), chunks, fps, on_frames)
         seconds = time.perf_counter() - start
         status = (f"{count} frames ({frames_per_transition} from A to B, {hold} more held at the end) at {fps:g} fps, "
@@ -544,110 +546,154 @@ CSS = """
 """
 
 
+class Sources(NamedTuple):
+    """Where a source or reference can come from on this page: the radio's choices (an upload with a
+    VAE, a latent of the data when there are any), the first of them, and the data's latents."""
+    choices: list
+    first: str
+    examples: list
+
+
+def page_sources(translator):
+    examples = list(translator.examples)
+    choices = ([("Upload an image", UPLOAD)] if translator.vae is not None else []) + \
+              ([("A latent from the data", DATA)] if examples else [])
+    return Sources(choices, choices[0][1] if choices else None, examples)
+
+
+def show_for(mode):
+    """The upload widget or the data dropdown, as the source radio says."""
+    return gr.update(visible=mode == UPLOAD), gr.update(visible=mode == DATA)
+
+
+def picker(sources, label, default, height=200):
+    """A reference's widgets: where it comes from, the upload, the data latent."""
+    mode = gr.Radio(sources.choices, value=sources.first, label=label)
+    image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], label=f"{label} image",
+                     height=height, visible=sources.first == UPLOAD)
+    latent = gr.Dropdown(sources.examples, value=sources.examples[default] if sources.examples else None,
+                         label=f"{label} latent", visible=sources.first == DATA)
+    mode.change(show_for, mode, [image, latent], api_visibility="private", queue=False)
+    return mode, image, latent
+
+
+def request_panel(translator, sources):
+    """The left column: source, target and style, and the Translate button. {name: widget}."""
+    examples, w = sources.examples, {}
+    with gr.Column(scale=2, min_width=320):
+        w["source_mode"] = gr.Radio(sources.choices, value=sources.first, label="Source")
+        w["source_image"] = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                                     label="Source image (centre-cropped to a square)", height=260,
+                                     visible=sources.first == UPLOAD, elem_id="source-image")
+        w["source_latent"] = gr.Dropdown(examples, value=examples[0] if examples else None, label="Source latent",
+                                         visible=sources.first == DATA)
+        domains = [(d, d) for d in translator.domains] + [("all domains (one row)", ALL_DOMAINS)]
+        w["target"] = gr.Radio(domains, value=translator.domains[-1], label="Target domain")
+        w["style_mode"] = gr.Radio([("Random styles (latent-guided)", LATENT_GUIDED),
+                                    ("Style of a reference (reference-guided)", REFERENCE_GUIDED)],
+                                   value=LATENT_GUIDED, label="Style")
+        with gr.Group(visible=True) as w["latent_group"]:
+            with gr.Row():
+                w["num_styles"] = gr.Slider(1, MAX_STYLES, value=4, step=1, label="Number of styles", scale=2)
+                w["seed"] = gr.Number(value=0, precision=0, minimum=0, label="Seed", scale=1, min_width=100)
+            w["psi"] = gr.Slider(0.0, 1.0, value=1.0, step=0.05,
+                                 label="psi: truncation toward the domain's mean style (1: none, 0: the mean)")
+        with gr.Group(visible=False) as w["reference_group"]:
+            w["reference_mode"], w["reference_image"], w["reference_latent"] = picker(sources, "Reference", -1)
+        w["button"] = gr.Button("Translate", variant="primary", elem_id="translate-button")
+    return w
+
+
+def results_panel():
+    """The right column: the gallery, the status line, the source as seen and the latents file."""
+    w = {}
+    with gr.Column(scale=3, min_width=400):
+        w["gallery"] = gr.Gallery(label="Outputs (click one to enlarge; download as PNG)", format="png", columns=4,
+                                  object_fit="contain", buttons=["download", "fullscreen"], interactive=False,
+                                  elem_id="results")
+        w["status"] = gr.Markdown("Choose a source, a target and a style, then press **Translate**.", elem_id="status")
+        with gr.Row():
+            w["source_seen"] = gr.Image(label="The source as the model sees it", type="filepath", format="png",
+                                        interactive=False, height=180, elem_id="source-seen")
+            w["latents_file"] = gr.File(label="Raw output latents (.pt)", interactive=False, height=180)
+    return w
+
+
+def interpolation_panel(sources):
+    """The accordion: two styles, the alpha slider and its picture, the video. {name: widget}."""
+    w = {}
+    with gr.Accordion("Style interpolation: glide from one style to another, and make a video", open=False,
+                      elem_id="interpolation"):
+        with gr.Row():
+            with gr.Column(scale=2, min_width=320):
+                gr.Markdown("Source, target domain and psi are the ones above. The style moves from A to B "
+                            "as StarGAN v2 interpolates: a lerp of the two style codes.")
+                w["endpoint_mode"] = gr.Radio([("Two seeds (random styles)", SEEDS), ("Two references", REFERENCES)],
+                                              value=SEEDS, label="Between")
+                with gr.Row(visible=True) as w["seeds_row"]:
+                    w["seed_a"] = gr.Number(value=0, precision=0, minimum=0, label="Seed A (its style 0)")
+                    w["seed_b"] = gr.Number(value=1, precision=0, minimum=0, label="Seed B (its style 0)")
+                with gr.Group(visible=False) as w["references_group"]:
+                    w["reference_a"] = picker(sources, "Reference A", 0)
+                    w["reference_b"] = picker(sources, "Reference B", -1)
+                w["alpha"] = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="alpha: 0 is style A, 1 is style B",
+                                       elem_id="alpha")
+                with gr.Row():
+                    w["frames_per_transition"] = gr.Slider(3, MAX_FRAMES_PER_TRANSITION, value=FRAMES_PER_TRANSITION,
+                                                           step=1, label="Video: frames from A to B")
+                    w["fps"] = gr.Slider(1, 60, value=FPS, step=1, label="frames per second")
+                    w["video_format"] = gr.Radio(list(VIDEO_FORMATS), value=VIDEO_FORMATS[0], label="format")
+                w["video_button"] = gr.Button("Make the video", elem_id="video-button")
+            with gr.Column(scale=3, min_width=400):
+                w["blended"] = gr.Image(label="The source with the blended style", type="numpy", format="png",
+                                        interactive=False, height=260, elem_id="blended")
+                w["interpolation_status"] = gr.Markdown("Move the slider to translate with a blend of A and B.",
+                                                        elem_id="interpolation-status")
+                w["video_file"] = gr.File(label="Video, A to B (download)", interactive=False, height=120,
+                                          elem_id="video-file")
+    return w
+
+
+def connect(translator, output_root, request, results, interpolation):
+    """The page's events: what each radio shows, and the three handlers (translate, interpolate, video)."""
+    r, i = request, interpolation
+    r["source_mode"].change(show_for, r["source_mode"], [r["source_image"], r["source_latent"]],
+                            api_visibility="private", queue=False)
+    i["endpoint_mode"].change(lambda m: (gr.update(visible=m == SEEDS), gr.update(visible=m == REFERENCES)),
+                              i["endpoint_mode"], [i["seeds_row"], i["references_group"]], api_visibility="private",
+                              queue=False)
+    r["style_mode"].change(lambda m: (gr.update(visible=m == LATENT_GUIDED), gr.update(visible=m == REFERENCE_GUIDED)),
+                           r["style_mode"], [r["latent_group"], r["reference_group"]], api_visibility="private",
+                           queue=False)
+    # preprocess=False: the handler gets the upload's record as sent (Gradio still checks that
+    # its path is in the upload folder) and checks the file itself; gr.Image's own
+    # preprocessing would fail in Pillow on a non-image with a bare "Error" on the page
+    r["button"].click(make_handler(translator, output_root),
+                      [r[k] for k in ("source_mode", "source_image", "source_latent", "target", "style_mode",
+                                      "num_styles", "seed", "psi", "reference_mode", "reference_image",
+                                      "reference_latent")],
+                      [results[k] for k in ("gallery", "latents_file", "source_seen", "status")], api_name="translate",
+                      preprocess=False)
+    interpolate, video = make_interpolation_handlers(translator, output_root)
+    widgets = [r["source_mode"], r["source_image"], r["source_latent"], r["target"], i["endpoint_mode"], i["seed_a"],
+               i["seed_b"], r["psi"], *i["reference_a"], *i["reference_b"]]
+    # always_last: while the slider moves, only its latest position is drawn after the one running
+    i["alpha"].input(interpolate, widgets + [i["alpha"]], [i["blended"], i["interpolation_status"]],
+                     api_name="interpolate", preprocess=False, trigger_mode="always_last", show_progress="hidden")
+    i["video_button"].click(video, widgets + [i["frames_per_transition"], i["fps"], i["video_format"]],
+                            [i["video_file"], i["interpolation_status"]], api_name="interpolation_video",
+                            preprocess=False)
+
+
 def build_page(translator, output_root):
     """The Gradio Blocks page over a loaded Translator."""
-    has_vae, examples = translator.vae is not None, list(translator.examples)
-    source_choices = ([("Upload an image", UPLOAD)] if has_vae else []) + \
-                     ([("A latent from the data", DATA)] if examples else [])
-    first_source = source_choices[0][1] if source_choices else None
-    domains = [(d, d) for d in translator.domains] + [("all domains (one row)", ALL_DOMAINS)]
-
-    def show_for(mode):  # the upload widget or the data dropdown
-        return gr.update(visible=mode == UPLOAD), gr.update(visible=mode == DATA)
-
-    def picker(label, default, height=200):
-        """A reference's widgets: where it comes from, the upload, the data latent."""
-        mode = gr.Radio(source_choices, value=first_source, label=label)
-        image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], label=f"{label} image",
-                         height=height, visible=first_source == UPLOAD)
-        latent = gr.Dropdown(examples, value=examples[default] if examples else None, label=f"{label} latent",
-                             visible=first_source == DATA)
-        mode.change(show_for, mode, [image, latent], api_visibility="private", queue=False)
-        return mode, image, latent
-
+    sources = page_sources(translator)
     with gr.Blocks(title="Latent StarGAN v2", delete_cache=(600, 3600)) as page:
         gr.Markdown(header_markdown(translator))
         with gr.Row():
-            with gr.Column(scale=2, min_width=320):
-                source_mode = gr.Radio(source_choices, value=first_source, label="Source")
-                source_image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                                           label="Source image (centre-cropped to a square)", height=260,
-                                           visible=first_source == UPLOAD, elem_id="source-image")
-                source_latent = gr.Dropdown(examples, value=examples[0] if examples else None,
-                                            label="Source latent", visible=first_source == DATA)
-                target = gr.Radio(domains, value=translator.domains[-1], label="Target domain")
-                style_mode = gr.Radio([("Random styles (latent-guided)", LATENT_GUIDED),
-                                       ("Style of a reference (reference-guided)", REFERENCE_GUIDED)],
-                                      value=LATENT_GUIDED, label="Style")
-                with gr.Group(visible=True) as latent_group:
-                    with gr.Row():
-                        num_styles = gr.Slider(1, MAX_STYLES, value=4, step=1, label="Number of styles", scale=2)
-                        seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", scale=1, min_width=100)
-                    psi = gr.Slider(0.0, 1.0, value=1.0, step=0.05,
-                                    label="psi: truncation toward the domain's mean style (1: none, 0: the mean)")
-                with gr.Group(visible=False) as reference_group:
-                    reference_mode, reference_image, reference_latent = picker("Reference", -1)
-                button = gr.Button("Translate", variant="primary", elem_id="translate-button")
-            with gr.Column(scale=3, min_width=400):
-                gallery = gr.Gallery(label="Outputs (click one to enlarge; download as PNG)", format="png",
-                                     columns=4, object_fit="contain", buttons=["download", "fullscreen"],
-                                     interactive=False, elem_id="results")
-                status = gr.Markdown("Choose a source, a target and a style, then press **Translate**.",
-                                     elem_id="status")
-                with gr.Row():
-                    source_seen = gr.Image(label="The source as the model sees it", type="filepath", format="png",
-                                           interactive=False, height=180, elem_id="source-seen")
-                    latents_file = gr.File(label="Raw output latents (.pt)", interactive=False, height=180)
-        with gr.Accordion("Style interpolation: glide from one style to another, and make a video", open=False,
-                          elem_id="interpolation"):
-            with gr.Row():
-                with gr.Column(scale=2, min_width=320):
-                    gr.Markdown("Source, target domain and psi are the ones above. The style moves from A to B "
-                                "as StarGAN v2 interpolates: a lerp of the two style codes.")
-                    endpoint_mode = gr.Radio([("Two seeds (random styles)", SEEDS), ("Two references", REFERENCES)],
-                                             value=SEEDS, label="Between")
-                    with gr.Row(visible=True) as seeds_row:
-                        seed_a = gr.Number(value=0, precision=0, minimum=0, label="Seed A (its style 0)")
-                        seed_b = gr.Number(value=1, precision=0, minimum=0, label="Seed B (its style 0)")
-                    with gr.Group(visible=False) as references_group:
-                        reference_a = picker("Reference A", 0)
-                        reference_b = picker("Reference B", -1)
-                    alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="alpha: 0 is style A, 1 is style B",
-                                      elem_id="alpha")
-                    with gr.Row():
-                        frames_per_transition = gr.Slider(3, MAX_FRAMES_PER_TRANSITION, value=FRAMES_PER_TRANSITION,
-                                                          step=1, label="Video: frames from A to B")
-                        fps = gr.Slider(1, 60, value=FPS, step=1, label="frames per second")
-                        video_format = gr.Radio(list(VIDEO_FORMATS), value=VIDEO_FORMATS[0], label="format")
-                    video_button = gr.Button("Make the video", elem_id="video-button")
-                with gr.Column(scale=3, min_width=400):
-                    blended = gr.Image(label="The source with the blended style", type="numpy", format="png",
-                                       interactive=False, height=260, elem_id="blended")
-                    interpolation_status = gr.Markdown("Move the slider to translate with a blend of A and B.",
-                                                       elem_id="interpolation-status")
-                    video_file = gr.File(label="Video, A to B (download)", interactive=False, height=120,
-                                         elem_id="video-file")
-
-        source_mode.change(show_for, source_mode, [source_image, source_latent], api_visibility="private", queue=False)
-        endpoint_mode.change(lambda m: (gr.update(visible=m == SEEDS), gr.update(visible=m == REFERENCES)),
-                             endpoint_mode, [seeds_row, references_group], api_visibility="private", queue=False)
-        style_mode.change(lambda m: (gr.update(visible=m == LATENT_GUIDED), gr.update(visible=m == REFERENCE_GUIDED)),
-                          style_mode, [latent_group, reference_group], api_visibility="private", queue=False)
-        # preprocess=False: the handler gets the upload's record as sent (Gradio still checks that
-        # its path is in the upload folder) and checks the file itself; gr.Image's own
-        # preprocessing would fail in Pillow on a non-image with a bare "Error" on the page
-        button.click(make_handler(translator, output_root),
-                     [source_mode, source_image, source_latent, target, style_mode, num_styles, seed, psi,
-                      reference_mode, reference_image, reference_latent],
-                     [gallery, latents_file, source_seen, status], api_name="translate", preprocess=False)
-        interpolate, video = make_interpolation_handlers(translator, output_root)
-        widgets = [source_mode, source_image, source_latent, target, endpoint_mode, seed_a, seed_b, psi,
-                   *reference_a, *reference_b]
-        # always_last: while the slider moves, only its latest position is drawn after the one running
-        alpha.input(interpolate, widgets + [alpha], [blended, interpolation_status], api_name="interpolate",
-                    preprocess=False, trigger_mode="always_last", show_progress="hidden")
-        video_button.click(video, widgets + [frames_per_transition, fps, video_format],
-                           [video_file, interpolation_status], api_name="interpolation_video", preprocess=False)
+            request = request_panel(translator, sources)
+            results = results_panel()
+        connect(translator, output_root, request, results, interpolation_panel(sources))
     # one request at a time: the model is on one device, and two batches at once only compete for it
     page.queue(default_concurrency_limit=1, max_size=64)
     return page

@@ -14,9 +14,9 @@ import re
 
 import yaml
 
-from latents import SD15_LATENT_SCALE
+from latents import SD15_LATENT_SCALE, path_component_problem
 from model import expected_state
-from runtime import SEED_LIMIT, InputError, atomic_write, path_component_problem
+from runtime import AMP_DTYPES, SEED_LIMIT, InputError, atomic_write
 
 DEFAULTS = {
     "seed": 0,
@@ -322,7 +322,7 @@ def check_training(t):
           "null (torch's choice) or an int from 1 to 1024")
     check(t["keep_checkpoints"] is None or t["keep_checkpoints"] >= 1, "training.keep_checkpoints",
           t["keep_checkpoints"], "null (keep all) or an int >= 1")
-    check(t["amp_dtype"] in ("bf16", "fp16", "fp32"), "training.amp_dtype", t["amp_dtype"], "one of bf16 | fp16 | fp32")
+    check(t["amp_dtype"] in AMP_DTYPES, "training.amp_dtype", t["amp_dtype"], "one of " + " | ".join(AMP_DTYPES))
     check(t["progress_style"] in ("bar", "percent", "off"), "training.progress_style", t["progress_style"],
           "one of bar | percent | off")
     if t["compile_mode"] not in COMPILE_MODES:  # listing this torch's modes imports Inductor (seconds)

@@ -22,13 +22,12 @@ import time
 import numpy as np
 import torch
 
-from latents import SD15_LATENT_SCALE, write_latent_folders
+from latents import LATENT_CHANNELS, SD15_LATENT_SCALE, write_latent_folders
 from runtime import atomic_write
 from vae import PREVIEW_FACTORS
 
 DEMO_DATA_VERSION = 1  # bump when the composition changes, so old demo folders are regenerated
 MANIFEST_NAME = "demo_manifest.json"
-LATENT_CHANNELS = 4
 SHAPE_KINDS = ("disc", "rectangle", "triangle")  # label k + 1 in the label map
 MAX_SHAPES = 3
 

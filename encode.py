@@ -35,12 +35,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from tqdm import tqdm
 
-from latents import save_latent
+from latents import file_stem, save_latent
 from packing import PACK_DTYPES, PackWriter, check_names
-from runtime import InputError, resolve_device, run_script
-from vae import IMAGE_EXTENSIONS, encode_raw, inspect_image, load_image, load_vae, to_model_input, vae_downsample_factor
+from runtime import AMP_DTYPES, InputError, resolve_device, run_script
+from vae import IMAGE_EXTENSIONS, encode_raw, inspect_image, load_image, open_vae, to_model_input, vae_downsample_factor
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PREFETCH_BATCHES = 2  # batches decoded ahead of the VAE: bounds memory on huge folders
 
 
@@ -70,7 +69,7 @@ def parse_args(argv=None):
                              "depends only on --seed and the image's path, not on batching or resuming")
     parser.add_argument("--seed", type=int, default=0, help="seed for --sample")
     parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="VAE precision")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="VAE precision")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="threads decoding and resizing images while the VAE encodes (0: main thread)")
     return parser.parse_args(argv)
@@ -227,7 +226,7 @@ def encode_packed(vae, images, input_dir, output_dir, latent_shape, args, device
         check_names([os.path.basename(s) for s in sources], os.path.join(input_dir, rel_folder))
         writers[rel_folder] = PackWriter(os.path.join(output_dir, rel_folder), latent_shape, args.pack_dtype,
                                          reuse_shard=True)
-    jobs = {f: [(s, None, os.path.join(f, os.path.splitext(os.path.basename(s))[0])) for s in sources
+    jobs = {f: [(s, None, os.path.join(f, file_stem(s))) for s in sources
                 if not writers[f].has(os.path.basename(s))] for f, sources in folders.items()}
     todo = sum(len(j) for j in jobs.values())
     print(f"{len(images)} images in {input_dir}: {len(images) - todo} already in packed shards under {output_dir} "
@@ -265,14 +264,11 @@ def run(args):
         raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {input_dir!r} or its subfolders")
 
     device = resolve_device(args.device, fallback=False)
-    try:
-        vae = load_vae(args.vae, args.vae_subfolder, device=device, dtype=DTYPES[args.dtype])
-    except Exception as e:
-        where = args.vae + (f" (subfolder {args.vae_subfolder!r})" if args.vae_subfolder else "")
-        hint = ""
-        if not args.vae_subfolder and os.path.isdir(os.path.join(os.path.expanduser(args.vae), "vae")):
-            hint = "\n  it has a 'vae' subfolder: for a full Stable Diffusion pipeline add --vae-subfolder vae"
-        raise InputError(f"cannot load the VAE from {where}: {type(e).__name__}: {e}{hint}") from None
+    hint = ""
+    if not args.vae_subfolder and os.path.isdir(os.path.join(os.path.expanduser(args.vae), "vae")):
+        hint = "\n  it has a 'vae' subfolder: for a full Stable Diffusion pipeline add --vae-subfolder vae"
+    # any latent width: the latents' shape is the VAE's, [C, size/f, size/f]
+    vae = open_vae(args.vae, args.vae_subfolder, device, AMP_DTYPES[args.dtype], hint=hint, channels=None)
     factor = vae_downsample_factor(vae)
     if args.size % factor:
         raise InputError(f"--size {args.size} is not divisible by the VAE's downsampling factor {factor} "

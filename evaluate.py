@@ -29,12 +29,9 @@ from checkpoint import load_checkpoint
 from config import parse_metrics
 from dataset import MultiDomainLatentDataset
 from display import WorkProgress
-from inference import networks_from_checkpoint
+from inference import beside_checkpoint, networks_from_checkpoint
 from metrics import Evaluator, format_table
-from runtime import (InputError, atomic_write, check_seed, check_writable_folder, remove_if_empty, resolve_device,
-                     script_main)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from runtime import AMP_DTYPES, InputError, atomic_write, check_seed, output_folder, resolve_device, script_main
 
 
 def parse_args(argv=None):
@@ -56,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the z and reference draws")
     p.add_argument("--batch-size", type=int, default=32, help="images per decode / feature batch")
     p.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                    help="autocast of the networks and the decode (default: bf16 on CUDA, fp32 on the CPU); "
                         "features and LPIPS stay float32")
     p.add_argument("--inception-weights", default=None,
@@ -101,14 +98,9 @@ def run(args):
     ckpt = load_checkpoint(args.checkpoint)
     cfg, nets = networks_from_checkpoint(ckpt, args.checkpoint, device)
     args.metrics = parse_metrics(args.metrics or cfg["evaluation"]["metrics"])
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                   "eval_" + os.path.splitext(os.path.basename(args.checkpoint))[0])
-    created = check_writable_folder(out, "--out")  # before the data, the weights and the evaluation
-    try:
+    out = args.out or beside_checkpoint(args.checkpoint, "eval")
+    with output_folder(out, "--out"):  # before the data, the weights and the evaluation
         return evaluate(args, ckpt, cfg, nets, device, out)
-    finally:
-        if created:  # a run that failed before writing metrics.json leaves no empty folder behind
-            remove_if_empty(out)
 
 
 def read_data(args, cfg):
@@ -140,7 +132,7 @@ def evaluate(args, ckpt, cfg, nets, device, out):
     # only for visualization.vae_path (as training-time evaluation does)
     subfolder = args.vae_subfolder if (args.vae or args.vae_subfolder) else (
         None if e["vae_path"] else cfg["visualization"]["vae_subfolder"])
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = AMP_DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     evaluator = Evaluator.load(vae_path, subfolder, args.inception_weights or e["inception_weights"],
                                args.lpips_weights or e["lpips_weights"], device, amp_dtype=dtype,
                                batch_size=args.batch_size, metrics=args.metrics,

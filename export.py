@@ -27,10 +27,10 @@ import torch
 from checkpoint import load_checkpoint
 from exporting import (FORMATS, GRAPHS, MIN_REFERENCE_SIZE, Decoder, build_graphs, export_program, max_abs_diff,
                        metadata_for, onnx_bytes, pt2_bytes, random_inputs, require_onnx_packages)
-from inference import domain_index, mean_style, networks_from_checkpoint, training_latent_size
-from latents import LATENT_CHANNELS
-from runtime import InputError, atomic_write, check_seed, check_writable_folder, run_script
-from vae import decode, load_vae, vae_downsample_factor
+from inference import (beside_checkpoint, domain_index, mean_style, networks_from_checkpoint, training_latent_size,
+                       vae_source)
+from runtime import InputError, atomic_write, check_output_folder, check_seed, run_script
+from vae import decode, open_vae, vae_downsample_factor
 
 # max abs difference: in raw latent units (a raw SD1.5 latent's std is ~5.5), or for RGB in [0, 1] a
 # quarter of one 8-bit level
@@ -86,22 +86,12 @@ def selected_domains(cfg, names):
 
 
 def decoder_vae(cfg, path, subfolder):
-    """The VAE whose decoder --with-decoder exports: --vae, else the checkpoint's
-    visualization.vae_path (with its subfolder); never the linear preview."""
-    subfolder = subfolder if (path or subfolder) else cfg["visualization"]["vae_subfolder"]
-    path = path or cfg["visualization"]["vae_path"]
+    """The VAE whose decoder --with-decoder exports (inference.vae_source); never the linear preview."""
+    path, subfolder = vae_source(cfg, path, subfolder)
     if not path:
         raise InputError("--with-decoder needs a VAE: pass --vae (a diffusers AutoencoderKL folder or hub id); the "
                          "checkpoint's visualization.vae_path is not set")
-    try:
-        vae = load_vae(path, subfolder)
-    except Exception as e:  # diffusers / huggingface_hub raise OSError, ValueError, ImportError, ...
-        raise InputError(f"--with-decoder: the VAE {path!r} could not be loaded ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:300] if str(e) else ''})") from None
-    if vae.config.latent_channels != LATENT_CHANNELS:
-        raise InputError(f"--with-decoder: the VAE {path!r} has {vae.config.latent_channels} latent channels; the "
-                         f"model works on {LATENT_CHANNELS}")
-    return vae
+    return open_vae(path, subfolder, what="--with-decoder: ")
 
 
 @torch.no_grad()
@@ -154,11 +144,8 @@ def run(args):
     ckpt = load_checkpoint(args.checkpoint)
     cfg, nets = networks_from_checkpoint(ckpt, args.checkpoint, "cpu")
     ids = selected_domains(cfg, args.domains)
-    output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                         "export_" + os.path.splitext(os.path.basename(args.checkpoint))[0])
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise InputError(f"--output {output!r} exists and is not a folder")
-    check_writable_folder(output, "--output")  # before the export work
+    output = args.output or beside_checkpoint(args.checkpoint, "export")
+    check_output_folder(output, "--output")  # before the export work
     vae = decoder_vae(cfg, args.vae, args.vae_subfolder) if args.with_decoder else None
 
     domains = [cfg["data"]["domains"][i] for i in ids]
@@ -168,7 +155,6 @@ def run(args):
         modules["decoder"] = Decoder(vae).eval()
     print(f"exporting {args.checkpoint} (step {ckpt['step']}, domains {', '.join(domains)}, latent {size}x{size}) "
           f"to {output}: {', '.join(modules)} as {', '.join(args.formats)}", flush=True)
-
     files, generator = {}, torch.Generator().manual_seed(args.seed)
     for graph, module in modules.items():
         extra = {} if graph != "decoder" else {"vae": args.vae or cfg["visualization"]["vae_path"],
@@ -181,19 +167,29 @@ def run(args):
         expected = [eager_output(cfg, nets, vae, ids, graph, inputs) for inputs in cases]
         for fmt in args.formats:
             data = onnx_bytes(program, graph, metadata) if fmt == "onnx" else pt2_bytes(program, metadata)
-            name = f"{graph}.{fmt}"
-            if args.verify:
-                diff, where = verify(data, fmt, cases, expected)
-                ok = diff <= args.tolerance
-                print(f"  {name}: max abs diff vs eager {diff:.3g} ({where}; tolerance {args.tolerance:g})"
-                      f"{'' if ok else '  FAILED'}", flush=True)
-                if not ok:
-                    eager = "the VAE's eager decode" if graph == "decoder" else "the eager EMA networks"
-                    print(f"export.py: error: {name} differs from {eager} by {diff:.3g} > "
-                          f"--tolerance {args.tolerance:g} ({where}); nothing was written", file=sys.stderr)
-                    return 1
-            files[name] = data
+            if args.verify and not verified(f"{graph}.{fmt}", data, cases, expected, args.tolerance):
+                return 1
+            files[f"{graph}.{fmt}"] = data
+    write_files(files, output)
+    return 0
 
+
+def verified(name, data, cases, expected, tolerance):
+    """--verify of one exported file: its max abs difference from eager printed, and an error
+    line when it exceeds `tolerance` (nothing is written then)."""
+    diff, where = verify(data, name.rsplit(".", 1)[1], cases, expected)
+    ok = diff <= tolerance
+    print(f"  {name}: max abs diff vs eager {diff:.3g} ({where}; tolerance {tolerance:g}){'' if ok else '  FAILED'}",
+          flush=True)
+    if not ok:
+        eager = "the VAE's eager decode" if name.startswith("decoder.") else "the eager EMA networks"
+        print(f"export.py: error: {name} differs from {eager} by {diff:.3g} > --tolerance {tolerance:g} ({where}); "
+              "nothing was written", file=sys.stderr)
+    return ok
+
+
+def write_files(files, output):
+    """{name: bytes} into `output`; a warning names files of an earlier export left beside them."""
     for name, data in files.items():
         path = atomic_write(os.path.join(output, name), lambda f: f.write(data))
         print(f"wrote {path} ({len(data) / 2**20:.1f} MiB)")
@@ -202,7 +198,6 @@ def run(args):
     if stale:
         print(f"export.py: warning: {output} also holds {', '.join(stale)} of an earlier export, kept (their metadata "
               "names their checkpoint and step)", file=sys.stderr)
-    return 0
 
 
 def main(argv=None):

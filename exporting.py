@@ -1,6 +1,6 @@
 """A trained model as self-contained inference graphs, for use without this code: ONNX (ONNX Runtime,
 TensorRT, onnxruntime-web, game engines) and torch.export (`.pt2`: torch.export.load runs it with no
-model code). Used by export.py and bench.py.
+model code). Used by export.py and benchmarks.py.
 
 Each mode is its own graph, taking only the inputs it uses (latents raw, as on disk):
 

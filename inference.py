@@ -6,6 +6,7 @@ Shared by translate.py, the evaluation protocol and the app, so all three transl
 Latents outside are raw; the networks see `raw * latent_scale`, and outputs are divided back.
 """
 
+import math
 import os
 import weakref
 
@@ -13,7 +14,7 @@ import torch
 
 from checkpoint import load_checkpoint
 from config import model_kwargs, resolve_config
-from latents import LATENT_CHANNELS, list_latent_files, load_latent_file
+from latents import LATENT_CHANNELS, file_stem
 from model import EMA_NETS, build_models
 from runtime import InputError
 from vae import load_vae_or_preview
@@ -26,13 +27,13 @@ _mean_styles = weakref.WeakKeyDictionary()  # mapping network -> {domain id: mea
 
 def load_networks(path, device):
     """Checkpoint file -> (resolved config, {generator, mapping_network, style_encoder} with the EMA
-    weights, in eval mode). `cfg["latent_shape"]` is the [4, h, w] trained on (None in checkpoints
-    older than that record). InputError naming the file and key for anything else."""
+    weights, in eval mode). `cfg["latent_shape"]` is the [4, h, w] trained on (None in a
+    checkpoint saved before any data was seen). InputError naming the file and key for anything else."""
     return networks_from_checkpoint(load_checkpoint(path), path, device)
 
 
 def networks_from_checkpoint(ckpt, path, device):
-    """`load_networks` for a checkpoint dict that `runtime.load_checkpoint` loaded (and so checked
+    """`load_networks` for a checkpoint dict that `checkpoint.load_checkpoint` loaded (and so checked
     completely: its config, shapes and finiteness) from `path`."""
     cfg = resolve_config(ckpt["config"], source=f"the config saved in {path}")
     models = build_models(**model_kwargs(cfg))
@@ -45,31 +46,37 @@ def networks_from_checkpoint(ckpt, path, device):
 
 
 def training_latent_size(cfg, default=DEFAULT_LATENT_SIZE):
-    """Spatial size of the training latents: the checkpoint's `latent_shape`, else one file of its
-    data.root when that folder is reachable from here (older checkpoints); `default` otherwise."""
-    if cfg.get("latent_shape"):
-        return int(cfg["latent_shape"][-1])
-    root = os.path.expanduser(cfg["data"]["root"])
-    for domain in cfg["data"]["domains"]:
-        try:
-            return int(load_latent_file(list_latent_files(os.path.join(root, domain))[0]).shape[-1])
-        except (OSError, ValueError):
-            continue
-    return default
+    """Spatial size of the training latents: the checkpoint's `latent_shape`; `default` when it is
+    None (a checkpoint saved before any data was seen)."""
+    return int(cfg["latent_shape"][-1]) if cfg.get("latent_shape") else default
 
 
-def open_vae_for(cfg, path=None, subfolder=None, device="cpu", log=print):
-    """The VAE for pictures and image inputs of a checkpoint's model: `path` (a --vae flag), else the
-    checkpoint's visualization.vae_path; None (linear latent preview) when none loads, with `log`
-    told why. A VAE of another latent width than the model's is an InputError."""
+def vae_source(cfg, path=None, subfolder=None):
+    """(path, subfolder) of the VAE for a checkpoint's model: `path` (a --vae flag), else the
+    checkpoint's visualization.vae_path; a subfolder belongs to the path it came with."""
     v = cfg["visualization"]
-    subfolder = subfolder if (path or subfolder) else v["vae_subfolder"]
-    vae = load_vae_or_preview(path or v["vae_path"], subfolder, device, log,
+    return path or v["vae_path"], subfolder if (path or subfolder) else v["vae_subfolder"]
+
+
+def open_vae_for(cfg, path=None, subfolder=None, device="cpu"):
+    """The VAE for pictures and image inputs of a checkpoint's model (`vae_source`), or None (linear
+    latent preview) when none loads; and the lines saying why (or of a download). A VAE of another
+    latent width than the model's is an InputError."""
+    lines = []
+    vae = load_vae_or_preview(*vae_source(cfg, path, subfolder), device, lines.append, channels=LATENT_CHANNELS,
                               origin="--vae" if path else "the checkpoint's visualization.vae_path")
-    if vae is not None and vae.config.latent_channels != LATENT_CHANNELS:
-        raise InputError(f"the VAE has {vae.config.latent_channels} latent channels; the model works on "
-                         f"{LATENT_CHANNELS} (an SD1.5-style VAE)")
-    return vae
+    return vae, lines
+
+
+def beside_checkpoint(checkpoint, prefix):
+    """`<prefix>_<checkpoint's stem>/` in the checkpoint's folder: a script's default output folder."""
+    return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), f"{prefix}_{file_stem(checkpoint)}")
+
+
+def output_name(stem, domain, tag):
+    """`<stem>_to_<domain>_<tag>`: the name of a translation of `stem` into `domain`, `tag` saying which
+    style (its number, or what it is)."""
+    return f"{stem}_to_{domain}_{tag}"
 
 
 def domain_index(cfg, domain, flag="--target-domain"):
@@ -80,17 +87,34 @@ def domain_index(cfg, domain, flag="--target-domain"):
     return domains.index(domain)
 
 
+def check_psi(psi, flag="--psi"):
+    """StarGAN v2's truncation psi: a finite number in [0, 1] (0: the domain's mean style, 1: none)."""
+    try:
+        value = float(psi)
+    except (TypeError, ValueError):
+        raise InputError(f"{flag} {psi!r}: expected a number from 0 to 1") from None
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise InputError(f"{flag} {psi!r}: expected a number from 0 (the domain's mean style) to 1 (no truncation)")
+    return value
+
+
 @torch.no_grad()
 def latent_styles(mapping_network, domain_id, num_styles, latent_dim, seed=0, psi=1.0, device="cpu"):
     """K styles of one domain from F (latent-guided synthesis), optionally truncated toward the
     domain's mean style (StarGAN v2's psi: s = s_avg + psi * (s - s_avg), s_avg = F over
     MEAN_STYLE_SAMPLES z). Style k is the same for any caller: z = randn(K, L, seed)[k]. [K, S]"""
     z = torch.randn(num_styles, latent_dim, generator=torch.Generator().manual_seed(seed))  # [K, L]
-    y = torch.full((num_styles,), domain_id, dtype=torch.long, device=device)
-    s = mapping_network(z.to(device), y)  # [K, S]
+    s = mapped_styles(mapping_network, z, domain_id, device)  # [K, S]
     if psi != 1.0:
         s = torch.lerp(mean_style(mapping_network, domain_id, latent_dim, device), s, psi)  # s_mean + psi * (s - s_mean)
     return s
+
+
+@torch.no_grad()
+def mapped_styles(mapping_network, z, domain_id, device="cpu"):
+    """F(z, y) with y the target domain for every row: styles [n, S] of z [n, L]."""
+    y = torch.full((z.shape[0],), domain_id, dtype=torch.long, device=device)
+    return mapping_network(z.to(device), y)  # [n, S]
 
 
 @torch.no_grad()
@@ -100,8 +124,7 @@ def mean_style(mapping_network, domain_id, latent_dim, device="cpu"):
     cache = _mean_styles.setdefault(mapping_network, {})
     if domain_id not in cache:
         z = torch.randn(MEAN_STYLE_SAMPLES, latent_dim, generator=torch.Generator().manual_seed(MEAN_STYLE_SEED))
-        y = torch.full((MEAN_STYLE_SAMPLES,), domain_id, dtype=torch.long, device=device)
-        cache[domain_id] = mapping_network(z.to(device), y).mean(0, keepdim=True)  # [1, S]
+        cache[domain_id] = mapped_styles(mapping_network, z, domain_id, device).mean(0, keepdim=True)  # [1, S]
     return cache[domain_id].to(device)
 
 
@@ -118,6 +141,14 @@ def reference_styles(style_encoder, refs_raw, domain_id, latent_scale, batch_siz
 
 
 @torch.no_grad()
+def translate_raw(generator, content_raw, styles, latent_scale, device="cpu"):
+    """G(content, s) on raw latents: content [b, 4, h, w] raw and styles [b, S] -> raw outputs
+    [b, 4, h, w] float32 on `device`. The generator sees `raw * latent_scale`."""
+    x = content_raw.to(device).float() * latent_scale  # [b, 4, h, w] scaled
+    return generator(x, styles).float() / latent_scale  # [b, 4, h, w] raw
+
+
+@torch.no_grad()
 def translate_pairs(generator, sources_raw, styles, latent_scale, batch_size=16, device="cpu"):
     """Every (source i, style k) pair, flattened as i * K + k and run in chunks of `batch_size`.
     Yields (pair indices [b], raw outputs [b, 4, h, w] on the CPU): one host transfer per chunk, so a
@@ -125,9 +156,9 @@ def translate_pairs(generator, sources_raw, styles, latent_scale, batch_size=16,
     num_styles = styles.shape[0]
     pairs = torch.arange(sources_raw.shape[0] * num_styles)
     for chunk in pairs.split(batch_size):
-        x = sources_raw[chunk // num_styles].to(device).float() * latent_scale  # [b, 4, h, w] scaled
-        fake = generator(x, styles[(chunk % num_styles).to(styles.device)])  # [b, 4, h, w] scaled
-        yield chunk, check_finite_outputs((fake.float() / latent_scale).cpu())
+        raw = translate_raw(generator, sources_raw[chunk // num_styles], styles[(chunk % num_styles).to(styles.device)],
+                            latent_scale, device)  # [b, 4, h, w]
+        yield chunk, check_finite_outputs(raw.cpu())
 
 
 def check_finite_outputs(raw):

@@ -18,10 +18,8 @@ import zipfile
 import numpy as np
 import torch
 
-from model import MIN_LATENT_SIZE
+from model import LATENT_CHANNELS, MIN_LATENT_SIZE
 from runtime import InputError, atomic_write
-
-LATENT_CHANNELS = 4  # SD1.5 VAE latent channels
 
 LATENT_SUFFIXES = (".pt", ".npy")
 
@@ -48,6 +46,27 @@ def listed(lines):
     """Lines for an error message: the first MAX_LISTED, and a count of the rest."""
     lines = list(lines)
     return "\n  ".join(first_lines(lines[:MAX_LISTED], len(lines)))
+
+
+def file_stem(path):
+    """A file's name without its folder and suffix: what latents and outputs made from it are named after."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def path_component_problem(name):
+    """Why `name` cannot be one path component (a domain name becomes a folder and file names in
+    every tool), or None. Refused: empty, '.', '..', separators, NUL and other control characters."""
+    if not isinstance(name, str) or not name:
+        return "expected a non-empty string"
+    if name in (".", ".."):
+        return "'.' and '..' are not folder names"
+    if "/" in name or "\\" in name:
+        return "a name may not contain '/' or '\\'"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "a name may not contain NUL or other control characters"
+    if len(name.encode("utf-8", "surrogatepass")) > 255:
+        return "a name may be at most 255 bytes"
+    return None
 
 
 def is_packed(folder):

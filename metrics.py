@@ -11,8 +11,12 @@ latent is translated `num_outs` times by the EMA networks with a fixed seed and 
 - LPIPS (Zhang et al., CVPR 2018, AlexNet with the v0.1 linear layers): the mean pairwise distance
   among the `num_outs` outputs of each source, averaged over sources (diversity; higher is more).
 
-This module takes tensors and networks; it knows nothing of checkpoints or data folders. Weights
-come from explicit paths or, on a machine with a network, download once into the torch hub cache.
+The protocol (`evaluate_translations`) takes tensors and networks and returns numbers: it reads no
+checkpoint and no data folder (evaluate.py and the trainer pass the latents in), and it translates
+as inference.py does. Files enter at two places only: the loaders (`load_inception`, `load_lpips`,
+`Evaluator.load`) read weight files from explicit paths or the torch hub cache (downloaded once on a
+machine with a network) and open the VAE through vae.py; and the real domains' features are cached
+in `cache_dir`.
 """
 
 import functools
@@ -34,12 +38,12 @@ import torch.nn.functional as F
 
 from config import EVAL_METRICS as METRICS
 from config import parse_metrics
-from latents import content_hash
+from inference import mapped_styles, reference_styles, translate_raw
+from latents import LATENT_CHANNELS, content_hash
 from runtime import InputError, atomic_write
-from vae import decode, load_vae
+from vae import decode, open_vae
 
 MODES = ("latent", "reference")
-LATENT_CHANNELS = 4  # SD1.5 VAE latents
 
 # The StyleGAN2-ADA TorchScript of the TF-Inception graph (2015-12-05), also what clean-fid downloads.
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -92,6 +96,8 @@ def download(url, dest, sha256_prefix=None):
     in seconds, never a retry loop.
     """
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    # a rename of its own, not runtime.atomic_write: what fails here is mostly the network (refused,
+    # timed out, reset), which atomic_write would report as a failed write of `dest`
     partial = f"{dest}.{os.getpid()}.part"
     print(f"downloading {url} -> {dest}", file=sys.stderr)
     try:
@@ -492,17 +498,16 @@ def translate_task(generator, mapping_network, style_encoder, content_raw, trg_i
 
     feats, diversity, nonfinite = [], [], 0
     for start in range(0, n, per_chunk):
-        content = content_raw[start:start + per_chunk].to(device).float() * latent_scale  # [S, 4, h, w]
+        content = content_raw[start:start + per_chunk].to(device)  # [S, 4, h, w] raw
         s = len(content)
-        content = content.repeat_interleave(k, dim=0)  # [S*K, 4, h, w], a source's outputs adjacent
-        y_trg = torch.full((s * k,), trg_idx, dtype=torch.long, device=device)
-        with autocast_context(device, amp_dtype):
+        with autocast_context(device, amp_dtype):  # styles [S*K, S_dim], in one batch
             if mode == "latent":
-                style = mapping_network(codes[start:start + s].flatten(0, 1).to(device), y_trg)  # [S*K, S_dim]
+                style = mapped_styles(mapping_network, codes[start:start + s].flatten(0, 1), trg_idx, device)
             else:
                 refs = refs_raw[codes[start:start + s].flatten().to(refs_raw.device)]  # [S*K, 4, h, w]
-                style = style_encoder(refs.to(device).float() * latent_scale, y_trg)  # [S*K, S_dim]
-            fake = generator(content, style).float() / latent_scale  # [S*K, 4, h, w] raw
+                style = reference_styles(style_encoder, refs, trg_idx, latent_scale, len(refs), device)
+            content = content.repeat_interleave(k, dim=0)  # [S*K, 4, h, w], a source's outputs adjacent
+            fake = translate_raw(generator, content, style, latent_scale, device)  # [S*K, 4, h, w] raw
         images = in_batches(decoded, fake, batch_size)  # [S*K, 3, H, W]
         bad = ~(torch.isfinite(fake.flatten(1)).all(1) & torch.isfinite(images.flatten(1)).all(1))  # [S*K]
         nonfinite += int(bad.sum())
@@ -554,6 +559,39 @@ def evaluate_translations(generator, mapping_network, style_encoder, domains, re
     came from, non-finite outputs per task (their metrics are NaN) and sample-count warnings.
     """
     domains = [str(d) for d in domains]
+    metrics, n_real, n_sources = check_protocol_inputs(domains, real, sources, modes, metrics, num_outs, max_sources,
+                                                       cache_dir, vae_id)
+    subset_size = min(KID_MAX_SUBSET, min(n_real.values()), min(n_sources.values()) * num_outs)
+    protocol = protocol_record(domains, metrics, modes, num_outs, n_real, n_sources, subset_size, kid_subsets, seed,
+                               batch_size, device, amp_dtype, inception, lpips, vae_id)
+    log = log or (lambda line: None)
+    for warning in protocol["warnings"]:
+        log(f"warning: {warning}")
+    reals_needed = sum(n_real.values()) if {"FID", "KID"} & set(metrics) else 0
+    total = reals_needed + len(modes) * sum(n_sources[s] * num_outs * (len(domains) - 1) for s in domains)
+    on_batch = (lambda n: progress(n, total)) if progress is not None else None
+    real_features = real_feature_source(real, real_ids, decode, inception, batch_size, device, amp_dtype, on_batch,
+                                        cache_dir, vae_id, protocol["real_features"], log)
+
+    def translate(mode, src_idx, trg_idx):  # one task: (fake features, LPIPS diversity, non-finite outputs)
+        src, trg = domains[src_idx], domains[trg_idx]
+        return translate_task(generator, mapping_network, style_encoder, sources[src][:n_sources[src]], trg_idx, mode,
+                              sources[trg], decode, inception, lpips, latent_scale, latent_dim, num_outs,
+                              task_generator(seed, mode, src_idx, trg_idx), batch_size, device, amp_dtype, on_batch)
+
+    results = {}
+    for mode in modes:
+        results.update(evaluate_mode(mode, domains, metrics, translate, real_features, subset_size, kid_subsets, seed,
+                                     protocol, log))
+    if "KID" in metrics:
+        results["KID_subset_size"] = subset_size
+    results["protocol"] = protocol
+    return results
+
+
+def check_protocol_inputs(domains, real, sources, modes, metrics, num_outs, max_sources, cache_dir, vae_id):
+    """`evaluate_translations`' arguments checked before any work: (the metrics asked for, in the
+    table's order; {domain: real latents}; {domain: sources used}), or an InputError saying what is wrong."""
     for name, sets in (("real", real), ("sources", sources)):
         missing = [d for d in domains if d not in sets]
         if missing:
@@ -585,69 +623,74 @@ def evaluate_translations(generator, mapping_network, style_encoder, domains, re
         if n_real[d] < 2 or n_sources[d] < 1:
             raise InputError(f"evaluation needs at least 2 samples on each side: domain {d!r} has {n_real[d]} real "
                              f"latents and {n_sources[d]} source latents x {num_outs} outputs")
-    subset_size = min(KID_MAX_SUBSET, min(n_real.values()), min(n_sources.values()) * num_outs)
-    log = log or (lambda line: None)
-    reals_needed = sum(n_real.values()) if {"FID", "KID"} & set(metrics) else 0
-    total = reals_needed + len(modes) * sum(n_sources[s] * num_outs * (len(domains) - 1) for s in domains)
-    on_batch = (lambda n: progress(n, total)) if progress is not None else None
-    protocol = {"domains": domains, "metrics": list(metrics), "modes": list(modes), "num_outs": num_outs,
-                "n_real": n_real, "n_sources": n_sources,
-                "fakes_per_task": {f"{s}2{t}": n_sources[s] * num_outs for t in domains for s in domains if s != t},
-                "kid_subset_size": subset_size, "kid_subsets": kid_subsets, "kid_std": {}, "nonfinite_outputs": {},
-                "seed": seed, "batch_size": batch_size, "device": str(device), "dtype": str(amp_dtype or torch.float32),
-                "inception": getattr(inception, "identity", None), "lpips": getattr(lpips, "identity", None),
-                "vae": vae_id, "real_features": {}, "warnings": sample_count_warnings(n_real, n_sources, num_outs)}
-    for warning in protocol["warnings"]:
-        log(f"warning: {warning}")
+    return metrics, n_real, n_sources
 
-    real_feats = {}
+
+def protocol_record(domains, metrics, modes, num_outs, n_real, n_sources, subset_size, kid_subsets, seed, batch_size,
+                    device, amp_dtype, inception, lpips, vae_id):
+    """The `protocol` entry of the results: what the numbers depend on. `kid_std`, `nonfinite_outputs`
+    and `real_features` are filled in as the tasks run."""
+    return {"domains": domains, "metrics": list(metrics), "modes": list(modes), "num_outs": num_outs,
+            "n_real": n_real, "n_sources": n_sources,
+            "fakes_per_task": {f"{s}2{t}": n_sources[s] * num_outs for t in domains for s in domains if s != t},
+            "kid_subset_size": subset_size, "kid_subsets": kid_subsets, "kid_std": {}, "nonfinite_outputs": {},
+            "seed": seed, "batch_size": batch_size, "device": str(device), "dtype": str(amp_dtype or torch.float32),
+            "inception": getattr(inception, "identity", None), "lpips": getattr(lpips, "identity", None),
+            "vae": vae_id, "real_features": {}, "warnings": sample_count_warnings(n_real, n_sources, num_outs)}
+
+
+def real_feature_source(real, real_ids, decode, inception, batch_size, device, amp_dtype, on_batch, cache_dir, vae_id,
+                        sources_of, log):
+    """domain -> its real latents' Inception features [N, D] on `device`, computed once (or read from
+    the cache, keyed by the content hash, VAE, Inception and dtype); `sources_of[domain]` records
+    where they came from."""
+    feats = {}
 
     def real_features(d):
-        if d not in real_feats:
+        if d not in feats:
             key = {"version": CACHE_VERSION, "real": (real_ids or {}).get(d) or content_hash(real[d]),
                    "vae": str(vae_id), "inception": getattr(inception, "identity", type(inception).__name__),
                    "dtype": str(amp_dtype or torch.float32)}
             compute = functools.partial(latent_features, real[d], decode, inception, batch_size, device, amp_dtype,
                                         on_batch)
-            feats, how = cached_real_features(d, real[d], compute, cache_dir, key)
-            real_feats[d] = feats.to(device)
-            protocol["real_features"][d] = how
-            log(f"real features of {d} ({n_real[d]} latents): {how}")
+            found, how = cached_real_features(d, real[d], compute, cache_dir, key)
+            feats[d] = found.to(device)
+            sources_of[d] = how
+            log(f"real features of {d} ({len(real[d])} latents): {how}")
             if how.startswith("cached") and on_batch is not None:  # counted as done
-                on_batch(n_real[d])
-        return real_feats[d]
+                on_batch(len(real[d]))
+        return feats[d]
 
+    return real_features
+
+
+def evaluate_mode(mode, domains, metrics, translate, real_features, subset_size, kid_subsets, seed, protocol, log):
+    """Every task of one mode, in the official order (targets outer, sources inner): {key: value}
+    for each task and the mean of each metric; the protocol's per-task records filled in."""
+    per_metric = {m: {} for m in metrics}
+    for trg_idx, trg in enumerate(domains):
+        target_feats = real_features(trg) if {"FID", "KID"} & set(metrics) else None
+        for src_idx, src in enumerate(domains):
+            if src == trg:
+                continue
+            task = f"{src}2{trg}"
+            fake_feats, diversity, nonfinite = translate(mode, src_idx, trg_idx)
+            values = task_metrics(metrics, target_feats, fake_feats, diversity, nonfinite, subset_size, kid_subsets,
+                                  seed)
+            for metric in metrics:
+                per_metric[metric][task] = values[metric]
+            if "KID" in metrics:
+                protocol["kid_std"][f"{mode}/{task}"] = values["KID_std"]
+            if nonfinite:
+                protocol["nonfinite_outputs"][f"{mode}/{task}"] = nonfinite
+                log(f"warning: {mode} {task}: {nonfinite} of {protocol['fakes_per_task'][task]} translations are not "
+                    "finite (a diverged generator): every metric of this task is NaN")
+            log(f"{mode} {task}: " + "  ".join(f"{m} {per_metric[m][task]:.4f}" for m in metrics))
     results = {}
-    for mode in modes:
-        per_metric = {m: {} for m in metrics}
-        for trg_idx, trg in enumerate(domains):  # the official order: targets outer, sources inner
-            target_feats = real_features(trg) if {"FID", "KID"} & set(metrics) else None
-            for src_idx, src in enumerate(domains):
-                if src == trg:
-                    continue
-                task = f"{src}2{trg}"
-                fake_feats, diversity, nonfinite = translate_task(
-                    generator, mapping_network, style_encoder, sources[src][:n_sources[src]], trg_idx, mode,
-                    sources[trg], decode, inception, lpips, latent_scale, latent_dim, num_outs,
-                    task_generator(seed, mode, src_idx, trg_idx), batch_size, device, amp_dtype, on_batch)
-                values = task_metrics(metrics, target_feats, fake_feats, diversity, nonfinite, subset_size, kid_subsets,
-                                      seed)
-                for metric in metrics:
-                    per_metric[metric][task] = values[metric]
-                if "KID" in metrics:
-                    protocol["kid_std"][f"{mode}/{task}"] = values["KID_std"]
-                if nonfinite:
-                    protocol["nonfinite_outputs"][f"{mode}/{task}"] = nonfinite
-                    log(f"warning: {mode} {task}: {nonfinite} of {n_sources[src] * num_outs} translations are not "
-                        "finite (a diverged generator): every metric of this task is NaN")
-                log(f"{mode} {task}: " + "  ".join(f"{m} {per_metric[m][task]:.4f}" for m in metrics))
-        for metric in metrics:
-            for task, value in per_metric[metric].items():
-                results[f"{metric}_{mode}/{task}"] = value
-            results[f"{metric}_{mode}/mean"] = float(np.mean(list(per_metric[metric].values())))
-    if "KID" in metrics:
-        results["KID_subset_size"] = subset_size
-    results["protocol"] = protocol
+    for metric in metrics:
+        for task, value in per_metric[metric].items():
+            results[f"{metric}_{mode}/{task}"] = value
+        results[f"{metric}_{mode}/mean"] = float(np.mean(list(per_metric[metric].values())))
     return results
 
 
@@ -721,17 +764,10 @@ class Evaluator:
             raise InputError(f"{what}evaluation decodes reals and fakes with the SD VAE, and none is set: pass --vae, or "
                              "set evaluation.vae_path (or visualization.vae_path), to a local diffusers AutoencoderKL "
                              "folder or a hub id; metrics never use the linear latent preview")
-        try:
-            vae = load_vae(vae_path, vae_subfolder, device=device, dtype=torch.float32)
-        except Exception as err:  # diffusers / huggingface_hub raise OSError, ValueError, ImportError, ...
-            raise InputError(
-                f"{what}evaluation decodes reals and fakes with the SD VAE, and {vae_path!r} could not be loaded "
-                f"({err.__class__.__name__}: {err}). Set evaluation.vae_path (or visualization.vae_path) / --vae to a "
-                "local diffusers AutoencoderKL folder or a hub id; metrics never use the linear latent preview."
-            ) from None
-        if vae.config.latent_channels != LATENT_CHANNELS:
-            raise InputError(f"{what}the VAE {vae_path!r} has {vae.config.latent_channels} latent channels; the model's "
-                             f"latents have {LATENT_CHANNELS} (an SD1.5-style VAE)")
+        vae = open_vae(vae_path, vae_subfolder, device, what=what,
+                       hint=". Evaluation decodes reals and fakes with the SD VAE: set evaluation.vae_path (or "
+                            "visualization.vae_path) / --vae to a local diffusers AutoencoderKL folder or a hub id; "
+                            "metrics never use the linear latent preview")
         try:
             inception = load_inception(inception_weights, device) if {"FID", "KID"} & set(metrics) else None
             lpips = load_lpips(lpips_weights, device) if "LPIPS" in metrics else None

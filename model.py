@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+LATENT_CHANNELS = 4  # SD1.5 VAE latent channels: what G, E and D take and G returns
+
 
 def init_weights(module, leaky_slope=0.2):
     """He (Kaiming) init for every conv and linear under `module`, zero biases."""
@@ -76,7 +78,7 @@ class Generator(nn.Module):
     the last AdaIN's per-channel shift (much of a latent's palette) reaches the output.
     """
 
-    def __init__(self, in_channels=4, channels=256, n_res_blocks=6, style_dim=64):
+    def __init__(self, in_channels=LATENT_CHANNELS, channels=256, n_res_blocks=6, style_dim=64):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
         self.blocks = nn.ModuleList(AdaINResBlock(channels, style_dim) for _ in range(n_res_blocks))
@@ -167,7 +169,7 @@ def conv_trunk(in_channels, channels, n_down=N_DOWN):
 class StyleEncoder(nn.Module):
     """E(x, y): light conv trunk (no norm), global average pool, one linear branch per domain."""
 
-    def __init__(self, in_channels=4, style_dim=64, num_domains=5, channels=128):
+    def __init__(self, in_channels=LATENT_CHANNELS, style_dim=64, num_domains=5, channels=128):
         super().__init__()
         self.trunk = conv_trunk(in_channels, channels)
         # N per-domain linear heads stored as one Linear(2C, N*S): the same maths, one matmul
@@ -185,7 +187,7 @@ class Discriminator(nn.Module):
     """D(x, y): PatchGAN, no norm. The trunk emits [B, N, H/8, W/8] logits, one channel per domain;
     forward gathers channel y[i], giving [B, 1, H/8, W/8] (4x4 at 32x32)."""
 
-    def __init__(self, in_channels=4, num_domains=5, channels=128):
+    def __init__(self, in_channels=LATENT_CHANNELS, num_domains=5, channels=128):
         super().__init__()
         self.trunk = conv_trunk(in_channels, channels)
         self.head = nn.Conv2d(channels * 2, num_domains, 1)
@@ -209,11 +211,11 @@ def build_models(num_domains, style_dim=64, latent_dim=16, gen_channels=256, n_r
                  disc_channels=128):
     """The four networks from the `model:` config section, keyed as in checkpoints (NETS)."""
     return {
-        "generator": Generator(4, gen_channels, n_res_blocks, style_dim),
+        "generator": Generator(LATENT_CHANNELS, gen_channels, n_res_blocks, style_dim),
         "mapping_network": MappingNetwork(latent_dim, style_dim, num_domains, mapping_hidden_dim,
                                           mapping_shared_layers),
-        "style_encoder": StyleEncoder(4, style_dim, num_domains, style_encoder_channels),
-        "discriminator": Discriminator(4, num_domains, disc_channels),
+        "style_encoder": StyleEncoder(LATENT_CHANNELS, style_dim, num_domains, style_encoder_channels),
+        "discriminator": Discriminator(LATENT_CHANNELS, num_domains, disc_channels),
     }
 
 

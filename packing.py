@@ -223,6 +223,8 @@ class PackWriter:
             os.remove(self.array_path)  # from here to the rename, the folder reads as an interrupted pack
         index = json.dumps({"version": PACKED_VERSION, "names": order})
         atomic_write(os.path.join(self.folder, PACKED_INDEX), lambda f: f.write(index.encode()), fsync=True)
+        # a rename of its own, not runtime.atomic_write: the partial file outlives a run (rows appended,
+        # fsynced and logged as they come, resumed by the next run), atomic_write's lives for one call
         os.replace(self.data_path, self.array_path)
         os.remove(self.log_path)
         fsync_folder(self.folder)
@@ -268,6 +270,19 @@ def cast_rows(latents, dtype):
     return packed, torch.isfinite(packed).flatten(1).all(dim=1)
 
 
+def first_shape(src_folder, files):
+    """The shape of the first readable latent file, which every file of the domain must share (the
+    packing loop names every bad one); an InputError when none is readable."""
+    problems = []
+    for path in files:
+        try:
+            return tuple(load_latent_file(path).shape)
+        except InputError as e:
+            problems.append(str(e))
+    raise InputError(f"{src_folder}: none of its {len(files)} latent files is readable:\n  "
+                     + "\n  ".join(first_lines(problems[:MAX_LISTED], len(problems))))
+
+
 def pack_domain(src_folder, dst_folder, dtype="float16", log=print):
     """One per-file domain folder -> a packed one, rows in the folder's file order (the order the
     dataset reads it in). Every latent file is checked as the dataset would (readable, one shape,
@@ -279,16 +294,7 @@ def pack_domain(src_folder, dst_folder, dtype="float16", log=print):
     files = list_latent_files(src_folder)
     names = [os.path.basename(p) for p in files]
     check_names(names, src_folder)
-    shape, problems = None, []
-    for path in files:  # the first readable file sets the shape; the loop below names every bad one
-        try:
-            shape = tuple(load_latent_file(path).shape)
-            break
-        except InputError as e:
-            problems.append(str(e))
-    if shape is None:
-        raise InputError(f"{src_folder}: none of its {len(files)} latent files is readable:\n  "
-                         + "\n  ".join(first_lines(problems[:MAX_LISTED], len(problems))))
+    shape = first_shape(src_folder, files)
     writer = PackWriter(dst_folder, shape, dtype, log=log)
     if writer.up_to_date(names):
         writer.finish(names)  # removes what an interrupted commit left

@@ -1,11 +1,11 @@
-"""What every script shares at run time: errors and exit codes, argument checks, atomic file
+"""What every script shares at run time: errors and exit codes, argument checks, output folders, atomic file
 writes (and the one error a failed write becomes) with the cleanup of their orphans, the lock that
 gives a checkpoint folder to one run, seeds and devices. The bottom of the module graph: it imports
 nothing of the project.
 """
 
+import contextlib
 import errno
-import math
 import os
 import random
 import re
@@ -87,33 +87,6 @@ def check_seed(seed, flag="--seed"):
     return seed
 
 
-def check_psi(psi, flag="--psi"):
-    """StarGAN v2's truncation psi: a finite number in [0, 1] (0: the domain's mean style, 1: none)."""
-    try:
-        value = float(psi)
-    except (TypeError, ValueError):
-        raise InputError(f"{flag} {psi!r}: expected a number from 0 to 1") from None
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise InputError(f"{flag} {psi!r}: expected a number from 0 (the domain's mean style) to 1 (no truncation)")
-    return value
-
-
-def path_component_problem(name):
-    """Why `name` cannot be one path component (a domain name becomes a folder and file names in
-    every tool), or None. Refused: empty, '.', '..', separators, NUL and other control characters."""
-    if not isinstance(name, str) or not name:
-        return "expected a non-empty string"
-    if name in (".", ".."):
-        return "'.' and '..' are not folder names"
-    if "/" in name or "\\" in name:
-        return "a name may not contain '/' or '\\'"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        return "a name may not contain NUL or other control characters"
-    if len(name.encode("utf-8", "surrogatepass")) > 255:
-        return "a name may be at most 255 bytes"
-    return None
-
-
 def check_writable_folder(folder, flag):
     """Create `folder` if needed and prove a file can be written in it, before any long work.
     Returns True when this call created it (so a run that fails at once can remove it again)."""
@@ -137,6 +110,26 @@ def remove_if_empty(folder):
         os.rmdir(folder)
     except OSError:  # not empty, or already gone
         pass
+
+
+def check_output_folder(folder, flag):
+    """`check_writable_folder` for a script's output folder, a file in the way named as such."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise InputError(f"{flag} {folder!r} exists and is not a folder")
+    return check_writable_folder(folder, flag)
+
+
+@contextlib.contextmanager
+def output_folder(folder, flag):
+    """A script's output folder for the work inside the `with`, checked and created before any work
+    (`check_output_folder`); removed again when this run created it and leaves it empty (it failed
+    before writing anything)."""
+    created = check_output_folder(folder, flag)
+    try:
+        yield folder
+    finally:
+        if created:
+            remove_if_empty(folder)
 
 
 # ---------------------------------------------------------------------- files

@@ -103,7 +103,7 @@ def pictures_of(raw_latents, vae, latent_scale, batch_size=16, cell_size=None):
     return rgb if cell_size is None else fit(rgb, (cell_size, cell_size))
 
 
-def grid_cells(source_rgb, output_rgb, header_rgb=None):
+def source_grid(source_rgb, output_rgb, header_rgb=None):
     """translate_using_reference's layout as cells for vae.image_grid: [rows * (M + 1), 3, H, W] with
     rows = N (+ 1 with a header). `source_rgb` [N, 3, H, W] is the first column, `output_rgb`
     [N, M, 3, H, W] the cells, `header_rgb` [M, 3, H, W] (the references) the first row after a
@@ -133,7 +133,7 @@ def reference_grid(generator, style_encoder, sources_raw, refs_raw, domain_id, l
     outputs = torch.cat(outputs)
     source_rgb = pictures_of(sources_raw, vae, latent_scale, batch_size, cell_size)  # [N, 3, H, W]
     ref_rgb = pictures_of(refs_raw, vae, latent_scale, batch_size, cell_size)  # [M, 3, H', W']
-    return grid_cells(source_rgb, outputs.view(n, m, *outputs.shape[1:]), ref_rgb)
+    return source_grid(source_rgb, outputs.view(n, m, *outputs.shape[1:]), ref_rgb)
 
 
 # ---------------------------------------------------------------------- frames

@@ -18,8 +18,8 @@ import os
 import shutil
 import sys
 
-from latents import list_latent_files, split_names
-from runtime import InputError, atomic_write, check_writable_folder, path_component_problem, script_main
+from latents import list_latent_files, path_component_problem, split_names
+from runtime import InputError, atomic_write, check_writable_folder, script_main
 
 
 def parse_args(argv=None):

@@ -28,6 +28,7 @@ FILE (.mp4, .mkv lossless, or .gif), with or without --output.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -35,13 +36,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from latents import LATENT_SUFFIXES, read_latent
-from inference import (DEFAULT_LATENT_SIZE, MEAN_STYLE_SAMPLES, domain_index, latent_styles, load_networks,
-                       open_vae_for, reference_styles, training_latent_size, translate_pairs)
-from runtime import (InputError, atomic_write, check_psi, check_seed, check_writable_folder, remove_if_empty,
-                     resolve_device, script_main)
-from sampling import (FPS, FRAMES_PER_TRANSITION, HOLD_FRAMES, check_video_path, default_hold, grid_cells,
-                      interpolation_schedule, num_frames, reference_grid, video_frames, write_video)
+from latents import LATENT_SUFFIXES, file_stem, read_latent
+from inference import (DEFAULT_LATENT_SIZE, MEAN_STYLE_SAMPLES, check_psi, domain_index, latent_styles,
+                       load_networks, open_vae_for, output_name, reference_styles, training_latent_size, translate_pairs)
+from runtime import InputError, atomic_write, check_seed, output_folder, resolve_device, script_main
+from sampling import (FPS, FRAMES_PER_TRANSITION, HOLD_FRAMES, check_video_path, default_hold, interpolation_schedule,
+                      num_frames, reference_grid, source_grid, video_frames, write_video)
 from vae import (IMAGE_EXTENSIONS, encode_raw, inspect_image, load_image, save_image_grid, to_model_input, to_rgb,
                  to_uint8, vae_downsample_factor)
 
@@ -51,7 +51,7 @@ GRID_MAX = 32  # --grid: sources and references in the one picture
 VIDEO_MAX_SOURCES = 16  # --video: sources in the row (the official uses a batch of 8 or so)
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(
         description="Translate latents (or images, with a VAE) to a target domain with a Latent StarGAN v2 "
                     "checkpoint. Writes <stem>_to_<domain>_<k>.pt (raw float32 latent [4, h, w]) and "
@@ -80,6 +80,22 @@ def parse_args(argv=None):
     p.add_argument("--output", default=None,
                    help="output folder (created if missing; outputs of the same name are replaced, others kept with a "
                         "warning). Needed unless --video is given")
+    add_sample_mode_flags(p)
+    p.add_argument("--vae", default=None,
+                   help="diffusers AutoencoderKL (local folder or hub id) for PNGs and image inputs; default: "
+                        "the checkpoint's visualization.vae_path. When none loads, PNGs use the linear latent "
+                        "preview (one warning) and image inputs are an error")
+    p.add_argument("--vae-subfolder", default=None,
+                   help="subfolder of the VAE ('vae' for a full Stable Diffusion pipeline); default none "
+                        "(with --vae) or the checkpoint's visualization.vae_subfolder")
+    p.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="generator samples (source x style pairs) per forward pass; also the VAE batch")
+    return p
+
+
+def add_sample_mode_flags(p):
+    """--grid, --video and their settings: StarGAN v2's sample mode."""
     p.add_argument("--grid", action="store_true",
                    help="reference-guided: write one picture, <output>/grid.png, instead of a file per output: the "
                         "references along the top, the sources down the side, each cell the source in that "
@@ -101,16 +117,10 @@ def parse_args(argv=None):
     p.add_argument("--cell-size", type=int, default=None,
                    help="--grid and --video: side in pixels of every picture (default: as decoded, the latent "
                         "size x 8); smaller makes small GIFs")
-    p.add_argument("--vae", default=None,
-                   help="diffusers AutoencoderKL (local folder or hub id) for PNGs and image inputs; default: "
-                        "the checkpoint's visualization.vae_path. When none loads, PNGs use the linear latent "
-                        "preview (one warning) and image inputs are an error")
-    p.add_argument("--vae-subfolder", default=None,
-                   help="subfolder of the VAE ('vae' for a full Stable Diffusion pipeline); default none "
-                        "(with --vae) or the checkpoint's visualization.vae_subfolder")
-    p.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available)")
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="generator samples (source x style pairs) per forward pass; also the VAE batch")
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if (args.reference is None) == (args.num_styles is None):
         p.error("give exactly one of --reference (reference-guided) or --num-styles (latent-guided)")
@@ -189,13 +199,9 @@ def list_inputs(paths, flag):
     return files
 
 
-def stem(path):
-    return os.path.splitext(os.path.basename(path))[0]
-
-
 def check_distinct_stems(paths, flag):
     """Outputs are named by their source's stem: two sources of one stem would write the same files."""
-    stems = [stem(p) for p in paths]
+    stems = [file_stem(p) for p in paths]
     clashes = sorted({s for s in stems if stems.count(s) > 1})
     if clashes:
         raise InputError(f"{flag} inputs share a file name stem and would write the same outputs: "
@@ -277,7 +283,7 @@ def write_sheet(path, source_rgb, sheet_cells, num_styles, row_labels, col_label
     """Rows: sources (plus, reference-guided, a first row of the references); columns: source, outputs."""
     rows, cols = source_rgb.shape[0], min(num_styles, SHEET_MAX_COLS)
     outputs = torch.stack([torch.stack([sheet_cells[(i, k)] for k in range(cols)]) for i in range(rows)])
-    cells, nrow = grid_cells(source_rgb, outputs, None if ref_rgb is None else ref_rgb[:cols])
+    cells, nrow = source_grid(source_rgb, outputs, None if ref_rgb is None else ref_rgb[:cols])
     return save_image_grid(path, cells, nrow=nrow, row_labels=(["references"] if ref_rgb is not None else []) + row_labels,
                            col_labels=["source"] + col_labels[:cols])
 
@@ -291,12 +297,6 @@ def warn_about_stale_outputs(output_dir, names):
 
 
 # ------------------------------------------------------------------ run
-
-def open_vae(args, cfg, device):
-    """The VAE for PNGs and image inputs, or None (linear latent preview); and why it is None."""
-    problems = []
-    return open_vae_for(cfg, args.vae, args.vae_subfolder, device, problems.append), "; ".join(problems)
-
 
 def load_inputs(args, cfg, vae, source_paths, ref_paths):
     """{path: raw [4, h, w]} for every source and reference: latent files read, images encoded."""
@@ -322,25 +322,21 @@ def run(args):
     source_paths = list_inputs(args.source, "--source")
     ref_paths = list_inputs(args.reference, "--reference") if args.reference is not None else []
     check_counts(args, source_paths, ref_paths)
-    if args.output is not None and os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise InputError(f"--output {args.output!r} exists and is not a folder")
     folders = [(args.output, "--output")] if args.output is not None else []
     if args.video is not None:
         folders.append((os.path.dirname(os.path.abspath(os.path.expanduser(args.video[1]))), "--video's folder"))
-    created = [folder for folder, flag in folders if check_writable_folder(folder, flag)]  # before any work
-    try:
+    with contextlib.ExitStack() as stack:
+        for folder, flag in folders:
+            stack.enter_context(output_folder(folder, flag))
         return translate(args, cfg, nets, domain_ids, source_paths, ref_paths)
-    finally:
-        for folder in created:  # a run that failed before writing anything leaves no empty folder behind
-            remove_if_empty(folder)
 
 
 def translate(args, cfg, nets, domain_ids, source_paths, ref_paths):
     latent_scale = cfg["training"]["latent_scale"]
-    vae, vae_problem = open_vae(args, cfg, args.device)
+    vae, why = open_vae_for(cfg, args.vae, args.vae_subfolder, args.device)  # None: the linear latent preview
     latents = load_inputs(args, cfg, vae, source_paths, ref_paths)
     if vae is None:
-        warn(vae_problem.removeprefix("warning: "))  # it says why, and that pictures use the latent preview
+        warn("; ".join(why).removeprefix("warning: "))  # it says why, and that pictures use the latent preview
     sources = stack_inputs(source_paths, latents, "--source")  # [N, 4, h, w] raw, CPU
     refs = stack_inputs(ref_paths, latents, "--reference") if ref_paths else None  # [M, 4, h', w'] raw
 
@@ -378,15 +374,15 @@ def translate_each(args, cfg, nets, vae, sources, source_paths, refs, ref_paths,
     latent_scale = cfg["training"]["latent_scale"]
     if refs is not None:  # styles: [M, S] one per reference, or [K, S] from the mapping network
         styles = reference_styles(nets["style_encoder"], refs, domain_id, latent_scale, args.batch_size, args.device)
-        col_labels = [stem(p) for p in ref_paths]
+        col_labels = [file_stem(p) for p in ref_paths]
     else:
         styles = latent_styles(nets["mapping_network"], domain_id, args.num_styles, cfg["model"]["latent_dim"],
                                args.seed, args.psi, args.device)
         col_labels = [f"style {k}" for k in range(args.num_styles)]
 
-    stems = [stem(p) for p in source_paths]
+    stems = [file_stem(p) for p in source_paths]
     domain = cfg["data"]["domains"][domain_id]
-    names = [f"{s}_to_{domain}_{k}" for s in stems for k in range(styles.shape[0])]
+    names = [output_name(s, domain, k) for s in stems for k in range(styles.shape[0])]
     warn_about_stale_outputs(args.output, names)
     sheet_cells = write_outputs(args, nets, sources, styles, latent_scale, vae, names)
     ref_rgb = to_rgb(refs[:SHEET_MAX_COLS], vae, latent_scale, args.batch_size) if refs is not None else None
@@ -412,8 +408,8 @@ def reference_grid_file(args, nets, vae, latent_scale, sources, source_paths, re
         cells, rows = reference_grid(nets["generator"], nets["style_encoder"], sources, refs, domain_id, latent_scale,
                                      vae, args.batch_size, args.device, args.cell_size, on_batch=bar.update)
     path = os.path.join(args.output, "grid.png")
-    return save_image_grid(path, cells, nrow=rows, row_labels=["references"] + [stem(p) for p in source_paths],
-                           col_labels=["source"] + [stem(p) for p in ref_paths])
+    return save_image_grid(path, cells, nrow=rows, row_labels=["references"] + [file_stem(p) for p in source_paths],
+                           col_labels=["source"] + [file_stem(p) for p in ref_paths])
 
 
 def video_file(args, cfg, nets, vae, sources, refs, domain_ids):

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from latents import LATENT_CHANNELS
 from runtime import InputError, atomic_write
 
 
@@ -131,21 +132,49 @@ def check_hub_reachable(repo_id):
                          f"{how}") from None
 
 
-def load_vae_or_preview(path, subfolder, device, log, quiet=True, origin="visualization.vae_path"):
+def error_line(err):
+    """Why a load failed, in one line: the first of the error's text (ours whole, a library's cut short)."""
+    first_line = str(err).splitlines()[0] if str(err) else ""
+    return first_line if isinstance(err, InputError) else first_line[:300]  # ours are short enough
+
+
+def check_latent_channels(vae, path, what="", channels=LATENT_CHANNELS):
+    """InputError, starting with `what`, when the VAE's latents are not `channels` wide (None: any)."""
+    if channels is not None and vae.config.latent_channels != channels:
+        raise InputError(f"{what}the VAE {path!r} has {vae.config.latent_channels} latent channels; the model's "
+                         f"latents have {channels} (an SD1.5-style VAE)")
+
+
+def open_vae(path, subfolder=None, device="cpu", dtype=torch.float32, what="", hint="", channels=LATENT_CHANNELS):
+    """`load_vae` for work that cannot go on without the VAE (encoding, evaluation, an exported
+    decoder): an InputError starting with `what` when it cannot be loaded (`hint` then says how to
+    go on) or when its latents are not `channels` wide (None: any width, as encode.py writes)."""
+    try:
+        vae = load_vae(path, subfolder, device, dtype)
+    except Exception as e:  # diffusers / huggingface_hub raise OSError, ValueError, ImportError, ...
+        where = f"{path!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+        raise InputError(f"{what}the VAE {where} could not be loaded ({type(e).__name__}: {error_line(e)}){hint}") \
+            from None
+    check_latent_channels(vae, path, what, channels)
+    return vae
+
+
+def load_vae_or_preview(path, subfolder, device, log, quiet=True, origin="visualization.vae_path", channels=None):
     """The VAE for pictures (grids, PNGs), or None when it cannot be loaded: the caller then shows
-    the linear latent preview. `log` gets one line saying why. Evaluation never uses this: without a
-    VAE its numbers would mean something else, so it calls `load_vae` and fails."""
+    the linear latent preview. `log` gets one line saying why. A VAE that loads but whose latents
+    are not `channels` wide (None: unchecked) is an InputError. Evaluation never uses this: without
+    a VAE its numbers would mean something else, so it calls `open_vae` and fails."""
     if not path:
         log(f"{origin} is not set: pictures use the linear latent preview")
         return None
     try:
-        return load_vae(path, subfolder, device, torch.float32, quiet=quiet, log=log)
+        vae = load_vae(path, subfolder, device, torch.float32, quiet=quiet, log=log)
     except Exception as e:
-        first_line = str(e).splitlines()[0] if str(e) else ""
-        first_line = first_line if isinstance(e, InputError) else first_line[:300]  # ours are short enough
-        log(f"warning: cannot load the VAE from {origin}={path!r} ({type(e).__name__}: {first_line}); "
+        log(f"warning: cannot load the VAE from {origin}={path!r} ({type(e).__name__}: {error_line(e)}); "
             "pictures use the linear latent preview instead")
         return None
+    check_latent_channels(vae, path, channels=channels)
+    return vae
 
 
 def to_rgb(raw_latents, vae, latent_scale, batch_size=16, on_batch=None):
@@ -264,8 +293,7 @@ def to_uint8(images):
 def image_grid(images, nrow, row_labels=None, col_labels=None, pad=2, label_px=None):
     """Tile [N, 3, H, W] images in [0, 1] into a PIL image, `nrow` rows, N / nrow columns.
 
-    With labels, a strip on the left names the rows and one on top names the columns. Labels need
-    Pillow's ImageDraw; without Pillow the caller gets a plain numpy grid via `grid_array`.
+    With labels, a strip on the left names the rows and one on top names the columns.
     """
     from PIL import Image, ImageDraw
 
@@ -301,24 +329,6 @@ def grid_array(images, nrow, pad=2):
 
 
 def save_image_grid(path, images, nrow, row_labels=None, col_labels=None):
-    """Write a grid PNG atomically; labelled when Pillow is there, else unlabelled via numpy->PNG."""
-    try:
-        grid = image_grid(images, nrow, row_labels, col_labels)
-        return atomic_write(path, lambda f: grid.save(f, format="PNG"))
-    except ImportError:  # no Pillow: an unlabelled grid with the minimal PNG writer
-        return atomic_write(path, lambda f: write_png(f, grid_array(images, nrow)))
-
-
-def write_png(f, array):
-    """Minimal RGB PNG writer (zlib) for environments without Pillow; `f` a binary file."""
-    import struct
-    import zlib
-
-    h, w, _ = array.shape
-    raw = b"".join(b"\x00" + array[y].tobytes() for y in range(h))
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    """Write a (labelled) grid PNG atomically."""
+    grid = image_grid(images, nrow, row_labels, col_labels)
+    return atomic_write(path, lambda f: grid.save(f, format="PNG"))

@@ -302,7 +302,7 @@ def test_example_latents_with_undecodable_names_are_left_out(trained, tmp_path):
 @pytest.mark.parametrize("amp_dtype", ["fp32", "bf16"])
 def test_cuda_matches_the_cpu(trained, translator, tiny_vae_dir, tmp_path, amp_dtype):
     on_gpu = app.Translator(trained[0], vae=tiny_vae_dir, device="cuda", log=print)
-    on_gpu.amp_dtype = app.AMP_DTYPES[amp_dtype]  # the tiny run trained in fp32; bf16 as a real config has it
+    on_gpu.amp_dtype = app.autocast_dtype(amp_dtype, on_gpu.device)  # the tiny run trained in fp32; bf16 as a real config has it
     photo = save_photo(tmp_path / "x.png")
     kw = dict(source_image=photo, target=app.ALL_DOMAINS, num_styles=2, seed=1)
     cpu, gpu = translator.translate(**kw), on_gpu.translate(**kw)

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 import bench
+import benchmarks
 from config import resolve_config
 from conftest import tiny_model_config
 
@@ -226,11 +227,11 @@ def test_evaluation_throughput_and_protocol_extrapolation(tmp_path, monkeypatch)
     from test_metrics import PlainFormStandIn, script_to
 
     monkeypatch.setattr(metrics, "INCEPTION_DIM", 16)
-    monkeypatch.setattr(bench, "SD15_VAE_CONFIG", dict(block_out_channels=[8, 16], latent_channels=4, norm_num_groups=8,
+    monkeypatch.setattr(benchmarks, "SD15_VAE_CONFIG", dict(block_out_channels=[8, 16], latent_channels=4, norm_num_groups=8,
                                                        down_block_types=["DownEncoderBlock2D"] * 2,
                                                        up_block_types=["UpDecoderBlock2D"] * 2))
     weights = script_to(tmp_path / "inception.pt", PlainFormStandIn(dim=16))
-    r = bench.evaluation_throughput("cpu", weights, latent_size=8, batch_size=4, batches=2)
+    r = benchmarks.evaluation_throughput("cpu", weights, latent_size=8, batch_size=4, batches=2)
     assert r["protocol_images"] == 5 * 4 * 2 * 500 * 10 + 5 * 500  # 20 tasks x 2 modes x 500 x 10, and the reals
     assert r["images_per_s_decode"] > r["images_per_s_decode_features"] > 0
     assert r["protocol_minutes_extrapolated"] == pytest.approx(
@@ -240,7 +241,7 @@ def test_evaluation_throughput_and_protocol_extrapolation(tmp_path, monkeypatch)
 
 @pytest.mark.slow
 def test_export_latency_times_every_graph_and_backend():
-    rows = bench.export_latency(tiny_cfg(), [1, 2], latent_size=SIZE, repeats=1, warmup=0, threads=1)
+    rows = benchmarks.export_latency(tiny_cfg(), [1, 2], latent_size=SIZE, repeats=1, warmup=0, threads=1)
     assert [(r["graph"], r["batch_size"]) for r in rows] == [
         ("latent_guided", 1), ("latent_guided", 2), ("reference_guided", 1), ("reference_guided", 2)]
     for r in rows:
