@@ -28,6 +28,7 @@ from model import EMA_NETS, NETS
 from checkpoint import CheckpointError, atomic_save, get_rng_state, prune_checkpoints, set_rng_state, validate_checkpoint
 from distributed import Distributed
 from runtime import AMP_DTYPES, InputError, StopNow, StopRequested, WriteError, write_failure
+from train_backend import compile_options, fused_adam_supported, is_oom
 from train_eval import open_evaluator
 from vae import load_vae_or_preview, save_image_grid, to_rgb
 
@@ -754,36 +755,6 @@ class Trainer:
         folder = self.cfg["visualization"]["save_dir"] or self.checkpoint_path("vis")
         return save_image_grid(os.path.join(folder, f"epoch_{epoch:04d}.png"), rgb, nrow=len(row_labels),
                                row_labels=row_labels, col_labels=["source"] + self.domains)
-
-
-def is_oom(err):
-    """An out-of-memory error, whichever way the device reported it."""
-    return isinstance(err, torch.cuda.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
-
-
-def fused_adam_supported(device):
-    """Whether fused Adam runs on `device` (CUDA and, in recent torch, the CPU): probe it once."""
-    try:
-        p = torch.nn.Parameter(torch.zeros(1, device=device))
-        p.grad = torch.zeros(1, device=device)
-        torch.optim.Adam([p], fused=True).step()
-        return True
-    except Exception:
-        return False
-
-
-def compile_options(mode, cudagraphs):
-    """torch refuses `mode` and `options` together: translate the pair into options alone, so
-    `compile_cudagraphs` decides CUDA graphs whatever the mode."""
-    try:
-        import torch._inductor
-
-        opts = dict(torch._inductor.list_mode_options(mode)) if mode != "default" else {}
-    except Exception:
-        opts = {}
-    opts["triton.cudagraphs"] = bool(cudagraphs)
-    return opts
 
 
 def on_stop_signal(callback):

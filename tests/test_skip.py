@@ -6,7 +6,8 @@ instead of training silently stepping through non-finite updates (or never stepp
 import pytest
 import torch
 
-from trainer import fused_adam_supported, step_all_or_none
+from train_backend import fused_adam_supported
+from trainer import step_all_or_none
 
 
 def two_nets(grad=1.0):

@@ -9,6 +9,7 @@ import torch
 import checkpoint
 import loss as L
 import runtime
+import train_backend
 import trainer as T
 from config import resolve_config
 from conftest import tiny_run_config
@@ -321,10 +322,10 @@ def test_compile_failure_in_g_phase_does_not_step_d_twice(tmp_path):
 
 
 def test_compile_options_translate_mode_and_cudagraphs():
-    opts = T.compile_options("reduce-overhead", False)
+    opts = train_backend.compile_options("reduce-overhead", False)
     assert opts["triton.cudagraphs"] is False
-    assert T.compile_options("default", True) == {"triton.cudagraphs": True}
-    assert T.compile_options("max-autotune", False)["triton.cudagraphs"] is False
+    assert train_backend.compile_options("default", True) == {"triton.cudagraphs": True}
+    assert train_backend.compile_options("max-autotune", False)["triton.cudagraphs"] is False
 
 
 def test_state_dict_round_trip_is_exact(tmp_path):
