@@ -129,7 +129,7 @@ def train(cfg, resume, dist, local_rank, log, args):
                 from None
         except KeyboardInterrupt:  # a second stop signal: no traceback, just what is on disk
             log(f"\nstopped at once at step {trainer.step}. {trainer.saved_summary()}")
-            code = 128 + int(trainer.stop_signal or signal.SIGINT)
+            code = 128 + int(trainer.stop_request.signum or signal.SIGINT)
         if code > 2 and trainer.last_saved is not None:  # stopped by a signal (128 + its number)
             log("resume with: " + resume_command(args, resume_path(trainer, t)))
         return code

@@ -12,7 +12,6 @@ epochs: batches, the display, stop signals, checkpoints and grids.
 import copy
 import math
 import os
-import signal
 import time
 import warnings
 
@@ -22,14 +21,15 @@ import torch
 import loss as L
 from config import visualization_every
 from dataset import build_loader, check_epoch_has_steps, rank_indices
-from display import Display, WorkProgress, json_line
+from display import Display, json_line
 from inference import grid_cells
 from model import EMA_NETS, NETS
 from checkpoint import CheckpointError, atomic_save, get_rng_state, prune_checkpoints, set_rng_state, validate_checkpoint
 from distributed import Distributed
-from runtime import AMP_DTYPES, InputError, StopNow, StopRequested, WriteError, write_failure
+from runtime import AMP_DTYPES, InputError, StopRequested, WriteError, write_failure
 from train_backend import compile_options, fused_adam_supported, is_oom
 from train_eval import open_evaluator
+from train_stop import StopRequest
 from vae import load_vae_or_preview, save_image_grid, to_rgb
 
 PHASE_NETS = {"d": ("discriminator",), "g": EMA_NETS}  # what each phase's optimizers train
@@ -121,7 +121,7 @@ class Trainer:
         self.oom_skipped = 0
         self._skips_reported = (0, 0)  # (non-finite, OOM) totals at the last epoch-end report
         self.last_r1 = torch.zeros((), device=self.device)
-        self.stop_signal = None
+        self.stop_request = StopRequest(self.log, t["progress_style"])  # SIGINT / SIGTERM
         self._vae, self._vae_tried = None, False
         self._loader_gen = torch.Generator()  # the loader's base seed must not draw from the global RNG
         self._loader_noted = False  # the loader's notices (workers, pinning): once per run
@@ -354,23 +354,21 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(self.checkpoint_path("tb"))
-        previous = on_stop_signal(self.request_stop)
         try:
-            for epoch in range(self.epoch + 1, t["epochs"] + 1):
-                start, self.position = self.position, 0
-                done, steps, stop = self.train_epoch(dataset, epoch, start)
-                if stop:
-                    return self.stop(epoch, done, steps, stop)
-                stop = self.end_epoch(epoch, dataset, samples)
-                if stop:
-                    self.log(f"stopped after epoch {epoch} (step {self.step}); saved "
-                             f"{self.checkpoint_path('latest.pt')}")
-                    return 128 + stop
+            with self.stop_request.handling_signals():
+                for epoch in range(self.epoch + 1, t["epochs"] + 1):
+                    start, self.position = self.position, 0
+                    done, steps, stop = self.train_epoch(dataset, epoch, start)
+                    if stop:
+                        return self.stop(epoch, done, steps, stop)
+                    stop = self.end_epoch(epoch, dataset, samples)
+                    if stop:
+                        self.log(f"stopped after epoch {epoch} (step {self.step}); saved "
+                                 f"{self.checkpoint_path('latest.pt')}")
+                        return 128 + stop
         except WriteError as err:
             raise WriteError(err.errno, f"{err}; training stopped at step {self.step}. {self.saved_summary()}") from None
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             if self.tb is not None:
                 self.tb.close()
         self.log(f"done: {t['epochs']} epochs, {self.step} steps{self.skipped_summary()}; "
@@ -397,7 +395,7 @@ class Trainer:
                 losses = self.train_step(batch)
                 done += 1
                 self.show(display, losses, epoch, done)
-                stop = self.dist.max_int(self.stop_signal or 0)  # one agreed value (CPU all-reduce, no GPU sync)
+                stop = self.stop_request.agreed(self.dist)  # one agreed value (CPU all-reduce, no GPU sync)
                 if stop:
                     break
             final = self.scalars(losses) if losses else self.check_nonfinite()
@@ -430,7 +428,7 @@ class Trainer:
         every = self.cfg["evaluation"]["every_epochs"]
         if every and epoch % every == 0:
             self.evaluate(epoch, dataset)
-        stop = self.dist.max_int(self.stop_signal or 0)
+        stop = self.stop_request.agreed(self.dist)
         self.save_epoch(latest=epoch == self.cfg["training"]["epochs"] or bool(stop))
         failed = None
         if not stop and epoch % visualization_every(self.cfg) == 0 and self.dist.is_main:
@@ -439,7 +437,7 @@ class Trainer:
             except Exception as err:  # e.g. a failed write: every rank stops, none waits in a collective
                 failed = err
         self.dist.raise_if_any_failed(failed)
-        return self.dist.max_int(self.stop_signal or 0)
+        return self.stop_request.agreed(self.dist)
 
     def grid(self, epoch, samples):
         """# grid: the PNG (and TensorBoard's copy), rank 0."""
@@ -450,26 +448,6 @@ class Trainer:
                 from PIL import Image
 
                 self.tb.add_image("grid", np.asarray(Image.open(path).convert("RGB")), epoch, dataformats="HWC")
-
-    def request_stop(self, signum):
-        """SIGINT / SIGTERM: finish the current step (or end a grid or an evaluation at its next
-        batch), then `fit` saves and returns; a second one stops at once (StopNow)."""
-        if self.stop_signal is not None:
-            raise StopNow
-        self.stop_signal = signum
-        self.log(f"\nreceived {signal.Signals(signum).name}: finishing this step (or the grid / evaluation batch), "
-                 "then saving latest.pt; a second one stops at once")
-
-    def long_work(self, desc):
-        """(display, per-batch hook) for work beside the loop: the hook, `hook(n, total)`, shows
-        n of N and raises StopRequested once a stop signal has arrived."""
-        progress = WorkProgress(desc, self.cfg["training"]["progress_style"])
-
-        def hook(n, total):
-            progress(n, total)
-            if self.stop_signal is not None:
-                raise StopRequested
-        return progress, hook
 
     def stop(self, epoch, done, steps, signum):
         """After SIGINT / SIGTERM: save the exact position and return 128 + the signal's number."""
@@ -534,7 +512,7 @@ class Trainer:
         ended it."""
         e = self.cfg["evaluation"]
         real = dataset.by_domain()
-        progress, hook = self.long_work(f"epoch {epoch}: evaluation")
+        progress, hook = self.stop_request.long_work(f"epoch {epoch}: evaluation")
         try:
             results = self.evaluator({n: self.ema[n] for n in EMA_NETS}, self.domains, real, None, self.latent_scale,
                                      self.latent_dim, num_outs=e["num_outs"], max_sources=e["num_sources"],
@@ -741,7 +719,7 @@ class Trainer:
                                        self.latent_scale, self.latent_dim, self.cfg["seed"], self.device)
         keep = ~torch.isnan(cells.flatten(1)).any(1)  # the blank corner stays white
         vae, count = self.vae(), int(keep.sum())
-        progress, hook = self.long_work(f"epoch {epoch}: grid (VAE decode)")
+        progress, hook = self.stop_request.long_work(f"epoch {epoch}: grid (VAE decode)")
         try:  # on the CPU a real VAE takes seconds per cell: small batches keep a stop request prompt
             decoded = to_rgb(cells[keep], vae, self.latent_scale, batch_size=16 if self.device.type == "cuda" else 2,
                              on_batch=lambda n: hook(n, count))
@@ -756,17 +734,3 @@ class Trainer:
         return save_image_grid(os.path.join(folder, f"epoch_{epoch:04d}.png"), rgb, nrow=len(row_labels),
                                row_labels=row_labels, col_labels=["source"] + self.domains)
 
-
-def on_stop_signal(callback):
-    """Call `callback(signum)` on SIGINT / SIGTERM in this process (forked loader workers ignore
-    them: the main process decides). Returns the previous handlers, for `signal.signal` to restore."""
-    owner = os.getpid()
-
-    def handler(signum, frame):
-        if os.getpid() == owner:
-            callback(signum)
-
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, handler)
-    return previous

@@ -70,7 +70,7 @@ def test_resume_mid_epoch_is_exact(tmp_path, straight, monkeypatch):
     def stop_after_four(self, batch):
         out = real_step(self, batch)
         if self.step == 4:
-            self.stop_signal = signal.SIGTERM
+            self.stop_request.signum = signal.SIGTERM
         return out
 
     monkeypatch.setattr(T.Trainer, "train_step", stop_after_four)
@@ -207,7 +207,7 @@ def test_a_signal_after_the_epochs_last_agreement_stops_at_the_epochs_end(tmp_pa
     def signal_after_epoch_one(self, dataset, epoch, start_batch=0):
         out = real_epoch(self, dataset, epoch, start_batch)
         if epoch == 1:
-            self.stop_signal = signal.SIGTERM  # as the handler would, after the loop's last agreement
+            self.stop_request.signum = signal.SIGTERM  # as the handler would, after the loop's last agreement
         return out
 
     monkeypatch.setattr(T.Trainer, "train_epoch", signal_after_epoch_one)
