@@ -29,16 +29,13 @@ from distributed import Distributed
 from runtime import AMP_DTYPES, InputError, StopRequested, WriteError, write_failure
 from train_backend import compile_options, fused_adam_supported, is_oom
 from train_eval import open_evaluator
+from train_skips import NonFiniteError, SkipCounter
 from train_stop import StopRequest
 from vae import load_vae_or_preview, save_image_grid, to_rgb
 
 PHASE_NETS = {"d": ("discriminator",), "g": EMA_NETS}  # what each phase's optimizers train
 LOSS_KEYS = ("d_loss", "d_adv", "r1", "g_loss", "lat_adv", "lat_sty", "lat_ds", "lat_cyc",
              "ref_adv", "ref_sty", "ref_ds", "ref_cyc")
-
-
-class NonFiniteError(RuntimeError):
-    """Too many consecutive non-finite steps (training.max_nonfinite_steps)."""
 
 
 def step_all_or_none(optimizers, scaler, params, bad, fused):
@@ -114,12 +111,7 @@ class Trainer:
         self.scalers = {phase: torch.amp.GradScaler(self.device.type, enabled=fp16) for phase in PHASE_NETS}
         self.step, self.epoch, self.position = 0, 0, 0
         self.latent_shape = None
-        # device-side counters: no host sync until something is shown
-        self.nonfinite_total = torch.zeros((), device=self.device)
-        self.nonfinite_run = torch.zeros((), device=self.device)  # consecutive skipped steps
-        self.nonfinite_run_max = torch.zeros((), device=self.device)  # longest run since last check
-        self.oom_skipped = 0
-        self._skips_reported = (0, 0)  # (non-finite, OOM) totals at the last epoch-end report
+        self.skips = SkipCounter(self.device, t["max_nonfinite_steps"], self.log)  # device-side: no host sync
         self.last_r1 = torch.zeros((), device=self.device)
         self.stop_request = StopRequest(self.log, t["progress_style"])  # SIGINT / SIGTERM
         self._vae, self._vae_tried = None, False
@@ -133,6 +125,10 @@ class Trainer:
         self.cudagraphs = t["use_compile"] and t["compile_cudagraphs"]
         if t["use_compile"]:
             self._compile()
+
+    @property
+    def oom_skipped(self):  # bench.py reads it
+        return self.skips.oom_skipped
 
     def log(self, *args, **kwargs):
         if self.dist.is_main:
@@ -195,7 +191,7 @@ class Trainer:
         g_logs, g_skip = self.update("g", lambda: self.g_backward(b, z1, z2, w_ds))
         # EMA of G, F and E
         self.update_ema()
-        self.count_skipped(torch.maximum(d_skip, g_skip))
+        self.skips.count(torch.maximum(d_skip, g_skip))
         self.step += 1
         return {**d_logs, **g_logs, "w_ds": w_ds}
 
@@ -301,7 +297,7 @@ class Trainer:
     def _free_after_oom(self, phase, params):
         """Count the OOM, release the cache, and give every parameter a zero grad so the skip
         takes the same path as any other (the GradScaler needs grads to record; ranks stay in step)."""
-        self.oom_skipped += 1
+        skipped = self.skips.count_oom()
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
@@ -310,13 +306,8 @@ class Trainer:
             p.grad = torch.zeros_like(p)
         oom = torch.ones((), device=self.device)
         self.scalers[phase].scale(oom)  # creates the fp16 scale if the very first step ran out of memory
-        self.log(f"out of memory in the {phase.upper()} step at step {self.step}: skipped ({self.oom_skipped} so far)")
+        self.log(f"out of memory in the {phase.upper()} step at step {self.step}: skipped ({skipped} so far)")
         return oom
-
-    def count_skipped(self, skipped):
-        self.nonfinite_total += skipped
-        self.nonfinite_run = (self.nonfinite_run + skipped) * skipped
-        self.nonfinite_run_max = torch.maximum(self.nonfinite_run_max, self.nonfinite_run)
 
     def _first_compiled_step(self, batch):
         """The first step through compiled modules compiles them. If that fails, restore the state
@@ -371,7 +362,7 @@ class Trainer:
         finally:
             if self.tb is not None:
                 self.tb.close()
-        self.log(f"done: {t['epochs']} epochs, {self.step} steps{self.skipped_summary()}; "
+        self.log(f"done: {t['epochs']} epochs, {self.step} steps{self.skips.summary()}; "
                  f"checkpoints in {t['checkpoint_dir']}")
         return 0
 
@@ -398,11 +389,11 @@ class Trainer:
                 stop = self.stop_request.agreed(self.dist)  # one agreed value (CPU all-reduce, no GPU sync)
                 if stop:
                     break
-            final = self.scalars(losses) if losses else self.check_nonfinite()
+            final = self.skips.scalars(losses, LOSS_KEYS, self.step) if losses else self.skips.check(self.step)
         finally:
             display.close(done, final, (done - start_batch) / max(time.perf_counter() - start, 1e-9))
         if final:
-            self.report_skips(epoch, final)
+            self.skips.report(epoch, final)
         return done, total, stop
 
     def show(self, display, losses, epoch, done):
@@ -412,7 +403,7 @@ class Trainer:
         log = t["log_json"] and self.step % t["log_interval"] == 0
         if not (show or log):
             return
-        values = self.scalars(losses)
+        values = self.skips.scalars(losses, LOSS_KEYS, self.step)
         self.tensorboard_scalars("train", values)
         if show:
             display.update(done, values)
@@ -540,51 +531,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ counters shown
 
-    def scalars(self, losses):
-        """One host sync: every loss, the skip counters and w_ds as Python numbers; also checks the
-        consecutive-skip limit."""
-        keys = [k for k in LOSS_KEYS if k in losses]
-        counters = [self.nonfinite_total.float(), self.nonfinite_run_max.float()]
-        *values, total, run_max = torch.stack([losses[k].float() for k in keys] + counters).tolist()
-        self.check_nonfinite(run_max)
-        out = dict(zip(keys, values))
-        out["nonfinite_skipped"] = int(total)
-        out["oom_skipped"] = self.oom_skipped
-        out["w_ds"] = losses["w_ds"]
-        return out
-
     def tensorboard_scalars(self, group, values):
         """Every number of `values` as `group/key` at the current step (when TensorBoard is on)."""
         if self.tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
                     self.tb.add_scalar(f"{group}/{key}", value, self.step)
-
-    def check_nonfinite(self, run_max=None):
-        """Stop on too many consecutive skipped steps. `run_max` comes from `scalars`' one sync at
-        display/log time; without it the device counter is read here."""
-        run_max = int(self.nonfinite_run_max.item() if run_max is None else run_max)
-        self.nonfinite_run_max.zero_()
-        limit = self.cfg["training"]["max_nonfinite_steps"]
-        if run_max >= limit:
-            raise NonFiniteError(
-                f"{run_max} consecutive steps had a non-finite loss or gradient (limit "
-                f"training.max_nonfinite_steps={limit}); stopping at step {self.step}. Check the data "
-                "for absurd values, lower training.lr, or try training.amp_dtype=fp32.")
-
-    def report_skips(self, epoch, values):
-        """One line whenever steps of this epoch were skipped, whatever the display style."""
-        counts = (values["nonfinite_skipped"], values["oom_skipped"])
-        new = [now - before for now, before in zip(counts, self._skips_reported)]
-        self._skips_reported = counts
-        if any(new):
-            self.log(f"epoch {epoch}: {new[0]} step(s) skipped (non-finite loss or gradient), {new[1]} (out of "
-                     f"memory); {counts[0]} and {counts[1]} in all")
-
-    def skipped_summary(self):
-        """', 3 skipped (non-finite)' etc. for the final line; '' when no step was skipped."""
-        counts = ((int(self.nonfinite_total.item()), "non-finite"), (self.oom_skipped, "out of memory"))
-        return "".join(f", {n} skipped ({why})" for n, why in counts if n)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -604,8 +556,7 @@ class Trainer:
             "ema": {k: self.ema[k].state_dict() for k in EMA_NETS},
             "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
             "scaler": {k: s.state_dict() for k, s in self.scalers.items()},
-            "counters": {"nonfinite_total": self.nonfinite_total.item(), "nonfinite_run": self.nonfinite_run.item(),
-                         "oom_skipped": self.oom_skipped, "last_r1": self.last_r1.item()},
+            "counters": {**self.skips.state_dict(), "last_r1": self.last_r1.item()},
             "rng": get_rng_state(),
             "best": self.best,  # the best evaluation so far: best.pt's metric, value, epoch and step
         }
@@ -669,10 +620,7 @@ class Trainer:
                 s.load_state_dict(ckpt["scaler"][k])
         self.step, self.epoch, self.position = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt.get("position", 0))
         c = ckpt.get("counters", {})
-        self.nonfinite_total.fill_(c.get("nonfinite_total", 0))
-        self.nonfinite_run.fill_(c.get("nonfinite_run", 0))
-        self.oom_skipped = int(c.get("oom_skipped", 0))
-        self._skips_reported = (int(c.get("nonfinite_total", 0)), self.oom_skipped)
+        self.skips.load_state_dict(c)
         self.last_r1 = torch.tensor(float(c.get("last_r1", 0.0)), device=self.device)
         best = ckpt.get("best")
         self.best = best if best and best["metric"] == self.cfg["evaluation"]["best_metric"] else None

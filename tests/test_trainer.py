@@ -98,7 +98,7 @@ def test_stale_r1_never_skips_a_step(tmp_path):
     before = params(tr.nets["discriminator"])
     out = tr.train_step(make_batch())
     assert torch.isnan(out["d_loss"]) and torch.isfinite(out["d_objective"])
-    assert tr.nonfinite_total.item() == 0
+    assert tr.skips.nonfinite_total.item() == 0
     assert not same(before, params(tr.nets["discriminator"]))
 
 
@@ -249,12 +249,12 @@ def test_nonfinite_batch_is_skipped_and_counted(tmp_path):
     tr = make_trainer(tmp_path)
     before = {k: params(tr.nets[k]) for k in T.NETS}
     tr.train_step(make_batch(scale=1e30))  # finite but absurd data
-    assert tr.nonfinite_total.item() == 1
+    assert tr.skips.nonfinite_total.item() == 1
     for k in T.NETS:
         assert same(before[k], params(tr.nets[k])), k
         assert all(torch.isfinite(p).all() for p in tr.nets[k].parameters())
     tr.train_step(make_batch())
-    assert tr.nonfinite_total.item() == 1 and tr.nonfinite_run.item() == 0
+    assert tr.skips.nonfinite_total.item() == 1 and tr.skips.nonfinite_run.item() == 0
     assert not same(before["generator"], params(tr.nets["generator"]))
 
 
@@ -264,11 +264,11 @@ def test_consecutive_nonfinite_limit(tmp_path):
     nan_batch["content"][0, 0, 0, 0] = float("nan")
     for _ in range(2):
         tr.train_step(nan_batch)
-    tr.check_nonfinite()  # 2 < 3: fine
+    tr.skips.check(tr.step)  # 2 < 3: fine
     for _ in range(3):
         tr.train_step(nan_batch)
     with pytest.raises(T.NonFiniteError, match="max_nonfinite_steps=3"):
-        tr.check_nonfinite()
+        tr.skips.check(tr.step)
 
 
 def test_fp16_with_grad_scaler(tmp_path):
@@ -418,7 +418,7 @@ def test_a_skipped_r1_step_keeps_the_last_finite_r1(tmp_path, monkeypatch):
     real_r1 = T.L.r1_penalty
     monkeypatch.setattr(T.L, "r1_penalty", lambda logits, x: real_r1(logits, x) * float("inf"))  # overflows
     tr.train_step(make_batch())  # skipped as non-finite
-    assert float(tr.nonfinite_total) == 1 and float(tr.last_r1) == finite_r1
+    assert float(tr.skips.nonfinite_total) == 1 and float(tr.last_r1) == finite_r1
     tr.latent_shape = (4, H, H)
     tr.save_checkpoint(str(tmp_path / "latest.pt"))  # not refused
     assert torch.load(tmp_path / "latest.pt", weights_only=True)["counters"]["last_r1"] == pytest.approx(finite_r1)
