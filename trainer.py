@@ -15,23 +15,21 @@ import os
 import time
 import warnings
 
-import numpy as np
 import torch
 
 import loss as L
-from config import visualization_every
 from dataset import build_loader, check_epoch_has_steps, rank_indices
 from display import Display, json_line
-from inference import grid_cells
 from model import EMA_NETS, NETS
 from checkpoint import CheckpointError, atomic_save, get_rng_state, prune_checkpoints, set_rng_state, validate_checkpoint
 from distributed import Distributed
 from runtime import AMP_DTYPES, InputError, StopRequested, WriteError, write_failure
 from train_backend import compile_options, fused_adam_supported, is_oom
+from train_curves import Curves
 from train_eval import open_evaluator
+from train_grid import TrainingGrid
 from train_skips import NonFiniteError, SkipCounter
 from train_stop import StopRequest
-from vae import load_vae_or_preview, save_image_grid, to_rgb
 
 PHASE_NETS = {"d": ("discriminator",), "g": EMA_NETS}  # what each phase's optimizers train
 LOSS_KEYS = ("d_loss", "d_adv", "r1", "g_loss", "lat_adv", "lat_sty", "lat_ds", "lat_cyc",
@@ -114,10 +112,10 @@ class Trainer:
         self.skips = SkipCounter(self.device, t["max_nonfinite_steps"], self.log)  # device-side: no host sync
         self.last_r1 = torch.zeros((), device=self.device)
         self.stop_request = StopRequest(self.log, t["progress_style"])  # SIGINT / SIGTERM
-        self._vae, self._vae_tried = None, False
         self._loader_gen = torch.Generator()  # the loader's base seed must not draw from the global RNG
         self._loader_noted = False  # the loader's notices (workers, pinning): once per run
-        self.tb = None  # TensorBoard writer, opened by fit when training.tensorboard
+        self.curves = Curves()  # TensorBoard, opened by fit when training.tensorboard
+        self.grid = TrainingGrid(cfg, self.device, self.dist, self.log, self.stop_request, self.curves)
         self.evaluator, self.best = None, None  # evaluation.every_epochs; best: {metric, value, epoch, step}
         self.last_saved = None  # (path, epoch, step) of the newest checkpoint a run can resume from
         self.call = dict(self.nets)  # what the step calls: compiled or eager
@@ -342,9 +340,7 @@ class Trainer:
         if self.cfg["evaluation"]["every_epochs"] and self.epoch < t["epochs"]:
             self.open_evaluator()
         if t["tensorboard"] and self.dist.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(self.checkpoint_path("tb"))
+            self.curves.open(self.checkpoint_path("tb"))
         try:
             with self.stop_request.handling_signals():
                 for epoch in range(self.epoch + 1, t["epochs"] + 1):
@@ -360,8 +356,7 @@ class Trainer:
         except WriteError as err:
             raise WriteError(err.errno, f"{err}; training stopped at step {self.step}. {self.saved_summary()}") from None
         finally:
-            if self.tb is not None:
-                self.tb.close()
+            self.curves.close()
         self.log(f"done: {t['epochs']} epochs, {self.step} steps{self.skips.summary()}; "
                  f"checkpoints in {t['checkpoint_dir']}")
         return 0
@@ -404,7 +399,7 @@ class Trainer:
         if not (show or log):
             return
         values = self.skips.scalars(losses, LOSS_KEYS, self.step)
-        self.tensorboard_scalars("train", values)
+        self.curves.scalars("train", values, self.step)
         if show:
             display.update(done, values)
         if log and self.dist.is_main:
@@ -421,24 +416,8 @@ class Trainer:
             self.evaluate(epoch, dataset)
         stop = self.stop_request.agreed(self.dist)
         self.save_epoch(latest=epoch == self.cfg["training"]["epochs"] or bool(stop))
-        failed = None
-        if not stop and epoch % visualization_every(self.cfg) == 0 and self.dist.is_main:
-            try:
-                self.grid(epoch, samples)
-            except Exception as err:  # e.g. a failed write: every rank stops, none waits in a collective
-                failed = err
-        self.dist.raise_if_any_failed(failed)
+        self.grid.epoch_end(epoch, self.ema, samples, stopping=bool(stop))
         return self.stop_request.agreed(self.dist)
-
-    def grid(self, epoch, samples):
-        """# grid: the PNG (and TensorBoard's copy), rank 0."""
-        path = self.save_grid(epoch, samples)
-        if path:
-            self.log(f"epoch {epoch}: grid {path}")
-            if self.tb is not None:
-                from PIL import Image
-
-                self.tb.add_image("grid", np.asarray(Image.open(path).convert("RGB")), epoch, dataformats="HWC")
 
     def stop(self, epoch, done, steps, signum):
         """After SIGINT / SIGTERM: save the exact position and return 128 + the signal's number."""
@@ -527,16 +506,9 @@ class Trainer:
         except OSError as err:
             raise write_failure(path, err) or err from None
         self.log(line)
-        self.tensorboard_scalars("eval", results)
+        self.curves.scalars("eval", results, self.step)
 
     # ------------------------------------------------------------------ counters shown
-
-    def tensorboard_scalars(self, group, values):
-        """Every number of `values` as `group/key` at the current step (when TensorBoard is on)."""
-        if self.tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"{group}/{key}", value, self.step)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -646,39 +618,3 @@ class Trainer:
                     self.log(f"resume: {name} {key} {opt.param_groups[0][key]:g} -> {value:g} (from the config)")
                 for group in opt.param_groups:
                     group[key] = value
-
-    # ------------------------------------------------------------------ grids
-
-    def vae(self):
-        """The VAE for grids, loaded once and lazily; None (linear latent preview) if it cannot be."""
-        if not self._vae_tried:
-            self._vae_tried = True
-            v = self.cfg["visualization"]
-            self._vae = load_vae_or_preview(v["vae_path"], v["vae_subfolder"], self.device, self.log,
-                                            quiet=v["suppress_hf_warnings"])
-        return self._vae
-
-    def save_grid(self, epoch, samples):
-        """The grid of `grid_cells` (fixed sources and references, EMA nets), rank 0 only."""
-        if not self.dist.is_main:
-            return None
-        G, F, E = (self.ema[n] for n in EMA_NETS)
-        cells, row_labels = grid_cells(G, F, E, samples["sources"], samples["references"], self.domains,
-                                       self.latent_scale, self.latent_dim, self.cfg["seed"], self.device)
-        keep = ~torch.isnan(cells.flatten(1)).any(1)  # the blank corner stays white
-        vae, count = self.vae(), int(keep.sum())
-        progress, hook = self.stop_request.long_work(f"epoch {epoch}: grid (VAE decode)")
-        try:  # on the CPU a real VAE takes seconds per cell: small batches keep a stop request prompt
-            decoded = to_rgb(cells[keep], vae, self.latent_scale, batch_size=16 if self.device.type == "cuda" else 2,
-                             on_batch=lambda n: hook(n, count))
-        except StopRequested:
-            self.log(f"epoch {epoch}: grid abandoned (stop requested); the checkpoint is saved")
-            return None
-        finally:
-            progress.close()
-        rgb = torch.ones(cells.shape[0], *decoded.shape[1:])
-        rgb[keep] = decoded
-        folder = self.cfg["visualization"]["save_dir"] or self.checkpoint_path("vis")
-        return save_image_grid(os.path.join(folder, f"epoch_{epoch:04d}.png"), rgb, nrow=len(row_labels),
-                               row_labels=row_labels, col_labels=["source"] + self.domains)
-
