@@ -21,14 +21,15 @@ import loss as L
 from dataset import build_loader, check_epoch_has_steps, rank_indices
 from display import Display, json_line
 from model import EMA_NETS, NETS
-from checkpoint import CheckpointError, atomic_save, get_rng_state, prune_checkpoints, set_rng_state, validate_checkpoint
+from checkpoint import get_rng_state, set_rng_state
 from distributed import Distributed
 from runtime import AMP_DTYPES, InputError, StopRequested, WriteError, write_failure
 from train_backend import compile_options, fused_adam_supported, is_oom
+from train_checkpoints import CheckpointWriter
 from train_curves import Curves
 from train_eval import open_evaluator
 from train_grid import TrainingGrid
-from train_skips import NonFiniteError, SkipCounter
+from train_skips import SkipCounter
 from train_stop import StopRequest
 
 PHASE_NETS = {"d": ("discriminator",), "g": EMA_NETS}  # what each phase's optimizers train
@@ -117,7 +118,7 @@ class Trainer:
         self.curves = Curves()  # TensorBoard, opened by fit when training.tensorboard
         self.grid = TrainingGrid(cfg, self.device, self.dist, self.log, self.stop_request, self.curves)
         self.evaluator, self.best = None, None  # evaluation.every_epochs; best: {metric, value, epoch, step}
-        self.last_saved = None  # (path, epoch, step) of the newest checkpoint a run can resume from
+        self.checkpoints = CheckpointWriter(cfg, self.dist)  # knows the newest one a run can resume from
         self.call = dict(self.nets)  # what the step calls: compiled or eager
         self._compile_unverified = set()
         self.cudagraphs = t["use_compile"] and t["compile_cudagraphs"]
@@ -340,7 +341,7 @@ class Trainer:
         if self.cfg["evaluation"]["every_epochs"] and self.epoch < t["epochs"]:
             self.open_evaluator()
         if t["tensorboard"] and self.dist.is_main:
-            self.curves.open(self.checkpoint_path("tb"))
+            self.curves.open(self.checkpoints.path("tb"))
         try:
             with self.stop_request.handling_signals():
                 for epoch in range(self.epoch + 1, t["epochs"] + 1):
@@ -351,10 +352,10 @@ class Trainer:
                     stop = self.end_epoch(epoch, dataset, samples)
                     if stop:
                         self.log(f"stopped after epoch {epoch} (step {self.step}); saved "
-                                 f"{self.checkpoint_path('latest.pt')}")
+                                 f"{self.checkpoints.path('latest.pt')}")
                         return 128 + stop
         except WriteError as err:
-            raise WriteError(err.errno, f"{err}; training stopped at step {self.step}. {self.saved_summary()}") from None
+            raise WriteError(err.errno, f"{err}; training stopped at step {self.step}. {self.checkpoints.saved_summary()}") from None
         finally:
             self.curves.close()
         self.log(f"done: {t['epochs']} epochs, {self.step} steps{self.skips.summary()}; "
@@ -415,7 +416,7 @@ class Trainer:
         if every and epoch % every == 0:
             self.evaluate(epoch, dataset)
         stop = self.stop_request.agreed(self.dist)
-        self.save_epoch(latest=epoch == self.cfg["training"]["epochs"] or bool(stop))
+        self.checkpoints.save_epoch(epoch, epoch == self.cfg["training"]["epochs"] or bool(stop), self.save_checkpoint)
         self.grid.epoch_end(epoch, self.ema, samples, stopping=bool(stop))
         return self.stop_request.agreed(self.dist)
 
@@ -423,9 +424,9 @@ class Trainer:
         """After SIGINT / SIGTERM: save the exact position and return 128 + the signal's number."""
         if done >= steps:  # the epoch happened to be complete: save it as any other (no grid: exit promptly)
             self.epoch = epoch
-            path = self.save_epoch(latest=True)
+            path = self.checkpoints.save_epoch(epoch, True, self.save_checkpoint)
         else:
-            path = self.save_checkpoint(self.checkpoint_path("latest.pt"), position=done)
+            path = self.save_checkpoint(self.checkpoints.path("latest.pt"), position=done)
         self.dist.barrier()
         self.log(f"stopped at step {self.step} (epoch {epoch}, batch {done}/{steps}); saved {path}")
         return 128 + int(signum)
@@ -438,7 +439,7 @@ class Trainer:
         problem = None
         if self.dist.is_main:
             try:
-                self.evaluator = open_evaluator(self.cfg, self.device, self.checkpoint_path("eval_cache"),
+                self.evaluator = open_evaluator(self.cfg, self.device, self.checkpoints.path("eval_cache"),
                                                        amp_dtype=self.amp_dtype if self.device.type == "cuda" else None,
                                                        latent_shape=self.latent_shape)
             except (InputError, FileNotFoundError) as err:
@@ -461,7 +462,7 @@ class Trainer:
             failed = err
         self.dist.raise_if_any_failed(failed)
         if self.dist.max_int(improved):  # every rank saves (a collective); rank 0 alone knows the value
-            self.save_checkpoint(self.checkpoint_path("best.pt"))
+            self.save_checkpoint(self.checkpoints.path("best.pt"))
             if self.dist.is_main:
                 self.log(f"epoch {epoch}: best {self.best['metric']} {self.best['value']:.4f} so far: best.pt")
 
@@ -498,7 +499,7 @@ class Trainer:
     def record_metrics(self, epoch, results):
         """One JSON line on stdout and in <checkpoint_dir>/metrics.jsonl, and TensorBoard."""
         line = json_line({"step": self.step, "epoch": epoch, **results})
-        path = self.checkpoint_path("metrics.jsonl")
+        path = self.checkpoints.path("metrics.jsonl")
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "a", encoding="utf-8") as f:
@@ -511,9 +512,6 @@ class Trainer:
     # ------------------------------------------------------------------ counters shown
 
     # ------------------------------------------------------------------ checkpoints
-
-    def checkpoint_path(self, name):
-        return os.path.join(self.cfg["training"]["checkpoint_dir"], name)
 
     def state_dict(self, epoch=None, position=0):
         """A plain dict loadable with weights_only=True."""
@@ -534,47 +532,10 @@ class Trainer:
         }
 
     def save_checkpoint(self, path, epoch=None, position=0):
-        """Atomic write (temporary file, fsync, rename). Every rank calls it (their RNG states are
-        gathered); rank 0 alone writes, after the same complete check a loaded checkpoint gets, so a
-        checkpoint never holds non-finite weights. Every rank learns whether the write failed."""
-        rng_per_rank = self.dist.gather(get_rng_state())
-        self.dist.check_in_sync(self.nets)
-        failed = None
-        if self.dist.is_main:
-            state = self.state_dict(epoch, position)
-            if self.dist.enabled:
-                state["rng_per_rank"] = rng_per_rank
-            try:
-                validate_checkpoint(state, path)
-                atomic_save(state, path)
-            except CheckpointError as err:
-                failed = NonFiniteError(f"refusing to save: {err}")
-            except WriteError as err:
-                failed = err
-        self.dist.raise_if_any_failed(failed)
-        if os.path.basename(path) != "best.pt":
-            self.last_saved = (path, self.epoch if epoch is None else epoch, self.step)
-        return path
-
-    def saved_summary(self):
-        """What a failed write leaves: the newest checkpoint this run can resume from, intact."""
-        if self.last_saved is None:
-            return "No checkpoint of this run was written yet."
-        path, epoch, step = self.last_saved
-        return f"The last good checkpoint, {path} (epoch {epoch}, step {step}), is intact."
-
-    def save_epoch(self, latest=False):
-        """End of epoch `self.epoch`: every save_interval epochs write epoch_NNNN.pt and latest.pt;
-        `latest` forces latest.pt (last epoch, stop signal). Returns latest.pt's path."""
-        t = self.cfg["training"]
-        path = self.checkpoint_path("latest.pt")
-        if self.epoch % t["save_interval"] == 0:
-            self.save_checkpoint(self.checkpoint_path(f"epoch_{self.epoch:04d}.pt"))
-        if self.epoch % t["save_interval"] == 0 or latest:
-            self.save_checkpoint(path)
-            if self.dist.is_main:
-                prune_checkpoints(t["checkpoint_dir"], t["keep_checkpoints"])
-        return path
+        """`state_dict(epoch, position)` to `path`, atomically and checked (CheckpointWriter.save):
+        every rank calls it, rank 0 writes. Returns the path."""
+        epoch = self.epoch if epoch is None else epoch
+        return self.checkpoints.save(path, lambda: self.state_dict(epoch, position), self.nets, epoch, self.step)
 
     def load_state_dict(self, ckpt):
         for k in NETS:

@@ -14,6 +14,7 @@ import yaml
 import run
 import runtime
 import trainer as T
+from train_skips import NonFiniteError
 from conftest import ROOT, tiny_run_config, write_latent_folders
 
 
@@ -140,7 +141,7 @@ def test_checkpoint_never_holds_nonfinite_weights(tmp_path):
     tr = T.Trainer(resolve_config(cfg), build_models(num_domains=3, **cfg["model"]), "cpu", log=lambda *a: None)
     with torch.no_grad():
         next(tr.nets["generator"].parameters())[0].fill_(float("nan"))
-    with pytest.raises(T.NonFiniteError, match="non-finite"):
+    with pytest.raises(NonFiniteError, match="non-finite"):
         tr.save_checkpoint(str(tmp_path / "latest.pt"), 1)
     assert not os.path.exists(tmp_path / "latest.pt")
 

@@ -11,6 +11,7 @@ import loss as L
 import runtime
 import train_backend
 import trainer as T
+from train_skips import NonFiniteError
 from config import resolve_config
 from conftest import tiny_run_config
 from model import build_models
@@ -267,7 +268,7 @@ def test_consecutive_nonfinite_limit(tmp_path):
     tr.skips.check(tr.step)  # 2 < 3: fine
     for _ in range(3):
         tr.train_step(nan_batch)
-    with pytest.raises(T.NonFiniteError, match="max_nonfinite_steps=3"):
+    with pytest.raises(NonFiniteError, match="max_nonfinite_steps=3"):
         tr.skips.check(tr.step)
 
 
