@@ -10,8 +10,6 @@ epochs: batches, the display, stop signals, checkpoints and grids.
 """
 
 import copy
-import math
-import os
 import time
 import warnings
 
@@ -23,11 +21,11 @@ from display import Display, json_line
 from model import EMA_NETS, NETS
 from checkpoint import get_rng_state, set_rng_state
 from distributed import Distributed
-from runtime import AMP_DTYPES, InputError, StopRequested, WriteError, write_failure
+from runtime import AMP_DTYPES, WriteError
 from train_backend import compile_options, fused_adam_supported, is_oom
 from train_checkpoints import CheckpointWriter
 from train_curves import Curves
-from train_eval import open_evaluator
+from train_eval import TrainingEvaluation
 from train_grid import TrainingGrid
 from train_skips import SkipCounter
 from train_stop import StopRequest
@@ -117,8 +115,9 @@ class Trainer:
         self._loader_noted = False  # the loader's notices (workers, pinning): once per run
         self.curves = Curves()  # TensorBoard, opened by fit when training.tensorboard
         self.grid = TrainingGrid(cfg, self.device, self.dist, self.log, self.stop_request, self.curves)
-        self.evaluator, self.best = None, None  # evaluation.every_epochs; best: {metric, value, epoch, step}
         self.checkpoints = CheckpointWriter(cfg, self.dist)  # knows the newest one a run can resume from
+        self.evaluation = TrainingEvaluation(cfg, self.device, self.amp_dtype, self.dist, self.log, self.stop_request,
+                                             self.curves, lambda: self.save_checkpoint(self.checkpoints.path("best.pt")))
         self.call = dict(self.nets)  # what the step calls: compiled or eager
         self._compile_unverified = set()
         self.cudagraphs = t["use_compile"] and t["compile_cudagraphs"]
@@ -339,7 +338,7 @@ class Trainer:
             check_epoch_has_steps(dataset, self.dist, t, self.position)
         samples = dataset.grid_samples()
         if self.cfg["evaluation"]["every_epochs"] and self.epoch < t["epochs"]:
-            self.open_evaluator()
+            self.evaluation.open(self.latent_shape)
         if t["tensorboard"] and self.dist.is_main:
             self.curves.open(self.checkpoints.path("tb"))
         try:
@@ -414,7 +413,7 @@ class Trainer:
         self.epoch = epoch
         every = self.cfg["evaluation"]["every_epochs"]
         if every and epoch % every == 0:
-            self.evaluate(epoch, dataset)
+            self.evaluation.evaluate(epoch, self.step, self.ema, dataset)
         stop = self.stop_request.agreed(self.dist)
         self.checkpoints.save_epoch(epoch, epoch == self.cfg["training"]["epochs"] or bool(stop), self.save_checkpoint)
         self.grid.epoch_end(epoch, self.ema, samples, stopping=bool(stop))
@@ -430,84 +429,6 @@ class Trainer:
         self.dist.barrier()
         self.log(f"stopped at step {self.step} (epoch {epoch}, batch {done}/{steps}); saved {path}")
         return 128 + int(signum)
-
-    # ------------------------------------------------------------------ evaluation
-
-    def open_evaluator(self):
-        """Load the evaluation's VAE, Inception and LPIPS now, on rank 0, so a missing file is an
-        error before the first step rather than after an epoch; every rank learns of a failure."""
-        problem = None
-        if self.dist.is_main:
-            try:
-                self.evaluator = open_evaluator(self.cfg, self.device, self.checkpoints.path("eval_cache"),
-                                                       amp_dtype=self.amp_dtype if self.device.type == "cuda" else None,
-                                                       latent_shape=self.latent_shape)
-            except (InputError, FileNotFoundError) as err:
-                problem = err
-        if self.dist.max_int(int(problem is not None)):
-            raise problem or InputError("evaluation could not be set up on rank 0 (its error is above)")
-
-    def evaluate(self, epoch, dataset):
-        """FID / KID / LPIPS of the EMA networks (evaluation.num_sources per domain x num_outs) on
-        the training latents, by rank 0: a line in <checkpoint_dir>/metrics.jsonl and on stdout,
-        TensorBoard, and best.pt when evaluation.best_metric improves. The other ranks wait for the
-        verdict in a CPU collective with a long timeout."""
-        improved, failed = 0, None
-        try:  # rank 0 evaluates; a failure there must stop the others too, not leave them in a collective
-            results = self.run_evaluation(epoch, dataset) if self.dist.is_main else None
-            if results is not None:
-                self.record_metrics(epoch, results)
-                improved = self.note_best(epoch, results)
-        except Exception as err:
-            failed = err
-        self.dist.raise_if_any_failed(failed)
-        if self.dist.max_int(improved):  # every rank saves (a collective); rank 0 alone knows the value
-            self.save_checkpoint(self.checkpoints.path("best.pt"))
-            if self.dist.is_main:
-                self.log(f"epoch {epoch}: best {self.best['metric']} {self.best['value']:.4f} so far: best.pt")
-
-    def note_best(self, epoch, results):
-        """1 when evaluation.best_metric improved on the best so far (kept in self.best), else 0."""
-        metric = self.cfg["evaluation"]["best_metric"]
-        value, higher = results[metric], metric.startswith("LPIPS")
-        if not math.isfinite(value):  # diverged networks: never the best, and never a NaN to compare with
-            self.log(f"warning: epoch {epoch}: {metric} is {value}; best.pt is left as it is")
-            return 0
-        if self.best is None or (value > self.best["value"] if higher else value < self.best["value"]):
-            self.best = {"metric": metric, "value": value, "epoch": epoch, "step": self.step}
-            return 1
-        return 0
-
-    def run_evaluation(self, epoch, dataset):
-        """The evaluator on the EMA networks, with a progress display; None when a stop signal
-        ended it."""
-        e = self.cfg["evaluation"]
-        real = dataset.by_domain()
-        progress, hook = self.stop_request.long_work(f"epoch {epoch}: evaluation")
-        try:
-            results = self.evaluator({n: self.ema[n] for n in EMA_NETS}, self.domains, real, None, self.latent_scale,
-                                     self.latent_dim, num_outs=e["num_outs"], max_sources=e["num_sources"],
-                                     seed=self.cfg["seed"], real_ids=dataset.content_ids(), progress=hook)
-            results.setdefault("protocol", {})["sources"] = e["source_root"] or "the training latents (not held out)"
-            return results
-        except StopRequested:
-            self.log(f"epoch {epoch}: evaluation abandoned (stop requested); the checkpoint is saved next")
-            return None
-        finally:
-            progress.close()
-
-    def record_metrics(self, epoch, results):
-        """One JSON line on stdout and in <checkpoint_dir>/metrics.jsonl, and TensorBoard."""
-        line = json_line({"step": self.step, "epoch": epoch, **results})
-        path = self.checkpoints.path("metrics.jsonl")
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(line + "\n")
-        except OSError as err:
-            raise write_failure(path, err) or err from None
-        self.log(line)
-        self.curves.scalars("eval", results, self.step)
 
     # ------------------------------------------------------------------ counters shown
 
@@ -528,7 +449,7 @@ class Trainer:
             "scaler": {k: s.state_dict() for k, s in self.scalers.items()},
             "counters": {**self.skips.state_dict(), "last_r1": self.last_r1.item()},
             "rng": get_rng_state(),
-            "best": self.best,  # the best evaluation so far: best.pt's metric, value, epoch and step
+            "best": self.evaluation.best,  # the best evaluation so far: best.pt's metric, value, epoch and step
         }
 
     def save_checkpoint(self, path, epoch=None, position=0):
@@ -555,11 +476,7 @@ class Trainer:
         c = ckpt.get("counters", {})
         self.skips.load_state_dict(c)
         self.last_r1 = torch.tensor(float(c.get("last_r1", 0.0)), device=self.device)
-        best = ckpt.get("best")
-        self.best = best if best and best["metric"] == self.cfg["evaluation"]["best_metric"] else None
-        if best and self.best is None:
-            self.log(f"resume: evaluation.best_metric is now {self.cfg['evaluation']['best_metric']} (was "
-                     f"{best['metric']}): best.pt is replaced at the next evaluation")
+        self.evaluation.load_best(ckpt.get("best"))
         per_rank = ckpt.get("rng_per_rank")
         if self.dist.enabled and per_rank and len(per_rank) == self.dist.world_size:
             set_rng_state(per_rank[self.dist.rank])

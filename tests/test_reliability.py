@@ -292,7 +292,7 @@ def test_ctrl_c_during_an_evaluation_abandons_it_and_saves_the_epoch(tmp_path, d
     does; a stand-in here, 0.3 s per batch): SIGINT ends it at the next batch, then the epoch is saved."""
     fake = ("class Slow:\n    def __call__(self, *a, progress=None, **k):\n        for _ in range(100):\n"
             "            time.sleep(0.3)\n            progress(1, 100)\n"
-            "import trainer\ntrainer.open_evaluator = lambda *a, **k: Slow()")
+            "import train_eval\ntrain_eval.open_evaluator = lambda *a, **k: Slow()")
     cfg = tiny_run_config(tmp_path, training={"checkpoint_dir": str(tmp_path / "out"), "epochs": 3, "log_json": True,
                                               "log_interval": 1},
                           visualization={"every_epochs": 1, "vae_path": None}, evaluation={"every_epochs": 1})

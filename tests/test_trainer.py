@@ -397,15 +397,15 @@ def test_a_nonfinite_metric_never_becomes_the_best(tmp_path):
 
     tr = make_trainer(tmp_path, evaluation={"every_epochs": 1})
     values = iter([float("nan"), 5.0, 7.0, 4.0])
-    tr.evaluator = lambda *args, **kwargs: {"FID_latent/mean": next(values)}
+    tr.evaluation.evaluator = lambda *args, **kwargs: {"FID_latent/mean": next(values)}
     data = SimpleNamespace(by_domain=lambda: {}, content_ids=lambda: {})
     best = tmp_path / "out" / "best.pt"
-    tr.evaluate(1, data)
-    assert tr.best is None and not best.exists()
+    tr.evaluation.evaluate(1, tr.step, tr.ema, data)
+    assert tr.evaluation.best is None and not best.exists()
     for epoch, expected in ((2, 5.0), (3, 5.0), (4, 4.0)):
         tr.epoch = tr.step = epoch  # one step per epoch, as a checkpoint must be consistent
-        tr.evaluate(epoch, data)
-        assert tr.best["value"] == expected
+        tr.evaluation.evaluate(epoch, tr.step, tr.ema, data)
+        assert tr.evaluation.best["value"] == expected
         assert torch.load(best, weights_only=True)["best"]["value"] == expected
 
 
