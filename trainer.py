@@ -16,11 +16,12 @@ import warnings
 import torch
 
 import loss as L
+from checkpoint import get_rng_state, set_rng_state
 from dataset import build_loader, check_epoch_has_steps, rank_indices
 from display import Display, json_line
-from model import EMA_NETS, NETS
-from checkpoint import get_rng_state, set_rng_state
 from distributed import Distributed
+from latents import LATENT_CHANNELS
+from model import EMA_NETS, NETS
 from runtime import AMP_DTYPES, WriteError
 from train_backend import compile_options, fused_adam_supported, is_oom
 from train_checkpoints import CheckpointWriter
@@ -162,8 +163,8 @@ class Trainer:
     def prepare_batch(self, batch):
         """Move a loader batch to the device and scale latents: the networks never see raw ones."""
         content = batch["content"]
-        if content.dim() != 4 or content.shape[1] != 4:
-            raise ValueError(f"batch['content'] must be [B, 4, H, W], got {list(content.shape)}")
+        if content.dim() != 4 or content.shape[1] != LATENT_CHANNELS:
+            raise ValueError(f"batch['content'] must be [B, {LATENT_CHANNELS}, H, W], got {list(content.shape)}")
         move = lambda v: v.to(self.device, non_blocking=True)  # noqa: E731
         s = self.latent_scale
         return {
