@@ -79,5 +79,5 @@ class SkipCounter:
     def load_state_dict(self, counters):
         self.nonfinite_total.fill_(counters["nonfinite_total"])
         self.nonfinite_run.fill_(counters["nonfinite_run"])
-        self.oom_skipped = int(counters["oom_skipped"])
-        self._reported = (int(counters["nonfinite_total"]), self.oom_skipped)
+        self.oom_skipped = counters["oom_skipped"]
+        self._reported = (int(counters["nonfinite_total"]), self.oom_skipped)  # saved as a float

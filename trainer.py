@@ -460,6 +460,8 @@ class Trainer:
         return self.checkpoints.save(path, lambda: self.state_dict(epoch, position), self.nets, epoch, self.step)
 
     def load_state_dict(self, ckpt):
+        """Resume from `ckpt`, a checkpoint that checkpoint.validate_checkpoint accepted (every
+        entry present and sound) or this Trainer's own state_dict."""
         for k in NETS:
             self.nets[k].load_state_dict(ckpt["models"][k])
         for k in EMA_NETS:
@@ -471,14 +473,13 @@ class Trainer:
             for group in opt.param_groups:
                 group.update(self._optimizer_flags[k])
         for k, s in self.scalers.items():
-            if ckpt["scaler"].get(k):
+            if ckpt["scaler"][k]:  # {}: saved without fp16
                 s.load_state_dict(ckpt["scaler"][k])
-        self.step, self.epoch, self.position = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt.get("position", 0))
-        c = ckpt.get("counters", {})
-        self.skips.load_state_dict(c)
-        self.last_r1 = torch.tensor(float(c.get("last_r1", 0.0)), device=self.device)
-        self.evaluation.load_best(ckpt.get("best"))
-        per_rank = ckpt.get("rng_per_rank")
+        self.step, self.epoch, self.position = ckpt["step"], ckpt["epoch"], ckpt["position"]
+        self.skips.load_state_dict(ckpt["counters"])
+        self.last_r1 = torch.tensor(float(ckpt["counters"]["last_r1"]), device=self.device)
+        self.evaluation.load_best(ckpt["best"])
+        per_rank = ckpt.get("rng_per_rank")  # under torchrun only
         if self.dist.enabled and per_rank and len(per_rank) == self.dist.world_size:
             set_rng_state(per_rank[self.dist.rank])
         elif self.dist.enabled:  # another world size: a fresh, distinct stream per rank
