@@ -28,53 +28,12 @@ from train_checkpoints import CheckpointWriter
 from train_curves import Curves
 from train_eval import TrainingEvaluation
 from train_grid import TrainingGrid
-from train_skips import SkipCounter
+from train_skips import SkipCounter, step_all_or_none
 from train_stop import StopRequest
 
 PHASE_NETS = {"d": ("discriminator",), "g": EMA_NETS}  # what each phase's optimizers train
 LOSS_KEYS = ("d_loss", "d_adv", "r1", "g_loss", "lat_adv", "lat_sty", "lat_ds", "lat_cyc",
              "ref_adv", "ref_sty", "ref_ds", "ref_cyc")
-
-
-def step_all_or_none(optimizers, scaler, params, bad, fused):
-    """Step every optimizer of one GAN phase, or none of them, deciding on the device.
-
-    Why: a skip (non-finite objective or gradient, out of memory, any rank's vote in `bad`) must
-    cover all the phase's networks at once, or G, F and E drift apart; and reading the flag on the
-    host would sync the GPU on every step. So the decision stays a 0-dim device tensor:
-    - the float32 total gradient norm (`torch._foreach_norm`, one kernel per dtype) overflows to inf
-      on absurd gradients that are finite element by element;
-    - fp16: every optimizer is unscaled, then the GradScaler's per-optimizer found-inf record
-      (`_per_optimizer_states`) is overwritten with the phase's combined flag, so `scaler.step` skips
-      all or none and `scaler.update` backs the scale off;
-    - fused Adam takes the flag as its `found_inf` attribute and skips inside the kernel;
-    - any other optimizer reads the flag on the host (one tiny sync).
-    These are private torch details; tests/test_skip.py checks each against the installed torch.
-    Returns the 0-dim float skip flag.
-    """
-    if scaler.is_enabled():
-        for opt in optimizers:
-            scaler.unscale_(opt)
-    grads = [p.grad for p in params if p.grad is not None]
-    if grads:
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        bad = bad + (~torch.isfinite(norm)).float()
-    skip = (bad > 0).float()
-    if scaler.is_enabled():
-        for opt in optimizers:
-            for found in scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values():
-                found.copy_(skip)
-            scaler.step(opt)
-        scaler.update()
-    elif fused:
-        for opt in optimizers:
-            opt.found_inf = skip
-            opt.step()
-            del opt.found_inf
-    elif skip.item() == 0:
-        for opt in optimizers:
-            opt.step()
-    return skip
 
 
 class Trainer:
