@@ -1,5 +1,7 @@
-"""What the device and the installed torch offer the training step: fused Adam, torch.compile's
-options, and how an out-of-memory error looks."""
+"""What the device and the installed torch offer the training step: fused Adam, torch.compile (its
+options, and the nets the config asks it for), and how an out-of-memory error looks."""
+
+import warnings
 
 import torch
 
@@ -32,3 +34,20 @@ def compile_options(mode, cudagraphs):
         opts = {}
     opts["triton.cudagraphs"] = bool(cudagraphs)
     return opts
+
+
+def compile_nets(nets, t):
+    """torch.compile each of `nets` that training.compile_<name> asks for, with the mode, CUDA graphs,
+    dynamic and fullgraph settings of the training section `t`. Returns {name: compiled module}; a
+    net that fails to wrap stays eager, with a warning, and training goes on."""
+    options = compile_options(t["compile_mode"], t["compile_cudagraphs"])
+    compiled = {}
+    for name, net in nets.items():
+        if not t[f"compile_{name}"]:
+            continue
+        try:
+            compiled[name] = torch.compile(net, options=options, dynamic=t["compile_dynamic"],
+                                           fullgraph=t["compile_fullgraph"])
+        except Exception as e:  # wrap-time failure: eager for this module, training goes on
+            warnings.warn(f"torch.compile failed for {name}, using eager: {e}")
+    return compiled

@@ -23,7 +23,7 @@ from distributed import Distributed
 from latents import LATENT_CHANNELS
 from model import EMA_NETS, NETS
 from runtime import AMP_DTYPES, WriteError
-from train_backend import compile_options, fused_adam_supported, is_oom
+from train_backend import compile_nets, fused_adam_supported, is_oom
 from train_checkpoints import CheckpointWriter
 from train_curves import Curves
 from train_eval import TrainingEvaluation
@@ -78,11 +78,13 @@ class Trainer:
         self.checkpoints = CheckpointWriter(cfg, self.dist)  # knows the newest one a run can resume from
         self.evaluation = TrainingEvaluation(cfg, self.device, self.amp_dtype, self.dist, self.log, self.stop_request,
                                              self.curves, lambda: self.save_checkpoint(self.checkpoints.path("best.pt")))
-        self.call = dict(self.nets)  # what the step calls: compiled or eager
-        self._compile_unverified = set()
+        compiled = compile_nets(self.nets, t) if t["use_compile"] else {}
+        self.call = {**self.nets, **compiled}  # what the step calls: compiled or eager
+        self._compile_unverified = set(compiled)  # until the first step through them (_first_compiled_step)
         self.cudagraphs = t["use_compile"] and t["compile_cudagraphs"]
-        if t["use_compile"]:
-            self._compile()
+        if self.cudagraphs and self.device.type == "cuda":
+            self.log("compile: CUDA graphs on; if Inductor/CUDA-graph errors appear, set "
+                     "training.compile_cudagraphs=false first (README, troubleshooting)")
 
     @property
     def oom_skipped(self):  # bench.py reads it
@@ -91,22 +93,6 @@ class Trainer:
     def log(self, *args, **kwargs):
         if self.dist.is_main:
             self._log(*args, **kwargs)
-
-    def _compile(self):
-        t = self.cfg["training"]
-        options = compile_options(t["compile_mode"], t["compile_cudagraphs"])
-        for name in NETS:
-            if not t[f"compile_{name}"]:
-                continue
-            try:
-                self.call[name] = torch.compile(self.nets[name], options=options, dynamic=t["compile_dynamic"],
-                                                fullgraph=t["compile_fullgraph"])
-                self._compile_unverified.add(name)
-            except Exception as e:  # wrap-time failure: eager for this module, training goes on
-                warnings.warn(f"torch.compile failed for {name}, using eager: {e}")
-        if self.cudagraphs and self.device.type == "cuda":
-            self.log("compile: CUDA graphs on; if Inductor/CUDA-graph errors appear, set "
-                     "training.compile_cudagraphs=false first (README, troubleshooting)")
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32)
