@@ -411,12 +411,17 @@ class Trainer:
             self.nets[k].load_state_dict(ckpt["models"][k])
         for k in EMA_NETS:
             self.ema[k].load_state_dict(ckpt["ema"][k])
+        t = self.cfg["training"]
         for k, opt in self.optimizers.items():
             opt.load_state_dict(ckpt["optimizers"][k])
-        self._apply_config_hyperparameters()
-        for k, opt in self.optimizers.items():
+            # the saved param_groups come back too, but the config governs a resumed run (lr, F: lr_mapping,
+            # weight_decay: say what changed) and this process its flags (fused, foreach, ...)
+            wanted = {"lr": t["lr_mapping"] if k == "mapping_network" else t["lr"], "weight_decay": t["weight_decay"]}
+            for key, value in wanted.items():
+                if opt.param_groups[0][key] != value:
+                    self.log(f"resume: {k} {key} {opt.param_groups[0][key]:g} -> {value:g} (from the config)")
             for group in opt.param_groups:
-                group.update(self._optimizer_flags[k])
+                group.update(wanted, **self._optimizer_flags[k])
         for k, s in self.scalers.items():
             if ckpt["scaler"][k]:  # {}: saved without fp16
                 s.load_state_dict(ckpt["scaler"][k])
@@ -431,15 +436,3 @@ class Trainer:
             torch.manual_seed(int(self.cfg["seed"]) + 1000003 * self.step + self.dist.rank)
         else:
             set_rng_state(ckpt["rng"])
-
-    def _apply_config_hyperparameters(self):
-        """The config governs a resumed run: `load_state_dict` of an optimizer restores the saved
-        param_groups, so set lr (F: lr_mapping) and weight_decay again and say what changed."""
-        t = self.cfg["training"]
-        for name, opt in self.optimizers.items():
-            wanted = {"lr": t["lr_mapping"] if name == "mapping_network" else t["lr"], "weight_decay": t["weight_decay"]}
-            for key, value in wanted.items():
-                if opt.param_groups[0][key] != value:
-                    self.log(f"resume: {name} {key} {opt.param_groups[0][key]:g} -> {value:g} (from the config)")
-                for group in opt.param_groups:
-                    group[key] = value
