@@ -10,7 +10,6 @@ epochs: batches, the display, stop signals, checkpoints and grids.
 """
 
 import copy
-import time
 import warnings
 
 import torch
@@ -18,7 +17,6 @@ import torch
 import loss as L
 from checkpoint import get_rng_state, set_rng_state
 from dataset import build_loader, check_epoch_has_steps, rank_indices
-from display import Display, json_line
 from distributed import Distributed
 from latents import LATENT_CHANNELS
 from model import EMA_NETS, NETS
@@ -28,6 +26,7 @@ from train_checkpoints import CheckpointWriter
 from train_curves import Curves
 from train_eval import TrainingEvaluation
 from train_grid import TrainingGrid
+from train_log import EpochLog
 from train_skips import SkipCounter, step_all_or_none
 from train_stop import StopRequest
 
@@ -282,25 +281,28 @@ class Trainer:
         self.latent_shape = dataset.shape
         if self.epoch < t["epochs"]:
             check_epoch_has_steps(dataset, self.dist, t, self.position)
-        samples = dataset.grid_samples()
+        samples = dataset.grid_samples()  # the grids' fixed sources and references
         if self.cfg["evaluation"]["every_epochs"] and self.epoch < t["epochs"]:
-            self.evaluation.open(self.latent_shape)
+            self.evaluation.open(self.latent_shape)  # a missing file fails now, not after an epoch
         if t["tensorboard"] and self.dist.is_main:
             self.curves.open(self.checkpoints.path("tb"))
         try:
             with self.stop_request.handling_signals():
                 for epoch in range(self.epoch + 1, t["epochs"] + 1):
+                    # train, from the batch a mid-epoch stop left off at
                     start, self.position = self.position, 0
                     done, steps, stop = self.train_epoch(dataset, epoch, start)
                     if stop:
                         return self.stop(epoch, done, steps, stop)
+                    # evaluate, save, grid
                     stop = self.end_epoch(epoch, dataset, samples)
                     if stop:
                         self.log(f"stopped after epoch {epoch} (step {self.step}); saved "
                                  f"{self.checkpoints.path('latest.pt')}")
                         return 128 + stop
         except WriteError as err:
-            raise WriteError(err.errno, f"{err}; training stopped at step {self.step}. {self.checkpoints.saved_summary()}") from None
+            raise WriteError(err.errno, f"{err}; training stopped at step {self.step}. "
+                                        f"{self.checkpoints.saved_summary()}") from None
         finally:
             self.curves.close()
         self.log(f"done: {t['epochs']} epochs, {self.step} steps{self.skips.summary()}; "
@@ -320,48 +322,37 @@ class Trainer:
                               log=self.log if not self._loader_noted else (lambda *a: None),
                               generator=self._loader_gen)
         self._loader_noted = True
-        display = Display(t["progress_style"] if self.dist.is_main else "off", epoch, t["epochs"], total, start_batch)
-        done, losses, final, stop, start = start_batch, None, None, 0, time.perf_counter()
+        epoch_log = EpochLog(t, self.dist, self.skips, self.curves, LOSS_KEYS, epoch, total, start_batch)
+        done, losses, final, stop = start_batch, None, None, 0
         try:
             for batch in loader:
                 losses = self.train_step(batch)
                 done += 1
-                self.show(display, losses, epoch, done)
-                stop = self.stop_request.agreed(self.dist)  # one agreed value (CPU all-reduce, no GPU sync)
+                epoch_log.after_step(losses, self.step, done)  # display / log, at their intervals
+                stop = self.stop_request.agreed(self.dist)  # stop? one agreed value (CPU all-reduce, no GPU sync)
                 if stop:
                     break
+            # the epoch's last losses and counters, and the consecutive-skip limit
             final = self.skips.scalars(losses, LOSS_KEYS, self.step) if losses else self.skips.check(self.step)
         finally:
-            display.close(done, final, (done - start_batch) / max(time.perf_counter() - start, 1e-9))
-        if final:
+            epoch_log.close(done, final)
+        if final:  # skip report
             self.skips.report(epoch, final)
         return done, total, stop
 
-    def show(self, display, losses, epoch, done):
-        """# display / log: at their intervals only, with the step's one host sync."""
-        t = self.cfg["training"]
-        show = self.step % t["display_interval"] == 0
-        log = t["log_json"] and self.step % t["log_interval"] == 0
-        if not (show or log):
-            return
-        values = self.skips.scalars(losses, LOSS_KEYS, self.step)
-        self.curves.scalars("train", values, self.step)
-        if show:
-            display.update(done, values)
-        if log and self.dist.is_main:
-            display.write(json_line({"step": self.step, "epoch": epoch, **values}))
-
     def end_epoch(self, epoch, dataset, samples):
-        """# evaluate (first: the checkpoints then carry the best value so far), # save, # grid, each
-        at its epoch interval. A stop signal ends the evaluation or the grid at its next batch, and
-        the epoch is saved (latest.pt too) all the same. Returns the stop signal every rank agreed
-        on (0: none)."""
+        """The work at an epoch's end, each at its interval. A stop signal ends the evaluation or the
+        grid at its next batch, and the epoch is saved (latest.pt too) all the same. Returns the stop
+        signal every rank agreed on (0: none)."""
         self.epoch = epoch
+        # evaluate: first, so that the checkpoints carry the best value so far
         every = self.cfg["evaluation"]["every_epochs"]
         if every and epoch % every == 0:
             self.evaluation.evaluate(epoch, self.step, self.ema, dataset)
+        # save: latest.pt too at the last epoch or when stopping
         stop = self.stop_request.agreed(self.dist)
         self.checkpoints.save_epoch(epoch, epoch == self.cfg["training"]["epochs"] or bool(stop), self.save_checkpoint)
+        # grid: not when stopping (exit promptly)
         self.grid.epoch_end(epoch, self.ema, samples, stopping=bool(stop))
         return self.stop_request.agreed(self.dist)
 
@@ -376,9 +367,7 @@ class Trainer:
         self.log(f"stopped at step {self.step} (epoch {epoch}, batch {done}/{steps}); saved {path}")
         return 128 + int(signum)
 
-    # ------------------------------------------------------------------ counters shown
-
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ state
 
     def state_dict(self, epoch=None, position=0):
         """A plain dict loadable with weights_only=True."""
