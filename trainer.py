@@ -5,8 +5,10 @@ step (reference-guided path training G, latent-guided path training G, F and E) 
 Merging both paths into one D and one G step halves the official implementation's optimizer steps
 per iteration (it takes two of each), so its iteration budgets do not carry over one to one.
 
-Losses stay on the device: the host reads them only at the display / log intervals. `fit` owns the
-epochs: batches, the display, stop signals, checkpoints and grids.
+Losses stay on the device: the host reads them only at the display / log intervals. `fit` runs the
+epochs and calls the work beside the loop at its named points, each in its own module: evaluation and
+best.pt (train_eval), checkpoint files (train_checkpoints), grids (train_grid), the display and log
+(train_log), TensorBoard (train_curves), skipped steps (train_skips) and stop signals (train_stop).
 """
 
 import copy
@@ -36,7 +38,7 @@ LOSS_KEYS = ("d_loss", "d_adv", "r1", "g_loss", "lat_adv", "lat_sty", "lat_ds", 
 
 
 class Trainer:
-    """Owns the nets, their EMA copies, optimizers, scalers, counters and position.
+    """Owns the nets, their EMA copies, optimizers, scalers, step and position; runs the step and the loop.
 
     `models`: {generator, mapping_network, style_encoder, discriminator} (eager nn.Modules).
     State: `step` (completed iterations, global), `epoch` (completed epochs), `position` (batches
@@ -67,16 +69,9 @@ class Trainer:
         self.scalers = {phase: torch.amp.GradScaler(self.device.type, enabled=fp16) for phase in PHASE_NETS}
         self.step, self.epoch, self.position = 0, 0, 0
         self.latent_shape = None
-        self.skips = SkipCounter(self.device, t["max_nonfinite_steps"], self.log)  # device-side: no host sync
         self.last_r1 = torch.zeros((), device=self.device)
-        self.stop_request = StopRequest(self.log, t["progress_style"])  # SIGINT / SIGTERM
         self._loader_gen = torch.Generator()  # the loader's base seed must not draw from the global RNG
         self._loader_noted = False  # the loader's notices (workers, pinning): once per run
-        self.curves = Curves()  # TensorBoard, opened by fit when training.tensorboard
-        self.grid = TrainingGrid(cfg, self.device, self.dist, self.log, self.stop_request, self.curves)
-        self.checkpoints = CheckpointWriter(cfg, self.dist)  # knows the newest one a run can resume from
-        self.evaluation = TrainingEvaluation(cfg, self.device, self.amp_dtype, self.dist, self.log, self.stop_request,
-                                             self.curves, lambda: self.save_checkpoint(self.checkpoints.path("best.pt")))
         compiled = compile_nets(self.nets, t) if t["use_compile"] else {}
         self.call = {**self.nets, **compiled}  # what the step calls: compiled or eager
         self._compile_unverified = set(compiled)  # until the first step through them (_first_compiled_step)
@@ -84,6 +79,15 @@ class Trainer:
         if self.cudagraphs and self.device.type == "cuda":
             self.log("compile: CUDA graphs on; if Inductor/CUDA-graph errors appear, set "
                      "training.compile_cudagraphs=false first (README, troubleshooting)")
+        # the work beside the step, each called at its point of the loop
+        self.skips = SkipCounter(self.device, t["max_nonfinite_steps"], self.log)  # device-side: no host sync
+        self.stop_request = StopRequest(self.log, t["progress_style"])  # SIGINT / SIGTERM
+        self.curves = Curves()  # TensorBoard, opened by fit when training.tensorboard
+        self.checkpoints = CheckpointWriter(cfg, self.dist)  # knows the newest one a run can resume from
+        self.grid = TrainingGrid(cfg, self.device, self.dist, self.log, self.stop_request, self.curves)
+        best_pt = self.checkpoints.path("best.pt")
+        self.evaluation = TrainingEvaluation(cfg, self.device, self.amp_dtype, self.dist, self.log, self.stop_request,
+                                             self.curves, save_best=lambda: self.save_checkpoint(best_pt))
 
     @property
     def oom_skipped(self):  # bench.py reads it
