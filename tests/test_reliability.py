@@ -14,8 +14,8 @@ import yaml
 import run
 import runtime
 import trainer as T
-from train_skips import NonFiniteError
 from conftest import ROOT, tiny_run_config, write_latent_folders
+from train_skips import NonFiniteError
 
 
 def write_config(tmp_path, out, reject_outliers=True, **training):

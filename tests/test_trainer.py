@@ -11,10 +11,10 @@ import loss as L
 import runtime
 import train_backend
 import trainer as T
-from train_skips import NonFiniteError
 from config import resolve_config
 from conftest import tiny_run_config
 from model import build_models
+from train_skips import NonFiniteError
 
 B, H = 4, 16
 
