@@ -29,7 +29,8 @@ from model import build_models, count_parameters  # noqa: E402
 from runtime import BAD_INPUT, LOCK_NAME, FolderLock, InputError, WriteError, check_writable_folder, configure_backends, remove_if_empty, remove_orphaned_temporaries, resolve_device, run_script, seed_everything  # noqa: E402
 from checkpoint import load_checkpoint  # noqa: E402
 from distributed import setup_distributed  # noqa: E402
-from trainer import NonFiniteError, Trainer  # noqa: E402
+from train_skips import NonFiniteError  # noqa: E402
+from trainer import Trainer  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -118,26 +119,27 @@ def train(cfg, resume, dist, local_rank, log, args):
         if ckpt is not None:
             log(f"resuming from {path}: epoch {ckpt['epoch']} done, step {ckpt['step']}")
         trainer, dataset = build(cfg, ckpt, dist, device, log)
+        checkpoints = trainer.checkpoints  # knows the newest checkpoint this run can resume from
         if ckpt is not None:
-            trainer.last_saved = (path, ckpt["epoch"], ckpt["step"])
+            checkpoints.resumed_from(path, ckpt["epoch"], ckpt["step"])
         try:
             code = trainer.fit(dataset)
         except WriteError as err:  # disk full, read-only folder: say what is intact and how to go on
-            if trainer.last_saved is None:
+            if checkpoints.last_saved is None:
                 raise
-            raise WriteError(err.errno, f"{err}\nresume with: {resume_command(args, resume_path(trainer, t))}") \
+            raise WriteError(err.errno, f"{err}\nresume with: {resume_command(args, resume_path(checkpoints, t))}") \
                 from None
         except KeyboardInterrupt:  # a second stop signal: no traceback, just what is on disk
-            log(f"\nstopped at once at step {trainer.step}. {trainer.saved_summary()}")
-            code = 128 + int(trainer.stop_signal or signal.SIGINT)
-        if code > 2 and trainer.last_saved is not None:  # stopped by a signal (128 + its number)
-            log("resume with: " + resume_command(args, resume_path(trainer, t)))
+            log(f"\nstopped at once at step {trainer.step}. {checkpoints.saved_summary()}")
+            code = 128 + int(trainer.stop_request.signum or signal.SIGINT)
+        if code > 2 and checkpoints.last_saved is not None:  # stopped by a signal (128 + its number)
+            log("resume with: " + resume_command(args, resume_path(checkpoints, t)))
         return code
 
 
-def resume_path(trainer, t):
+def resume_path(checkpoints, t):
     """The checkpoint a resumed run starts from: None for the folder's latest.pt (the default)."""
-    saved = trainer.last_saved[0]
+    saved = checkpoints.last_saved[0]
     return None if os.path.abspath(saved) == os.path.abspath(os.path.join(t["checkpoint_dir"], "latest.pt")) else saved
 
 

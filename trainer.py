@@ -5,84 +5,40 @@ step (reference-guided path training G, latent-guided path training G, F and E) 
 Merging both paths into one D and one G step halves the official implementation's optimizer steps
 per iteration (it takes two of each), so its iteration budgets do not carry over one to one.
 
-Losses stay on the device: the host reads them only at the display / log intervals. `fit` owns the
-epochs: batches, the display, stop signals, checkpoints and grids.
+Losses stay on the device: the host reads them only at the display / log intervals. `fit` runs the
+epochs and calls the work beside the loop at its named points, each in its own module: evaluation and
+best.pt (train_eval), checkpoint files (train_checkpoints), grids (train_grid), the display and log
+(train_log), TensorBoard (train_curves), skipped steps (train_skips) and stop signals (train_stop).
 """
 
 import copy
-import math
-import os
-import signal
-import time
 import warnings
 
-import numpy as np
 import torch
 
 import loss as L
-from config import visualization_every
+from checkpoint import get_rng_state, set_rng_state
 from dataset import build_loader, check_epoch_has_steps, rank_indices
-from display import Display, WorkProgress, json_line
-from inference import grid_cells
-from model import EMA_NETS, NETS
-from checkpoint import CheckpointError, atomic_save, get_rng_state, prune_checkpoints, set_rng_state, validate_checkpoint
 from distributed import Distributed
-from runtime import AMP_DTYPES, InputError, StopNow, StopRequested, WriteError, write_failure
-from train_eval import open_evaluator
-from vae import load_vae_or_preview, save_image_grid, to_rgb
+from latents import LATENT_CHANNELS
+from model import EMA_NETS, NETS
+from runtime import AMP_DTYPES, WriteError
+from train_backend import compile_nets, fused_adam_supported, is_oom
+from train_checkpoints import CheckpointWriter
+from train_curves import Curves
+from train_eval import TrainingEvaluation
+from train_grid import TrainingGrid
+from train_log import EpochLog
+from train_skips import SkipCounter, step_all_or_none
+from train_stop import StopRequest
 
 PHASE_NETS = {"d": ("discriminator",), "g": EMA_NETS}  # what each phase's optimizers train
 LOSS_KEYS = ("d_loss", "d_adv", "r1", "g_loss", "lat_adv", "lat_sty", "lat_ds", "lat_cyc",
              "ref_adv", "ref_sty", "ref_ds", "ref_cyc")
 
 
-class NonFiniteError(RuntimeError):
-    """Too many consecutive non-finite steps (training.max_nonfinite_steps)."""
-
-
-def step_all_or_none(optimizers, scaler, params, bad, fused):
-    """Step every optimizer of one GAN phase, or none of them, deciding on the device.
-
-    Why: a skip (non-finite objective or gradient, out of memory, any rank's vote in `bad`) must
-    cover all the phase's networks at once, or G, F and E drift apart; and reading the flag on the
-    host would sync the GPU on every step. So the decision stays a 0-dim device tensor:
-    - the float32 total gradient norm (`torch._foreach_norm`, one kernel per dtype) overflows to inf
-      on absurd gradients that are finite element by element;
-    - fp16: every optimizer is unscaled, then the GradScaler's per-optimizer found-inf record
-      (`_per_optimizer_states`) is overwritten with the phase's combined flag, so `scaler.step` skips
-      all or none and `scaler.update` backs the scale off;
-    - fused Adam takes the flag as its `found_inf` attribute and skips inside the kernel;
-    - any other optimizer reads the flag on the host (one tiny sync).
-    These are private torch details; tests/test_skip.py checks each against the installed torch.
-    Returns the 0-dim float skip flag.
-    """
-    if scaler.is_enabled():
-        for opt in optimizers:
-            scaler.unscale_(opt)
-    grads = [p.grad for p in params if p.grad is not None]
-    if grads:
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        bad = bad + (~torch.isfinite(norm)).float()
-    skip = (bad > 0).float()
-    if scaler.is_enabled():
-        for opt in optimizers:
-            for found in scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values():
-                found.copy_(skip)
-            scaler.step(opt)
-        scaler.update()
-    elif fused:
-        for opt in optimizers:
-            opt.found_inf = skip
-            opt.step()
-            del opt.found_inf
-    elif skip.item() == 0:
-        for opt in optimizers:
-            opt.step()
-    return skip
-
-
 class Trainer:
-    """Owns the nets, their EMA copies, optimizers, scalers, counters and position.
+    """Owns the nets, their EMA copies, optimizers, scalers, step and position; runs the step and the loop.
 
     `models`: {generator, mapping_network, style_encoder, discriminator} (eager nn.Modules).
     State: `step` (completed iterations, global), `epoch` (completed epochs), `position` (batches
@@ -113,45 +69,33 @@ class Trainer:
         self.scalers = {phase: torch.amp.GradScaler(self.device.type, enabled=fp16) for phase in PHASE_NETS}
         self.step, self.epoch, self.position = 0, 0, 0
         self.latent_shape = None
-        # device-side counters: no host sync until something is shown
-        self.nonfinite_total = torch.zeros((), device=self.device)
-        self.nonfinite_run = torch.zeros((), device=self.device)  # consecutive skipped steps
-        self.nonfinite_run_max = torch.zeros((), device=self.device)  # longest run since last check
-        self.oom_skipped = 0
-        self._skips_reported = (0, 0)  # (non-finite, OOM) totals at the last epoch-end report
         self.last_r1 = torch.zeros((), device=self.device)
-        self.stop_signal = None
-        self._vae, self._vae_tried = None, False
         self._loader_gen = torch.Generator()  # the loader's base seed must not draw from the global RNG
         self._loader_noted = False  # the loader's notices (workers, pinning): once per run
-        self.tb = None  # TensorBoard writer, opened by fit when training.tensorboard
-        self.evaluator, self.best = None, None  # evaluation.every_epochs; best: {metric, value, epoch, step}
-        self.last_saved = None  # (path, epoch, step) of the newest checkpoint a run can resume from
-        self.call = dict(self.nets)  # what the step calls: compiled or eager
-        self._compile_unverified = set()
+        compiled = compile_nets(self.nets, t) if t["use_compile"] else {}
+        self.call = {**self.nets, **compiled}  # what the step calls: compiled or eager
+        self._compile_unverified = set(compiled)  # until the first step through them (_first_compiled_step)
         self.cudagraphs = t["use_compile"] and t["compile_cudagraphs"]
-        if t["use_compile"]:
-            self._compile()
+        if self.cudagraphs and self.device.type == "cuda":
+            self.log("compile: CUDA graphs on; if Inductor/CUDA-graph errors appear, set "
+                     "training.compile_cudagraphs=false first (README, troubleshooting)")
+        # the work beside the step, each called at its point of the loop
+        self.skips = SkipCounter(self.device, t["max_nonfinite_steps"], self.log)  # device-side: no host sync
+        self.stop_request = StopRequest(self.log, t["progress_style"])  # SIGINT / SIGTERM
+        self.curves = Curves()  # TensorBoard, opened by fit when training.tensorboard
+        self.checkpoints = CheckpointWriter(cfg, self.dist)  # knows the newest one a run can resume from
+        self.grid = TrainingGrid(cfg, self.device, self.dist, self.log, self.stop_request, self.curves)
+        best_pt = self.checkpoints.path("best.pt")
+        self.evaluation = TrainingEvaluation(cfg, self.device, self.amp_dtype, self.dist, self.log, self.stop_request,
+                                             self.curves, save_best=lambda: self.save_checkpoint(best_pt))
+
+    @property
+    def oom_skipped(self):  # bench.py reads it
+        return self.skips.oom_skipped
 
     def log(self, *args, **kwargs):
         if self.dist.is_main:
             self._log(*args, **kwargs)
-
-    def _compile(self):
-        t = self.cfg["training"]
-        options = compile_options(t["compile_mode"], t["compile_cudagraphs"])
-        for name in NETS:
-            if not t[f"compile_{name}"]:
-                continue
-            try:
-                self.call[name] = torch.compile(self.nets[name], options=options, dynamic=t["compile_dynamic"],
-                                                fullgraph=t["compile_fullgraph"])
-                self._compile_unverified.add(name)
-            except Exception as e:  # wrap-time failure: eager for this module, training goes on
-                warnings.warn(f"torch.compile failed for {name}, using eager: {e}")
-        if self.cudagraphs and self.device.type == "cuda":
-            self.log("compile: CUDA graphs on; if Inductor/CUDA-graph errors appear, set "
-                     "training.compile_cudagraphs=false first (README, troubleshooting)")
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32)
@@ -167,8 +111,8 @@ class Trainer:
     def prepare_batch(self, batch):
         """Move a loader batch to the device and scale latents: the networks never see raw ones."""
         content = batch["content"]
-        if content.dim() != 4 or content.shape[1] != 4:
-            raise ValueError(f"batch['content'] must be [B, 4, H, W], got {list(content.shape)}")
+        if content.dim() != 4 or content.shape[1] != LATENT_CHANNELS:
+            raise ValueError(f"batch['content'] must be [B, {LATENT_CHANNELS}, H, W], got {list(content.shape)}")
         move = lambda v: v.to(self.device, non_blocking=True)  # noqa: E731
         s = self.latent_scale
         return {
@@ -194,7 +138,7 @@ class Trainer:
         g_logs, g_skip = self.update("g", lambda: self.g_backward(b, z1, z2, w_ds))
         # EMA of G, F and E
         self.update_ema()
-        self.count_skipped(torch.maximum(d_skip, g_skip))
+        self.skips.count(torch.maximum(d_skip, g_skip))
         self.step += 1
         return {**d_logs, **g_logs, "w_ds": w_ds}
 
@@ -300,7 +244,7 @@ class Trainer:
     def _free_after_oom(self, phase, params):
         """Count the OOM, release the cache, and give every parameter a zero grad so the skip
         takes the same path as any other (the GradScaler needs grads to record; ranks stay in step)."""
-        self.oom_skipped += 1
+        skipped = self.skips.count_oom()
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
@@ -309,13 +253,8 @@ class Trainer:
             p.grad = torch.zeros_like(p)
         oom = torch.ones((), device=self.device)
         self.scalers[phase].scale(oom)  # creates the fp16 scale if the very first step ran out of memory
-        self.log(f"out of memory in the {phase.upper()} step at step {self.step}: skipped ({self.oom_skipped} so far)")
+        self.log(f"out of memory in the {phase.upper()} step at step {self.step}: skipped ({skipped} so far)")
         return oom
-
-    def count_skipped(self, skipped):
-        self.nonfinite_total += skipped
-        self.nonfinite_run = (self.nonfinite_run + skipped) * skipped
-        self.nonfinite_run_max = torch.maximum(self.nonfinite_run_max, self.nonfinite_run)
 
     def _first_compiled_step(self, batch):
         """The first step through compiled modules compiles them. If that fails, restore the state
@@ -346,33 +285,31 @@ class Trainer:
         self.latent_shape = dataset.shape
         if self.epoch < t["epochs"]:
             check_epoch_has_steps(dataset, self.dist, t, self.position)
-        samples = dataset.grid_samples()
+        samples = dataset.grid_samples()  # the grids' fixed sources and references
         if self.cfg["evaluation"]["every_epochs"] and self.epoch < t["epochs"]:
-            self.open_evaluator()
+            self.evaluation.open(self.latent_shape)  # a missing file fails now, not after an epoch
         if t["tensorboard"] and self.dist.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(self.checkpoint_path("tb"))
-        previous = on_stop_signal(self.request_stop)
+            self.curves.open(self.checkpoints.path("tb"))
         try:
-            for epoch in range(self.epoch + 1, t["epochs"] + 1):
-                start, self.position = self.position, 0
-                done, steps, stop = self.train_epoch(dataset, epoch, start)
-                if stop:
-                    return self.stop(epoch, done, steps, stop)
-                stop = self.end_epoch(epoch, dataset, samples)
-                if stop:
-                    self.log(f"stopped after epoch {epoch} (step {self.step}); saved "
-                             f"{self.checkpoint_path('latest.pt')}")
-                    return 128 + stop
+            with self.stop_request.handling_signals():
+                for epoch in range(self.epoch + 1, t["epochs"] + 1):
+                    # train, from the batch a mid-epoch stop left off at
+                    start, self.position = self.position, 0
+                    done, steps, stop = self.train_epoch(dataset, epoch, start)
+                    if stop:
+                        return self.stop(epoch, done, steps, stop)
+                    # evaluate, save, grid
+                    stop = self.end_epoch(epoch, dataset, samples)
+                    if stop:
+                        self.log(f"stopped after epoch {epoch} (step {self.step}); saved "
+                                 f"{self.checkpoints.path('latest.pt')}")
+                        return 128 + stop
         except WriteError as err:
-            raise WriteError(err.errno, f"{err}; training stopped at step {self.step}. {self.saved_summary()}") from None
+            raise WriteError(err.errno, f"{err}; training stopped at step {self.step}. "
+                                        f"{self.checkpoints.saved_summary()}") from None
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            if self.tb is not None:
-                self.tb.close()
-        self.log(f"done: {t['epochs']} epochs, {self.step} steps{self.skipped_summary()}; "
+            self.curves.close()
+        self.log(f"done: {t['epochs']} epochs, {self.step} steps{self.skips.summary()}; "
                  f"checkpoints in {t['checkpoint_dir']}")
         return 0
 
@@ -389,228 +326,52 @@ class Trainer:
                               log=self.log if not self._loader_noted else (lambda *a: None),
                               generator=self._loader_gen)
         self._loader_noted = True
-        display = Display(t["progress_style"] if self.dist.is_main else "off", epoch, t["epochs"], total, start_batch)
-        done, losses, final, stop, start = start_batch, None, None, 0, time.perf_counter()
+        epoch_log = EpochLog(t, self.dist, self.skips, self.curves, LOSS_KEYS, epoch, total, start_batch)
+        done, losses, final, stop = start_batch, None, None, 0
         try:
             for batch in loader:
                 losses = self.train_step(batch)
                 done += 1
-                self.show(display, losses, epoch, done)
-                stop = self.dist.max_int(self.stop_signal or 0)  # one agreed value (CPU all-reduce, no GPU sync)
+                epoch_log.after_step(losses, self.step, done)  # display / log, at their intervals
+                stop = self.stop_request.agreed(self.dist)  # stop? one agreed value (CPU all-reduce, no GPU sync)
                 if stop:
                     break
-            final = self.scalars(losses) if losses else self.check_nonfinite()
+            # the epoch's last losses and counters, and the consecutive-skip limit
+            final = self.skips.scalars(losses, LOSS_KEYS, self.step) if losses else self.skips.check(self.step)
         finally:
-            display.close(done, final, (done - start_batch) / max(time.perf_counter() - start, 1e-9))
-        if final:
-            self.report_skips(epoch, final)
+            epoch_log.close(done, final)
+        if final:  # skip report
+            self.skips.report(epoch, final)
         return done, total, stop
 
-    def show(self, display, losses, epoch, done):
-        """# display / log: at their intervals only, with the step's one host sync."""
-        t = self.cfg["training"]
-        show = self.step % t["display_interval"] == 0
-        log = t["log_json"] and self.step % t["log_interval"] == 0
-        if not (show or log):
-            return
-        values = self.scalars(losses)
-        self.tensorboard_scalars("train", values)
-        if show:
-            display.update(done, values)
-        if log and self.dist.is_main:
-            display.write(json_line({"step": self.step, "epoch": epoch, **values}))
-
     def end_epoch(self, epoch, dataset, samples):
-        """# evaluate (first: the checkpoints then carry the best value so far), # save, # grid, each
-        at its epoch interval. A stop signal ends the evaluation or the grid at its next batch, and
-        the epoch is saved (latest.pt too) all the same. Returns the stop signal every rank agreed
-        on (0: none)."""
+        """The work at an epoch's end, each at its interval. A stop signal ends the evaluation or the
+        grid at its next batch, and the epoch is saved (latest.pt too) all the same. Returns the stop
+        signal every rank agreed on (0: none)."""
         self.epoch = epoch
+        # evaluate: first, so that the checkpoints carry the best value so far
         every = self.cfg["evaluation"]["every_epochs"]
         if every and epoch % every == 0:
-            self.evaluate(epoch, dataset)
-        stop = self.dist.max_int(self.stop_signal or 0)
-        self.save_epoch(latest=epoch == self.cfg["training"]["epochs"] or bool(stop))
-        failed = None
-        if not stop and epoch % visualization_every(self.cfg) == 0 and self.dist.is_main:
-            try:
-                self.grid(epoch, samples)
-            except Exception as err:  # e.g. a failed write: every rank stops, none waits in a collective
-                failed = err
-        self.dist.raise_if_any_failed(failed)
-        return self.dist.max_int(self.stop_signal or 0)
-
-    def grid(self, epoch, samples):
-        """# grid: the PNG (and TensorBoard's copy), rank 0."""
-        path = self.save_grid(epoch, samples)
-        if path:
-            self.log(f"epoch {epoch}: grid {path}")
-            if self.tb is not None:
-                from PIL import Image
-
-                self.tb.add_image("grid", np.asarray(Image.open(path).convert("RGB")), epoch, dataformats="HWC")
-
-    def request_stop(self, signum):
-        """SIGINT / SIGTERM: finish the current step (or end a grid or an evaluation at its next
-        batch), then `fit` saves and returns; a second one stops at once (StopNow)."""
-        if self.stop_signal is not None:
-            raise StopNow
-        self.stop_signal = signum
-        self.log(f"\nreceived {signal.Signals(signum).name}: finishing this step (or the grid / evaluation batch), "
-                 "then saving latest.pt; a second one stops at once")
-
-    def long_work(self, desc):
-        """(display, per-batch hook) for work beside the loop: the hook, `hook(n, total)`, shows
-        n of N and raises StopRequested once a stop signal has arrived."""
-        progress = WorkProgress(desc, self.cfg["training"]["progress_style"])
-
-        def hook(n, total):
-            progress(n, total)
-            if self.stop_signal is not None:
-                raise StopRequested
-        return progress, hook
+            self.evaluation.evaluate(epoch, self.step, self.ema, dataset)
+        # save: latest.pt too at the last epoch or when stopping
+        stop = self.stop_request.agreed(self.dist)
+        self.checkpoints.save_epoch(epoch, epoch == self.cfg["training"]["epochs"] or bool(stop), self.save_checkpoint)
+        # grid: not when stopping (exit promptly)
+        self.grid.epoch_end(epoch, self.ema, samples, stopping=bool(stop))
+        return self.stop_request.agreed(self.dist)
 
     def stop(self, epoch, done, steps, signum):
         """After SIGINT / SIGTERM: save the exact position and return 128 + the signal's number."""
         if done >= steps:  # the epoch happened to be complete: save it as any other (no grid: exit promptly)
             self.epoch = epoch
-            path = self.save_epoch(latest=True)
+            path = self.checkpoints.save_epoch(epoch, True, self.save_checkpoint)
         else:
-            path = self.save_checkpoint(self.checkpoint_path("latest.pt"), position=done)
+            path = self.save_checkpoint(self.checkpoints.path("latest.pt"), position=done)
         self.dist.barrier()
         self.log(f"stopped at step {self.step} (epoch {epoch}, batch {done}/{steps}); saved {path}")
         return 128 + int(signum)
 
-    # ------------------------------------------------------------------ evaluation
-
-    def open_evaluator(self):
-        """Load the evaluation's VAE, Inception and LPIPS now, on rank 0, so a missing file is an
-        error before the first step rather than after an epoch; every rank learns of a failure."""
-        problem = None
-        if self.dist.is_main:
-            try:
-                self.evaluator = open_evaluator(self.cfg, self.device, self.checkpoint_path("eval_cache"),
-                                                       amp_dtype=self.amp_dtype if self.device.type == "cuda" else None,
-                                                       latent_shape=self.latent_shape)
-            except (InputError, FileNotFoundError) as err:
-                problem = err
-        if self.dist.max_int(int(problem is not None)):
-            raise problem or InputError("evaluation could not be set up on rank 0 (its error is above)")
-
-    def evaluate(self, epoch, dataset):
-        """FID / KID / LPIPS of the EMA networks (evaluation.num_sources per domain x num_outs) on
-        the training latents, by rank 0: a line in <checkpoint_dir>/metrics.jsonl and on stdout,
-        TensorBoard, and best.pt when evaluation.best_metric improves. The other ranks wait for the
-        verdict in a CPU collective with a long timeout."""
-        improved, failed = 0, None
-        try:  # rank 0 evaluates; a failure there must stop the others too, not leave them in a collective
-            results = self.run_evaluation(epoch, dataset) if self.dist.is_main else None
-            if results is not None:
-                self.record_metrics(epoch, results)
-                improved = self.note_best(epoch, results)
-        except Exception as err:
-            failed = err
-        self.dist.raise_if_any_failed(failed)
-        if self.dist.max_int(improved):  # every rank saves (a collective); rank 0 alone knows the value
-            self.save_checkpoint(self.checkpoint_path("best.pt"))
-            if self.dist.is_main:
-                self.log(f"epoch {epoch}: best {self.best['metric']} {self.best['value']:.4f} so far: best.pt")
-
-    def note_best(self, epoch, results):
-        """1 when evaluation.best_metric improved on the best so far (kept in self.best), else 0."""
-        metric = self.cfg["evaluation"]["best_metric"]
-        value, higher = results[metric], metric.startswith("LPIPS")
-        if not math.isfinite(value):  # diverged networks: never the best, and never a NaN to compare with
-            self.log(f"warning: epoch {epoch}: {metric} is {value}; best.pt is left as it is")
-            return 0
-        if self.best is None or (value > self.best["value"] if higher else value < self.best["value"]):
-            self.best = {"metric": metric, "value": value, "epoch": epoch, "step": self.step}
-            return 1
-        return 0
-
-    def run_evaluation(self, epoch, dataset):
-        """The evaluator on the EMA networks, with a progress display; None when a stop signal
-        ended it."""
-        e = self.cfg["evaluation"]
-        real = dataset.by_domain()
-        progress, hook = self.long_work(f"epoch {epoch}: evaluation")
-        try:
-            results = self.evaluator({n: self.ema[n] for n in EMA_NETS}, self.domains, real, None, self.latent_scale,
-                                     self.latent_dim, num_outs=e["num_outs"], max_sources=e["num_sources"],
-                                     seed=self.cfg["seed"], real_ids=dataset.content_ids(), progress=hook)
-            results.setdefault("protocol", {})["sources"] = e["source_root"] or "the training latents (not held out)"
-            return results
-        except StopRequested:
-            self.log(f"epoch {epoch}: evaluation abandoned (stop requested); the checkpoint is saved next")
-            return None
-        finally:
-            progress.close()
-
-    def record_metrics(self, epoch, results):
-        """One JSON line on stdout and in <checkpoint_dir>/metrics.jsonl, and TensorBoard."""
-        line = json_line({"step": self.step, "epoch": epoch, **results})
-        path = self.checkpoint_path("metrics.jsonl")
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(line + "\n")
-        except OSError as err:
-            raise write_failure(path, err) or err from None
-        self.log(line)
-        self.tensorboard_scalars("eval", results)
-
-    # ------------------------------------------------------------------ counters shown
-
-    def scalars(self, losses):
-        """One host sync: every loss, the skip counters and w_ds as Python numbers; also checks the
-        consecutive-skip limit."""
-        keys = [k for k in LOSS_KEYS if k in losses]
-        counters = [self.nonfinite_total.float(), self.nonfinite_run_max.float()]
-        *values, total, run_max = torch.stack([losses[k].float() for k in keys] + counters).tolist()
-        self.check_nonfinite(run_max)
-        out = dict(zip(keys, values))
-        out["nonfinite_skipped"] = int(total)
-        out["oom_skipped"] = self.oom_skipped
-        out["w_ds"] = losses["w_ds"]
-        return out
-
-    def tensorboard_scalars(self, group, values):
-        """Every number of `values` as `group/key` at the current step (when TensorBoard is on)."""
-        if self.tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"{group}/{key}", value, self.step)
-
-    def check_nonfinite(self, run_max=None):
-        """Stop on too many consecutive skipped steps. `run_max` comes from `scalars`' one sync at
-        display/log time; without it the device counter is read here."""
-        run_max = int(self.nonfinite_run_max.item() if run_max is None else run_max)
-        self.nonfinite_run_max.zero_()
-        limit = self.cfg["training"]["max_nonfinite_steps"]
-        if run_max >= limit:
-            raise NonFiniteError(
-                f"{run_max} consecutive steps had a non-finite loss or gradient (limit "
-                f"training.max_nonfinite_steps={limit}); stopping at step {self.step}. Check the data "
-                "for absurd values, lower training.lr, or try training.amp_dtype=fp32.")
-
-    def report_skips(self, epoch, values):
-        """One line whenever steps of this epoch were skipped, whatever the display style."""
-        counts = (values["nonfinite_skipped"], values["oom_skipped"])
-        new = [now - before for now, before in zip(counts, self._skips_reported)]
-        self._skips_reported = counts
-        if any(new):
-            self.log(f"epoch {epoch}: {new[0]} step(s) skipped (non-finite loss or gradient), {new[1]} (out of "
-                     f"memory); {counts[0]} and {counts[1]} in all")
-
-    def skipped_summary(self):
-        """', 3 skipped (non-finite)' etc. for the final line; '' when no step was skipped."""
-        counts = ((int(self.nonfinite_total.item()), "non-finite"), (self.oom_skipped, "out of memory"))
-        return "".join(f", {n} skipped ({why})" for n, why in counts if n)
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def checkpoint_path(self, name):
-        return os.path.join(self.cfg["training"]["checkpoint_dir"], name)
+    # ------------------------------------------------------------------ state
 
     def state_dict(self, epoch=None, position=0):
         """A plain dict loadable with weights_only=True."""
@@ -625,177 +386,46 @@ class Trainer:
             "ema": {k: self.ema[k].state_dict() for k in EMA_NETS},
             "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
             "scaler": {k: s.state_dict() for k, s in self.scalers.items()},
-            "counters": {"nonfinite_total": self.nonfinite_total.item(), "nonfinite_run": self.nonfinite_run.item(),
-                         "oom_skipped": self.oom_skipped, "last_r1": self.last_r1.item()},
+            "counters": {**self.skips.state_dict(), "last_r1": self.last_r1.item()},
             "rng": get_rng_state(),
-            "best": self.best,  # the best evaluation so far: best.pt's metric, value, epoch and step
+            "best": self.evaluation.best,  # the best evaluation so far: best.pt's metric, value, epoch and step
         }
 
     def save_checkpoint(self, path, epoch=None, position=0):
-        """Atomic write (temporary file, fsync, rename). Every rank calls it (their RNG states are
-        gathered); rank 0 alone writes, after the same complete check a loaded checkpoint gets, so a
-        checkpoint never holds non-finite weights. Every rank learns whether the write failed."""
-        rng_per_rank = self.dist.gather(get_rng_state())
-        self.dist.check_in_sync(self.nets)
-        failed = None
-        if self.dist.is_main:
-            state = self.state_dict(epoch, position)
-            if self.dist.enabled:
-                state["rng_per_rank"] = rng_per_rank
-            try:
-                validate_checkpoint(state, path)
-                atomic_save(state, path)
-            except CheckpointError as err:
-                failed = NonFiniteError(f"refusing to save: {err}")
-            except WriteError as err:
-                failed = err
-        self.dist.raise_if_any_failed(failed)
-        if os.path.basename(path) != "best.pt":
-            self.last_saved = (path, self.epoch if epoch is None else epoch, self.step)
-        return path
-
-    def saved_summary(self):
-        """What a failed write leaves: the newest checkpoint this run can resume from, intact."""
-        if self.last_saved is None:
-            return "No checkpoint of this run was written yet."
-        path, epoch, step = self.last_saved
-        return f"The last good checkpoint, {path} (epoch {epoch}, step {step}), is intact."
-
-    def save_epoch(self, latest=False):
-        """End of epoch `self.epoch`: every save_interval epochs write epoch_NNNN.pt and latest.pt;
-        `latest` forces latest.pt (last epoch, stop signal). Returns latest.pt's path."""
-        t = self.cfg["training"]
-        path = self.checkpoint_path("latest.pt")
-        if self.epoch % t["save_interval"] == 0:
-            self.save_checkpoint(self.checkpoint_path(f"epoch_{self.epoch:04d}.pt"))
-        if self.epoch % t["save_interval"] == 0 or latest:
-            self.save_checkpoint(path)
-            if self.dist.is_main:
-                prune_checkpoints(t["checkpoint_dir"], t["keep_checkpoints"])
-        return path
+        """`state_dict(epoch, position)` to `path`, atomically and checked (CheckpointWriter.save):
+        every rank calls it, rank 0 writes. Returns the path."""
+        epoch = self.epoch if epoch is None else epoch
+        return self.checkpoints.save(path, lambda: self.state_dict(epoch, position), self.nets, epoch, self.step)
 
     def load_state_dict(self, ckpt):
+        """Resume from `ckpt`, a checkpoint that checkpoint.validate_checkpoint accepted (every
+        entry present and sound) or this Trainer's own state_dict."""
         for k in NETS:
             self.nets[k].load_state_dict(ckpt["models"][k])
         for k in EMA_NETS:
             self.ema[k].load_state_dict(ckpt["ema"][k])
+        t = self.cfg["training"]
         for k, opt in self.optimizers.items():
             opt.load_state_dict(ckpt["optimizers"][k])
-        self._apply_config_hyperparameters()
-        for k, opt in self.optimizers.items():
+            # the saved param_groups come back too, but the config governs a resumed run (lr, F: lr_mapping,
+            # weight_decay: say what changed) and this process its flags (fused, foreach, ...)
+            wanted = {"lr": t["lr_mapping"] if k == "mapping_network" else t["lr"], "weight_decay": t["weight_decay"]}
+            for key, value in wanted.items():
+                if opt.param_groups[0][key] != value:
+                    self.log(f"resume: {k} {key} {opt.param_groups[0][key]:g} -> {value:g} (from the config)")
             for group in opt.param_groups:
-                group.update(self._optimizer_flags[k])
+                group.update(wanted, **self._optimizer_flags[k])
         for k, s in self.scalers.items():
-            if ckpt["scaler"].get(k):
+            if ckpt["scaler"][k]:  # {}: saved without fp16
                 s.load_state_dict(ckpt["scaler"][k])
-        self.step, self.epoch, self.position = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt.get("position", 0))
-        c = ckpt.get("counters", {})
-        self.nonfinite_total.fill_(c.get("nonfinite_total", 0))
-        self.nonfinite_run.fill_(c.get("nonfinite_run", 0))
-        self.oom_skipped = int(c.get("oom_skipped", 0))
-        self._skips_reported = (int(c.get("nonfinite_total", 0)), self.oom_skipped)
-        self.last_r1 = torch.tensor(float(c.get("last_r1", 0.0)), device=self.device)
-        best = ckpt.get("best")
-        self.best = best if best and best["metric"] == self.cfg["evaluation"]["best_metric"] else None
-        if best and self.best is None:
-            self.log(f"resume: evaluation.best_metric is now {self.cfg['evaluation']['best_metric']} (was "
-                     f"{best['metric']}): best.pt is replaced at the next evaluation")
-        per_rank = ckpt.get("rng_per_rank")
+        self.step, self.epoch, self.position = ckpt["step"], ckpt["epoch"], ckpt["position"]
+        self.skips.load_state_dict(ckpt["counters"])
+        self.last_r1 = torch.tensor(float(ckpt["counters"]["last_r1"]), device=self.device)
+        self.evaluation.load_best(ckpt["best"])
+        per_rank = ckpt.get("rng_per_rank")  # under torchrun only
         if self.dist.enabled and per_rank and len(per_rank) == self.dist.world_size:
             set_rng_state(per_rank[self.dist.rank])
         elif self.dist.enabled:  # another world size: a fresh, distinct stream per rank
             torch.manual_seed(int(self.cfg["seed"]) + 1000003 * self.step + self.dist.rank)
         else:
             set_rng_state(ckpt["rng"])
-
-    def _apply_config_hyperparameters(self):
-        """The config governs a resumed run: `load_state_dict` of an optimizer restores the saved
-        param_groups, so set lr (F: lr_mapping) and weight_decay again and say what changed."""
-        t = self.cfg["training"]
-        for name, opt in self.optimizers.items():
-            wanted = {"lr": t["lr_mapping"] if name == "mapping_network" else t["lr"], "weight_decay": t["weight_decay"]}
-            for key, value in wanted.items():
-                if opt.param_groups[0][key] != value:
-                    self.log(f"resume: {name} {key} {opt.param_groups[0][key]:g} -> {value:g} (from the config)")
-                for group in opt.param_groups:
-                    group[key] = value
-
-    # ------------------------------------------------------------------ grids
-
-    def vae(self):
-        """The VAE for grids, loaded once and lazily; None (linear latent preview) if it cannot be."""
-        if not self._vae_tried:
-            self._vae_tried = True
-            v = self.cfg["visualization"]
-            self._vae = load_vae_or_preview(v["vae_path"], v["vae_subfolder"], self.device, self.log,
-                                            quiet=v["suppress_hf_warnings"])
-        return self._vae
-
-    def save_grid(self, epoch, samples):
-        """The grid of `grid_cells` (fixed sources and references, EMA nets), rank 0 only."""
-        if not self.dist.is_main:
-            return None
-        G, F, E = (self.ema[n] for n in EMA_NETS)
-        cells, row_labels = grid_cells(G, F, E, samples["sources"], samples["references"], self.domains,
-                                       self.latent_scale, self.latent_dim, self.cfg["seed"], self.device)
-        keep = ~torch.isnan(cells.flatten(1)).any(1)  # the blank corner stays white
-        vae, count = self.vae(), int(keep.sum())
-        progress, hook = self.long_work(f"epoch {epoch}: grid (VAE decode)")
-        try:  # on the CPU a real VAE takes seconds per cell: small batches keep a stop request prompt
-            decoded = to_rgb(cells[keep], vae, self.latent_scale, batch_size=16 if self.device.type == "cuda" else 2,
-                             on_batch=lambda n: hook(n, count))
-        except StopRequested:
-            self.log(f"epoch {epoch}: grid abandoned (stop requested); the checkpoint is saved")
-            return None
-        finally:
-            progress.close()
-        rgb = torch.ones(cells.shape[0], *decoded.shape[1:])
-        rgb[keep] = decoded
-        folder = self.cfg["visualization"]["save_dir"] or self.checkpoint_path("vis")
-        return save_image_grid(os.path.join(folder, f"epoch_{epoch:04d}.png"), rgb, nrow=len(row_labels),
-                               row_labels=row_labels, col_labels=["source"] + self.domains)
-
-
-def is_oom(err):
-    """An out-of-memory error, whichever way the device reported it."""
-    return isinstance(err, torch.cuda.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
-
-
-def fused_adam_supported(device):
-    """Whether fused Adam runs on `device` (CUDA and, in recent torch, the CPU): probe it once."""
-    try:
-        p = torch.nn.Parameter(torch.zeros(1, device=device))
-        p.grad = torch.zeros(1, device=device)
-        torch.optim.Adam([p], fused=True).step()
-        return True
-    except Exception:
-        return False
-
-
-def compile_options(mode, cudagraphs):
-    """torch refuses `mode` and `options` together: translate the pair into options alone, so
-    `compile_cudagraphs` decides CUDA graphs whatever the mode."""
-    try:
-        import torch._inductor
-
-        opts = dict(torch._inductor.list_mode_options(mode)) if mode != "default" else {}
-    except Exception:
-        opts = {}
-    opts["triton.cudagraphs"] = bool(cudagraphs)
-    return opts
-
-
-def on_stop_signal(callback):
-    """Call `callback(signum)` on SIGINT / SIGTERM in this process (forked loader workers ignore
-    them: the main process decides). Returns the previous handlers, for `signal.signal` to restore."""
-    owner = os.getpid()
-
-    def handler(signum, frame):
-        if os.getpid() == owner:
-            callback(signum)
-
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, handler)
-    return previous

@@ -15,6 +15,7 @@ import run
 import runtime
 import trainer as T
 from conftest import ROOT, tiny_run_config, write_latent_folders
+from train_skips import NonFiniteError
 
 
 def write_config(tmp_path, out, reject_outliers=True, **training):
@@ -70,7 +71,7 @@ def test_resume_mid_epoch_is_exact(tmp_path, straight, monkeypatch):
     def stop_after_four(self, batch):
         out = real_step(self, batch)
         if self.step == 4:
-            self.stop_signal = signal.SIGTERM
+            self.stop_request.signum = signal.SIGTERM
         return out
 
     monkeypatch.setattr(T.Trainer, "train_step", stop_after_four)
@@ -140,7 +141,7 @@ def test_checkpoint_never_holds_nonfinite_weights(tmp_path):
     tr = T.Trainer(resolve_config(cfg), build_models(num_domains=3, **cfg["model"]), "cpu", log=lambda *a: None)
     with torch.no_grad():
         next(tr.nets["generator"].parameters())[0].fill_(float("nan"))
-    with pytest.raises(T.NonFiniteError, match="non-finite"):
+    with pytest.raises(NonFiniteError, match="non-finite"):
         tr.save_checkpoint(str(tmp_path / "latest.pt"), 1)
     assert not os.path.exists(tmp_path / "latest.pt")
 
@@ -207,7 +208,7 @@ def test_a_signal_after_the_epochs_last_agreement_stops_at_the_epochs_end(tmp_pa
     def signal_after_epoch_one(self, dataset, epoch, start_batch=0):
         out = real_epoch(self, dataset, epoch, start_batch)
         if epoch == 1:
-            self.stop_signal = signal.SIGTERM  # as the handler would, after the loop's last agreement
+            self.stop_request.signum = signal.SIGTERM  # as the handler would, after the loop's last agreement
         return out
 
     monkeypatch.setattr(T.Trainer, "train_epoch", signal_after_epoch_one)
@@ -291,7 +292,7 @@ def test_ctrl_c_during_an_evaluation_abandons_it_and_saves_the_epoch(tmp_path, d
     does; a stand-in here, 0.3 s per batch): SIGINT ends it at the next batch, then the epoch is saved."""
     fake = ("class Slow:\n    def __call__(self, *a, progress=None, **k):\n        for _ in range(100):\n"
             "            time.sleep(0.3)\n            progress(1, 100)\n"
-            "import trainer\ntrainer.open_evaluator = lambda *a, **k: Slow()")
+            "import train_eval\ntrain_eval.open_evaluator = lambda *a, **k: Slow()")
     cfg = tiny_run_config(tmp_path, training={"checkpoint_dir": str(tmp_path / "out"), "epochs": 3, "log_json": True,
                                               "log_interval": 1},
                           visualization={"every_epochs": 1, "vae_path": None}, evaluation={"every_epochs": 1})

@@ -1,4 +1,4 @@
-"""trainer.step_all_or_none: the all-or-none, sync-free skip of a GAN phase, and the private torch
+"""train_skips.step_all_or_none: the all-or-none, sync-free skip of a GAN phase, and the private torch
 details it relies on (GradScaler's per-optimizer found-inf record, fused Adam's `found_inf`
 attribute, torch._foreach_norm). If a torch release changes one of them, these tests fail loudly
 instead of training silently stepping through non-finite updates (or never stepping at all)."""
@@ -6,7 +6,8 @@ instead of training silently stepping through non-finite updates (or never stepp
 import pytest
 import torch
 
-from trainer import fused_adam_supported, step_all_or_none
+from train_backend import fused_adam_supported
+from train_skips import step_all_or_none
 
 
 def two_nets(grad=1.0):

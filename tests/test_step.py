@@ -334,7 +334,7 @@ def test_nonfinite_loss_with_finite_gradients_skips_the_g_step(tmp_path, bad):
     out = tr.train_step(batch)
     assert not torch.isfinite(out["ref_ds"]) and not torch.isfinite(out["g_loss"])
     assert grads and all(grads)  # the gradient-norm vote alone would let this step through
-    assert tr.nonfinite_total.item() == 1
+    assert tr.skips.nonfinite_total.item() == 1
     for k in EMA_NETS:
         after = snapshot(tr.nets[k])
         assert all(torch.equal(after[n], before[k][n]) for n in after), f"{k} stepped on a non-finite loss"

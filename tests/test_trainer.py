@@ -9,10 +9,12 @@ import torch
 import checkpoint
 import loss as L
 import runtime
+import train_backend
 import trainer as T
 from config import resolve_config
 from conftest import tiny_run_config
 from model import build_models
+from train_skips import NonFiniteError
 
 B, H = 4, 16
 
@@ -97,7 +99,7 @@ def test_stale_r1_never_skips_a_step(tmp_path):
     before = params(tr.nets["discriminator"])
     out = tr.train_step(make_batch())
     assert torch.isnan(out["d_loss"]) and torch.isfinite(out["d_objective"])
-    assert tr.nonfinite_total.item() == 0
+    assert tr.skips.nonfinite_total.item() == 0
     assert not same(before, params(tr.nets["discriminator"]))
 
 
@@ -248,12 +250,12 @@ def test_nonfinite_batch_is_skipped_and_counted(tmp_path):
     tr = make_trainer(tmp_path)
     before = {k: params(tr.nets[k]) for k in T.NETS}
     tr.train_step(make_batch(scale=1e30))  # finite but absurd data
-    assert tr.nonfinite_total.item() == 1
+    assert tr.skips.nonfinite_total.item() == 1
     for k in T.NETS:
         assert same(before[k], params(tr.nets[k])), k
         assert all(torch.isfinite(p).all() for p in tr.nets[k].parameters())
     tr.train_step(make_batch())
-    assert tr.nonfinite_total.item() == 1 and tr.nonfinite_run.item() == 0
+    assert tr.skips.nonfinite_total.item() == 1 and tr.skips.nonfinite_run.item() == 0
     assert not same(before["generator"], params(tr.nets["generator"]))
 
 
@@ -263,11 +265,11 @@ def test_consecutive_nonfinite_limit(tmp_path):
     nan_batch["content"][0, 0, 0, 0] = float("nan")
     for _ in range(2):
         tr.train_step(nan_batch)
-    tr.check_nonfinite()  # 2 < 3: fine
+    tr.skips.check(tr.step)  # 2 < 3: fine
     for _ in range(3):
         tr.train_step(nan_batch)
-    with pytest.raises(T.NonFiniteError, match="max_nonfinite_steps=3"):
-        tr.check_nonfinite()
+    with pytest.raises(NonFiniteError, match="max_nonfinite_steps=3"):
+        tr.skips.check(tr.step)
 
 
 def test_fp16_with_grad_scaler(tmp_path):
@@ -321,10 +323,10 @@ def test_compile_failure_in_g_phase_does_not_step_d_twice(tmp_path):
 
 
 def test_compile_options_translate_mode_and_cudagraphs():
-    opts = T.compile_options("reduce-overhead", False)
+    opts = train_backend.compile_options("reduce-overhead", False)
     assert opts["triton.cudagraphs"] is False
-    assert T.compile_options("default", True) == {"triton.cudagraphs": True}
-    assert T.compile_options("max-autotune", False)["triton.cudagraphs"] is False
+    assert train_backend.compile_options("default", True) == {"triton.cudagraphs": True}
+    assert train_backend.compile_options("max-autotune", False)["triton.cudagraphs"] is False
 
 
 def test_state_dict_round_trip_is_exact(tmp_path):
@@ -395,15 +397,15 @@ def test_a_nonfinite_metric_never_becomes_the_best(tmp_path):
 
     tr = make_trainer(tmp_path, evaluation={"every_epochs": 1})
     values = iter([float("nan"), 5.0, 7.0, 4.0])
-    tr.evaluator = lambda *args, **kwargs: {"FID_latent/mean": next(values)}
+    tr.evaluation.evaluator = lambda *args, **kwargs: {"FID_latent/mean": next(values)}
     data = SimpleNamespace(by_domain=lambda: {}, content_ids=lambda: {})
     best = tmp_path / "out" / "best.pt"
-    tr.evaluate(1, data)
-    assert tr.best is None and not best.exists()
+    tr.evaluation.evaluate(1, tr.step, tr.ema, data)
+    assert tr.evaluation.best is None and not best.exists()
     for epoch, expected in ((2, 5.0), (3, 5.0), (4, 4.0)):
         tr.epoch = tr.step = epoch  # one step per epoch, as a checkpoint must be consistent
-        tr.evaluate(epoch, data)
-        assert tr.best["value"] == expected
+        tr.evaluation.evaluate(epoch, tr.step, tr.ema, data)
+        assert tr.evaluation.best["value"] == expected
         assert torch.load(best, weights_only=True)["best"]["value"] == expected
 
 
@@ -417,7 +419,7 @@ def test_a_skipped_r1_step_keeps_the_last_finite_r1(tmp_path, monkeypatch):
     real_r1 = T.L.r1_penalty
     monkeypatch.setattr(T.L, "r1_penalty", lambda logits, x: real_r1(logits, x) * float("inf"))  # overflows
     tr.train_step(make_batch())  # skipped as non-finite
-    assert float(tr.nonfinite_total) == 1 and float(tr.last_r1) == finite_r1
+    assert float(tr.skips.nonfinite_total) == 1 and float(tr.last_r1) == finite_r1
     tr.latent_shape = (4, H, H)
     tr.save_checkpoint(str(tmp_path / "latest.pt"))  # not refused
     assert torch.load(tmp_path / "latest.pt", weights_only=True)["counters"]["last_r1"] == pytest.approx(finite_r1)

@@ -1,0 +1,70 @@
+"""The training grid: every `visualization.every_epochs` epochs, one PNG of the EMA networks'
+latent- and reference-guided translations of fixed sources and references, decoded by the VAE
+(loaded once, lazily; the linear latent preview when it cannot be), and TensorBoard's copy."""
+
+import os
+
+import torch
+
+from config import visualization_every
+from inference import grid_cells
+from model import EMA_NETS
+from runtime import StopRequested
+from vae import load_vae_or_preview, save_image_grid, to_rgb
+
+
+class TrainingGrid:
+    def __init__(self, cfg, device, dist, log, stop_request, curves):
+        self.cfg, self.device, self.dist, self.log = cfg, device, dist, log
+        self.stop_request, self.curves = stop_request, curves
+        self.domains = list(cfg["data"]["domains"])
+        self.latent_scale = cfg["training"]["latent_scale"]
+        self._vae, self._vae_tried = None, False
+
+    def vae(self):
+        """The VAE for grids, loaded once and lazily; None (linear latent preview) if it cannot be."""
+        if not self._vae_tried:
+            self._vae_tried = True
+            v = self.cfg["visualization"]
+            self._vae = load_vae_or_preview(v["vae_path"], v["vae_subfolder"], self.device, self.log,
+                                            quiet=v["suppress_hf_warnings"])
+        return self._vae
+
+    def epoch_end(self, epoch, ema, samples, stopping):
+        """Rank 0 draws the grid at its epoch interval (not when the run is stopping: it exits
+        promptly); every rank learns whether that failed, so none waits in a collective."""
+        failed = None
+        if not stopping and epoch % visualization_every(self.cfg) == 0 and self.dist.is_main:
+            try:
+                path = self.save(epoch, ema, samples)
+                if path:
+                    self.log(f"epoch {epoch}: grid {path}")
+                    self.curves.image("grid", path, epoch)
+            except Exception as err:  # e.g. a failed write: every rank stops, none waits in a collective
+                failed = err
+        self.dist.raise_if_any_failed(failed)
+
+    def save(self, epoch, ema, samples):
+        """The grid of `grid_cells` (fixed sources and references, `ema`: the EMA nets) as
+        <visualization.save_dir or checkpoint_dir/vis>/epoch_NNNN.png; None when a stop request
+        ended the decoding."""
+        G, F, E = (ema[n] for n in EMA_NETS)
+        cells, row_labels = grid_cells(G, F, E, samples["sources"], samples["references"], self.domains,
+                                       self.latent_scale, self.cfg["model"]["latent_dim"], self.cfg["seed"],
+                                       self.device)
+        keep = ~torch.isnan(cells.flatten(1)).any(1)  # the blank corner stays white
+        vae, count = self.vae(), int(keep.sum())
+        progress, hook = self.stop_request.long_work(f"epoch {epoch}: grid (VAE decode)")
+        try:  # on the CPU a real VAE takes seconds per cell: small batches keep a stop request prompt
+            decoded = to_rgb(cells[keep], vae, self.latent_scale, batch_size=16 if self.device.type == "cuda" else 2,
+                             on_batch=lambda n: hook(n, count))
+        except StopRequested:
+            self.log(f"epoch {epoch}: grid abandoned (stop requested); the checkpoint is saved")
+            return None
+        finally:
+            progress.close()
+        rgb = torch.ones(cells.shape[0], *decoded.shape[1:])
+        rgb[keep] = decoded
+        folder = self.cfg["visualization"]["save_dir"] or os.path.join(self.cfg["training"]["checkpoint_dir"], "vis")
+        return save_image_grid(os.path.join(folder, f"epoch_{epoch:04d}.png"), rgb, nrow=len(row_labels),
+                               row_labels=row_labels, col_labels=["source"] + self.domains)
