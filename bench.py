@@ -1,4 +1,4 @@
-"""Throughput, memory and FLOPs of the training step (figures in BENCHMARKS.md).
+"""Throughput, memory and FLOPs of the training step (figures in docs/benchmarks.md).
 
     python bench.py --config configs/stargan_v2_latent.yaml [--device cuda|cpu] [--steps N] [--warmup N]
                     [--matrix] [--peak-tflops X] [--latent-size N] [--threads N] [--sync-check]
@@ -18,7 +18,7 @@ Compilation and autotuning happen in the `--warmup` steps and are excluded.
 `--evaluation`, `--export`, `--video` and `--data-startup N` time other work instead, measured by
 benchmarks.py: the evaluation's decode and features, the exported graphs, the interpolation video,
 and the dataset's start-up (per-file vs packed latents: seconds, peak and shared host memory, batch
-gathers; see BENCHMARKS.md).
+gathers; see docs/benchmarks.md).
 
 Prints one JSON line per configuration (the only stdout lines that begin with `{`); `--matrix` runs
 bf16/fp32 x compile off/on, each in a fresh Trainer, then prints a markdown table.

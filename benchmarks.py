@@ -1,5 +1,5 @@
 """The benchmarks beside the training step's, which bench.py runs behind its flags (figures in
-BENCHMARKS.md): the evaluation's throughput, the exported graphs' latency, the interpolation video's
+docs/benchmarks.md): the evaluation's throughput, the exported graphs' latency, the interpolation video's
 throughput and the dataset's start-up (per-file vs packed latents). Each returns its figures as
 dicts; bench.py prints them as JSON lines.
 """

@@ -718,7 +718,7 @@ def sample_count_warnings(n_real, n_sources, num_outs, floor=FID_SAMPLE_FLOOR):
         return []
     return [f"FID and KID from as few as {fewest_fakes} translations per task against {fewest_reals} real latents, "
             f"below the {floor} per side under which FID's small-sample bias can exceed the differences between "
-            "models: compare these only with results of the same counts (README, Evaluating)"]
+            "models: compare these only with results of the same counts (docs/evaluation.md)"]
 
 
 def metric_keys(domains, modes=MODES, metrics=METRICS):

@@ -5,7 +5,7 @@
     python pack.py ../../latent-256 ../../latent-256-packed --domains photo monet --dtype float32
 
 Rows keep the folder's file order, so the packed copy gives the same batches as the folder
-(float16, the default, rounds each value to float16: see the README). Every file is checked as
+(float16, the default, rounds each value to float16: see docs/data.md). Every file is checked as
 training would check it; a bad file is named and its domain is left unfinished. Interrupted, a rerun
 continues where it stopped; a domain already packed with the same files is skipped.
 """

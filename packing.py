@@ -379,7 +379,7 @@ def open_packed_domains(folders):
         raise InputError(
             f"packed and per-file domain folders mixed under one data.root: {', '.join(per_file)} hold(s) one file per "
             f"latent, the others a packed {PACKED_ARRAY} + {PACKED_INDEX}. Use one layout: pack the per-file "
-            f"folders with `python pack.py SRC DST` (README, 'Packed latents')")
+            f"folders with `python pack.py SRC DST` (docs/data.md)")
     return [PackedShard(f) for f in folders]
 
 

@@ -78,7 +78,7 @@ class Trainer:
         self.cudagraphs = t["use_compile"] and t["compile_cudagraphs"]
         if self.cudagraphs and self.device.type == "cuda":
             self.log("compile: CUDA graphs on; if Inductor/CUDA-graph errors appear, set "
-                     "training.compile_cudagraphs=false first (README, troubleshooting)")
+                     "training.compile_cudagraphs=false first (docs/training.md, troubleshooting)")
         # the work beside the step, each called at its point of the loop
         self.skips = SkipCounter(self.device, t["max_nonfinite_steps"], self.log)  # device-side: no host sync
         self.stop_request = StopRequest(self.log, t["progress_style"])  # SIGINT / SIGTERM

@@ -4,7 +4,7 @@ every domain at once; bad uploads -> a message), the page without a VAE, the CLI
 server on 127.0.0.1 through gradio_client (the page's own API), and headless Chromium pressing the
 button.
 
-The browser test saves its screenshot to the README's docs/app.png when UPDATE_SCREENSHOT=1 or when
+The browser test saves its screenshot to docs/app.png (shown in docs/app.md) when UPDATE_SCREENSHOT=1 or when
 that file is missing, else to the test's temporary folder, so a CI run leaves the tree clean.
 """
 

@@ -145,7 +145,7 @@ def test_main_prints_one_json_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_data_startup_lines(tmp_path, capsys):
     """--data-startup: per-file and packed sets of the same latents, fresh processes (two at once,
-    then reading everything), one JSON line per rank with the figures BENCHMARKS.md reports."""
+    then reading everything), one JSON line per rank with the figures docs/benchmarks.md reports."""
     config = write_config(tmp_path)
     for layout, extra in (("files", []), ("packed", ["--ranks", "2", "--touch"])):
         root = tmp_path / layout
