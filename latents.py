@@ -8,6 +8,7 @@ unpickle, so a hostile pickle cannot run code) and `.npy` through `np.load(allow
 Anything unexpected is an InputError naming the file by its full path.
 """
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -314,3 +315,30 @@ def content_hash(tensor):
     return digest.hexdigest()
 
 SD15_LATENT_SCALE = 0.18215  # the SD1.5 VAE's scaling_factor: scaled latents have roughly unit std
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentSpace:
+    """A VAE's latent space as the networks see it. Files hold raw latents; the networks see
+    `z = (raw - shift_factor) * scaling_factor` (diffusers' convention: SD3 and FLUX.1 have a shift,
+    SD1.5 and SDXL none), and `raw = z / scaling_factor + shift_factor` goes back. `downsample`:
+    image pixels per latent position along a side (8 for the SD VAEs, 32 for a DC-AE f32)."""
+
+    channels: int = LATENT_CHANNELS
+    scaling_factor: float = SD15_LATENT_SCALE
+    shift_factor: float = 0.0
+    downsample: int = 8
+
+    def normalize(self, raw):
+        """Raw latents [B, C, H, W] -> what the networks see."""
+        return (raw - self.shift_factor) * self.scaling_factor if self.shift_factor else raw * self.scaling_factor
+
+    def denormalize(self, z):
+        """What the networks output -> raw latents, as the VAE decodes them."""
+        return z / self.scaling_factor + self.shift_factor if self.shift_factor else z / self.scaling_factor
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+SD15 = LatentSpace()  # SD1.5's VAE: 4 channels, 0.18215, no shift, 8x down
