@@ -42,14 +42,14 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 
-from inference import (check_psi, domain_index, latent_styles, load_networks, open_vae_for, output_name,
-                       reference_styles, training_latent_size, translate_pairs)
+from inference import (check_psi, domain_index, latent_styles, load_networks, open_preview_for, open_vae_for,
+                       output_name, reference_styles, training_latent_size, translate_pairs)
 from latents import file_stem, list_latent_files, read_latent
 from runtime import AMP_DTYPES, InputError, check_seed, configure_backends, resolve_device, script_main
 from sampling import (FPS, FRAMES_PER_TRANSITION, default_hold, frame_styles, interpolation_schedule, video_frames,
                       write_video)
-from vae import (MAX_IMAGE_PIXELS, encode_raw, inspect_image, load_image, to_model_input, to_rgb, to_uint8,
-                 vae_downsample_factor)
+from vae import (MAX_IMAGE_PIXELS, encode_raw, inspect_image, load_image, picture_source, to_model_input, to_rgb,
+                 to_uint8, vae_downsample_factor)
 
 # before gradio is imported: no telemetry thread and no version check (on a closed network they only
 # wait), no hub telemetry from the VAE loader
@@ -83,6 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--vae-subfolder", default=None,
                    help="subfolder of the VAE ('vae' for a full Stable Diffusion pipeline); default none "
                         "(with --vae) or the checkpoint's visualization.vae_subfolder")
+    p.add_argument("--preview-vae", default=None,
+                   help="diffusers AutoencoderTiny (TAESD) that draws the pictures instead of the VAE; uploads are "
+                        "still encoded by the VAE. Default: the checkpoint's visualization.preview_vae")
     p.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available)")
     p.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
     p.add_argument("--host", default="127.0.0.1",
@@ -123,7 +126,7 @@ class Translator:
     """The checkpoint's EMA networks, the VAE (or None: linear preview) and the data's example
     latents, loaded once. `translate` serves one request; it never reloads anything."""
 
-    def __init__(self, checkpoint, vae=None, vae_subfolder=None, device=None, log=print):
+    def __init__(self, checkpoint, vae=None, vae_subfolder=None, device=None, log=print, preview_vae=None):
         self.device = resolve_device(device, fallback=False)
         configure_backends(self.device)
         self.checkpoint = checkpoint
@@ -132,8 +135,10 @@ class Translator:
         self.latent_scale = self.cfg["training"]["latent_scale"]
         self.latent_dim = self.cfg["model"]["latent_dim"]
         self.vae, why = open_vae_for(self.cfg, vae, vae_subfolder, self.device)  # None: the linear latent preview
-        for line in why:
+        tiny, tiny_why = open_preview_for(self.cfg, preview_vae, self.device)
+        for line in why + tiny_why:
             log(line)
+        self.decoder = tiny if tiny is not None else self.vae  # draws the pictures; self.vae encodes uploads
         self.latent_size = training_latent_size(self.cfg)
         self.image_size = self.latent_size * vae_downsample_factor(self.vae) if self.vae is not None else None
         self.examples = self._find_examples()  # {"domain/file.pt": path}
@@ -245,7 +250,7 @@ class Translator:
             # one batch: every (source, style) pair in a single generator call
             _, latents = next(translate_pairs(self.nets["generator"], source, styles, self.latent_scale,
                                               batch_size=styles.shape[0], device=self.device))  # [N, 4, h, w] raw
-        rgb = to_rgb(latents, self.vae, self.latent_scale, batch_size=latents.shape[0])  # [N, 3, H, W], on the CPU
+        rgb = to_rgb(latents, self.decoder, self.latent_scale, batch_size=latents.shape[0])  # [N, 3, H, W], on the CPU
         seconds = time.perf_counter() - start  # the .cpu() copies above waited for the device
 
         source_stem = stem_of(source_mode, source_image, source_latent)
@@ -263,7 +268,7 @@ class Translator:
         # every domain: one column each, so a row is one style; one domain: up to 4 styles a row
         columns = len(domain_ids) if len(domain_ids) > 1 else max(2, min(len(names), 4))
         return dict(rgb=rgb, latents=latents, names=names, captions=captions, columns=columns,
-                    source_rgb=to_rgb(source, self.vae, self.latent_scale)[0], source_stem=source_stem, status=status)
+                    source_rgb=to_rgb(source, self.decoder, self.latent_scale)[0], source_stem=source_stem, status=status)
 
     # ------------------------------------------------------------------ interpolation
 
@@ -313,7 +318,7 @@ class Translator:
             style = frame_styles(e["keys"], one_frame)  # [1, S]
             _, latent = next(translate_pairs(self.nets["generator"], e["source"], style, self.latent_scale,
                                              batch_size=1, device=self.device))  # [1, 4, h, w] raw
-        rgb = to_rgb(latent, self.vae, self.latent_scale)[0]  # [3, H, W]
+        rgb = to_rgb(latent, self.decoder, self.latent_scale)[0]  # [3, H, W]
         seconds = time.perf_counter() - start
         status = (f"alpha {alpha:g} in {self.domains[e['domain_id']]} · {seconds * 1000:.0f} ms on {self.device_label} "
                   f"({self.pictures}) · " + " · ".join(e["notes"]))
@@ -336,7 +341,7 @@ class Translator:
                 progress(sum(written) / len(schedule[0]))
 
         start = time.perf_counter()
-        chunks = video_frames(self.nets["generator"], e["source"], e["keys"], schedule, self.latent_scale, self.vae,
+        chunks = video_frames(self.nets["generator"], e["source"], e["keys"], schedule, self.latent_scale, self.decoder,
                               e["key_latents"], VIDEO_BATCH, self.device, autocast=self.autocast)
         name = f"{output_name(e['stem'], self.domains[e['domain_id']], e['tag'])}.{video_format}"
         path, count = write_video(os.path.join(folder, name), chunks, fps, on_frames)
@@ -347,7 +352,7 @@ class Translator:
 
     @property
     def pictures(self):
-        return "VAE decode" if self.vae is not None else "linear latent preview"
+        return picture_source(self.decoder)
 
 
 def check_alpha(alpha):
@@ -752,7 +757,7 @@ def serve(args):
     bad input, named before the model loads."""
     check_address(args.host, args.port)
     translator = Translator(args.checkpoint, args.vae, args.vae_subfolder, args.device,
-                            log=lambda line: print(f"app.py: {line}", file=sys.stderr))
+                            log=lambda line: print(f"app.py: {line}", file=sys.stderr), preview_vae=args.preview_vae)
     base = tempfile.mkdtemp(prefix="latent-stargan-app-")
     output_root = os.path.join(base, "outputs")
     # uploads (and Gradio's copies of our outputs) in a folder of this server's own, unless the user
@@ -760,7 +765,7 @@ def serve(args):
     # images are accepted from the upload folder only
     os.environ.setdefault("GRADIO_TEMP_DIR", os.path.join(base, "gradio"))
     print(f"loaded {args.checkpoint} on {translator.device_label}; "
-          f"{'VAE decodes' if translator.vae is not None else 'no VAE: linear latent preview'}; "
+          f"pictures: {translator.pictures}; "
           f"{len(translator.examples)} latent(s) from the data")
     previous_handler = stop_on_sigterm()
     try:

@@ -52,6 +52,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", os.environ["PYTORCH_ALLOC_CONF"
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import gc  # noqa: E402
+import glob  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
@@ -63,9 +64,9 @@ import warnings  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from benchmarks import (device_name, evaluation_throughput, export_latency, measure_data_startup, quiet,  # noqa: E402
-                        synchronize, video_throughput)
-from config import load_config, model_kwargs  # noqa: E402
+from benchmarks import (decode_costs, device_name, evaluation_throughput, export_latency, latent_space_step,  # noqa: E402
+                        measure_data_startup, quiet, synchronize, video_throughput)
+from config import DEFAULTS, load_config, model_kwargs, read_config_file  # noqa: E402
 from dataset import MultiDomainLatentDataset, build_loader  # noqa: E402
 from inference import DEFAULT_LATENT_SIZE  # noqa: E402
 from latents import LATENT_CHANNELS, write_latent_folders  # noqa: E402
@@ -403,6 +404,24 @@ def run_data_startup(args, cfg):
     return 0
 
 
+PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "presets")
+
+
+def latent_space_rows(args):
+    """--latent-spaces: benchmarks.latent_space_step per distinct preset shape, then decode_costs."""
+    rows, seen = [], {}
+    for path in sorted(glob.glob(os.path.join(PRESETS, "*.yaml"))):
+        raw = read_config_file(path)
+        model = {**DEFAULTS["model"], **raw["model"]}  # the preset's widths over the defaults
+        channels, down = model.pop("latent_channels"), raw["training"]["latent_downsample"]
+        px = int(os.path.basename(path)[:-5].rsplit("_", 1)[1])
+        key = (channels, px // down, json.dumps(model, sort_keys=True))
+        if key not in seen:
+            seen[key] = latent_space_step(os.path.basename(path)[:-5], model, channels, px // down, steps=args.steps)
+        rows.append({**seen[key], "preset": os.path.basename(path)[:-5]})
+    return rows + decode_costs(256, repeats=args.steps)
+
+
 def other_benchmark(args, cfg, device):
     """--export, --video or --evaluation: the rows of benchmarks.py's measurement."""
     if args.export:
@@ -473,6 +492,9 @@ def parse_args(argv=None):
     p.add_argument("--video-sources", type=int, default=4, help="with --video: sources in the row")
     p.add_argument("--video-frames", type=int, default=13, help="with --video: frames per transition")
     p.add_argument("--video-format", choices=[".mp4", ".mkv", ".gif"], default=".mp4", help="with --video: the writer")
+    p.add_argument("--latent-spaces", action="store_true",
+                   help="per preset of configs/presets/ (256 and 512 px): step time, FLOPs and activation memory of "
+                        "the networks (random weights), then the full VAE's vs the tiny autoencoder's decode time")
     p.add_argument("--data-startup", type=int, default=None, metavar="N",
                    help="time the dataset's start-up instead, on N random latents of the config's domains "
                         "(--layout, --latent-size), in fresh processes: seconds, peak and shared host memory")
@@ -506,6 +528,10 @@ def run(args):
     device = resolve_device(args.device or cfg["training"]["device"], flag="--device")
     configure_backends(device)  # as run.train
     common = {"config": args.config, "overrides": args.overrides}
+    if args.latent_spaces:
+        for row in latent_space_rows(args):
+            print(json.dumps({**row, **common}), flush=True)
+        return 0
     if args.export or args.video or args.evaluation:
         for row in other_benchmark(args, cfg, device):
             print(json.dumps({**row, **common}), flush=True)

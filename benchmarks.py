@@ -13,6 +13,7 @@ import tempfile
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import exporting
 import metrics
@@ -21,7 +22,7 @@ from config import model_kwargs
 from dataset import MultiDomainLatentDataset
 from inference import DEFAULT_LATENT_SIZE
 from latents import LATENT_CHANNELS, PACKED_ARRAY, save_latent
-from model import build_models
+from model import Discriminator, Generator, MappingNetwork, StyleEncoder, build_models
 from packing import PackWriter
 from runtime import seed_everything
 from vae import VAE_DOWNSAMPLE
@@ -327,3 +328,100 @@ def measure_data_startup(domains, n, latent_size=DEFAULT_LATENT_SIZE, layout="pa
     finally:
         if not data_root:
             shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- latent spaces
+
+DCAE_F32C32_CONFIG = dict(  # diffusers' scripts/convert_dcae_to_diffusers.py, dc-ae-f32c32-in-1.0
+    latent_channels=32, encoder_block_types=["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
+    decoder_block_types=["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
+    encoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
+    decoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
+    encoder_layers_per_block=[0, 4, 8, 2, 2, 2], decoder_layers_per_block=[0, 5, 10, 2, 2, 2],
+    encoder_qkv_multiscales=[[]] * 6, decoder_qkv_multiscales=[[]] * 6,
+    decoder_norm_types=["batch_norm"] * 3 + ["rms_norm"] * 3, decoder_act_fns=["relu"] * 3 + ["silu"] * 3)
+
+
+def step_proxy(nets, x, y, s):
+    """One D update and one G update without R1 (forward + backward of D on real and fake, of G
+    through D and E): the training step's network work, for any latent width."""
+    G, E, D = nets["generator"], nets["style_encoder"], nets["discriminator"]
+    (D(x, y).mean() - D(G(x, s).detach(), y).mean()).backward()  # D step
+    fake = G(x, s)  # [B, C, H, W]
+    (-D(fake, y).mean() + (E(fake, y) - s).abs().mean()).backward()  # G step: adversarial + style
+
+
+def saved_mb(fn):
+    """MB of the tensors autograd saves for backward during `fn()`: the activation memory of a step."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0] / 2**20
+
+
+def latent_space_step(name, model_cfg, channels, side, batch_size=2, steps=2, device="cpu"):
+    """Step-proxy time, FLOPs and memory of the networks for `channels` x `side` x `side` latents,
+    random weights (speed and memory do not depend on them)."""
+    torch.manual_seed(0)
+    m, domains = model_cfg, 5
+    nets = {"generator": Generator(channels, m["gen_channels"], m["n_res_blocks"], m["style_dim"]),
+            "mapping_network": MappingNetwork(m["latent_dim"], m["style_dim"], domains, m["mapping_hidden_dim"],
+                                              m["mapping_shared_layers"]),
+            "style_encoder": StyleEncoder(channels, m["style_dim"], domains, m["style_encoder_channels"]),
+            "discriminator": Discriminator(channels, domains, m["disc_channels"])}
+    nets = {k: v.to(device) for k, v in nets.items()}
+    x = torch.randn(batch_size, channels, side, side, device=device)  # [B, C, h, w]
+    y = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
+    s = torch.randn(batch_size, m["style_dim"], device=device)  # [B, S]
+    with FlopCounterMode(display=False) as counter:
+        step_proxy(nets, x, y, s)
+    activations = saved_mb(lambda: step_proxy(nets, x, y, s))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step_proxy(nets, x, y, s)
+        times.append((time.perf_counter() - start) * 1000)
+    params = sum(p.numel() for n in ("generator", "style_encoder", "discriminator") for p in nets[n].parameters())
+    return {"preset": name, "latent_shape": [channels, side, side], "batch_size": batch_size,
+            "step_ms": statistics.median(times), "gflops_per_step": counter.get_total_flops() / 1e9,
+            "activation_mb": activations, "params_m": params / 1e6, "weights": "random",
+            "device": device_name(torch.device(device)), "torch": torch.__version__}
+
+
+def decode_ms(vae, latent, repeats=2):
+    """Median ms of one `vae.decode(latent)`, after one untimed call."""
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            vae.decode(latent)
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times[1:])
+
+
+def decode_costs(image_size=256, repeats=2):
+    """ms per 1-image decode at `image_size` px of each family's full VAE and its tiny autoencoder:
+    random weights in the real architectures (diffusers' SD1.5 AutoencoderKL config with 4 or 16
+    latent channels, the DC-AE f32c32 config, TAESD's AutoencoderTiny defaults)."""
+    from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderTiny
+
+    rows = []
+    for family, channels in (("SD1.5 / SDXL", 4), ("SD3 / FLUX.1", 16)):
+        latent = torch.randn(1, channels, image_size // 8, image_size // 8)
+        full = AutoencoderKL(**{**SD15_VAE_CONFIG, "latent_channels": channels}).eval()
+        tiny = AutoencoderTiny(latent_channels=channels).eval()
+        rows.append({"family": family, "full_ms": decode_ms(full, latent, repeats),
+                     "tiny_ms": decode_ms(tiny, latent, repeats)})
+        del full, tiny
+    full = AutoencoderDC(**DCAE_F32C32_CONFIG).eval()
+    rows.append({"family": "DC-AE f32c32", "full_ms": decode_ms(full, torch.randn(1, 32, image_size // 32,
+                                                                                   image_size // 32), repeats),
+                 "tiny_ms": None})
+    common = {"image_size": image_size, "weights": "random", "device": device_name(torch.device("cpu")),
+              "torch": torch.__version__}
+    return [{**row, **common} for row in rows]

@@ -101,6 +101,7 @@ DEFAULTS = {
         "save_dir": None,
         "vae_path": "stabilityai/sd-vae-ft-mse",
         "vae_subfolder": None,
+        "preview_vae": None,
         "suppress_hf_warnings": True,
     },
 }
@@ -119,6 +120,7 @@ OPTIONAL_TYPES = {
     "visualization.save_dir": str,
     "visualization.vae_path": str,
     "visualization.vae_subfolder": str,
+    "visualization.preview_vae": str,
 }
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

@@ -17,7 +17,7 @@ from config import model_kwargs, resolve_config
 from latents import LATENT_CHANNELS, file_stem
 from model import EMA_NETS, build_models
 from runtime import InputError
-from vae import load_vae_or_preview
+from vae import as_space, load_preview_vae, load_vae_or_preview
 
 MEAN_STYLE_SAMPLES = 10000  # z draws averaged into a domain's mean style for psi (StarGAN v2's count)
 MEAN_STYLE_SEED = 0  # fixed: the mean style is a property of the model, not of the caller's seed
@@ -66,6 +66,16 @@ def open_vae_for(cfg, path=None, subfolder=None, device="cpu"):
     vae = load_vae_or_preview(*vae_source(cfg, path, subfolder), device, lines.append, channels=LATENT_CHANNELS,
                               origin="--vae" if path else "the checkpoint's visualization.vae_path")
     return vae, lines
+
+
+def open_preview_for(cfg, path=None, device="cpu"):
+    """The tiny autoencoder that draws a checkpoint's pictures (`path`, else the checkpoint's
+    visualization.preview_vae), or None when none is set or loads; and the lines saying why."""
+    lines = []
+    origin = "--preview-vae" if path else "the checkpoint's visualization.preview_vae"
+    path = path or cfg["visualization"].get("preview_vae")
+    tiny = load_preview_vae(path, as_space(cfg["training"]["latent_scale"]), device, lines.append, origin=origin)
+    return tiny, lines
 
 
 def beside_checkpoint(checkpoint, prefix):

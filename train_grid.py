@@ -10,7 +10,7 @@ from config import visualization_every
 from inference import grid_cells
 from model import EMA_NETS
 from runtime import StopRequested
-from vae import load_vae_or_preview, save_image_grid, to_rgb
+from vae import as_space, load_preview_vae, load_vae_or_preview, save_image_grid, to_rgb
 
 
 class TrainingGrid:
@@ -22,12 +22,16 @@ class TrainingGrid:
         self._vae, self._vae_tried = None, False
 
     def vae(self):
-        """The VAE for grids, loaded once and lazily; None (linear latent preview) if it cannot be."""
+        """The decoder for grids, loaded once and lazily: the tiny autoencoder of
+        `visualization.preview_vae` when set, else the VAE; None (linear latent preview) if neither loads."""
         if not self._vae_tried:
             self._vae_tried = True
             v = self.cfg["visualization"]
-            self._vae = load_vae_or_preview(v["vae_path"], v["vae_subfolder"], self.device, self.log,
-                                            quiet=v["suppress_hf_warnings"])
+            self._vae = load_preview_vae(v.get("preview_vae"), as_space(self.latent_scale), self.device, self.log,
+                                         quiet=v["suppress_hf_warnings"])
+            if self._vae is None:
+                self._vae = load_vae_or_preview(v["vae_path"], v["vae_subfolder"], self.device, self.log,
+                                                quiet=v["suppress_hf_warnings"])
         return self._vae
 
     def epoch_end(self, epoch, ema, samples, stopping):

@@ -38,12 +38,12 @@ from tqdm import tqdm
 
 from latents import LATENT_SUFFIXES, file_stem, read_latent
 from inference import (DEFAULT_LATENT_SIZE, MEAN_STYLE_SAMPLES, check_psi, domain_index, latent_styles,
-                       load_networks, open_vae_for, output_name, reference_styles, training_latent_size, translate_pairs)
+                       load_networks, open_preview_for, open_vae_for, output_name, reference_styles, training_latent_size, translate_pairs)
 from runtime import InputError, atomic_write, check_seed, output_folder, resolve_device, script_main
 from sampling import (FPS, FRAMES_PER_TRANSITION, HOLD_FRAMES, check_video_path, default_hold, interpolation_schedule,
                       num_frames, reference_grid, source_grid, video_frames, write_video)
-from vae import (IMAGE_EXTENSIONS, encode_raw, inspect_image, load_image, save_image_grid, to_model_input, to_rgb,
-                 to_uint8, vae_downsample_factor)
+from vae import (IMAGE_EXTENSIONS, encode_raw, inspect_image, load_image, picture_source, save_image_grid,
+                 to_model_input, to_rgb, to_uint8, vae_downsample_factor)
 
 SHEET_MAX_ROWS = 32  # sources shown in sheet.png (every output still gets its own PNG)
 SHEET_MAX_COLS = 16  # outputs per source shown in sheet.png
@@ -88,6 +88,10 @@ def build_parser():
     p.add_argument("--vae-subfolder", default=None,
                    help="subfolder of the VAE ('vae' for a full Stable Diffusion pipeline); default none "
                         "(with --vae) or the checkpoint's visualization.vae_subfolder")
+    p.add_argument("--preview-vae", default=None,
+                   help="diffusers AutoencoderTiny (TAESD: madebyollin/taesd, taesdxl, taesd3, taef1; local folder "
+                        "or hub id) that decodes the PNGs, grid and video instead of the VAE, in milliseconds; image "
+                        "inputs are still encoded by the VAE. Default: the checkpoint's visualization.preview_vae")
     p.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=16,
                    help="generator samples (source x style pairs) per forward pass; also the VAE batch")
@@ -335,6 +339,10 @@ def translate(args, cfg, nets, domain_ids, source_paths, ref_paths):
     latent_scale = cfg["training"]["latent_scale"]
     vae, why = open_vae_for(cfg, args.vae, args.vae_subfolder, args.device)  # None: the linear latent preview
     latents = load_inputs(args, cfg, vae, source_paths, ref_paths)
+    tiny, tiny_why = open_preview_for(cfg, args.preview_vae, args.device)  # pictures only: never encodes
+    for line in tiny_why:
+        warn(line.removeprefix("warning: "))
+    vae = tiny if tiny is not None else vae  # from here on `vae` only draws pictures
     if vae is None:
         warn("; ".join(why).removeprefix("warning: "))  # it says why, and that pictures use the latent preview
     sources = stack_inputs(source_paths, latents, "--source")  # [N, 4, h, w] raw, CPU
@@ -345,7 +353,7 @@ def translate(args, cfg, nets, domain_ids, source_paths, ref_paths):
     if args.grid:
         path = reference_grid_file(args, nets, vae, latent_scale, sources, source_paths, refs, ref_paths, domain_ids[0])
         print(f"grid: {len(source_paths)} source(s) x {len(ref_paths)} reference(s) -> {path} "
-              f"({'VAE decode' if vae is not None else 'latent preview'})")
+              f"({picture_source(vae)})")
     if args.video is not None:
         video_file(args, cfg, nets, vae, sources, refs, domain_ids)
     return 0
@@ -395,7 +403,7 @@ def translate_each(args, cfg, nets, vae, sources, source_paths, refs, ref_paths,
 def report(args, source_paths, ref_paths, num_styles, num_outputs, vae, sheet):
     mode = "reference" if ref_paths else "style"
     print(f"{len(source_paths)} source(s) x {num_styles} {mode}(s) -> {num_outputs} outputs in {args.output} "
-          f"(PNGs: {'VAE decode' if vae is not None else 'latent preview'}); sheet {sheet}")
+          f"(PNGs: {picture_source(vae)}); sheet {sheet}")
     for k, p in enumerate(ref_paths):
         print(f"  _{k}: reference {p}")
     if len(source_paths) > SHEET_MAX_ROWS or num_styles > SHEET_MAX_COLS:
@@ -433,7 +441,7 @@ def video_file(args, cfg, nets, vae, sources, refs, domain_ids):
         path, count = write_video(path, frames, args.fps, on_frames=bar.update)
     domains = ", ".join(cfg["data"]["domains"][d] for d in domain_ids)
     print(f"video: {sources.shape[0]} source(s), {sum(keys_per_segment)} key styles ({mode}; {domains}) -> {path}: "
-          f"{count} frames at {args.fps:g} fps ({'VAE decode' if vae is not None else 'latent preview'})")
+          f"{count} frames at {args.fps:g} fps ({picture_source(vae)})")
 
 
 def main(argv=None):

@@ -6,40 +6,119 @@ Latents on disk are *raw* (unscaled). diffusers' `vae.decode` takes raw latents 
 networks see `raw * latent_scale`.
 """
 
+import dataclasses
 import logging
+import math
 import os
+import sys
 import warnings
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from latents import LATENT_CHANNELS
+from latents import LATENT_CHANNELS, SD15, LatentSpace
 from runtime import InputError, atomic_write
 
 
-# Linear latent -> RGB for *scaled* SD1.5 latents (rows: latent channels; columns: R, G, B). The
-# widely used preview factors; an RGB in about [-1, 1].
-PREVIEW_FACTORS = torch.tensor([
+# Linear latent -> RGB per latent family, for *normalised* latents (what the networks see); rows:
+# latent channels, columns: R, G, B; the RGB is in about [-1, 1]. The published preview factors of
+# ComfyUI's comfy/latent_formats.py (SD15, SDXL, SD3, Flux), with their per-colour biases.
+PREVIEW_FACTORS = torch.tensor([  # SD1.5
     [0.3512, 0.2297, 0.3227],
     [0.3250, 0.4974, 0.2350],
     [-0.2829, 0.1762, 0.2721],
     [-0.2120, -0.2616, -0.7177],
 ])
+SDXL_PREVIEW_FACTORS = torch.tensor([
+    [0.3651, 0.4232, 0.4341],
+    [-0.2533, -0.0042, 0.1068],
+    [0.1076, 0.1111, -0.0362],
+    [-0.3165, -0.2492, -0.2188],
+])
+SD3_PREVIEW_FACTORS = torch.tensor([
+    [-0.0922, -0.0175, 0.0749], [0.0311, 0.0633, 0.0954], [0.1994, 0.0927, 0.0458], [0.0856, 0.0339, 0.0902],
+    [0.0587, 0.0272, -0.0496], [-0.0006, 0.1104, 0.0309], [0.0978, 0.0306, 0.0427], [-0.0042, 0.1038, 0.1358],
+    [-0.0194, 0.0020, 0.0669], [-0.0488, 0.0130, -0.0268], [0.0922, 0.0988, 0.0951], [-0.0278, 0.0524, -0.0542],
+    [0.0332, 0.0456, 0.0895], [-0.0069, -0.0030, -0.0810], [-0.0596, -0.0465, -0.0293], [-0.1448, -0.1463, -0.1189],
+])
+FLUX1_PREVIEW_FACTORS = torch.tensor([
+    [-0.0346, 0.0244, 0.0681], [0.0034, 0.0210, 0.0687], [0.0275, -0.0668, -0.0433], [-0.0174, 0.0160, 0.0617],
+    [0.0859, 0.0721, 0.0329], [0.0004, 0.0383, 0.0115], [0.0405, 0.0861, 0.0915], [-0.0236, -0.0185, -0.0259],
+    [-0.0245, 0.0250, 0.1180], [0.1008, 0.0755, -0.0421], [-0.0515, 0.0201, 0.0011], [0.0428, -0.0012, -0.0036],
+    [0.0817, 0.0765, 0.0749], [-0.1264, -0.0522, -0.1103], [-0.0280, -0.0881, -0.0499], [-0.1262, -0.0982, -0.0778],
+])
+
+
+class PreviewFamily(NamedTuple):
+    name: str
+    channels: int
+    scaling_factor: float  # the VAE's, which tells two families of one width apart
+    factors: torch.Tensor  # [C, 3]
+    bias: object  # [3] or None
+
+
+PREVIEW_FAMILIES = (  # the first of a width is that width's default when no scaling factor matches
+    PreviewFamily("SD1.5", 4, 0.18215, PREVIEW_FACTORS, None),
+    PreviewFamily("SDXL", 4, 0.13025, SDXL_PREVIEW_FACTORS, torch.tensor([0.1084, -0.0175, -0.0011])),
+    PreviewFamily("FLUX.1", 16, 0.3611, FLUX1_PREVIEW_FACTORS, torch.tensor([-0.0329, -0.0718, -0.0851])),
+    PreviewFamily("SD3", 16, 1.5305, SD3_PREVIEW_FACTORS, torch.tensor([0.2394, 0.2135, 0.1925])),
+)
 
 VAE_DOWNSAMPLE = 8  # SD1.5: 256px image <-> 32x32 latent
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what Pillow may parse: no other decoder ever sees a file
 
 
-def latent_preview(scaled_latents, upscale=VAE_DOWNSAMPLE):
-    """[B, 4, H, W] scaled latents -> [B, 3, H*upscale, W*upscale] RGB in [0, 1], no VAE needed."""
-    factors = PREVIEW_FACTORS.to(scaled_latents.device, torch.float32)
-    rgb = torch.einsum("bchw,cr->brhw", scaled_latents.float(), factors)  # [B, 3, H, W] in ~[-1, 1]
-    rgb = ((rgb + 1) / 2).clamp(0, 1)
+def as_space(space):
+    """A LatentSpace; a bare number (an older caller's latent_scale) is SD1.5's space with that scale."""
+    return space if isinstance(space, LatentSpace) else dataclasses.replace(SD15, scaling_factor=float(space))
+
+
+def preview_family(space):
+    """The PreviewFamily for `space`: its channels and scaling factor, else the first of its width;
+    None for a width without published factors."""
+    space = as_space(space)
+    same_width = [f for f in PREVIEW_FAMILIES if f.channels == space.channels]
+    exact = [f for f in same_width if math.isclose(f.scaling_factor, space.scaling_factor, rel_tol=1e-4)]
+    return (exact or same_width or [None])[0]
+
+
+_GENERIC_SAID = set()  # channel counts whose generic preview has been announced (one line each)
+
+
+def latent_preview(scaled_latents, upscale=None, space=SD15, log=None):
+    """[B, C, H, W] normalised latents -> [B, 3, H*upscale, W*upscale] RGB in [0, 1], no VAE needed:
+    the latent family's linear factors, or for a width without them the first 3 channels (fewer
+    repeated), each image min-max normalised, announced once per width on `log` (default: stderr).
+    `upscale`: None = the space's downsampling factor."""
+    space = as_space(space)
+    family = preview_family(space)
+    if family is None:
+        rgb = generic_preview(scaled_latents.float(), space, log)  # [B, 3, H, W] in [0, 1]
+    else:
+        factors = family.factors.to(scaled_latents.device, torch.float32)
+        rgb = torch.einsum("bchw,cr->brhw", scaled_latents.float(), factors)  # [B, 3, H, W] in ~[-1, 1]
+        if family.bias is not None:
+            rgb = rgb + family.bias.to(rgb.device)[None, :, None, None]
+        rgb = ((rgb + 1) / 2).clamp(0, 1)
+    upscale = space.downsample if upscale is None else upscale
     if upscale > 1:
         rgb = torch.nn.functional.interpolate(rgb, scale_factor=upscale, mode="nearest")
     return rgb
+
+
+def generic_preview(latents, space, log):
+    """[B, C, H, W] -> [B, 3, H, W] in [0, 1]: channels 0-2 (fewer repeated), min-max per image."""
+    if space.channels not in _GENERIC_SAID:
+        _GENERIC_SAID.add(space.channels)
+        (log or (lambda line: print(line, file=sys.stderr)))(
+            f"note: no published linear preview for {space.channels}-channel latents: pictures show their first "
+            "3 channels, each image stretched to [0, 1] (set visualization.vae_path or preview_vae for real colours)")
+    rgb = latents[:, [i % latents.shape[1] for i in range(3)]]  # [B, 3, H, W]
+    low = rgb.flatten(1).amin(1)[:, None, None, None]
+    high = rgb.flatten(1).amax(1)[:, None, None, None]
+    return torch.nan_to_num((rgb - low) / (high - low).clamp_min(1e-6), 0.5).clamp(0, 1)
 
 
 def quiet_hf():
@@ -69,8 +148,10 @@ def looks_local(path):
 HUB_PROBE_TIMEOUT_S = 5  # how long to wait for the hub before calling it unreachable
 
 
-def load_vae(path, subfolder=None, device="cpu", dtype=torch.float32, quiet=True, log=None):
-    """diffusers AutoencoderKL from a local folder or a hub id, in eval mode, frozen.
+def load_vae(path, subfolder=None, device="cpu", dtype=torch.float32, quiet=True, log=None,
+             model_class="AutoencoderKL"):
+    """A diffusers autoencoder (`model_class`: AutoencoderKL, or AutoencoderTiny for previews) from a
+    local folder or a hub id, in eval mode, frozen.
 
     A hub id is taken from the local Hugging Face cache when it is there (no network at all);
     otherwise the hub is probed first, so that a machine without a network gets an error in
@@ -85,8 +166,9 @@ def load_vae(path, subfolder=None, device="cpu", dtype=torch.float32, quiet=True
     if looks_local(path) and not os.path.isdir(path):
         raise FileNotFoundError(f"VAE folder {path!r} does not exist (expected a diffusers AutoencoderKL "
                                 "folder with config.json, or a hub id such as 'stabilityai/sd-vae-ft-mse')")
-    from diffusers import AutoencoderKL
+    import diffusers
 
+    AutoencoderKL = getattr(diffusers, model_class)  # the class asked for, whatever its name here
     if quiet:  # after the import: huggingface_hub sets its loggers' levels when it is imported
         quiet_hf()
     kwargs = dict(subfolder=subfolder or None, torch_dtype=dtype)
@@ -177,11 +259,52 @@ def load_vae_or_preview(path, subfolder, device, log, quiet=True, origin="visual
     return vae
 
 
-def to_rgb(raw_latents, vae, latent_scale, batch_size=16, on_batch=None):
-    """[B, 4, h, w] raw latents -> [B, 3, H, W] RGB in [0, 1] on the CPU: the VAE's decode, or the
-    linear preview (of the scaled latents) when `vae` is None. `on_batch(n)`: see decode_raw."""
+def load_preview_vae(path, space, device, log, quiet=True, origin="visualization.preview_vae"):
+    """The tiny autoencoder (diffusers AutoencoderTiny: TAESD, TAESDXL, TAESD3, TAEF1) that decodes
+    pictures instead of the full VAE, or None when `path` is empty or it cannot be loaded (`log`
+    says why; pictures then use the full VAE or the linear preview). One whose latents are not
+    `space.channels` wide is an InputError: it was made for another VAE."""
+    if not path:
+        return None
+    try:
+        tiny = load_vae(path, None, device, torch.float32, quiet=quiet, log=log, model_class="AutoencoderTiny")
+    except Exception as e:
+        log(f"warning: cannot load the tiny autoencoder from {origin}={path!r} ({type(e).__name__}: "
+            f"{error_line(e)}); pictures use the full VAE or the linear preview instead")
+        return None
+    if tiny.config.latent_channels != space.channels:
+        raise InputError(f"{origin}={path!r} decodes {tiny.config.latent_channels}-channel latents; this model's "
+                         f"latents have {space.channels} (a tiny autoencoder serves the one VAE it was distilled from)")
+    return tiny
+
+
+def is_tiny(vae):
+    return type(vae).__name__ == "AutoencoderTiny"
+
+
+def tiny_input(tiny, space, raw_latents):
+    """Raw latents of the full VAE -> what `tiny.decode` takes. TAESD decodes the full VAE's
+    normalised latents (its diffusers config says scaling_factor 1.0, shift 0: a pipeline divides
+    by those before decoding), so this is the pipeline's own step with the tiny one's factors."""
+    z = space.normalize(raw_latents.float())  # [B, C, h, w]: what the networks see
+    return z / tiny.config.scaling_factor + (tiny.config.get("shift_factor") or 0.0)
+
+
+def picture_source(vae):
+    """What draws the pictures, for a report line."""
+    return "linear latent preview" if vae is None else "tiny autoencoder decode" if is_tiny(vae) else "VAE decode"
+
+
+def to_rgb(raw_latents, vae, space, batch_size=16, on_batch=None):
+    """[B, C, h, w] raw latents -> [B, 3, H, W] RGB in [0, 1] on the CPU: the VAE's decode, a tiny
+    autoencoder's (AutoencoderTiny, from the normalised latents), or the linear preview of the
+    normalised latents when `vae` is None. `space`: the LatentSpace (a bare number: SD1.5's with that
+    scale). `on_batch(n)`: see decode_raw."""
+    space = as_space(space)
     if vae is None:
-        return latent_preview(raw_latents.float() * latent_scale).cpu()
+        return latent_preview(space.normalize(raw_latents.float()), space=space).cpu()
+    if is_tiny(vae):
+        return decode_raw(vae, tiny_input(vae, space, raw_latents), batch_size, on_batch)
     return decode_raw(vae, raw_latents, batch_size, on_batch)
 
 
