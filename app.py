@@ -707,12 +707,13 @@ def launch(page, output_root, host="127.0.0.1", port=7860, share=False, block=Tr
 
 
 def stop_on_sigterm():
-    """SIGTERM (what `kill` and service managers send) stops the server as Ctrl-C does: Gradio
-    closes it, and main() removes its outputs folder. Returns the handler it replaced."""
+    """SIGTERM (what `kill` and service managers send) and SIGHUP (a closed terminal or SSH session)
+    stop the server as Ctrl-C does: Gradio closes it, and main() removes its outputs folder. Returns
+    the handlers it replaced, {signal: handler}."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    return signal.signal(signal.SIGTERM, interrupt)
+    return {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
 
 
 def main(argv=None):
@@ -762,7 +763,7 @@ def serve(args):
     print(f"loaded {args.checkpoint} on {translator.device_label}; "
           f"{'VAE decodes' if translator.vae is not None else 'no VAE: linear latent preview'}; "
           f"{len(translator.examples)} latent(s) from the data")
-    previous_handler = stop_on_sigterm()
+    previous_handlers = stop_on_sigterm()
     try:
         launch(build_page(translator, output_root), output_root, args.host, args.port, args.share)
     except OSError as e:  # taken between the check and the launch
@@ -772,7 +773,8 @@ def serve(args):
         message = str(e).replace("share=True", "--share").replace("server_port", "--port")
         raise InputError(f"cannot serve: {message.replace('server_name', '--host')}") from None
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
         shutil.rmtree(base, ignore_errors=True)
     return 0
 

@@ -64,7 +64,8 @@ def claimed_folder(folder, dist, log):
     """The checkpoint folder for this run alone, for the run's life: rank 0 checks that it is
     writable before the first step, takes its lock (a second run on it is refused, naming the
     holder) and removes temporary files that killed saves left. Every rank learns of a refusal. A
-    folder this run created and left empty (it failed before writing anything) is removed."""
+    folder this run created and left empty (it failed before writing anything) is removed. Yields
+    the lock (held by rank 0 alone)."""
     lock, created, problem = FolderLock(folder), False, None
     if dist.is_main:
         try:
@@ -77,7 +78,7 @@ def claimed_folder(folder, dist, log):
     if dist.max_int(int(problem is not None)):
         raise problem or InputError("rank 0 could not claim training.checkpoint_dir (its error is above)")
     try:
-        yield folder
+        yield lock
     finally:
         if dist.is_main and created and set(os.listdir(folder)) <= {LOCK_NAME}:
             with contextlib.suppress(OSError):
@@ -115,11 +116,12 @@ def train(cfg, resume, dist, local_rank, log, args):
         path = resume or os.path.join(t["checkpoint_dir"], "latest.pt")
         ckpt = load_checkpoint(path, resume=True)
         check_architecture(ckpt["config"], cfg, path)
-    with claimed_folder(t["checkpoint_dir"], dist, log):
+    with claimed_folder(t["checkpoint_dir"], dist, log) as lock:
         if ckpt is not None:
             log(f"resuming from {path}: epoch {ckpt['epoch']} done, step {ckpt['step']}")
         trainer, dataset = build(cfg, ckpt, dist, device, log)
         checkpoints = trainer.checkpoints  # knows the newest checkpoint this run can resume from
+        checkpoints.lock = lock  # checked before each save: the folder is still this run's
         if ckpt is not None:
             checkpoints.resumed_from(path, ckpt["epoch"], ckpt["step"])
         try:
