@@ -172,11 +172,9 @@ def atomic_write(path, write, fsync=False):
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as err:
-        try:
+        with contextlib.suppress(OSError):  # the folder went away or read-only: the next run's start removes it
             if os.path.exists(tmp):
                 os.remove(tmp)
-        except OSError:  # the folder went away or read-only: the start of the next run removes it
-            pass
         failure = write_failure(path, err) if isinstance(err, Exception) else None
         if failure is not None:
             raise failure from None

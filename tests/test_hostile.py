@@ -128,3 +128,84 @@ def test_a_stop_during_the_grid_of_an_epoch_between_saves_still_saves_it(tmp_pat
     ckpt = torch.load(tmp_path / "out" / "latest.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"], ckpt["position"]) == (1, 2, 0)
     assert not os.path.exists(tmp_path / "out" / "epoch_0001.pt")  # not a save epoch: latest.pt alone
+
+
+# ---------------------------------------------------------------------- 7. outputs that name an input
+
+def tree_state(folder):
+    """{name: bytes} of every file under `folder`: what must stay as it was."""
+    state = {}
+    for base, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(base, name), "rb") as f:
+                state[os.path.relpath(os.path.join(base, name), folder)] = f.read()
+    return state
+
+
+def test_translate_never_overwrites_an_input_named_like_an_output(trained, tmp_path):
+    import shutil
+
+    source = tmp_path / "src"
+    shutil.copytree(os.path.join(trained[1], "a"), source)
+    shutil.copy(source / "000.pt", source / "000_to_b_0.pt")  # an earlier output, given back as an input
+    before = tree_state(source)
+    proc = subprocess.run([sys.executable, "translate.py", "--checkpoint", trained[0], "--source", str(source),
+                           "--target-domain", "b", "--num-styles", "1", "--output", str(source)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    line = one_line_naming(proc.stderr, str(source / "000_to_b_0.pt"), "--output")
+    assert "is the input" in line and "never overwrites" in line
+    assert tree_state(source) == before  # nothing written, nothing replaced
+
+
+def test_an_output_reaching_an_input_through_a_link_is_refused(trained, tmp_path, capsys):
+    import translate
+
+    out = tmp_path / "out"
+    os.makedirs(out)
+    source = os.path.join(trained[1], "a", "000.pt")
+    os.link(source, out / "000_to_b_0.pt") if os.stat(source).st_dev == os.stat(out).st_dev else \
+        os.symlink(source, out / "000_to_b_0.pt")
+    assert translate.main(["--checkpoint", trained[0], "--source", source, "--target-domain", "b",
+                           "--num-styles", "1", "--output", str(out)]) == 2
+    one_line_naming(capsys.readouterr().err, str(out / "000_to_b_0.pt"), source)
+
+
+# ---------------------------------------------------------------------- 9. sizes without bounds
+
+def test_translate_bounds_the_number_of_styles_before_any_work(trained, tmp_path):
+    proc = subprocess.run([sys.executable, "translate.py", "--checkpoint", trained[0], "--source",
+                           os.path.join(trained[1], "a"), "--target-domain", "b", "--num-styles", "100000000",
+                           "--output", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "argument --num-styles: 100000000: expected an integer from 1 to 1024" in proc.stderr.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, value, bound", [
+    ("--fps", "1e-300", "expected a number from 0.1 to 240"),
+    ("--fps", "inf", "expected a number from 0.1 to 240"),
+    ("--cell-size", "100000", "expected an integer from 1 to 2048"),
+    ("--frames-per-transition", "1e9", "expected an integer from 2 to 10000"),
+    ("--batch-size", "0", "expected an integer from 1 to 4096"),
+])
+def test_every_size_and_rate_of_translate_is_bounded(trained, tmp_path, capsys, flag, value, bound):
+    import translate
+
+    code = translate.main(["--checkpoint", trained[0], "--source", os.path.join(trained[1], "a"), "--target-domain",
+                           "b", "--num-styles", "2", "--video", "latent", str(tmp_path / "v.gif"), flag, value])
+    err = capsys.readouterr().err
+    assert code == 2 and f"argument {flag}: {value}: {bound}" in err.splitlines()[-1], err
+
+
+@pytest.mark.parametrize("flag, value, bound", [
+    ("--num-outs", "1e9", "expected an integer from 1 to 1000"),
+    ("--max-sources", "0", "expected an integer from 1 to 1e+07"),
+    ("--batch-size", "-3", "expected an integer from 1 to 4096"),
+])
+def test_every_size_of_evaluate_is_bounded(trained, capsys, flag, value, bound):
+    import evaluate
+
+    assert evaluate.main(["--checkpoint", trained[0], flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: {value}: {bound}" in err.splitlines()[-1], err
