@@ -26,6 +26,7 @@ from config import load_config, model_kwargs, save_resolved  # noqa: E402
 from dataset import MultiDomainLatentDataset  # noqa: E402
 from demo_data import generate_demo_data  # noqa: E402
 from model import build_models, count_parameters  # noqa: E402
+from packing import ShardChanged  # noqa: E402
 from runtime import BAD_INPUT, LOCK_NAME, FolderLock, InputError, WriteError, check_writable_folder, configure_backends, remove_if_empty, remove_orphaned_temporaries, resolve_device, run_script, seed_everything  # noqa: E402
 from checkpoint import load_checkpoint  # noqa: E402
 from distributed import setup_distributed  # noqa: E402
@@ -131,12 +132,33 @@ def train(cfg, resume, dist, local_rank, log, args):
                 raise
             raise WriteError(err.errno, f"{err}\nresume with: {resume_command(args, resume_path(checkpoints, t))}") \
                 from None
+        except (ShardChanged, RuntimeError) as err:  # data changed under the run, here or in a loader worker
+            changed = data_changed(err, cfg["data"]["root"])
+            if changed is None:
+                raise
+            resume = f" Resume with: {resume_command(args, resume_path(checkpoints, t))}" if checkpoints.last_saved else ""
+            raise ShardChanged(f"{changed}; training stopped at step {trainer.step}. {checkpoints.saved_summary()}"
+                               f"{resume}") from None
         except KeyboardInterrupt:  # a second stop signal: no traceback, just what is on disk
             log(f"\nstopped at once at step {trainer.step}. {checkpoints.saved_summary()}")
             code = 128 + int(trainer.stop_request.signum or signal.SIGINT)
         if code > 2 and checkpoints.last_saved is not None:  # stopped by a signal (128 + its number)
             log("resume with: " + resume_command(args, resume_path(checkpoints, t)))
         return code
+
+
+def data_changed(err, root):
+    """One line for a packed file changed under the run: ShardChanged's own message (a loader worker's
+    comes back with the worker's traceback in its text), or a worker's death by SIGBUS (the file was
+    truncated between the check and the read); None for any other error."""
+    text = str(err)
+    if isinstance(err, ShardChanged):
+        marker = f"{ShardChanged.__name__}: "
+        return text[text.rindex(marker) + len(marker):].strip() if "Original Traceback" in text else text
+    if "Bus error" in text or "SIGBUS" in text:
+        return (f"a data loader worker was killed by SIGBUS: a memory-mapped latents.npy under {root} was "
+                "truncated while the run read it; restore it, or pack into a new folder and point data.root there")
+    return None
 
 
 def resume_path(checkpoints, t):

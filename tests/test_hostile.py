@@ -209,3 +209,37 @@ def test_every_size_of_evaluate_is_bounded(trained, capsys, flag, value, bound):
     assert evaluate.main(["--checkpoint", trained[0], flag, value]) == 2
     err = capsys.readouterr().err
     assert f"argument {flag}: {value}: {bound}" in err.splitlines()[-1], err
+
+
+# ---------------------------------------------------------------------- 2. a mapped shard changed under a run
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_rewritten_under_a_run_ends_it_in_one_line(tmp_path, workers):
+    """latents.npy rewritten in place while a run gathers from its map (workers 0: the same bytes'
+    size, new values; workers 2: copied over, as `cp` does): one line naming the file, the last
+    good checkpoint and the resume command; exit code 2; no traceback, no fatal signal."""
+    import shutil
+
+    from packing import pack_folders
+
+    write_latent_folders(tmp_path / "files")
+    pack_folders(str(tmp_path / "files"), str(tmp_path / "data"), None, "float16")
+    cfg = write_run_config(tmp_path, epochs=100000, num_workers=workers)
+    proc, lines = start(["run.py", "--config", cfg]), []
+    try:
+        wait_for(proc, '{"step": 4,', lines)  # epoch 1 is saved
+        shard = tmp_path / "data" / "a" / "latents.npy"
+        if workers:
+            shutil.copyfile(tmp_path / "data" / "b" / "latents.npy", tmp_path / "new.npy")
+            shutil.copyfile(tmp_path / "new.npy", shard)
+        else:
+            new = (tmp_path / "data" / "b" / "latents.npy").read_bytes()
+            with open(shard, "r+b") as f:
+                f.write(new)
+        code, out, err = finish(proc)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert code == 2, err
+    line = one_line_naming(err, str(shard), "changed while this job read it")
+    assert "The last good checkpoint, " in line and "Resume with: python run.py --config" in line
