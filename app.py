@@ -194,9 +194,9 @@ class Translator:
 
     def read_example(self, label, what):
         """A latent from the data -> (raw latent [1, 4, h, w], notes)."""
-        if label not in self.examples:
+        if not isinstance(label, str) or label not in self.examples:  # a dict or list from an API caller too
             offered = ", ".join(self.examples) or "none: data.root is not on this machine"
-            raise InputError(f"no {what} latent {label!r} in the data; offered: {offered}")
+            raise InputError(f"no {what} latent {label!r:.80} in the data; offered: {offered}")
         path = self.examples[label]
         try:
             latent = read_latent(path)  # [4, h, w] raw
@@ -353,7 +353,7 @@ class Translator:
 def check_alpha(alpha):
     try:
         alpha = float(alpha)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InputError(f"alpha must be a number, got {alpha!r}") from None
     if not 0.0 <= alpha <= 1.0:  # False for NaN too
         raise InputError(f"alpha {alpha}: expected 0 (style A) to 1 (style B)")
@@ -363,7 +363,7 @@ def check_alpha(alpha):
 def check_video_args(frames_per_transition, fps, video_format):
     try:
         frames_per_transition, fps = int(frames_per_transition), float(fps)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InputError(f"frames per transition and fps must be numbers, got {frames_per_transition!r}, "
                          f"{fps!r}") from None
     if not 3 <= frames_per_transition <= MAX_FRAMES_PER_TRANSITION:

@@ -88,6 +88,20 @@ def claimed_folder(folder, dist, log):
         lock.release()
 
 
+def check_folders(cfg):
+    """The folders a run reads or writes besides its checkpoint folder, before that is claimed (no
+    config.yaml or lock left behind by a run that cannot start): evaluation.source_root a folder,
+    visualization.save_dir writable (else the first grid, an epoch later, would find out)."""
+    source_root = cfg["evaluation"]["source_root"]
+    if cfg["evaluation"]["every_epochs"] and source_root and not os.path.isdir(os.path.expanduser(source_root)):
+        raise InputError(f"evaluation.source_root {source_root!r} is not a folder (expected one folder of latents "
+                         "per domain)")
+    save_dir = cfg["visualization"]["save_dir"]
+    if save_dir:
+        if check_writable_folder(save_dir, "visualization.save_dir"):
+            remove_if_empty(save_dir)  # made again by the first grid
+
+
 def resume_command(args, path=None):
     """The command that continues this run (from `path` when it is not the folder's latest.pt)."""
     return shlex.join(["python", "run.py", "--config", args.config, *args.overrides, "--resume",
@@ -117,6 +131,7 @@ def train(cfg, resume, dist, local_rank, log, args):
         path = resume or os.path.join(t["checkpoint_dir"], "latest.pt")
         ckpt = load_checkpoint(path, resume=True)
         check_architecture(ckpt["config"], cfg, path)
+    check_folders(cfg)
     with claimed_folder(t["checkpoint_dir"], dist, log) as lock:
         if ckpt is not None:
             log(f"resuming from {path}: epoch {ckpt['epoch']} done, step {ckpt['step']}")

@@ -243,3 +243,46 @@ def test_a_shard_rewritten_under_a_run_ends_it_in_one_line(tmp_path, workers):
     assert code == 2, err
     line = one_line_naming(err, str(shard), "changed while this job read it")
     assert "The last good checkpoint, " in line and "Resume with: python run.py --config" in line
+
+
+# ---------------------------------------------------------------------- 10. checks that came late
+
+@pytest.mark.parametrize("section, key", [("visualization", "save_dir"), ("evaluation", "source_root")])
+def test_a_bad_folder_of_the_config_is_refused_before_the_folder_is_claimed(tmp_path, section, key):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    bad = str(blocker / "sub")
+    extra = {"every_epochs": 1, key: bad}
+    cfg = write_run_config(tmp_path)
+    with open(cfg) as f:
+        data = yaml.safe_load(f)
+    data[section] = {**data.get(section, {}), **extra}
+    with open(cfg, "w") as f:
+        yaml.safe_dump(data, f)
+    proc = subprocess.run([sys.executable, "run.py", "--config", cfg], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    one_line_naming(proc.stderr, bad, f"{section}.{key}")
+    assert not (tmp_path / "out").exists()  # no config.yaml, no lock: nothing of the refused run
+
+
+# ---------------------------------------------------------------------- 11. the app's odd values
+
+@pytest.mark.parametrize("label", [{"path": "/etc/passwd"}, ["a", "b"], 3])
+def test_the_app_refuses_a_latent_name_of_another_kind_in_one_line(trained, label):
+    import app
+    from runtime import InputError
+
+    translator = app.Translator(trained[0], vae=None, device="cpu", log=lambda line: None)
+    with pytest.raises(InputError, match="no source latent .* in the data; offered: ") as err:
+        translator.read_input(app.DATA, None, label, "source")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("frames, fps", [(float("inf"), 10), (10, float("inf")), (float("nan"), 10), ([3], 10)])
+def test_the_app_refuses_infinite_or_odd_video_settings_in_one_line(frames, fps):
+    import app
+    from runtime import InputError
+
+    with pytest.raises(InputError):
+        app.check_video_args(frames, fps, app.VIDEO_FORMATS[0])
