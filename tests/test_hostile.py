@@ -50,6 +50,7 @@ def finish(proc, timeout=120):
     return proc.returncode, out, err
 
 
+@pytest.mark.slow
 def test_a_run_whose_lock_file_was_replaced_stops_without_writing(tmp_path):
     """Another run's lock file renamed over .run.lock under a running job (as rm and a second
     `run.py --resume` would leave it, without the race): the first run's next save finds that its
@@ -74,6 +75,7 @@ def test_a_run_whose_lock_file_was_replaced_stops_without_writing(tmp_path):
         first.wait()
 
 
+@pytest.mark.slow
 def test_a_removed_lock_file_is_taken_again_and_a_second_run_is_refused(tmp_path):
     cfg = write_run_config(tmp_path, epochs=100000)
     first, lines = start(["run.py", "--config", cfg]), []
@@ -93,6 +95,7 @@ def test_a_removed_lock_file_is_taken_again_and_a_second_run_is_refused(tmp_path
 
 # ---------------------------------------------------------------------- 6. signals of a closed terminal
 
+@pytest.mark.slow
 def test_sighup_stops_a_run_as_sigterm_does(tmp_path):
     cfg = write_run_config(tmp_path, epochs=100000, save_interval=1000)
     proc, lines = start(["run.py", "--config", cfg]), []
@@ -111,6 +114,7 @@ SLOW_GRID = ("import time, vae\nreal = vae.decode\ndef slow(v, raw):\n    time.s
              "vae.decode = slow\n")
 
 
+@pytest.mark.slow
 def test_a_stop_during_the_grid_of_an_epoch_between_saves_still_saves_it(tmp_path, tiny_vae_dir):
     """save_interval 2: epoch 1 writes no checkpoint, its grid is cut short by SIGINT; latest.pt must
     hold epoch 1 all the same (it said so), or the epoch's work is lost on resume."""
@@ -213,6 +217,7 @@ def test_every_size_of_evaluate_is_bounded(trained, capsys, flag, value, bound):
 
 # ---------------------------------------------------------------------- 2. a mapped shard changed under a run
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_shard_rewritten_under_a_run_ends_it_in_one_line(tmp_path, workers):
     """latents.npy rewritten in place while a run gathers from its map (workers 0: the same bytes'
