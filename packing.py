@@ -437,8 +437,8 @@ def read_packed_index(path, count, array_path):
     try:
         with open(path, "rb") as f:
             index = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read {path} as JSON ({type(e).__name__}: {e}); {expected}") from e
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
+        raise InputError(f"cannot read {path} as JSON ({type(e).__name__}: {e}); {expected}") from None
     names = index.get("names") if isinstance(index, dict) and index.get("version") == PACKED_VERSION else None
     if not isinstance(names, list):
         raise InputError(f"{path} is not a version-{PACKED_VERSION} index; {expected}")

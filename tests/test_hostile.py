@@ -291,3 +291,19 @@ def test_the_app_refuses_infinite_or_odd_video_settings_in_one_line(frames, fps)
 
     with pytest.raises(InputError):
         app.check_video_args(frames, fps, app.VIDEO_FORMATS[0])
+
+
+# ---------------------------------------------------------------------- 8. errors of the system
+
+def test_a_deeply_nested_index_is_one_line(tmp_path):
+    from packing import pack_folders
+
+    write_latent_folders(tmp_path / "files", files=2)
+    pack_folders(str(tmp_path / "files"), str(tmp_path / "data"), None, "float16", log=lambda *a: None)
+    index = tmp_path / "data" / "a" / "index.json"
+    index.write_text("[" * 1500 + "]" * 1500)  # within the size bound, deeper than the stack
+    cfg = write_run_config(tmp_path, epochs=1)
+    proc = subprocess.run([sys.executable, "run.py", "--config", cfg], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    one_line_naming(proc.stderr, str(index), "RecursionError")
