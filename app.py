@@ -199,9 +199,9 @@ class Translator:
 
     def read_example(self, label, what):
         """A latent from the data -> (raw latent [1, 4, h, w], notes)."""
-        if label not in self.examples:
+        if not isinstance(label, str) or label not in self.examples:  # a dict or list from an API caller too
             offered = ", ".join(self.examples) or "none: data.root is not on this machine"
-            raise InputError(f"no {what} latent {label!r} in the data; offered: {offered}")
+            raise InputError(f"no {what} latent {label!r:.80} in the data; offered: {offered}")
         path = self.examples[label]
         try:
             latent = read_latent(path)  # [4, h, w] raw
@@ -358,7 +358,7 @@ class Translator:
 def check_alpha(alpha):
     try:
         alpha = float(alpha)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InputError(f"alpha must be a number, got {alpha!r}") from None
     if not 0.0 <= alpha <= 1.0:  # False for NaN too
         raise InputError(f"alpha {alpha}: expected 0 (style A) to 1 (style B)")
@@ -368,7 +368,7 @@ def check_alpha(alpha):
 def check_video_args(frames_per_transition, fps, video_format):
     try:
         frames_per_transition, fps = int(frames_per_transition), float(fps)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InputError(f"frames per transition and fps must be numbers, got {frames_per_transition!r}, "
                          f"{fps!r}") from None
     if not 3 <= frames_per_transition <= MAX_FRAMES_PER_TRANSITION:
@@ -712,12 +712,13 @@ def launch(page, output_root, host="127.0.0.1", port=7860, share=False, block=Tr
 
 
 def stop_on_sigterm():
-    """SIGTERM (what `kill` and service managers send) stops the server as Ctrl-C does: Gradio
-    closes it, and main() removes its outputs folder. Returns the handler it replaced."""
+    """SIGTERM (what `kill` and service managers send) and SIGHUP (a closed terminal or SSH session)
+    stop the server as Ctrl-C does: Gradio closes it, and main() removes its outputs folder. Returns
+    the handlers it replaced, {signal: handler}."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    return signal.signal(signal.SIGTERM, interrupt)
+    return {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
 
 
 def main(argv=None):
@@ -767,7 +768,7 @@ def serve(args):
     print(f"loaded {args.checkpoint} on {translator.device_label}; "
           f"pictures: {translator.pictures}; "
           f"{len(translator.examples)} latent(s) from the data")
-    previous_handler = stop_on_sigterm()
+    previous_handlers = stop_on_sigterm()
     try:
         launch(build_page(translator, output_root), output_root, args.host, args.port, args.share)
     except OSError as e:  # taken between the check and the launch
@@ -777,7 +778,8 @@ def serve(args):
         message = str(e).replace("share=True", "--share").replace("server_port", "--port")
         raise InputError(f"cannot serve: {message.replace('server_name', '--host')}") from None
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
         shutil.rmtree(base, ignore_errors=True)
     return 0
 

@@ -278,6 +278,8 @@ class MultiDomainLatentDataset(Dataset):
         one per sample) reading only the rows asked for."""
         if self.data is not None:
             return self.data.index_select(0, rows).float()  # float32 data: no copy; float16: cast
+        for shard in self.shards:  # one stat per shard and batch: a file changed under its map is named, not a SIGBUS
+            shard.check_unchanged()
         domain = torch.bucketize(rows, self._offsets[1:], right=True)  # [R]
         out = torch.empty(len(rows), *self.shape, dtype=self.packed_dtype)  # [R, 4, H, W]
         for d, shard in enumerate(self.shards):

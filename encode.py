@@ -35,6 +35,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from tqdm import tqdm
 
+from arguments import bounded
 from latents import file_stem, save_latent
 from packing import PACK_DTYPES, PackWriter, check_names
 from runtime import AMP_DTYPES, InputError, resolve_device, run_script
@@ -55,9 +56,9 @@ def parse_args(argv=None):
     parser.add_argument("--vae", required=True, help="diffusers AutoencoderKL: local folder or hub id")
     parser.add_argument("--vae-subfolder", default=None,
                         help="subfolder of --vae holding the VAE ('vae' for a full Stable Diffusion pipeline)")
-    parser.add_argument("--size", type=int, default=256,
+    parser.add_argument("--size", type=bounded(int, 8, 8192), default=256,
                         help="square image size; must be divisible by the VAE's downsampling factor (8 for SD1.5)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=bounded(int, 1, 4096), default=16)
     parser.add_argument("--format", choices=("pt", "npy"), default=None, help="one file per latent (default pt)")
     parser.add_argument("--pack", action="store_true",
                         help="one packed shard per output folder (latents.npy + index.json) instead of one file per "
@@ -70,7 +71,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed for --sample")
     parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="VAE precision")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=bounded(int, 0, 256), default=min(4, os.cpu_count() or 1),
                         help="threads decoding and resizing images while the VAE encodes (0: main thread)")
     return parser.parse_args(argv)
 

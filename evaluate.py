@@ -31,7 +31,11 @@ from dataset import MultiDomainLatentDataset
 from display import WorkProgress
 from inference import beside_checkpoint, networks_from_checkpoint
 from metrics import Evaluator, format_table
+from arguments import bounded
 from runtime import AMP_DTYPES, InputError, atomic_write, check_seed, output_folder, resolve_device, script_main
+
+
+MAX_OUTS, MAX_SOURCES, MAX_BATCH = 1000, 10 ** 7, 4096  # translations per source, sources per domain, batch
 
 
 def parse_args(argv=None):
@@ -48,10 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--vae-subfolder", default=None, help="subfolder of --vae ('vae' for a full SD pipeline)")
     p.add_argument("--out", default=None, help="folder for metrics.json (default: eval_<checkpoint name>/ beside "
                                                "the checkpoint)")
-    p.add_argument("--num-outs", type=int, default=10, help="translations per source (the paper: 10)")
-    p.add_argument("--max-sources", type=int, default=None, help="at most N sources per domain (quick looks)")
+    p.add_argument("--num-outs", type=bounded(int, 1, MAX_OUTS), default=10, help="translations per source (the paper: 10)")
+    p.add_argument("--max-sources", type=bounded(int, 1, MAX_SOURCES), default=None, help="at most N sources per domain (quick looks)")
     p.add_argument("--seed", type=int, default=0, help="seed of the z and reference draws")
-    p.add_argument("--batch-size", type=int, default=32, help="images per decode / feature batch")
+    p.add_argument("--batch-size", type=bounded(int, 1, MAX_BATCH), default=32, help="images per decode / feature batch")
     p.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                    help="autocast of the networks and the decode (default: bf16 on CUDA, fp32 on the CPU); "

@@ -29,6 +29,7 @@ from exporting import (FORMATS, GRAPHS, MIN_REFERENCE_SIZE, Decoder, build_graph
                        metadata_for, onnx_bytes, pt2_bytes, random_inputs, require_onnx_packages)
 from inference import (beside_checkpoint, domain_index, mean_style, networks_from_checkpoint, training_latent_size,
                        vae_source)
+from arguments import bounded
 from runtime import InputError, atomic_write, check_output_folder, check_seed, run_script
 from vae import decode, open_vae, vae_downsample_factor
 
@@ -59,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--vae-subfolder", default=None, help="subfolder of the VAE ('vae' for a full SD pipeline)")
     p.add_argument("--verify", action="store_true",
                    help="compare every exported file with the eager EMA networks on random inputs before writing")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+    p.add_argument("--tolerance", type=bounded(float, 0, 1e6), default=DEFAULT_TOLERANCE,
                    help=f"--verify: largest max abs difference accepted (default {DEFAULT_TOLERANCE:g})")
     p.add_argument("--seed", type=int, default=0, help="--verify: seed of the random inputs")
     args = p.parse_args(argv)

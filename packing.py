@@ -437,8 +437,8 @@ def read_packed_index(path, count, array_path):
     try:
         with open(path, "rb") as f:
             index = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read {path} as JSON ({type(e).__name__}: {e}); {expected}") from e
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
+        raise InputError(f"cannot read {path} as JSON ({type(e).__name__}: {e}); {expected}") from None
     names = index.get("names") if isinstance(index, dict) and index.get("version") == PACKED_VERSION else None
     if not isinstance(names, list):
         raise InputError(f"{path} is not a version-{PACKED_VERSION} index; {expected}")
@@ -461,10 +461,21 @@ def read_packed_index(path, count, array_path):
     return names
 
 
+class ShardChanged(InputError):
+    """A mapped latents.npy was replaced, truncated or rewritten under a running job."""
+
+
+def file_identity(path):
+    """(device, inode, size, modification time) of `path`: what changes when a file is replaced or rewritten."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class PackedShard:
     """One packed domain folder: latents.npy as a read-only memory map (only its header is read
     here) and the row names of index.json. Pickled (a loader worker under spawn), it travels as its
-    folder and maps the file again: the data never goes through a pipe."""
+    folder and maps the file again: the data never goes through a pipe. `check_unchanged` before
+    each read of the map: a file truncated under a map kills the reader with SIGBUS."""
 
     def __init__(self, folder):
         self.folder = folder
@@ -478,6 +489,7 @@ class PackedShard:
             raise InputError(f"{folder} holds both a packed {PACKED_ARRAY} and {len(others)} latent file(s) "
                              f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); expected one layout per "
                              f"domain folder: move one of them away")
+        self.identity = file_identity(self.path)  # before the map: a change after it is seen
         self.array = open_packed_array(self.path)  # [N, 4, H, W] np.memmap
         self.names = read_packed_index(self.index_path, len(self.array), self.path)
         self._tensor = None
@@ -536,11 +548,23 @@ class PackedShard:
             except BufferError:  # a chunk is still referenced: the map closes with it
                 pass
 
+    def check_unchanged(self):
+        """One stat: raise ShardChanged when latents.npy is no longer the file this job mapped."""
+        try:
+            same = file_identity(self.path) == self.identity
+        except OSError:
+            same = False
+        if not same:
+            raise ShardChanged(f"{self.path} changed while this job read it (replaced, truncated or rewritten: its "
+                               "inode, size or modification time differ from when it was opened); the rows it holds "
+                               "now cannot be trusted: restore it, or pack into a new folder and point data.root there")
+
     def __getstate__(self):
-        return {"folder": self.folder}
+        return {"folder": self.folder, "identity": self.identity}
 
     def __setstate__(self, state):
         self.__init__(state["folder"])
+        self.identity = state.get("identity", self.identity)  # the parent's: a change since then is seen
 
 
 def read_only_tensor(array):

@@ -26,6 +26,7 @@ from config import load_config, model_kwargs, save_resolved  # noqa: E402
 from dataset import MultiDomainLatentDataset  # noqa: E402
 from demo_data import generate_demo_data  # noqa: E402
 from model import build_models, count_parameters  # noqa: E402
+from packing import ShardChanged  # noqa: E402
 from runtime import BAD_INPUT, LOCK_NAME, FolderLock, InputError, WriteError, check_writable_folder, configure_backends, remove_if_empty, remove_orphaned_temporaries, resolve_device, run_script, seed_everything  # noqa: E402
 from checkpoint import load_checkpoint  # noqa: E402
 from distributed import setup_distributed  # noqa: E402
@@ -64,7 +65,8 @@ def claimed_folder(folder, dist, log):
     """The checkpoint folder for this run alone, for the run's life: rank 0 checks that it is
     writable before the first step, takes its lock (a second run on it is refused, naming the
     holder) and removes temporary files that killed saves left. Every rank learns of a refusal. A
-    folder this run created and left empty (it failed before writing anything) is removed."""
+    folder this run created and left empty (it failed before writing anything) is removed. Yields
+    the lock (held by rank 0 alone)."""
     lock, created, problem = FolderLock(folder), False, None
     if dist.is_main:
         try:
@@ -77,13 +79,27 @@ def claimed_folder(folder, dist, log):
     if dist.max_int(int(problem is not None)):
         raise problem or InputError("rank 0 could not claim training.checkpoint_dir (its error is above)")
     try:
-        yield folder
+        yield lock
     finally:
         if dist.is_main and created and set(os.listdir(folder)) <= {LOCK_NAME}:
             with contextlib.suppress(OSError):
                 os.remove(lock.path)
             remove_if_empty(folder)
         lock.release()
+
+
+def check_folders(cfg):
+    """The folders a run reads or writes besides its checkpoint folder, before that is claimed (no
+    config.yaml or lock left behind by a run that cannot start): evaluation.source_root a folder,
+    visualization.save_dir writable (else the first grid, an epoch later, would find out)."""
+    source_root = cfg["evaluation"]["source_root"]
+    if cfg["evaluation"]["every_epochs"] and source_root and not os.path.isdir(os.path.expanduser(source_root)):
+        raise InputError(f"evaluation.source_root {source_root!r} is not a folder (expected one folder of latents "
+                         "per domain)")
+    save_dir = cfg["visualization"]["save_dir"]
+    if save_dir:
+        if check_writable_folder(save_dir, "visualization.save_dir"):
+            remove_if_empty(save_dir)  # made again by the first grid
 
 
 def resume_command(args, path=None):
@@ -115,11 +131,13 @@ def train(cfg, resume, dist, local_rank, log, args):
         path = resume or os.path.join(t["checkpoint_dir"], "latest.pt")
         ckpt = load_checkpoint(path, resume=True)
         check_architecture(ckpt["config"], cfg, path)
-    with claimed_folder(t["checkpoint_dir"], dist, log):
+    check_folders(cfg)
+    with claimed_folder(t["checkpoint_dir"], dist, log) as lock:
         if ckpt is not None:
             log(f"resuming from {path}: epoch {ckpt['epoch']} done, step {ckpt['step']}")
         trainer, dataset = build(cfg, ckpt, dist, device, log)
         checkpoints = trainer.checkpoints  # knows the newest checkpoint this run can resume from
+        checkpoints.lock = lock  # checked before each save: the folder is still this run's
         if ckpt is not None:
             checkpoints.resumed_from(path, ckpt["epoch"], ckpt["step"])
         try:
@@ -129,12 +147,33 @@ def train(cfg, resume, dist, local_rank, log, args):
                 raise
             raise WriteError(err.errno, f"{err}\nresume with: {resume_command(args, resume_path(checkpoints, t))}") \
                 from None
+        except (ShardChanged, RuntimeError) as err:  # data changed under the run, here or in a loader worker
+            changed = data_changed(err, cfg["data"]["root"])
+            if changed is None:
+                raise
+            resume = f" Resume with: {resume_command(args, resume_path(checkpoints, t))}" if checkpoints.last_saved else ""
+            raise ShardChanged(f"{changed}; training stopped at step {trainer.step}. {checkpoints.saved_summary()}"
+                               f"{resume}") from None
         except KeyboardInterrupt:  # a second stop signal: no traceback, just what is on disk
             log(f"\nstopped at once at step {trainer.step}. {checkpoints.saved_summary()}")
             code = 128 + int(trainer.stop_request.signum or signal.SIGINT)
         if code > 2 and checkpoints.last_saved is not None:  # stopped by a signal (128 + its number)
             log("resume with: " + resume_command(args, resume_path(checkpoints, t)))
         return code
+
+
+def data_changed(err, root):
+    """One line for a packed file changed under the run: ShardChanged's own message (a loader worker's
+    comes back with the worker's traceback in its text), or a worker's death by SIGBUS (the file was
+    truncated between the check and the read); None for any other error."""
+    text = str(err)
+    if isinstance(err, ShardChanged):
+        marker = f"{ShardChanged.__name__}: "
+        return text[text.rindex(marker) + len(marker):].strip() if "Original Traceback" in text else text
+    if "Bus error" in text or "SIGBUS" in text:
+        return (f"a data loader worker was killed by SIGBUS: a memory-mapped latents.npy under {root} was "
+                "truncated while the run read it; restore it, or pack into a new folder and point data.root there")
+    return None
 
 
 def resume_path(checkpoints, t):

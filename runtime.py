@@ -1,8 +1,6 @@
-"""What every script shares at run time: errors and exit codes, argument checks, output folders, atomic file
-writes (and the one error a failed write becomes) with the cleanup of their orphans, the lock that
-gives a checkpoint folder to one run, seeds and devices. The bottom of the module graph: it imports
-nothing of the project.
-"""
+"""What every script shares at run time: errors and exit codes, argument checks, output folders, atomic
+writes (a failed one is a WriteError) and their orphans' cleanup, the lock that gives a checkpoint folder
+to one run, seeds and devices. The bottom of the module graph: it imports nothing of the project."""
 
 import contextlib
 import errno
@@ -33,9 +31,8 @@ class StopNow(KeyboardInterrupt):
 
 
 class WriteError(OSError):
-    """A file could not be written (disk full, read-only or vanished folder, permissions): one
-    message naming the file and the operating system's reason. Scripts exit with code 1.
-    Built as WriteError(errno, message); printed as the message alone."""
+    """A file could not be written (disk full, read-only or vanished folder, permissions): one message naming
+    the file and the OS's reason; scripts exit with code 1. WriteError(errno, message), printed as the message."""
 
     def __str__(self):
         return self.strerror if isinstance(self.strerror, str) else super().__str__()
@@ -49,9 +46,8 @@ BAD_INPUT = (InputError, FileNotFoundError)
 
 
 def run_script(prog, run, *args, errors=BAD_INPUT):
-    """`run(*args)` for a command-line script: bad input (`errors`) prints `prog: error: message` on
-    stderr and gives exit code 2, a failed write (`WriteError`) or another rank's failure the same
-    with exit code 1, instead of a traceback."""
+    """`run(*args)` for a script: bad input (`errors`) prints `prog: error: message` on stderr, exit code 2;
+    a failed write (`WriteError`) or another rank's failure the same with exit code 1. No traceback."""
     try:
         return run(*args)
     except (WriteError, OtherRankFailed) as e:
@@ -106,10 +102,8 @@ def check_writable_folder(folder, flag):
 
 def remove_if_empty(folder):
     """Remove `folder` when nothing is in it (a run that failed before writing anything)."""
-    try:
+    with contextlib.suppress(OSError):  # not empty, or already gone
         os.rmdir(folder)
-    except OSError:  # not empty, or already gone
-        pass
 
 
 def check_output_folder(folder, flag):
@@ -121,9 +115,8 @@ def check_output_folder(folder, flag):
 
 @contextlib.contextmanager
 def output_folder(folder, flag):
-    """A script's output folder for the work inside the `with`, checked and created before any work
-    (`check_output_folder`); removed again when this run created it and leaves it empty (it failed
-    before writing anything)."""
+    """A script's output folder for the work inside the `with`, checked and created before any work;
+    removed again when this run created it and leaves it empty (it failed before writing anything)."""
     created = check_output_folder(folder, flag)
     try:
         yield folder
@@ -179,11 +172,9 @@ def atomic_write(path, write, fsync=False):
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as err:
-        try:
+        with contextlib.suppress(OSError):  # the folder went away or read-only: the next run's start removes it
             if os.path.exists(tmp):
                 os.remove(tmp)
-        except OSError:  # the folder went away or read-only: the start of the next run removes it
-            pass
         failure = write_failure(path, err) if isinstance(err, Exception) else None
         if failure is not None:
             raise failure from None
@@ -221,12 +212,8 @@ def pid_alive(pid):
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
+    except OSError as e:
+        return isinstance(e, PermissionError)
     return True
 
 
@@ -240,10 +227,8 @@ def _drop_inherited_locks():
     """In a forked child (a DataLoader worker), close the parent's lock files: an flock belongs to the
     open file, which a fork shares, so a worker would otherwise hold the folder after its run died."""
     for file in list(_HELD_LOCKS):
-        try:
+        with contextlib.suppress(OSError):
             file.close()
-        except OSError:
-            pass
     _HELD_LOCKS.clear()
 
 
@@ -252,13 +237,10 @@ if hasattr(os, "register_at_fork"):
 
 
 class FolderLock:
-    """An exclusive OS lock on `<folder>/.run.lock`, held for the life of a training run.
-
-    The operating system drops the lock when the process ends, however it ends (kill -9 included),
-    so a crashed run never leaves a stale lock behind. The file keeps the holder's PID, host and
-    start time for the message a second run gets. flock locks are per open file, so two runs in
-    one process exclude each other too.
-    """
+    """An exclusive OS lock on `<folder>/.run.lock`, held for the life of a training run. The OS drops it
+    when the process ends, however it ends (kill -9 included): no stale lock. The file keeps the holder's
+    PID, host and start time for a second run's message. flock locks are per open file, so two runs in
+    one process exclude each other too; `check` finds a lock file removed or replaced under the run."""
 
     def __init__(self, folder):
         self.folder = folder
@@ -278,14 +260,16 @@ class FolderLock:
                              f"({e.strerror or e})") from None
         try:
             fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not self.names(file):  # removed or replaced between open and flock: lock the file there now
+                file.close()
+                return self.acquire(what)
         except OSError as e:
             file.seek(0)
             holder = file.read().strip() or "another process"
             file.close()
             if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise InputError(f"{what} {self.folder!r} is in use by another training run ({holder}); one "
-                                 "folder holds one run: wait for it to finish, stop it, or choose another "
-                                 "training.checkpoint_dir") from None
+                raise InputError(f"{what} {self.folder!r} is in use by another training run ({holder}); one folder "
+                                 "holds one run: wait for it to finish, stop it, or choose another one") from None
             raise InputError(f"{what} {self.folder!r}: cannot lock {LOCK_NAME} ({e.strerror or e})") from None
         file.seek(0)
         file.truncate()
@@ -295,6 +279,24 @@ class FolderLock:
         self.file = file
         _HELD_LOCKS.add(file)
         return self
+
+    def names(self, file):
+        """Whether the lock file's path still names `file` (rm or a copy over it makes another file)."""
+        try:
+            return os.path.samestat(os.fstat(file.fileno()), os.stat(self.path))
+        except FileNotFoundError:
+            return False
+
+    def check(self, what="training.checkpoint_dir"):
+        """Before each save: a lock file removed or replaced is locked again, or taken: InputError naming who took it."""
+        if self.file is None or self.names(self.file):
+            return
+        self.release()
+        try:
+            self.acquire(what)
+        except InputError as err:
+            raise InputError(f"{LOCK_NAME} was removed while this run held it: {err}; this run stops "
+                             "without writing, so as not to overwrite that run's checkpoints") from None
 
     def release(self):
         if self.file is not None:
@@ -320,9 +322,8 @@ def seed_everything(seed):
 
 
 def resolve_device(requested=None, local_rank=None, fallback=True, flag="--device"):
-    """torch.device for `requested` (None: cuda when available). Without CUDA, a cuda request falls
-    back to the CPU with one warning line on stderr when `fallback` (training: the default config runs as a CPU
-    smoke test), else it is an InputError naming `flag`. Under torchrun, cuda means cuda:LOCAL_RANK."""
+    """torch.device for `requested` (None: cuda when available). Without CUDA, a cuda request falls back to the
+    CPU with a warning when `fallback` (a CPU smoke test), else InputError naming `flag`. torchrun: cuda:LOCAL_RANK."""
     if requested is None:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     try:

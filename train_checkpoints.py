@@ -5,7 +5,7 @@ old epochs pruned; and the newest checkpoint this run can resume from."""
 import os
 
 from checkpoint import CheckpointError, atomic_save, get_rng_state, prune_checkpoints, validate_checkpoint
-from runtime import WriteError
+from runtime import InputError, WriteError
 from train_skips import NonFiniteError
 
 
@@ -18,6 +18,7 @@ class CheckpointWriter:
         self.folder, self.save_interval, self.keep = t["checkpoint_dir"], t["save_interval"], t["keep_checkpoints"]
         self.dist = dist
         self.last_saved = None
+        self.lock = None  # the folder's FolderLock (run.py): re-checked before each write
 
     def path(self, name):
         return os.path.join(self.folder, name)
@@ -38,11 +39,13 @@ class CheckpointWriter:
             if self.dist.enabled:
                 checkpoint["rng_per_rank"] = rng_per_rank
             try:
+                if self.lock is not None:  # its file removed and another run in the folder: write nothing
+                    self.lock.check()
                 validate_checkpoint(checkpoint, path)
                 atomic_save(checkpoint, path)
             except CheckpointError as err:
                 failed = NonFiniteError(f"refusing to save: {err}")
-            except WriteError as err:
+            except (WriteError, InputError) as err:
                 failed = err
         self.dist.raise_if_any_failed(failed)
         if os.path.basename(path) != "best.pt":
@@ -61,6 +64,10 @@ class CheckpointWriter:
             if self.dist.is_main:
                 prune_checkpoints(self.folder, self.keep)
         return path
+
+    def holds_latest(self, epoch):
+        """Whether this run's newest save is latest.pt at the end of `epoch`."""
+        return self.last_saved is not None and self.last_saved[:2] == (self.path("latest.pt"), epoch)
 
     def saved_summary(self):
         """What a failed write leaves: the newest checkpoint this run can resume from, intact."""

@@ -63,7 +63,7 @@ class TrainingGrid:
             decoded = to_rgb(cells[keep], vae, self.latent_scale, batch_size=16 if self.device.type == "cuda" else 2,
                              on_batch=lambda n: hook(n, count))
         except StopRequested:
-            self.log(f"epoch {epoch}: grid abandoned (stop requested); the checkpoint is saved")
+            self.log(f"epoch {epoch}: grid abandoned (stop requested); latest.pt will hold this epoch")
             return None
         finally:
             progress.close()

@@ -1,4 +1,4 @@
-"""Stopping a run cleanly: SIGINT / SIGTERM ask it to stop at a safe point (after the current step,
+"""Stopping a run cleanly: SIGINT / SIGTERM / SIGHUP (a closed terminal or SSH session) ask it to stop at a safe point (after the current step,
 or at the next batch of a grid or an evaluation, which then saves and exits); a second one stops at
 once. Long work beside the loop shows its progress and checks for a request batch by batch."""
 
@@ -10,19 +10,35 @@ from display import WorkProgress
 from runtime import StopNow, StopRequested
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def on_stop_signal(callback):
-    """Call `callback(signum)` on SIGINT / SIGTERM in this process (forked loader workers ignore
-    them: the main process decides). Returns the previous handlers, for `signal.signal` to restore."""
+    """Call `callback(signum)` on SIGINT / SIGTERM / SIGHUP in this process (forked loader workers
+    ignore them: the main process decides). Returns the previous handlers, for `signal.signal` to
+    restore. After SIGHUP the terminal is gone: output to it goes to /dev/null, so that the lines
+    of the stop (and the save) never fail on it."""
     owner = os.getpid()
 
     def handler(signum, frame):
         if os.getpid() == owner:
+            if signum == signal.SIGHUP:
+                leave_terminal()
             callback(signum)
 
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     for sig in previous:
         signal.signal(sig, handler)
     return previous
+
+
+def leave_terminal():
+    """Point stdout / stderr that are a terminal at /dev/null (a hung-up terminal fails every write)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        if os.isatty(fd):
+            os.dup2(null, fd)
+    os.close(null)
 
 
 class StopRequest:
@@ -33,7 +49,7 @@ class StopRequest:
         self.log, self.progress_style = log, progress_style
 
     def __call__(self, signum):
-        """SIGINT / SIGTERM: finish the current step (or end a grid or an evaluation at its next
+        """SIGINT / SIGTERM / SIGHUP: finish the current step (or end a grid or an evaluation at its next
         batch), then the loop saves and returns; a second one stops at once (StopNow)."""
         if self.signum is not None:
             raise StopNow
@@ -43,7 +59,7 @@ class StopRequest:
 
     @contextlib.contextmanager
     def handling_signals(self):
-        """SIGINT / SIGTERM come here while the block runs; the previous handlers after it."""
+        """SIGINT / SIGTERM / SIGHUP come here while the block runs; the previous handlers after it."""
         previous = on_stop_signal(self)
         try:
             yield self

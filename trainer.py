@@ -356,9 +356,12 @@ class Trainer:
         # save: latest.pt too at the last epoch or when stopping
         stop = self.stop_request.agreed(self.dist)
         self.checkpoints.save_epoch(epoch, epoch == self.cfg["training"]["epochs"] or bool(stop), self.save_checkpoint)
-        # grid: not when stopping (exit promptly)
+        # grid: not when stopping (exit promptly); a stop that ends it still gets this epoch's latest.pt
         self.grid.epoch_end(epoch, self.ema, samples, stopping=bool(stop))
-        return self.stop_request.agreed(self.dist)
+        stop = self.stop_request.agreed(self.dist)
+        if stop and not self.checkpoints.holds_latest(epoch):
+            self.save_checkpoint(self.checkpoints.path("latest.pt"))
+        return stop
 
     def stop(self, epoch, done, steps, signum):
         """After SIGINT / SIGTERM: save the exact position and return 128 + the signal's number."""

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from arguments import bounded, check_not_inputs
 from latents import LATENT_SUFFIXES, file_stem, read_latent
 from inference import (DEFAULT_LATENT_SIZE, MEAN_STYLE_SAMPLES, check_psi, domain_index, latent_styles,
                        load_networks, open_preview_for, open_vae_for, output_name, reference_styles, training_latent_size, translate_pairs)
@@ -45,6 +46,9 @@ from sampling import (FPS, FRAMES_PER_TRANSITION, HOLD_FRAMES, check_video_path,
 from vae import (IMAGE_EXTENSIONS, encode_raw, inspect_image, load_image, picture_source, save_image_grid,
                  to_model_input, to_rgb, to_uint8, vae_downsample_factor)
 
+MAX_STYLES, MAX_BATCH = 1024, 4096  # styles per source (outputs: sources x styles), samples per forward pass
+MIN_FPS, MAX_FPS, MAX_FRAMES = 0.1, 240, 10000  # a video's pace and frames per transition
+MAX_CELL_SIZE = 2048  # pixels per side of a grid or video cell
 SHEET_MAX_ROWS = 32  # sources shown in sheet.png (every output still gets its own PNG)
 SHEET_MAX_COLS = 16  # outputs per source shown in sheet.png
 GRID_MAX = 32  # --grid: sources and references in the one picture
@@ -70,7 +74,7 @@ def build_parser():
                    help="reference-guided: reference latents/images or folders of them. Every source is "
                         "translated with every reference: N sources and M references give N*M outputs, "
                         "output k of a source uses the k-th reference (folders in name order)")
-    p.add_argument("--num-styles", type=int, default=None,
+    p.add_argument("--num-styles", type=bounded(int, 1, MAX_STYLES), default=None,
                    help="latent-guided: K styles from the mapping network; style k is the same for every "
                         "source: z = torch.randn(K, latent_dim, generator=torch.Generator().manual_seed(seed))[k]")
     p.add_argument("--seed", type=int, default=None, help="latent-guided: seed of the z draws (default 0)")
@@ -93,7 +97,7 @@ def build_parser():
                         "or hub id) that decodes the PNGs, grid and video instead of the VAE, in milliseconds; image "
                         "inputs are still encoded by the VAE. Default: the checkpoint's visualization.preview_vae")
     p.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available)")
-    p.add_argument("--batch-size", type=int, default=16,
+    p.add_argument("--batch-size", type=bounded(int, 1, MAX_BATCH), default=16,
                    help="generator samples (source x style pairs) per forward pass; also the VAE batch")
     return p
 
@@ -110,15 +114,15 @@ def add_sample_mode_flags(p):
                         "of each --target-domain, cutting between domains); FILE .mp4 (H.264), .mkv (lossless "
                         f"FFV1) or .gif. Frames: a row of the sources (at most {VIDEO_MAX_SOURCES}) above their "
                         "translations")
-    p.add_argument("--fps", type=float, default=FPS, help=f"--video: frames per second (default {FPS}, the official's pace)")
-    p.add_argument("--frames-per-transition", type=int, default=FRAMES_PER_TRANSITION,
+    p.add_argument("--fps", type=bounded(float, MIN_FPS, MAX_FPS), default=FPS, help=f"--video: frames per second (default {FPS}, the official's pace)")
+    p.add_argument("--frames-per-transition", type=bounded(int, 2, MAX_FRAMES), default=FRAMES_PER_TRANSITION,
                    help="--video: frames from one key style to the next, the holds included (default "
                         f"{FRAMES_PER_TRANSITION}: 1 + {FRAMES_PER_TRANSITION - 1 - HOLD_FRAMES} eased by a sigmoid + "
                         f"{HOLD_FRAMES} held, as the official)")
-    p.add_argument("--hold-frames", type=int, default=None,
+    p.add_argument("--hold-frames", type=bounded(int, 0, MAX_FRAMES), default=None,
                    help="--video: frames held at each key style, and again at the end (default: the official's "
                         f"proportion, {HOLD_FRAMES} of {FRAMES_PER_TRANSITION}, rounded)")
-    p.add_argument("--cell-size", type=int, default=None,
+    p.add_argument("--cell-size", type=bounded(int, 1, MAX_CELL_SIZE), default=None,
                    help="--grid and --video: side in pixels of every picture (default: as decoded, the latent "
                         "size x 8); smaller makes small GIFs")
 
@@ -326,6 +330,8 @@ def run(args):
     source_paths = list_inputs(args.source, "--source")
     ref_paths = list_inputs(args.reference, "--reference") if args.reference is not None else []
     check_counts(args, source_paths, ref_paths)
+    check_not_inputs(planned_outputs(args, cfg, domain_ids, source_paths, ref_paths),
+                     [*source_paths, *ref_paths, args.checkpoint])
     folders = [(args.output, "--output")] if args.output is not None else []
     if args.video is not None:
         folders.append((os.path.dirname(os.path.abspath(os.path.expanduser(args.video[1]))), "--video's folder"))
@@ -333,6 +339,20 @@ def run(args):
         for folder, flag in folders:
             stack.enter_context(output_folder(folder, flag))
         return translate(args, cfg, nets, domain_ids, source_paths, ref_paths)
+
+
+def planned_outputs(args, cfg, domain_ids, source_paths, ref_paths):
+    """(path, flag) of every file this run may write: checked against the inputs before any work."""
+    planned = [(args.video[1], "--video")] if args.video is not None else []
+    if args.output is None:
+        return planned
+    if args.grid:
+        return planned + [(os.path.join(args.output, "grid.png"), "--output")]
+    domain = cfg["data"]["domains"][domain_ids[0]]
+    names = [output_name(file_stem(p), domain, k) for p in source_paths
+             for k in range(len(ref_paths) if ref_paths else args.num_styles)]
+    files = [f"{name}{suffix}" for name in names for suffix in (".pt", ".png")] + ["sheet.png"]
+    return planned + [(os.path.join(args.output, name), "--output") for name in files]
 
 
 def translate(args, cfg, nets, domain_ids, source_paths, ref_paths):

@@ -262,7 +262,7 @@ def test_ctrl_c_during_a_slow_grid_stops_at_the_next_batch(tmp_path, data, tiny_
     out = "".join(lines) + out
     assert proc.returncode == 128 + signal.SIGINT, out
     assert time.time() - sent < 10, out  # the rest of the grid alone would take about 5 s more
-    assert "epoch 1: grid abandoned (stop requested); the checkpoint is saved" in out
+    assert "epoch 1: grid abandoned (stop requested); latest.pt will hold this epoch" in out
     assert f"stopped after epoch 1 (step 2); saved {tmp_path / 'out' / 'latest.pt'}" in out
     assert "resume with: python run.py --config" in out and "Traceback" not in out
     assert final_state(tmp_path / "out")["epoch"] == 1 and not (tmp_path / "out" / "vis" / "epoch_0001.png").exists()

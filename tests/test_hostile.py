@@ -1,0 +1,309 @@
+"""Hostile input, second round, with the real scripts: the folder lock removed under a run, stop
+signals a terminal sends, shards replaced under a running job, outputs that name an input, sizes
+without bounds, system errors, late checks and the app's odd values. Each exits 1 or 2 (or 128 +
+the signal after a stop) with one line naming the file, key or value, and overwrites nothing."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, one_line_naming, tiny_run_config, write_latent_folders
+
+
+def write_run_config(tmp_path, name="cfg", visualization=None, **training):
+    root = tmp_path / "data"
+    if not root.exists():
+        write_latent_folders(root)
+    cfg = tiny_run_config(tmp_path, training={"checkpoint_dir": str(tmp_path / "out"), "log_json": True,
+                                              "log_interval": 1, **training}, **({"visualization": visualization}
+                                                                                   if visualization else {}))
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def start(args, code=None):
+    """A script (or `python -c code` calling run.main) in its own process, stdout and stderr apart."""
+    cmd = [sys.executable, "-u", *(["-c", code] if code else args)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc, prefix, lines, timeout=120):
+    """Read `proc`'s stdout into `lines` until a line starts with `prefix`."""
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            return line
+        assert time.monotonic() < deadline, "".join(lines)
+    pytest.fail(f"no line {prefix!r}: {''.join(lines)}\n{proc.stderr.read()}")
+
+
+def finish(proc, timeout=120):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+@pytest.mark.slow
+def test_a_run_whose_lock_file_was_replaced_stops_without_writing(tmp_path):
+    """Another run's lock file renamed over .run.lock under a running job (as rm and a second
+    `run.py --resume` would leave it, without the race): the first run's next save finds that its
+    lock no longer names the path and stops in one line naming the holder."""
+    import fcntl
+
+    cfg = write_run_config(tmp_path, epochs=100000)
+    first, lines = start(["run.py", "--config", cfg]), []
+    try:
+        wait_for(first, '{"step": 2,', lines)
+        with open(tmp_path / "out" / "other.lock", "a+") as other:
+            fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            other.write(f"pid {os.getpid()} on this host\n")
+            other.flush()
+            os.replace(tmp_path / "out" / "other.lock", tmp_path / "out" / ".run.lock")
+            code, out, err = finish(first)
+        assert code == 2, err
+        line = one_line_naming(err, str(tmp_path / "out"), f"pid {os.getpid()} on this host")
+        assert ".run.lock was removed while this run held it" in line and "without writing" in line
+    finally:
+        first.kill()
+        first.wait()
+
+
+@pytest.mark.slow
+def test_a_removed_lock_file_is_taken_again_and_a_second_run_is_refused(tmp_path):
+    cfg = write_run_config(tmp_path, epochs=100000)
+    first, lines = start(["run.py", "--config", cfg]), []
+    try:
+        wait_for(first, '{"step": 2,', lines)
+        os.remove(tmp_path / "out" / ".run.lock")
+        wait_for(first, '{"step": 6,', lines)  # two saves later: the first run locked the path again
+        second = subprocess.run([sys.executable, "run.py", "--config", cfg, "--resume"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        one_line_naming(second.stderr, "is in use by another training run", f"pid {first.pid} on ")
+        assert first.poll() is None  # the first run trains on, alone
+    finally:
+        first.kill()
+        first.wait()
+
+
+# ---------------------------------------------------------------------- 6. signals of a closed terminal
+
+@pytest.mark.slow
+def test_sighup_stops_a_run_as_sigterm_does(tmp_path):
+    cfg = write_run_config(tmp_path, epochs=100000, save_interval=1000)
+    proc, lines = start(["run.py", "--config", cfg]), []
+    wait_for(proc, '{"step": 3,', lines)
+    proc.send_signal(signal.SIGHUP)
+    code, out, err = finish(proc)
+    out = "".join(lines) + out
+    assert code == 128 + signal.SIGHUP, err
+    assert "received SIGHUP" in out and "resume with: python run.py --config" in out
+    assert "Traceback" not in out + err
+    ckpt = torch.load(tmp_path / "out" / "latest.pt", weights_only=True)
+    assert ckpt["step"] >= 3  # the work up to the signal is saved
+
+
+SLOW_GRID = ("import time, vae\nreal = vae.decode\ndef slow(v, raw):\n    time.sleep(0.5)\n    return real(v, raw)\n"
+             "vae.decode = slow\n")
+
+
+@pytest.mark.slow
+def test_a_stop_during_the_grid_of_an_epoch_between_saves_still_saves_it(tmp_path, tiny_vae_dir):
+    """save_interval 2: epoch 1 writes no checkpoint, its grid is cut short by SIGINT; latest.pt must
+    hold epoch 1 all the same (it said so), or the epoch's work is lost on resume."""
+    cfg = write_run_config(tmp_path, epochs=4, save_interval=2,
+                           visualization={"every_epochs": 1, "vae_path": tiny_vae_dir})
+    code = f"import sys\nsys.path.insert(0, {ROOT!r})\n{SLOW_GRID}import run\nsys.exit(run.main(['--config', {cfg!r}]))\n"
+    proc, lines = start(None, code), []
+    wait_for(proc, '{"step": 2,', lines)
+    time.sleep(1.5)  # in the grid
+    proc.send_signal(signal.SIGINT)
+    code, out, err = finish(proc)
+    out = "".join(lines) + out
+    assert code == 128 + signal.SIGINT, out + err
+    assert f"stopped after epoch 1 (step 2); saved {tmp_path / 'out' / 'latest.pt'}" in out
+    ckpt = torch.load(tmp_path / "out" / "latest.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"], ckpt["position"]) == (1, 2, 0)
+    assert not os.path.exists(tmp_path / "out" / "epoch_0001.pt")  # not a save epoch: latest.pt alone
+
+
+# ---------------------------------------------------------------------- 7. outputs that name an input
+
+def tree_state(folder):
+    """{name: bytes} of every file under `folder`: what must stay as it was."""
+    state = {}
+    for base, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(base, name), "rb") as f:
+                state[os.path.relpath(os.path.join(base, name), folder)] = f.read()
+    return state
+
+
+def test_translate_never_overwrites_an_input_named_like_an_output(trained, tmp_path):
+    import shutil
+
+    source = tmp_path / "src"
+    shutil.copytree(os.path.join(trained[1], "a"), source)
+    shutil.copy(source / "000.pt", source / "000_to_b_0.pt")  # an earlier output, given back as an input
+    before = tree_state(source)
+    proc = subprocess.run([sys.executable, "translate.py", "--checkpoint", trained[0], "--source", str(source),
+                           "--target-domain", "b", "--num-styles", "1", "--output", str(source)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    line = one_line_naming(proc.stderr, str(source / "000_to_b_0.pt"), "--output")
+    assert "is the input" in line and "never overwrites" in line
+    assert tree_state(source) == before  # nothing written, nothing replaced
+
+
+def test_an_output_reaching_an_input_through_a_link_is_refused(trained, tmp_path, capsys):
+    import translate
+
+    out = tmp_path / "out"
+    os.makedirs(out)
+    source = os.path.join(trained[1], "a", "000.pt")
+    os.link(source, out / "000_to_b_0.pt") if os.stat(source).st_dev == os.stat(out).st_dev else \
+        os.symlink(source, out / "000_to_b_0.pt")
+    assert translate.main(["--checkpoint", trained[0], "--source", source, "--target-domain", "b",
+                           "--num-styles", "1", "--output", str(out)]) == 2
+    one_line_naming(capsys.readouterr().err, str(out / "000_to_b_0.pt"), source)
+
+
+# ---------------------------------------------------------------------- 9. sizes without bounds
+
+def test_translate_bounds_the_number_of_styles_before_any_work(trained, tmp_path):
+    proc = subprocess.run([sys.executable, "translate.py", "--checkpoint", trained[0], "--source",
+                           os.path.join(trained[1], "a"), "--target-domain", "b", "--num-styles", "100000000",
+                           "--output", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "argument --num-styles: 100000000: expected an integer from 1 to 1024" in proc.stderr.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, value, bound", [
+    ("--fps", "1e-300", "expected a number from 0.1 to 240"),
+    ("--fps", "inf", "expected a number from 0.1 to 240"),
+    ("--cell-size", "100000", "expected an integer from 1 to 2048"),
+    ("--frames-per-transition", "1e9", "expected an integer from 2 to 10000"),
+    ("--batch-size", "0", "expected an integer from 1 to 4096"),
+])
+def test_every_size_and_rate_of_translate_is_bounded(trained, tmp_path, capsys, flag, value, bound):
+    import translate
+
+    code = translate.main(["--checkpoint", trained[0], "--source", os.path.join(trained[1], "a"), "--target-domain",
+                           "b", "--num-styles", "2", "--video", "latent", str(tmp_path / "v.gif"), flag, value])
+    err = capsys.readouterr().err
+    assert code == 2 and f"argument {flag}: {value}: {bound}" in err.splitlines()[-1], err
+
+
+@pytest.mark.parametrize("flag, value, bound", [
+    ("--num-outs", "1e9", "expected an integer from 1 to 1000"),
+    ("--max-sources", "0", "expected an integer from 1 to 1e+07"),
+    ("--batch-size", "-3", "expected an integer from 1 to 4096"),
+])
+def test_every_size_of_evaluate_is_bounded(trained, capsys, flag, value, bound):
+    import evaluate
+
+    assert evaluate.main(["--checkpoint", trained[0], flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: {value}: {bound}" in err.splitlines()[-1], err
+
+
+# ---------------------------------------------------------------------- 2. a mapped shard changed under a run
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_rewritten_under_a_run_ends_it_in_one_line(tmp_path, workers):
+    """latents.npy rewritten in place while a run gathers from its map (workers 0: the same bytes'
+    size, new values; workers 2: copied over, as `cp` does): one line naming the file, the last
+    good checkpoint and the resume command; exit code 2; no traceback, no fatal signal."""
+    import shutil
+
+    from packing import pack_folders
+
+    write_latent_folders(tmp_path / "files")
+    pack_folders(str(tmp_path / "files"), str(tmp_path / "data"), None, "float16")
+    cfg = write_run_config(tmp_path, epochs=100000, num_workers=workers)
+    proc, lines = start(["run.py", "--config", cfg]), []
+    try:
+        wait_for(proc, '{"step": 4,', lines)  # epoch 1 is saved
+        shard = tmp_path / "data" / "a" / "latents.npy"
+        if workers:
+            shutil.copyfile(tmp_path / "data" / "b" / "latents.npy", tmp_path / "new.npy")
+            shutil.copyfile(tmp_path / "new.npy", shard)
+        else:
+            new = (tmp_path / "data" / "b" / "latents.npy").read_bytes()
+            with open(shard, "r+b") as f:
+                f.write(new)
+        code, out, err = finish(proc)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert code == 2, err
+    line = one_line_naming(err, str(shard), "changed while this job read it")
+    assert "The last good checkpoint, " in line and "Resume with: python run.py --config" in line
+
+
+# ---------------------------------------------------------------------- 10. checks that came late
+
+@pytest.mark.parametrize("section, key", [("visualization", "save_dir"), ("evaluation", "source_root")])
+def test_a_bad_folder_of_the_config_is_refused_before_the_folder_is_claimed(tmp_path, section, key):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    bad = str(blocker / "sub")
+    extra = {"every_epochs": 1, key: bad}
+    cfg = write_run_config(tmp_path)
+    with open(cfg) as f:
+        data = yaml.safe_load(f)
+    data[section] = {**data.get(section, {}), **extra}
+    with open(cfg, "w") as f:
+        yaml.safe_dump(data, f)
+    proc = subprocess.run([sys.executable, "run.py", "--config", cfg], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    one_line_naming(proc.stderr, bad, f"{section}.{key}")
+    assert not (tmp_path / "out").exists()  # no config.yaml, no lock: nothing of the refused run
+
+
+# ---------------------------------------------------------------------- 11. the app's odd values
+
+@pytest.mark.parametrize("label", [{"path": "/etc/passwd"}, ["a", "b"], 3])
+def test_the_app_refuses_a_latent_name_of_another_kind_in_one_line(trained, label):
+    import app
+    from runtime import InputError
+
+    translator = app.Translator(trained[0], vae=None, device="cpu", log=lambda line: None)
+    with pytest.raises(InputError, match="no source latent .* in the data; offered: ") as err:
+        translator.read_input(app.DATA, None, label, "source")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("frames, fps", [(float("inf"), 10), (10, float("inf")), (float("nan"), 10), ([3], 10)])
+def test_the_app_refuses_infinite_or_odd_video_settings_in_one_line(frames, fps):
+    import app
+    from runtime import InputError
+
+    with pytest.raises(InputError):
+        app.check_video_args(frames, fps, app.VIDEO_FORMATS[0])
+
+
+# ---------------------------------------------------------------------- 8. errors of the system
+
+def test_a_deeply_nested_index_is_one_line(tmp_path):
+    from packing import pack_folders
+
+    write_latent_folders(tmp_path / "files", files=2)
+    pack_folders(str(tmp_path / "files"), str(tmp_path / "data"), None, "float16", log=lambda *a: None)
+    index = tmp_path / "data" / "a" / "index.json"
+    index.write_text("[" * 1500 + "]" * 1500)  # within the size bound, deeper than the stack
+    cfg = write_run_config(tmp_path, epochs=1)
+    proc = subprocess.run([sys.executable, "run.py", "--config", cfg], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    one_line_naming(proc.stderr, str(index), "RecursionError")
