@@ -86,7 +86,11 @@ def list_latent_files(folder):
             f"holding *.pt or *.npy latents{hint})")
     if is_packed(folder):  # its latents.npy is no single latent
         raise InputError(f"{folder} holds packed latents ({PACKED_ARRAY} + {PACKED_INDEX}), not one file per latent")
-    files = sorted(name for name in os.listdir(folder)
+    try:
+        names = os.listdir(folder)
+    except OSError as e:
+        raise InputError(f"cannot read the domain folder {folder} ({e.strerror or e})") from None
+    files = sorted(name for name in names
                    if name.endswith(LATENT_SUFFIXES) and os.path.isfile(os.path.join(folder, name)))
     if not files:
         raise InputError(f"domain folder is empty: {folder} (expected *.pt or *.npy latent files "
@@ -209,7 +213,7 @@ def outliers(latents, names):
 
 def outlier_lines(found):
     """One line per (name, peak) of `found`, the first MAX_LISTED of them."""
-    return [f"{name}: max |value| {peak:.3g}" for name, peak in found[:MAX_LISTED]]
+    return [f"{shown_name(name)}: max |value| {peak:.3g}" for name, peak in found[:MAX_LISTED]]
 
 
 def outlier_message(lines, count, what="latent file(s)"):
@@ -264,6 +268,12 @@ def check_archive(path):
         if record.file_size != record.compress_size or declared > size:
             raise ArchiveError(f"its records declare {declared:,} bytes in a file of {size:,} bytes (a truncated "
                                "or forged archive)")
+
+
+def shown_name(name):
+    """`name` as it is when printable, else escaped (`safe_name`): a file name with a newline or an
+    escape sequence must not break a log line or reach the terminal raw."""
+    return name if name.isprintable() else safe_name(name)
 
 
 def safe_name(name, limit=80):

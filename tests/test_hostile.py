@@ -307,3 +307,26 @@ def test_a_deeply_nested_index_is_one_line(tmp_path):
                           timeout=300)
     assert proc.returncode == 2, proc.stderr
     one_line_naming(proc.stderr, str(index), "RecursionError")
+
+
+def test_an_unreadable_domain_folder_is_one_line(tmp_path, monkeypatch):
+    """Permissions cannot hide a folder from root, so the failing listing is simulated: the
+    error names the folder instead of a PermissionError traceback."""
+    import latents
+
+    folder = tmp_path / "a"
+    folder.mkdir()
+    real = os.listdir
+    monkeypatch.setattr(latents.os, "listdir",
+                        lambda p: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if str(p) == str(folder) else real(p))
+    with pytest.raises(latents.InputError, match=r"cannot read the domain folder .*/a \(Permission denied\)"):
+        latents.list_latent_files(str(folder))
+
+
+def test_file_names_with_control_characters_are_escaped_in_the_outlier_report():
+    import latents
+
+    lines = latents.outlier_lines([("bad\nname\x1b[31m.pt", 5e3), ("plain.pt", 2e3)])
+    assert "\n" not in lines[0] and "\x1b" not in lines[0] and "\\n" in lines[0]
+    assert lines[1] == "plain.pt: max |value| 2e+03"
