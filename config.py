@@ -305,7 +305,7 @@ def check_model(cfg):
 
 
 def check_loss(loss):
-    for key in ("w_adv", "w_sty", "w_ds", "w_cyc", "w_r1"):
+    for key in (k for k in loss if k.startswith("w_")):  # every weight, a new term's too
         check(loss[key] >= 0, f"loss.{key}", loss[key], "a non-negative weight")
     check(loss["r1_interval"] >= 1, "loss.r1_interval", loss["r1_interval"], "an int >= 1")
     check(loss["ds_decay_steps"] >= 0, "loss.ds_decay_steps", loss["ds_decay_steps"], "an int >= 0 (0 = no decay)")

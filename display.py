@@ -84,6 +84,7 @@ class WorkProgress:
     def __init__(self, desc, style="bar", unit="img"):
         self.desc, self.style, self.unit = desc, style, unit
         self.done, self.total, self.bar = 0, None, None
+        self.extra, self.width = "", 0
         self.start = time.perf_counter()
 
     def __call__(self, n, total):
@@ -94,13 +95,25 @@ class WorkProgress:
 
                 self.bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, dynamic_ncols=True, leave=False,
                                 file=sys.stderr)
+                if self.extra:
+                    self.bar.set_postfix_str(self.extra)
         self.done += n
         if self.bar is not None:
             self.bar.update(n)
         elif self.style == "percent":
-            sys.stdout.write(f"\r{self.desc} {100.0 * self.done / self.total:5.1f}% ({self.done}/{self.total} "
-                             f"{self.unit})")
+            line = f"{self.desc} {100.0 * self.done / self.total:5.1f}% ({self.done}/{self.total} {self.unit})"
+            line += f"  {self.extra}" if self.extra else ""
+            sys.stdout.write("\r" + line.ljust(self.width))  # padded: no residue of a longer line
             sys.stdout.flush()
+            self.width = len(line)
+
+    def note(self, text):
+        """What the work is doing beyond the count (e.g. the task of a long evaluation), shown beside it."""
+        self.extra = text
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=True)
+        elif self.style == "percent" and self.total is not None:
+            self(0, self.total)
 
     def close(self):
         """End the display; returns the seconds since the work began."""

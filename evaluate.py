@@ -25,15 +25,14 @@ import sys
 import torch
 from tqdm import tqdm
 
+from arguments import bounded
 from checkpoint import load_checkpoint
 from config import parse_metrics
 from dataset import MultiDomainLatentDataset
 from display import WorkProgress
 from inference import beside_checkpoint, networks_from_checkpoint
-from metrics import Evaluator, format_table
-from arguments import bounded
+from metrics import PREVIEW_DECODE, Evaluator, format_table
 from runtime import AMP_DTYPES, InputError, atomic_write, check_seed, output_folder, resolve_device, script_main
-
 
 MAX_OUTS, MAX_SOURCES, MAX_BATCH = 1000, 10 ** 7, 4096  # translations per source, sources per domain, batch
 
@@ -50,6 +49,10 @@ def parse_args(argv=None):
     p.add_argument("--vae", default=None, help="diffusers AutoencoderKL that decodes reals and fakes (default: "
                                               "the checkpoint's evaluation.vae_path, else visualization.vae_path)")
     p.add_argument("--vae-subfolder", default=None, help="subfolder of --vae ('vae' for a full SD pipeline)")
+    p.add_argument("--preview-decode", action="store_true",
+                   help="draw reals and fakes with the linear latent preview instead of a VAE (offline, e.g. the "
+                        "demo, which has none): metrics.json says preview-decoded; not comparable with published "
+                        "FIDs or VAE-decoded runs. FID/KID still need the Inception, LPIPS AlexNet's weights")
     p.add_argument("--out", default=None, help="folder for metrics.json (default: eval_<checkpoint name>/ beside "
                                                "the checkpoint)")
     p.add_argument("--num-outs", type=bounded(int, 1, MAX_OUTS), default=10, help="translations per source (the paper: 10)")
@@ -80,6 +83,8 @@ def parse_args(argv=None):
         p.error("--max-sources must be >= 1")
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
+    if args.preview_decode and (args.vae or args.vae_subfolder):
+        p.error("--preview-decode draws pictures without a VAE: leave out --vae / --vae-subfolder")
     try:
         check_seed(args.seed)
     except InputError as e:
@@ -131,7 +136,7 @@ def read_data(args, cfg):
 def evaluate(args, ckpt, cfg, nets, device, out):
     domains, e = list(cfg["data"]["domains"]), cfg["evaluation"]
     real, sources, real_ids, which_sources = read_data(args, cfg)
-    vae_path = args.vae or e["vae_path"] or cfg["visualization"]["vae_path"]
+    vae_path = None if args.preview_decode else args.vae or e["vae_path"] or cfg["visualization"]["vae_path"]
     # the subfolder belongs to the path it came with: --vae's flag, else visualization.vae_subfolder
     # only for visualization.vae_path (as training-time evaluation does)
     subfolder = args.vae_subfolder if (args.vae or args.vae_subfolder) else (
@@ -140,12 +145,13 @@ def evaluate(args, ckpt, cfg, nets, device, out):
     evaluator = Evaluator.load(vae_path, subfolder, args.inception_weights or e["inception_weights"],
                                args.lpips_weights or e["lpips_weights"], device, amp_dtype=dtype,
                                batch_size=args.batch_size, metrics=args.metrics,
+                               preview_scale=cfg["training"]["latent_scale"] if args.preview_decode else None,
                                cache_dir=None if args.no_cache else os.path.join(
                                    os.path.dirname(os.path.abspath(args.checkpoint)), "eval_cache"))  # training's too
-    n_src = sum(len(v) if args.max_sources is None else min(len(v), args.max_sources) for v in sources.values())
     print(f"evaluating {args.checkpoint} (epoch {ckpt['epoch']}, step {ckpt['step']}) on {device}: "
-          f"{', '.join(args.metrics)}, {len(domains) * (len(domains) - 1)} tasks x 2 modes, {n_src} sources x "
-          f"{args.num_outs} outputs; sources: {which_sources}", flush=True)
+          f"{', '.join(args.metrics)}, {task_sizes(domains, sources, args)}; sources: {which_sources}", flush=True)
+    if args.preview_decode:
+        print(f"--preview-decode: {PREVIEW_DECODE}", flush=True)
     progress = WorkProgress("evaluating", "bar")
     try:
         results = evaluator(nets, domains, real, sources, cfg["training"]["latent_scale"], cfg["model"]["latent_dim"],
@@ -157,10 +163,23 @@ def evaluate(args, ckpt, cfg, nets, device, out):
     results["protocol"].update(checkpoint=os.path.abspath(args.checkpoint), epoch=ckpt["epoch"], step=ckpt["step"],
                                data_root=os.path.abspath(args.data_root or cfg["data"]["root"]),
                                sources=which_sources, vae_path=vae_path, vae_subfolder=subfolder,
-                               max_sources=args.max_sources, seconds=round(seconds, 1))
+                               max_sources=args.max_sources, seconds=round(seconds, 1),
+                               decode=PREVIEW_DECODE if args.preview_decode else "vae")
+    if args.preview_decode:
+        results["protocol"]["warnings"].append(PREVIEW_DECODE)
     path = atomic_write(os.path.join(out, "metrics.json"), lambda f: f.write(json.dumps(results, indent=2).encode()))
     print(f"wrote {path} ({seconds:.1f}s)")
     return 0
+
+
+def task_sizes(domains, sources, args):
+    """'20 tasks x 2 modes, each 2 sources x 2 outputs = 4 translations': what one task holds (a task
+    translates one source domain's sources into one target)."""
+    per_domain = [len(sources[d]) if args.max_sources is None else min(len(sources[d]), args.max_sources)
+                  for d in domains]
+    span = lambda values: f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"  # noqa: E731
+    return (f"{len(domains) * (len(domains) - 1)} tasks x 2 modes, each {span(per_domain)} sources x {args.num_outs} "
+            f"outputs = {span([n * args.num_outs for n in per_domain])} translations")
 
 
 def main(argv=None):

@@ -1,4 +1,8 @@
-"""StarGAN v2 losses: pure functions, tensors in, scalar tensor out, no model calls."""
+"""StarGAN v2 losses: pure functions, tensors in, scalar tensor out, no model calls. Then G_TERMS,
+the one declaration of the G step's terms (name, weight key, function): the trainer computes, weights,
+sums and logs each from it, calling the networks it passes in."""
+
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,3 +48,38 @@ def r1_penalty(real_logits, real_inputs):
     with torch.autocast(real_inputs.device.type, enabled=False):
         sq_norm = grad.float().pow(2).flatten(1).sum(dim=1)  # [B]
         return 0.5 * sq_norm.mean() / num_patches
+
+
+class Term(NamedTuple):
+    """One G loss term, declared once: G_TERMS alone makes it computed, weighted, logged (`lat_<name>`,
+    `ref_<name>`) and resumed. A term whose weight `cfg["loss"][weight]` is 0 is neither computed nor
+    logged. `fn(nets, p)`: its scalar from one path `p` (x, y_trg, s_trg, s_trg2, s_src and
+    fake = G(x, s_trg)), called under autocast; `sign` -1: a distance the step maximises."""
+    name: str
+    weight: str
+    fn: Callable
+    sign: int = 1
+
+
+def diversity_term(nets, p):
+    with torch.no_grad():
+        fake2 = nets["generator"](p.x, p.s_trg2)  # the second fake is detached, as in the official code
+    return diversity_sensitive_loss(p.fake.float(), fake2.float())
+
+
+# StarGAN v2 Eq. 5, summed in this order; a new term: a line here and its weight key in config.DEFAULTS["loss"]
+G_TERMS = (
+    Term("adv", "w_adv", lambda nets, p: g_adversarial_loss(nets["discriminator"](p.fake, p.y_trg).float())),
+    Term("sty", "w_sty", lambda nets, p: style_reconstruction_loss(  # Eq. 2
+        nets["style_encoder"](p.fake, p.y_trg).float(), p.s_trg.float())),
+    Term("ds", "w_ds", diversity_term, sign=-1),  # Eq. 3; its weight decays with the step (w_ds_at)
+    Term("cyc", "w_cyc", lambda nets, p: cycle_consistency_loss(  # Eq. 4, s_src = E(x, y_src)
+        nets["generator"](p.fake, p.s_src).float(), p.x)),
+)
+
+
+def loss_keys(w):
+    """The logged losses under the loss config `w`: no key for a term of weight 0 (nor r1 at w_r1 = 0)."""
+    g_keys = [f"{path}_{term.name}" for path in ("lat", "ref") for term in G_TERMS if w[term.weight]]
+    return ("d_loss", "d_adv", *(("r1",) if w["w_r1"] else ()), "g_loss", *g_keys)
+

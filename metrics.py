@@ -41,7 +41,7 @@ from config import parse_metrics
 from inference import mapped_styles, reference_styles, translate_raw
 from latents import LATENT_CHANNELS, content_hash
 from runtime import InputError, atomic_write
-from vae import decode, open_vae
+from vae import decode, latent_preview, open_vae
 
 MODES = ("latent", "reference")
 
@@ -64,6 +64,8 @@ LPIPS_MIN_SIZE = 32  # AlexNet's stride-4 conv and two 3x3/2 max-pools need abou
 DOWNLOAD_TIMEOUT_S = 10  # per socket operation: an offline machine fails fast instead of hanging
 KID_MAX_SUBSET = 1000  # StyleGAN2-ADA's max_subset_size
 KID_SUBSETS = 100  # StyleGAN2-ADA's num_subsets, torchmetrics' default
+PREVIEW_DECODE = ("preview-decoded: the linear latent preview (vae.latent_preview), not a VAE; not comparable with "
+                  "published FIDs or VAE-decoded runs")
 CACHE_VERSION = 2  # bump when the way real features are computed (or keyed) changes
 # FID is biased upward at small sample counts (same-domain FID on real TF-Inception features: 54.4 at
 # n=32, 40.6 at n=64, 27.2 at n=150), so below this many samples on a side the bias can exceed the
@@ -546,8 +548,8 @@ def evaluate_translations(generator, mapping_network, style_encoder, domains, re
     features and LPIPS stay float32. `cache_dir` keeps the real domains' features, keyed by a hash
     of the latents' content (`real_ids[domain]` when the caller has it already, else computed), `vae_id`,
     the Inception identity and the dtype. `log`: an optional callable for progress lines;
-    `progress(n, total)`: called after each batch of n images (reals decoded, or cached, and
-    translations) out of `total`; it may raise to stop the evaluation there. `metrics`: which of
+    `progress(n, total)`: called after each batch of n images (reals decoded, or cached, and translations) out of
+    `total`; it may raise to stop there; its `note(text)`, if any, hears which task runs. `metrics`: which of
     FID, KID and LPIPS to compute (`inception` may be None without FID and KID, `lpips` without LPIPS).
 
     Keys, as the official code writes them: `FID_latent/photo2Hayao`, `KID_latent/...`,
@@ -579,10 +581,10 @@ def evaluate_translations(generator, mapping_network, style_encoder, domains, re
                               sources[trg], decode, inception, lpips, latent_scale, latent_dim, num_outs,
                               task_generator(seed, mode, src_idx, trg_idx), batch_size, device, amp_dtype, on_batch)
 
-    results = {}
-    for mode in modes:
+    results, note, n = {}, getattr(progress, "note", None), len(domains) * (len(domains) - 1)  # n: tasks per mode
+    for i, mode in enumerate(modes):
         results.update(evaluate_mode(mode, domains, metrics, translate, real_features, subset_size, kid_subsets, seed,
-                                     protocol, log))
+                                     protocol, log, note, (i * n, len(modes) * n)))
     if "KID" in metrics:
         results["KID_subset_size"] = subset_size
     results["protocol"] = protocol
@@ -664,9 +666,12 @@ def real_feature_source(real, real_ids, decode, inception, batch_size, device, a
     return real_features
 
 
-def evaluate_mode(mode, domains, metrics, translate, real_features, subset_size, kid_subsets, seed, protocol, log):
+def evaluate_mode(mode, domains, metrics, translate, real_features, subset_size, kid_subsets, seed, protocol, log,
+                  note=None, tasks=(0, 0)):
     """Every task of one mode, in the official order (targets outer, sources inner): {key: value}
-    for each task and the mean of each metric; the protocol's per-task records filled in."""
+    for each task and the mean of each metric; the protocol's per-task records filled in. `note(text)`
+    hears which task runs and what it does; `tasks`: (tasks before this mode's, all tasks)."""
+    note = note or (lambda text: None)
     per_metric = {m: {} for m in metrics}
     for trg_idx, trg in enumerate(domains):
         target_feats = real_features(trg) if {"FID", "KID"} & set(metrics) else None
@@ -674,7 +679,10 @@ def evaluate_mode(mode, domains, metrics, translate, real_features, subset_size,
             if src == trg:
                 continue
             task = f"{src}2{trg}"
+            k = tasks[0] + len(per_metric[metrics[0]]) + 1
+            note(f"task {k}/{tasks[1]}: {mode} {task}, translating")
             fake_feats, diversity, nonfinite = translate(mode, src_idx, trg_idx)
+            note(f"task {k}/{tasks[1]}: {mode} {task}, {'/'.join(metrics)}")
             values = task_metrics(metrics, target_feats, fake_feats, diversity, nonfinite, subset_size, kid_subsets,
                                   seed)
             for metric in metrics:
@@ -747,38 +755,47 @@ class Evaluator:
     evaluation, held-out sources. Calling it evaluates a set of EMA networks."""
 
     def __init__(self, vae, vae_id, inception, lpips, device, amp_dtype=None, batch_size=32, cache_dir=None,
-                 metrics=METRICS, held_out=None, source_root=None):
+                 metrics=METRICS, held_out=None, source_root=None, preview_scale=None):
         self.vae, self.vae_id, self.inception, self.lpips = vae, vae_id, inception, lpips
+        self.preview_scale = preview_scale  # vae None: the linear preview of raw * preview_scale
         self.device, self.amp_dtype, self.batch_size, self.cache_dir = torch.device(device), amp_dtype, batch_size, cache_dir
         self.metrics, self.held_out, self.source_root = list(metrics), held_out, source_root
 
     @classmethod
     def load(cls, vae_path, vae_subfolder, inception_weights, lpips_weights, device, amp_dtype=None, batch_size=32,
-             cache_dir=None, what="", metrics=METRICS):
-        """Load the VAE (diffusers AutoencoderKL; never the linear preview: without the real VAE the
-        numbers would mean something else), and Inception and LPIPS for the `metrics` that need
-        them (without LPIPS, no AlexNet: it cannot be had offline). Any missing or wrong file is an
-        InputError that starts with `what` (e.g. which setting asked for evaluation)."""
+             cache_dir=None, what="", metrics=METRICS, preview_scale=None):
+        """Load the VAE (diffusers AutoencoderKL; the linear preview of raw * `preview_scale` only when
+        that is given: its numbers mean something else, PREVIEW_DECODE), and Inception and LPIPS for
+        the `metrics` that need them (without LPIPS, no AlexNet: it cannot be had offline). Any
+        missing or wrong file is an InputError that starts with `what` (e.g. which setting asked for
+        evaluation)."""
         metrics = parse_metrics(metrics)
-        if not vae_path:
+        if preview_scale is not None:
+            vae = vae_id = None
+        elif not vae_path:
             raise InputError(f"{what}evaluation decodes reals and fakes with the SD VAE, and none is set: pass --vae, or "
                              "set evaluation.vae_path (or visualization.vae_path), to a local diffusers AutoencoderKL "
-                             "folder or a hub id; metrics never use the linear latent preview")
-        vae = open_vae(vae_path, vae_subfolder, device, what=what,
-                       hint=". Evaluation decodes reals and fakes with the SD VAE: set evaluation.vae_path (or "
-                            "visualization.vae_path) / --vae to a local diffusers AutoencoderKL folder or a hub id; "
-                            "metrics never use the linear latent preview")
+                             "folder or a hub id; the linear latent preview only with evaluate.py --preview-decode (not "
+                             "comparable with published FIDs)")
+        else:
+            vae = open_vae(vae_path, vae_subfolder, device, what=what,
+                           hint=". Evaluation decodes reals and fakes with the SD VAE: set evaluation.vae_path (or "
+                                "visualization.vae_path) / --vae to a local diffusers AutoencoderKL folder or a hub "
+                                "id; the linear latent preview only with evaluate.py --preview-decode")
+            vae_id = vae_identity(vae, vae_path, vae_subfolder)
         try:
             inception = load_inception(inception_weights, device) if {"FID", "KID"} & set(metrics) else None
             lpips = load_lpips(lpips_weights, device) if "LPIPS" in metrics else None
         except InputError as err:
             raise InputError(f"{what}{err}") from None
-        return cls(vae, vae_identity(vae, vae_path, vae_subfolder), inception, lpips, device, amp_dtype, batch_size,
-                   cache_dir, metrics)
+        return cls(vae, vae_id or f"{PREVIEW_DECODE} x{preview_scale:g}", inception, lpips, device, amp_dtype,
+                   batch_size, cache_dir, metrics, preview_scale=preview_scale)
 
     @torch.no_grad()
     def decode(self, raw):
         """Raw latents [n, 4, h, w] -> RGB [n, 3, H, W] in [0, 1] on the device."""
+        if self.vae is None:
+            return latent_preview(raw.float() * self.preview_scale).to(self.device)
         return decode(self.vae, raw)
 
     def __call__(self, nets, domains, real, sources=None, latent_scale=None, latent_dim=None, num_outs=10,

@@ -30,6 +30,7 @@ from packing import ShardChanged  # noqa: E402
 from runtime import BAD_INPUT, LOCK_NAME, FolderLock, InputError, WriteError, check_writable_folder, configure_backends, remove_if_empty, remove_orphaned_temporaries, resolve_device, run_script, seed_everything  # noqa: E402
 from checkpoint import load_checkpoint  # noqa: E402
 from distributed import setup_distributed  # noqa: E402
+from train_backend import choose_cpu_threads  # noqa: E402
 from train_skips import NonFiniteError  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
@@ -126,6 +127,8 @@ def train(cfg, resume, dist, local_rank, log, args):
     configure_backends(device)
     if t["cpu_threads"]:  # torch's default (one per core) crawls when the cores are busy with other work
         torch.set_num_threads(t["cpu_threads"])
+    elif device.type == "cpu":  # null: measured, the faster of torch's default and 1
+        choose_cpu_threads(log)
     ckpt = None
     if resume is not None:  # checked completely before the folder is claimed or anything is built
         path = resume or os.path.join(t["checkpoint_dir"], "latest.pt")

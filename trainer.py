@@ -13,6 +13,7 @@ best.pt (train_eval), checkpoint files (train_checkpoints), grids (train_grid), 
 
 import copy
 import warnings
+from types import SimpleNamespace
 
 import torch
 
@@ -33,8 +34,6 @@ from train_skips import SkipCounter, step_all_or_none
 from train_stop import StopRequest
 
 PHASE_NETS = {"d": ("discriminator",), "g": EMA_NETS}  # what each phase's optimizers train
-LOSS_KEYS = ("d_loss", "d_adv", "r1", "g_loss", "lat_adv", "lat_sty", "lat_ds", "lat_cyc",
-             "ref_adv", "ref_sty", "ref_ds", "ref_cyc")
 
 
 class Trainer:
@@ -124,7 +123,7 @@ class Trainer:
         }
 
     def train_step(self, batch):
-        """One iteration. Returns 0-dim device tensors (LOSS_KEYS and `d_objective`) and `w_ds`."""
+        """One iteration. Returns 0-dim device tensors (`loss.loss_keys` and `d_objective`) and `w_ds`."""
         if self._compile_unverified:  # the first compiled step: undone and redone eagerly if it fails
             return self._first_compiled_step(batch)
         b = self.prepare_batch(batch)
@@ -168,6 +167,8 @@ class Trainer:
         self.scalers["d"].scale(objective).backward()
         d_adv, objective = d_adv.detach(), objective.detach()
         # shown: the per-step average objective, the same on R1 and plain steps (r1: its last value)
+        if not w["w_r1"]:
+            return objective, {"d_loss": d_adv, "d_adv": d_adv, "d_objective": objective}
         return objective, {"d_loss": d_adv + w["w_r1"] * self.last_r1, "d_adv": d_adv, "r1": self.last_r1,
                            "d_objective": objective}
 
@@ -195,23 +196,26 @@ class Trainer:
         g_loss = (ref["total"] + lat["total"]).detach()
         logs = {"g_loss": g_loss}
         for path, parts in (("lat", lat), ("ref", ref)):
-            logs.update({f"{path}_{k}": parts[k].detach() for k in ("adv", "sty", "ds", "cyc")})
+            logs.update({f"{path}_{k}": v.detach() for k, v in parts.items() if k != "total"})
         return g_loss, logs
 
     def g_path_losses(self, x, y_trg, s_trg, s_trg2, s_src, w_ds):
-        """One path's L = w_adv*L_adv + w_sty*L_sty - w_ds*L_ds + w_cyc*L_cyc (StarGAN v2 Eq. 5)."""
-        w = self.cfg["loss"]
-        G, E, D = self.call["generator"], self.call["style_encoder"], self.call["discriminator"]
+        """One path's L = w_adv*L_adv + w_sty*L_sty - w_ds*L_ds + w_cyc*L_cyc (StarGAN v2 Eq. 5), from
+        L.G_TERMS in their order; a term of weight 0 is skipped. Returns {"total": L, name: term}."""
+        weights = {**self.cfg["loss"], "w_ds": w_ds}
+        terms = [term for term in L.G_TERMS if self.cfg["loss"][term.weight]]
         with self.autocast():
-            fake = G(x, s_trg)  # [B, 4, H, W]
-            adv = L.g_adversarial_loss(D(fake, y_trg).float())
-            sty = L.style_reconstruction_loss(E(fake, y_trg).float(), s_trg.float())  # Eq. 2
-            with torch.no_grad():
-                fake2 = G(x, s_trg2)  # the second fake is detached, as in the official code
-            ds = L.diversity_sensitive_loss(fake.float(), fake2.float())  # Eq. 3
-            cyc = L.cycle_consistency_loss(G(fake, s_src).float(), x)  # Eq. 4, s_src = E(x, y_src)
-        total = w["w_adv"] * adv + w["w_sty"] * sty - w_ds * ds + w["w_cyc"] * cyc
-        return {"total": total, "adv": adv, "sty": sty, "ds": ds, "cyc": cyc}
+            fake = self.call["generator"](x, s_trg)  # [B, 4, H, W]
+            p = SimpleNamespace(x=x, y_trg=y_trg, s_trg=s_trg, s_trg2=s_trg2, s_src=s_src, fake=fake)
+            parts = {term.name: term.fn(self.call, p) for term in terms}
+        total = None  # summed left to right, so the default terms keep Eq. 5's arithmetic exactly
+        for term in terms:
+            weighted = weights[term.weight] * parts[term.name]
+            if total is None:
+                total = weighted if term.sign > 0 else -weighted
+            else:
+                total = total + weighted if term.sign > 0 else total - weighted
+        return {"total": total, **parts}
 
     @torch.no_grad()
     def update_ema(self):
@@ -326,7 +330,8 @@ class Trainer:
                               log=self.log if not self._loader_noted else (lambda *a: None),
                               generator=self._loader_gen)
         self._loader_noted = True
-        epoch_log = EpochLog(t, self.dist, self.skips, self.curves, LOSS_KEYS, epoch, total, start_batch)
+        keys = L.loss_keys(self.cfg["loss"])
+        epoch_log = EpochLog(t, self.dist, self.skips, self.curves, keys, epoch, total, start_batch)
         done, losses, final, stop = start_batch, None, None, 0
         try:
             for batch in loader:
@@ -337,7 +342,7 @@ class Trainer:
                 if stop:
                     break
             # the epoch's last losses and counters, and the consecutive-skip limit
-            final = self.skips.scalars(losses, LOSS_KEYS, self.step) if losses else self.skips.check(self.step)
+            final = self.skips.scalars(losses, keys, self.step) if losses else self.skips.check(self.step)
         finally:
             epoch_log.close(done, final)
         if final:  # skip report
@@ -345,9 +350,8 @@ class Trainer:
         return done, total, stop
 
     def end_epoch(self, epoch, dataset, samples):
-        """The work at an epoch's end, each at its interval. A stop signal ends the evaluation or the
-        grid at its next batch, and the epoch is saved (latest.pt too) all the same. Returns the stop
-        signal every rank agreed on (0: none)."""
+        """The work at an epoch's end, each at its interval. A stop signal ends the evaluation or the grid at
+        its next batch; the epoch is saved (latest.pt too) all the same. Returns the agreed stop signal (0: none)."""
         self.epoch = epoch
         # evaluate: first, so that the checkpoints carry the best value so far
         every = self.cfg["evaluation"]["every_epochs"]

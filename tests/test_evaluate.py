@@ -321,3 +321,32 @@ def test_training_time_evaluation_records_its_protocol_and_held_out_sources(tmp_
     assert line["protocol"]["sources"] == held and line["protocol"]["n_sources"] == {"a": 2, "b": 2, "c": 2}
     assert line["protocol"]["metrics"] == ["FID", "KID"] and not [k for k in line if k.startswith("LPIPS")]
     assert line["protocol"]["inception"] and line["protocol"]["warnings"]
+
+
+def test_preview_decode_evaluates_without_a_vae_and_labels_it(checkpoint, weights, tiny_vae_dir, tmp_path,
+                                                              small_inception, offline, capsys):
+    """--preview-decode: no VAE (the demo has none), pictures from the linear latent preview; the
+    output and metrics.json say preview-decoded, not comparable with published FIDs. The header
+    says what one task holds, and the progress counts tasks as well as pictures."""
+    args = evaluate_args(checkpoint[0], weights, tiny_vae_dir, tmp_path / "p", metrics.FORM_STYLEGAN, "--preview-decode")
+    args[args.index("--vae"):args.index("--vae") + 2] = []
+    assert evaluate.main(args) == 0
+    protocol = json.loads((tmp_path / "p" / "metrics.json").read_text())["protocol"]
+    assert protocol["decode"] == metrics.PREVIEW_DECODE and "not comparable with published FIDs" in metrics.PREVIEW_DECODE
+    assert protocol["vae"].startswith("preview-decoded") and metrics.PREVIEW_DECODE in protocol["warnings"]
+    captured = capsys.readouterr()
+    assert "6 tasks x 2 modes, each 2 sources x 2 outputs = 4 translations" in captured.out
+    assert "--preview-decode: preview-decoded" in captured.out
+    assert "task 12/12: reference b2c" in captured.err  # the task count goes on when the pictures are done
+    # with a VAE as well: which decode is meant? refused
+    assert evaluate.main(evaluate_args(checkpoint[0], weights, tiny_vae_dir, tmp_path / "q", metrics.FORM_STYLEGAN,
+                                       "--preview-decode")) == 2
+    assert "--preview-decode draws pictures without a VAE" in capsys.readouterr().err
+
+
+def test_preview_decode_offline_without_inception_names_the_flag(checkpoint, weights, tmp_path, offline, capsys):
+    args = ["--checkpoint", checkpoint[0], "--out", str(tmp_path / "p"), "--device", "cpu", "--preview-decode",
+            "--metrics", "fid"]
+    assert evaluate.main(args) == 2
+    err = capsys.readouterr().err
+    assert metrics.INCEPTION_FILE in err and "--inception-weights" in err
