@@ -324,13 +324,13 @@ def test_translate_grid_writes_the_labelled_picture_only(trained, ema_nets, tmp_
     (["--num-styles", 2, "--video", "latent", "v.avi"], "ending in .mp4, .mkv, .gif"),
     (["--num-styles", 2, "--video", "latent", "v.gif", "--frames-per-transition", 3, "--hold-frames", 2],
      "--frames-per-transition 3 must be at least --hold-frames 2 + 2"),
-    (["--num-styles", 2, "--video", "latent", "v.gif", "--fps", 0], "--fps 0"),
+    (["--num-styles", 2, "--video", "latent", "v.gif", "--fps", 0], "--fps: 0: expected a number from 0.1 to 240"),
     (["--num-styles", 2, "--video", "latent", "v.gif", "--psi", "nan"], "--psi nan"),
     (["--num-styles", 2, "--video", "latent", "v.gif", "--psi", 1.5], "--psi 1.5"),
     (["--num-styles", 2, "--video", "latent", "v.gif", "--seed", -1], "--seed -1"),
     (["--num-styles", 2, "--video", "latent", "v.gif", "--seed", 2 ** 63], "2**63 - 1"),
     (["--num-styles", 2, "--output", "o", "--target-domain", "b", "c"], "several --target-domain"),
-    (["--num-styles", 2, "--video", "latent", "v.gif", "--cell-size", 0], "--cell-size must be >= 1"),
+    (["--num-styles", 2, "--video", "latent", "v.gif", "--cell-size", 0], "--cell-size: 0: expected an integer from 1 to 2048"),
 ])
 def test_bad_flags_exit_2_with_a_message(trained, tmp_path, capsys, extra, message):
     ckpt, data = trained
