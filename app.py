@@ -42,9 +42,10 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 
+from config import latent_space
 from inference import (check_psi, domain_index, latent_styles, load_networks, open_preview_for, open_vae_for,
                        output_name, reference_styles, training_latent_size, translate_pairs)
-from latents import file_stem, list_latent_files, read_latent
+from latents import check_root_space, file_stem, list_latent_files, read_latent
 from runtime import AMP_DTYPES, InputError, check_seed, configure_backends, resolve_device, script_main
 from sampling import (FPS, FRAMES_PER_TRANSITION, default_hold, frame_styles, interpolation_schedule, video_frames,
                       write_video)
@@ -132,7 +133,7 @@ class Translator:
         self.checkpoint = checkpoint
         self.cfg, self.nets = load_networks(checkpoint, self.device)
         self.domains = list(self.cfg["data"]["domains"])
-        self.latent_scale = self.cfg["training"]["latent_scale"]
+        self.space = latent_space(self.cfg)
         self.latent_dim = self.cfg["model"]["latent_dim"]
         self.vae, why = open_vae_for(self.cfg, vae, vae_subfolder, self.device)  # None: the linear latent preview
         tiny, tiny_why = open_preview_for(self.cfg, preview_vae, self.device)
@@ -149,6 +150,7 @@ class Translator:
         the folder is on this machine (the checkpoint may come from another one). A file name that
         is not valid UTF-8 cannot travel to the page as text: it is left out."""
         root = os.path.expanduser(self.cfg["data"]["root"])
+        check_root_space(root, self.space, "data.root: ")  # examples of another VAE would decode wrongly
         examples = {}
         for domain in self.domains:
             try:
@@ -204,7 +206,7 @@ class Translator:
             raise InputError(f"no {what} latent {label!r:.80} in the data; offered: {offered}")
         path = self.examples[label]
         try:
-            latent = read_latent(path)  # [4, h, w] raw
+            latent = read_latent(path, self.space.channels)  # [C, h, w] raw
         except (OSError, InputError) as e:  # the page sees the label, never the server's path
             raise InputError(str(e).replace(path, f"`{label}`")) from None
         return latent[None], [f"{what} `{label}`"]
@@ -225,7 +227,7 @@ class Translator:
             per_domain = [latent_styles(self.nets["mapping_network"], d, num_styles, self.latent_dim, seed, psi,
                                         self.device) for d in domain_ids]  # D x [K, S]
             return torch.stack(per_domain, dim=1).flatten(0, 1)  # [K * D, S]
-        return torch.cat([reference_styles(self.nets["style_encoder"], reference, d, self.latent_scale,
+        return torch.cat([reference_styles(self.nets["style_encoder"], reference, d, self.space,
                                            device=self.device) for d in domain_ids])  # [D, S]
 
     def translate(self, source_mode=UPLOAD, source_image=None, source_latent=None, target=ALL_DOMAINS,
@@ -248,9 +250,9 @@ class Translator:
         with self.autocast():
             styles = self.styles(domain_ids, style_mode, num_styles, seed, psi, reference)  # [N, S]
             # one batch: every (source, style) pair in a single generator call
-            _, latents = next(translate_pairs(self.nets["generator"], source, styles, self.latent_scale,
+            _, latents = next(translate_pairs(self.nets["generator"], source, styles, self.space,
                                               batch_size=styles.shape[0], device=self.device))  # [N, 4, h, w] raw
-        rgb = to_rgb(latents, self.decoder, self.latent_scale, batch_size=latents.shape[0])  # [N, 3, H, W], on the CPU
+        rgb = to_rgb(latents, self.decoder, self.space, batch_size=latents.shape[0])  # [N, 3, H, W], on the CPU
         seconds = time.perf_counter() - start  # the .cpu() copies above waited for the device
 
         source_stem = stem_of(source_mode, source_image, source_latent)
@@ -268,7 +270,7 @@ class Translator:
         # every domain: one column each, so a row is one style; one domain: up to 4 styles a row
         columns = len(domain_ids) if len(domain_ids) > 1 else max(2, min(len(names), 4))
         return dict(rgb=rgb, latents=latents, names=names, captions=captions, columns=columns,
-                    source_rgb=to_rgb(source, self.decoder, self.latent_scale)[0], source_stem=source_stem, status=status)
+                    source_rgb=to_rgb(source, self.decoder, self.space)[0], source_stem=source_stem, status=status)
 
     # ------------------------------------------------------------------ interpolation
 
@@ -297,7 +299,7 @@ class Translator:
                                  f"and {list(read[1][0].shape[1:])}); pick two of one size")
             key_latents = torch.cat([read[0][0], read[1][0]])  # [2, 4, h', w']
             with self.autocast():
-                keys = reference_styles(self.nets["style_encoder"], key_latents, domain_id, self.latent_scale,
+                keys = reference_styles(self.nets["style_encoder"], key_latents, domain_id, self.space,
                                         device=self.device)  # [2, S]
             tag = "refA-refB"
             notes += read[0][1] + read[1][1]
@@ -316,9 +318,9 @@ class Translator:
         one_frame = (torch.tensor([0]), torch.tensor([1]), torch.tensor([alpha], dtype=torch.float64))
         with self.autocast():
             style = frame_styles(e["keys"], one_frame)  # [1, S]
-            _, latent = next(translate_pairs(self.nets["generator"], e["source"], style, self.latent_scale,
+            _, latent = next(translate_pairs(self.nets["generator"], e["source"], style, self.space,
                                              batch_size=1, device=self.device))  # [1, 4, h, w] raw
-        rgb = to_rgb(latent, self.decoder, self.latent_scale)[0]  # [3, H, W]
+        rgb = to_rgb(latent, self.decoder, self.space)[0]  # [3, H, W]
         seconds = time.perf_counter() - start
         status = (f"alpha {alpha:g} in {self.domains[e['domain_id']]} · {seconds * 1000:.0f} ms on {self.device_label} "
                   f"({self.pictures}) · " + " · ".join(e["notes"]))
@@ -341,7 +343,7 @@ class Translator:
                 progress(sum(written) / len(schedule[0]))
 
         start = time.perf_counter()
-        chunks = video_frames(self.nets["generator"], e["source"], e["keys"], schedule, self.latent_scale, self.decoder,
+        chunks = video_frames(self.nets["generator"], e["source"], e["keys"], schedule, self.space, self.decoder,
                               e["key_latents"], VIDEO_BATCH, self.device, autocast=self.autocast)
         name = f"{output_name(e['stem'], self.domains[e['domain_id']], e['tag'])}.{video_format}"
         path, count = write_video(os.path.join(folder, name), chunks, fps, on_frames)

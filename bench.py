@@ -64,14 +64,15 @@ import warnings  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from benchmarks import (decode_costs, device_name, evaluation_throughput, export_latency, latent_space_step,  # noqa: E402
-                        measure_data_startup, quiet, synchronize, video_throughput)
+from benchmarks import (decode_costs, device_name, evaluation_throughput, export_latency,  # noqa: E402
+                        latent_space_step, measure_data_startup, quiet, synchronize, video_throughput)
 from config import DEFAULTS, load_config, model_kwargs, read_config_file  # noqa: E402
 from dataset import MultiDomainLatentDataset, build_loader  # noqa: E402
 from inference import DEFAULT_LATENT_SIZE  # noqa: E402
 from latents import LATENT_CHANNELS, write_latent_folders  # noqa: E402
 from model import NETS, build_models  # noqa: E402
-from runtime import AMP_DTYPES, InputError, configure_backends, resolve_device, run_script, seed_everything  # noqa: E402
+from runtime import (AMP_DTYPES, InputError, configure_backends, resolve_device, run_script,  # noqa: E402
+                     seed_everything)
 from trainer import Trainer  # noqa: E402
 
 FILES_PER_DOMAIN = 64

@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import exporting
 import metrics
 import sampling
-from config import model_kwargs
+from config import latent_space, model_kwargs
 from dataset import MultiDomainLatentDataset
 from inference import DEFAULT_LATENT_SIZE
 from latents import LATENT_CHANNELS, PACKED_ARRAY, save_latent
@@ -163,7 +163,7 @@ def video_throughput(cfg, device, decode="preview", num_sources=4, frames_per_tr
         from diffusers import AutoencoderKL  # on first use: its import takes seconds
 
         vae = AutoencoderKL(**SD15_VAE_CONFIG).to(device).eval().requires_grad_(False)
-    scale = cfg["training"]["latent_scale"]
+    space = latent_space(cfg)
     sources = torch.randn(num_sources, LATENT_CHANNELS, latent_size, latent_size) * 5  # [N, 4, h, w] raw
     with torch.no_grad():
         z = torch.randn(2, cfg["model"]["latent_dim"], device=device)
@@ -172,7 +172,7 @@ def video_throughput(cfg, device, decode="preview", num_sources=4, frames_per_tr
     unique = len(torch.unique(sampling.frame_styles(keys, schedule), dim=0))
 
     def frames():
-        return sampling.video_frames(nets["generator"], sources, keys, schedule, scale, vae, None, batch_size, device)
+        return sampling.video_frames(nets["generator"], sources, keys, schedule, space, vae, None, batch_size, device)
 
     synchronize(device)
     start = time.perf_counter()

@@ -13,7 +13,7 @@ import reprlib
 import numpy as np
 import torch
 
-from config import METRIC_KEY, model_kwargs, resolve_config
+from config import METRIC_KEY, latent_space, model_kwargs, resolve_config
 from latents import MAX_LATENT_SIZE, load_error_reason, load_plain, plain_tensor
 from model import EMA_NETS, MIN_LATENT_SIZE, NETS, expected_state
 from runtime import InputError, atomic_write
@@ -157,7 +157,7 @@ class _CheckpointChecker:
         domains = list(cfg["data"]["domains"])
         if ckpt["domains"] != domains:
             self.fail("domains", f"the config's data.domains {domains}", ckpt["domains"])
-        self.latent_shape(ckpt["latent_shape"])
+        self.latent_shape(ckpt["latent_shape"], latent_space(cfg).channels)
         states, params = expected_state(**model_kwargs(cfg))
         for group, nets in (("models", NETS), ("ema", EMA_NETS)):
             self.mapping(group, ckpt[group], nets)
@@ -180,11 +180,11 @@ class _CheckpointChecker:
                 self.rng(f"rng_per_rank.{rank}", state)
         return cfg
 
-    def latent_shape(self, shape):
+    def latent_shape(self, shape, channels):
         if shape is None:  # a Trainer that never trained (no data seen): translation uses the default size
             return
-        expected = f"None or [4, h, w] with {MIN_LATENT_SIZE} <= h, w <= {MAX_LATENT_SIZE}"
-        if not isinstance(shape, (list, tuple)) or len(shape) != 3 or shape[0] != 4 or not all(
+        expected = f"None or [{channels}, h, w] with {MIN_LATENT_SIZE} <= h, w <= {MAX_LATENT_SIZE}"
+        if not isinstance(shape, (list, tuple)) or len(shape) != 3 or shape[0] != channels or not all(
                 isinstance(v, int) and not isinstance(v, bool) and MIN_LATENT_SIZE <= v <= MAX_LATENT_SIZE
                 for v in shape[1:]):
             self.fail("latent_shape", expected, shape)

@@ -7,6 +7,7 @@ in step). `visualization.every_epochs: None` means "absent": visualization then 
 """
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -14,7 +15,8 @@ import re
 
 import yaml
 
-from latents import SD15_LATENT_SCALE, path_component_problem
+from latents import (MAX_DOWNSAMPLE, MAX_FACTOR, MAX_LATENT_CHANNELS, SD15, LatentSpace, check_same_space,
+                     path_component_problem)
 from model import expected_state
 from runtime import AMP_DTYPES, SEED_LIMIT, InputError, atomic_write
 
@@ -40,6 +42,7 @@ DEFAULTS = {
         "mapping_shared_layers": 4,
         "style_encoder_channels": 128,
         "disc_channels": 128,
+        "latent_channels": None,
     },
     "loss": {
         "w_adv": 1.0,
@@ -56,7 +59,9 @@ DEFAULTS = {
         "lr": 1e-4,
         "lr_mapping": 1e-6,
         "weight_decay": 1e-4,
-        "latent_scale": SD15_LATENT_SCALE,
+        "latent_scale": None,
+        "latent_shift": None,
+        "latent_downsample": None,
         "amp_dtype": "bf16",
         "ema_beta": 0.999,
         "num_workers": 4,
@@ -109,6 +114,10 @@ DEFAULTS = {
 # keys whose default is None but which take a value of this type
 OPTIONAL_TYPES = {
     "data.samples_per_epoch": int,
+    "model.latent_channels": int,
+    "training.latent_scale": float,
+    "training.latent_shift": float,
+    "training.latent_downsample": int,
     "training.keep_checkpoints": int,
     "training.cpu_threads": int,
     "evaluation.every_epochs": int,
@@ -136,11 +145,12 @@ UPPER_BOUNDS = {
     "data.samples_per_epoch": 10 ** 8,  # the epoch's index table is ~40 bytes per sample
     "data.synthetic_files_per_domain": 100_000,
     "training.epochs": 10 ** 7, "training.batch_size": 65_536, "training.num_workers": 1024,
-    "training.latent_scale": 100.0,  # SD1.5 0.18215, SDXL 0.13025, SD3 1.5305: raw x scale must stay a number
+    "training.latent_scale": MAX_FACTOR,  # SD1.5 0.18215, SDXL 0.13025, SD3 1.5305: raw x scale must stay a number
+    "training.latent_downsample": MAX_DOWNSAMPLE,
     "evaluation.num_sources": 1_000_000, "evaluation.num_outs": 1000,
 }
 # model keys with a range of their own; any other int key must be positive, a bool or float key of the right type
-MODEL_BOUNDS = {}
+MODEL_BOUNDS = {"latent_channels": (1, MAX_LATENT_CHANNELS)}
 MAX_DOMAINS = 1024
 MAX_PARAMETERS = 2 * 10 ** 9  # G + F + E + D; the default model has about 10M
 
@@ -299,6 +309,8 @@ def check_model(cfg):
     """Each model key by the type of its default: widths and counts are positive ints; a bool or a
     float option is checked by its type alone unless MODEL_BOUNDS names its range."""
     for key, value in cfg["model"].items():
+        if value is None:  # latent_channels: from the data root's manifest (run.py)
+            continue
         low, high = MODEL_BOUNDS.get(key, (1, None) if type(DEFAULTS["model"][key]) is int else (None, None))
         check((low is None or value >= low) and (high is None or value <= high), f"model.{key}", value,
               f"a number from {low} to {high}" if high is not None else f"a positive int")
@@ -316,7 +328,11 @@ def check_training(t):
                 "max_nonfinite_steps"):
         check(t[key] >= 1, f"training.{key}", t[key], "a positive int")
     for key in ("lr", "lr_mapping", "latent_scale"):
-        check(t[key] > 0, f"training.{key}", t[key], "a positive number")
+        check(t[key] is None or t[key] > 0, f"training.{key}", t[key], "a positive number")
+    check(t["latent_shift"] is None or abs(t["latent_shift"]) <= MAX_FACTOR, "training.latent_shift",
+          t["latent_shift"], f"null or a number from {-MAX_FACTOR:g} to {MAX_FACTOR:g}")
+    check(t["latent_downsample"] is None or t["latent_downsample"] >= 1, "training.latent_downsample",
+          t["latent_downsample"], "null or a positive int")
     check(t["weight_decay"] >= 0, "training.weight_decay", t["weight_decay"], "a non-negative number")
     check(0 <= t["ema_beta"] < 1, "training.ema_beta", t["ema_beta"], "a number in [0, 1)")
     check(t["num_workers"] >= 0, "training.num_workers", t["num_workers"], "an int >= 0")
@@ -411,6 +427,31 @@ def compile_modes():
 def model_kwargs(cfg, num_domains=None):
     """build_models(...) keyword arguments from a resolved config."""
     return dict(num_domains=num_domains or len(cfg["data"]["domains"]), **cfg["model"])
+
+
+LATENT_KEYS = {"channels": ("model", "latent_channels"), "scaling_factor": ("training", "latent_scale"),
+               "shift_factor": ("training", "latent_shift"), "downsample": ("training", "latent_downsample")}
+
+
+def latent_space(cfg):
+    """The LatentSpace of a resolved config; a key left null (a checkpoint written before the key
+    existed) takes SD1.5's number."""
+    values = {field: cfg[section][key] for field, (section, key) in LATENT_KEYS.items()}
+    return LatentSpace(**{field: getattr(SD15, field) if v is None else v for field, v in values.items()})
+
+
+def resolve_latent_space(cfg, found, source):
+    """Fill the config's null latent keys from `found` (the data root's LatentSpace, named by
+    `source`, or SD1.5 when None) and return the space. A key set by hand that contradicts `found`
+    is an InputError naming both values."""
+    if found is not None:
+        given = {f: cfg[sec][key] for f, (sec, key) in LATENT_KEYS.items() if cfg[sec][key] is not None}
+        check_same_space(dataclasses.replace(found, **given), found, "config", source)
+    space = found or SD15
+    for field, (section, key) in LATENT_KEYS.items():
+        if cfg[section][key] is None:
+            cfg[section][key] = getattr(space, field)
+    return latent_space(cfg)
 
 
 def visualization_every(cfg):

@@ -20,8 +20,8 @@ import sys
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from latents import (MAX_LISTED, PACKED_ARRAY, content_hash, first_lines, list_latent_files, listed, load_latent_file,
-                     outlier_lines, outliers, report_outliers)
+from latents import (LATENT_CHANNELS, MANIFEST_NAME, MAX_LISTED, PACKED_ARRAY, content_hash, first_lines,
+                     list_latent_files, listed, load_latent_file, outlier_lines, outliers, report_outliers)
 from packing import open_packed_domains, scan_packed
 from runtime import InputError
 
@@ -65,7 +65,8 @@ class MultiDomainLatentDataset(Dataset):
     """
 
     def __init__(self, root, domains, preload_to_gpu=True, device="cuda", samples_per_epoch=None,
-                 seed=0, hflip=False, preload_max_fraction=0.5, reject_outliers=True, log=print, progress=True):
+                 seed=0, hflip=False, preload_max_fraction=0.5, reject_outliers=True, log=print, progress=True,
+                 channels=LATENT_CHANNELS):
         domains = [domains] if isinstance(domains, str) else list(domains)
         if len(domains) < 2 or len(set(domains)) != len(domains):
             raise InputError(f"data.domains must name at least 2 distinct domains (the target domain "
@@ -80,6 +81,7 @@ class MultiDomainLatentDataset(Dataset):
         self.samples_per_epoch = samples_per_epoch
         self.seed = int(seed)
         self.hflip = bool(hflip)
+        self.channels = int(channels)  # the VAE's latent channels (the data root's manifest): every file's C
 
         # packed domains (one memory-mapped array each) or one file per latent, never a mix
         self.shards = open_packed_domains([os.path.join(self.root, d) for d in domains])
@@ -94,6 +96,10 @@ class MultiDomainLatentDataset(Dataset):
             self.files = [[s.path, s.index_path] for s in self.shards]
             self.counts = [len(s) for s in self.shards]
             self.shape = self.shards[0].shape
+            for shard in self.shards:
+                if shard.shape[0] != self.channels:
+                    raise InputError(f"{shard.path} has shape {[len(shard), *shard.shape]}; the run's latent space has "
+                                     f"{self.channels} channels (the data root's {MANIFEST_NAME}, else SD1.5's 4)")
             self.data = self._load_packed(preload_to_gpu, torch.device(device), preload_max_fraction, reject_outliers,
                                           log)  # [N_total, 4, H, W] on the GPU, or None: the maps serve the batches
         self.device = self.data.device if self.data is not None else torch.device("cpu")
@@ -135,7 +141,7 @@ class MultiDomainLatentDataset(Dataset):
         for k, path in enumerate(flat):
             bar.update(1)
             try:
-                latent = load_latent_file(path)  # [4, H, W]
+                latent = load_latent_file(path, self.channels)  # [C, H, W]
             except InputError as err:
                 problems.append(str(err))
                 continue

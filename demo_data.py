@@ -11,7 +11,7 @@ SD1.5 latent space through the least-squares pseudo-inverse of vae.py's preview 
   strength, jittered per sample so each style is a distribution rather than one point.
 
 Domain `i`'s style is a function of `(i, seed)` only; the domain names just label the folders.
-Files hold raw latents (scaled latent / latent_scale), as real encoded data sets do.
+Files hold raw latents (`space.denormalize` of the scaled ones), as real encoded data sets do.
 """
 
 import json
@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from latents import LATENT_CHANNELS, SD15_LATENT_SCALE, write_latent_folders
+from latents import LATENT_CHANNELS, SD15, manifest_path, write_latent_folders, write_manifest
 from runtime import atomic_write
 from vae import PREVIEW_FACTORS
 
@@ -145,12 +145,17 @@ def compose_domain_rgb(index, n, size=32, seed=0):
     return torch.from_numpy(rgb.transpose(0, 3, 1, 2).astype(np.float32)), torch.from_numpy(labels)
 
 
-def rgb_to_scaled_latent(rgb):
-    """[B, 3, H, W] RGB in [-1, 1] -> [B, 4, H, W] scaled latents whose preview is that RGB.
+def rgb_to_scaled_latent(rgb, channels=LATENT_CHANNELS):
+    """[B, 3, H, W] RGB in [-1, 1] -> [B, C, H, W] scaled latents whose preview is that RGB.
 
-    Per pixel, latent = rgb @ pinv(F) with F = PREVIEW_FACTORS [4, 3]; since F has full column
-    rank, pinv(F) @ F = I and latent @ F = rgb exactly (the minimum-norm latent for that colour).
+    Four channels (SD1.5): per pixel, latent = rgb @ pinv(F) with F = PREVIEW_FACTORS [4, 3]; since
+    F has full column rank, pinv(F) @ F = I and latent @ F = rgb exactly (the minimum-norm latent for
+    that colour). Any other width: the RGB in the first channels (up to 3), zeros in the rest.
     """
+    if channels != LATENT_CHANNELS:
+        latent = torch.zeros(rgb.shape[0], channels, *rgb.shape[2:])  # [B, C, H, W]
+        latent[:, :min(3, channels)] = rgb[:, :min(3, channels)]
+        return latent
     inverse = torch.linalg.pinv(PREVIEW_FACTORS.double())  # [3, 4]
     return torch.einsum("brhw,rc->bchw", rgb.double(), inverse).float()  # [B, 4, H, W]
 
@@ -159,9 +164,9 @@ def expected_files(root, domains, files_per_domain):
     return [os.path.join(root, d, f"{d}_{k:05d}.pt") for d in domains for k in range(files_per_domain)]
 
 
-def generate_demo_data(root, domains, files_per_domain=64, size=32, seed=0, latent_scale=SD15_LATENT_SCALE,
-                       log=print):
-    """Write `root/<domain>/<domain>_<k:05d>.pt` raw latents [4, size, size] for every domain; return root.
+def generate_demo_data(root, domains, files_per_domain=64, size=32, seed=0, space=SD15, log=print):
+    """Write `root/<domain>/<domain>_<k:05d>.pt` raw latents [C, size, size] of the LatentSpace `space`
+    for every domain, and the root's latent-space manifest; return root.
 
     Deterministic (same arguments, same bytes) and idempotent: a manifest in `root` records the
     arguments, and when it matches and every file is there nothing is written.
@@ -173,19 +178,20 @@ def generate_demo_data(root, domains, files_per_domain=64, size=32, seed=0, late
         raise ValueError(f"demo data needs files_per_domain >= 1 and size >= 4, got {files_per_domain}, {size}")
     root = str(root)
     manifest = dict(version=DEMO_DATA_VERSION, domains=domains, files_per_domain=int(files_per_domain),
-                    size=int(size), seed=int(seed), latent_scale=float(latent_scale))
-    manifest_path = os.path.join(root, MANIFEST_NAME)
+                    size=int(size), seed=int(seed), latent_scale=space.scaling_factor,
+                    **({} if space == SD15 else {"latent_space": space.to_dict()}))
+    demo_manifest = os.path.join(root, MANIFEST_NAME)
     files = expected_files(root, domains, files_per_domain)
-    if os.path.isfile(manifest_path):
-        with open(manifest_path) as f:
+    if os.path.isfile(demo_manifest):
+        with open(demo_manifest) as f:
             try:
                 previous = json.load(f)
             except json.JSONDecodeError:
                 previous = None
-        if previous == manifest and all(os.path.isfile(p) for p in files):
+        if previous == manifest and all(os.path.isfile(p) for p in files) and os.path.isfile(manifest_path(root)):
             log(f"demo data: reusing {len(domains)} domains x {files_per_domain} latents in {root}")
             return root
-        os.remove(manifest_path)  # written again last, so an interrupted run regenerates
+        os.remove(demo_manifest)  # written again last, so an interrupted run regenerates
 
     start = time.perf_counter()
     for index, domain in enumerate(domains):
@@ -198,10 +204,11 @@ def generate_demo_data(root, domains, files_per_domain=64, size=32, seed=0, late
             if pattern.fullmatch(name) and name not in keep:
                 os.remove(os.path.join(folder, name))
         rgb, _ = compose_domain_rgb(index, files_per_domain, size, seed)  # [n, 3, H, W]
-        raw = rgb_to_scaled_latent(rgb) / latent_scale  # [n, 4, H, W] raw, as on disk for real data
+        raw = space.denormalize(rgb_to_scaled_latent(rgb, space.channels))  # [n, C, H, W] raw, as on disk for real data
         write_latent_folders(root, {domain: raw}, stem="{domain}_{index:05d}")
+    write_manifest(root, space, vae_source="demo_data.py (synthetic)", image_size=size * space.downsample)
     text = json.dumps(manifest, indent=2).encode()
-    atomic_write(manifest_path, lambda f: f.write(text))
-    log(f"demo data: wrote {len(domains)} domains x {files_per_domain} latents [{LATENT_CHANNELS}, {size}, {size}] "
+    atomic_write(demo_manifest, lambda f: f.write(text))
+    log(f"demo data: wrote {len(domains)} domains x {files_per_domain} latents [{space.channels}, {size}, {size}] "
         f"to {root} (seed {seed}) in {time.perf_counter() - start:.1f}s")
     return root

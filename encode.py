@@ -1,12 +1,14 @@
-"""Images -> raw SD1.5 VAE latents: prepares `data.root`.
+"""Images -> raw VAE latents: prepares `data.root`.
 
     python encode.py --input images/photo --output ../../latent-256/photo \\
         --vae stabilityai/sd-vae-ft-mse --size 256
 
 Every image under --input (searched recursively; subfolders are mirrored under --output) is
 converted to RGB, centre-cropped to a square, resized to --size (bicubic), scaled to [-1, 1] and
-encoded by a diffusers `AutoencoderKL`. Each becomes one float32 file `<stem>.pt` or `<stem>.npy`
+encoded by a diffusers `AutoencoderKL` or `AutoencoderDC`. Each becomes one float32 file `<stem>.pt` or `<stem>.npy`
 holding the raw, unscaled posterior mode `[C, size/f, size/f]` (`[4, 32, 32]` for SD1.5 at 256px).
+The data root (--output, or its parent when --output is one domain's folder) gets `latent_space.json`:
+the VAE, its channels, scaling and shift factors and downsampling, which training reads.
 
 Images whose shorter side is under --size / 4 are refused (upscaling them would invent the
 picture), as the app refuses such uploads; what encoding changed (upscaled, grayscale used as RGB,
@@ -36,7 +38,8 @@ import torch
 from tqdm import tqdm
 
 from arguments import bounded
-from latents import file_stem, save_latent
+from latents import (LatentSpace, check_same_space, file_stem, manifest_path, read_manifest, save_latent,
+                     vae_config_sha256, write_manifest)
 from packing import PACK_DTYPES, PackWriter, check_names
 from runtime import AMP_DTYPES, InputError, resolve_device, run_script
 from vae import IMAGE_EXTENSIONS, encode_raw, inspect_image, load_image, open_vae, to_model_input, vae_downsample_factor
@@ -53,7 +56,7 @@ def parse_args(argv=None):
                     "a rerun finishes an interrupted job.")
     parser.add_argument("--input", required=True, help="folder of images (" + ", ".join(IMAGE_EXTENSIONS) + ")")
     parser.add_argument("--output", required=True, help="folder for the latent files (created if missing)")
-    parser.add_argument("--vae", required=True, help="diffusers AutoencoderKL: local folder or hub id")
+    parser.add_argument("--vae", required=True, help="diffusers AutoencoderKL or AutoencoderDC: local folder or hub id")
     parser.add_argument("--vae-subfolder", default=None,
                         help="subfolder of --vae holding the VAE ('vae' for a full Stable Diffusion pipeline)")
     parser.add_argument("--size", type=bounded(int, 8, 8192), default=256,
@@ -250,6 +253,33 @@ def encode_packed(vae, images, input_dir, output_dir, latent_shape, args, device
     return [job for folder_jobs in jobs.values() for job in folder_jobs], failures, changed
 
 
+def data_root(output_dir, images):
+    """The data root the outputs belong to: --output itself when every image sits in a subfolder
+    (one per domain, mirrored), else its parent (--output is one domain's folder)."""
+    top_level = any(os.path.dirname(rel_stem) == "" for _, rel_stem in images)
+    return os.path.dirname(os.path.abspath(output_dir)) if top_level else os.path.abspath(output_dir)
+
+
+def record_latent_space(vae, args, root):
+    """The data root's manifest (latents.MANIFEST_NAME): written when the root has none; a root whose
+    manifest names another latent space is refused before anything is encoded (one root, one VAE)."""
+    space, found = LatentSpace.from_vae(vae), read_manifest(root)
+    details = dict(vae_source=str(args.vae), vae_subfolder=args.vae_subfolder, vae_class=type(vae).__name__,
+                   vae_config_sha256=vae_config_sha256(vae), image_size=args.size, dtype=args.dtype,
+                   posterior="sample" if args.sample and type(vae).__name__ == "AutoencoderKL" else "mode")
+    if found is None:
+        os.makedirs(root, exist_ok=True)
+        write_manifest(root, space, **details)
+        print(f"latent space: {space.describe()} ({type(vae).__name__}), recorded in {manifest_path(root)}",
+              flush=True)
+        return
+    check_same_space(space, found[0], f"VAE {args.vae!r}", f"data root's {manifest_path(root)}",
+                     "--vae: encode into another data root: ")
+    if found[1].get("vae_config_sha256") not in (None, details["vae_config_sha256"]):
+        print(f"warning: {manifest_path(root)} records another VAE config ({found[1].get('vae_source')!r}) with the "
+              "same latent space; latents of both go into one data set", flush=True)
+
+
 def run(args):
     input_dir = os.path.expanduser(args.input)
     output_dir = os.path.expanduser(args.output)
@@ -269,11 +299,12 @@ def run(args):
     if not args.vae_subfolder and os.path.isdir(os.path.join(os.path.expanduser(args.vae), "vae")):
         hint = "\n  it has a 'vae' subfolder: for a full Stable Diffusion pipeline add --vae-subfolder vae"
     # any latent width: the latents' shape is the VAE's, [C, size/f, size/f]
-    vae = open_vae(args.vae, args.vae_subfolder, device, AMP_DTYPES[args.dtype], hint=hint, channels=None)
+    vae = open_vae(args.vae, args.vae_subfolder, device, AMP_DTYPES[args.dtype], hint=hint)
     factor = vae_downsample_factor(vae)
     if args.size % factor:
         raise InputError(f"--size {args.size} is not divisible by the VAE's downsampling factor {factor} "
                          f"(e.g. use {max(factor, args.size // factor * factor)})")
+    record_latent_space(vae, args, data_root(output_dir, images))
 
     latent_shape = [vae.config.latent_channels, args.size // factor, args.size // factor]
     mode = f"{'posterior sample' if args.sample else 'posterior mode'}, {device}, {args.dtype}"

@@ -27,10 +27,11 @@ from tqdm import tqdm
 
 from arguments import bounded
 from checkpoint import load_checkpoint
-from config import parse_metrics
+from config import latent_space, parse_metrics
 from dataset import MultiDomainLatentDataset
 from display import WorkProgress
 from inference import beside_checkpoint, networks_from_checkpoint
+from latents import check_root_space
 from metrics import PREVIEW_DECODE, Evaluator, format_table
 from runtime import AMP_DTYPES, InputError, atomic_write, check_seed, output_folder, resolve_device, script_main
 
@@ -92,11 +93,13 @@ def parse_args(argv=None):
     return args
 
 
-def read_domains(root, domains, flag):
-    """({domain: raw latents [N, 4, h, w]}, {domain: a hash of its content}, [4, h, w]) from
-    root/<domain>/."""
+def read_domains(root, domains, flag, space):
+    """({domain: raw latents [N, C, h, w]}, {domain: a hash of its content}, [C, h, w]) from
+    root/<domain>/, whose manifest (if any) must name the checkpoint's LatentSpace `space`."""
+    check_root_space(root, space, f"{flag} {root!r}: ")
     try:  # outliers (max |value| > 1e3) are refused, naming each file, as training does
-        ds = MultiDomainLatentDataset(root, domains, preload_to_gpu=False, device="cpu", log=lambda *a: None)
+        ds = MultiDomainLatentDataset(root, domains, preload_to_gpu=False, device="cpu", log=lambda *a: None,
+                                      channels=space.channels)
     except FileNotFoundError as e:
         raise InputError(f"{flag} {root!r}: {e}; the checkpoint's domains are {', '.join(domains)}") from None
     return ds.by_domain(), ds.content_ids(), list(ds.shape)
@@ -118,14 +121,14 @@ def read_data(args, cfg):
     each other's, before any work."""
     domains, trained_on = list(cfg["data"]["domains"]), cfg["latent_shape"]
     data_root = args.data_root or cfg["data"]["root"]
-    real, real_ids, real_shape = read_domains(data_root, domains, "--data-root")
+    real, real_ids, real_shape = read_domains(data_root, domains, "--data-root", latent_space(cfg))
     if trained_on and real_shape != list(trained_on):
         raise InputError(f"--data-root {data_root!r} holds latents of shape {real_shape}; the checkpoint was trained "
                          f"on {list(trained_on)}: evaluate with data of the training size")
     if not args.source_root:
         return real, real, real_ids, "the training latents (not held out: the protocol wants a held-out split, " \
                                      "--source-root)"
-    sources, _, source_shape = read_domains(args.source_root, domains, "--source-root")
+    sources, _, source_shape = read_domains(args.source_root, domains, "--source-root", latent_space(cfg))
     if source_shape != real_shape:
         raise InputError(f"--source-root {args.source_root!r} holds latents of shape {source_shape}, --data-root "
                          f"{data_root!r} of shape {real_shape}: FIDs of translations of another size than the reals "
@@ -144,8 +147,8 @@ def evaluate(args, ckpt, cfg, nets, device, out):
     dtype = AMP_DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     evaluator = Evaluator.load(vae_path, subfolder, args.inception_weights or e["inception_weights"],
                                args.lpips_weights or e["lpips_weights"], device, amp_dtype=dtype,
-                               batch_size=args.batch_size, metrics=args.metrics,
-                               preview_scale=cfg["training"]["latent_scale"] if args.preview_decode else None,
+                               batch_size=args.batch_size, metrics=args.metrics, space=latent_space(cfg),
+                               preview=args.preview_decode,
                                cache_dir=None if args.no_cache else os.path.join(
                                    os.path.dirname(os.path.abspath(args.checkpoint)), "eval_cache"))  # training's too
     print(f"evaluating {args.checkpoint} (epoch {ckpt['epoch']}, step {ckpt['step']}) on {device}: "
@@ -154,7 +157,7 @@ def evaluate(args, ckpt, cfg, nets, device, out):
         print(f"--preview-decode: {PREVIEW_DECODE}", flush=True)
     progress = WorkProgress("evaluating", "bar")
     try:
-        results = evaluator(nets, domains, real, sources, cfg["training"]["latent_scale"], cfg["model"]["latent_dim"],
+        results = evaluator(nets, domains, real, sources, latent_space(cfg), cfg["model"]["latent_dim"],
                             num_outs=args.num_outs, max_sources=args.max_sources, seed=args.seed, real_ids=real_ids,
                             log=lambda line: tqdm.write("  " + line), progress=progress)
     finally:

@@ -24,12 +24,13 @@ import sys
 
 import torch
 
+from arguments import bounded
 from checkpoint import load_checkpoint
+from config import latent_space
 from exporting import (FORMATS, GRAPHS, MIN_REFERENCE_SIZE, Decoder, build_graphs, export_program, max_abs_diff,
                        metadata_for, onnx_bytes, pt2_bytes, random_inputs, require_onnx_packages)
 from inference import (beside_checkpoint, domain_index, mean_style, networks_from_checkpoint, training_latent_size,
                        vae_source)
-from arguments import bounded
 from runtime import InputError, atomic_write, check_output_folder, check_seed, run_script
 from vae import decode, open_vae, vae_downsample_factor
 
@@ -92,33 +93,34 @@ def decoder_vae(cfg, path, subfolder):
     if not path:
         raise InputError("--with-decoder needs a VAE: pass --vae (a diffusers AutoencoderKL folder or hub id); the "
                          "checkpoint's visualization.vae_path is not set")
-    return open_vae(path, subfolder, what="--with-decoder: ")
+    return open_vae(path, subfolder, what="--with-decoder: ", space=latent_space(cfg))
 
 
 @torch.no_grad()
 def eager_output(cfg, nets, vae, ids, graph, inputs):
     """What the eager EMA networks give for the exported graph's inputs, the way translate.py runs
-    them: checkpoint domain ids, the latent scale around the networks, psi toward inference's mean style."""
+    them: checkpoint domain ids, the latent space's normalisation around the networks, psi toward
+    inference's mean style."""
     if graph == "decoder":
         return decode(vae, inputs[0])
-    scale, latent_dim = cfg["training"]["latent_scale"], cfg["model"]["latent_dim"]
-    content, domain = inputs[0] * scale, torch.as_tensor(ids)[inputs[1]]  # [B, 4, H, W] scaled, [B] checkpoint ids
+    space, latent_dim = latent_space(cfg), cfg["model"]["latent_dim"]
+    content, domain = space.normalize(inputs[0]), torch.as_tensor(ids)[inputs[1]]  # [B, C, H, W], [B] checkpoint ids
     if graph == "latent_guided":
         z, psi = inputs[2], inputs[3][:, None]  # [B, L], [B, 1]
         means = [mean_style(nets["mapping_network"], i, latent_dim) for i in range(len(cfg["data"]["domains"]))]
         mean = torch.cat(means)[domain]  # [B, S]
         s = mean + psi * (nets["mapping_network"](z, domain) - mean)  # [B, S]
     else:
-        s = nets["style_encoder"](inputs[2] * scale, domain)  # [B, S]
-    return nets["generator"](content, s) / scale  # [B, 4, H, W] raw
+        s = nets["style_encoder"](space.normalize(inputs[2]), domain)  # [B, S]
+    return space.denormalize(nets["generator"](content, s))  # [B, C, H, W] raw
 
 
-def verify_cases(graph, size, num_domains, latent_dim, seed):
+def verify_cases(graph, size, num_domains, latent_dim, seed, channels):
     """Random inputs: batch 1 and 3 at the training size, batch 2 at another (H != W) size."""
     generator = torch.Generator().manual_seed(seed)
     ref = max(size, MIN_REFERENCE_SIZE)
     shapes = ((1, (size, size), ref), (3, (size, size), ref), (2, (size + 8, size + 16), (ref + 8, ref)))
-    return [random_inputs(graph, batch, hw, num_domains, latent_dim, generator, ref_hw)
+    return [random_inputs(graph, batch, hw, num_domains, latent_dim, generator, ref_hw, channels)
             for batch, hw, ref_hw in shapes]
 
 
@@ -162,9 +164,10 @@ def run(args):
                                                 "downsample_factor": vae_downsample_factor(vae)}
         metadata = metadata_for(cfg, graph, domains, ckpt, size, source=os.path.basename(args.checkpoint), **extra)
         example = random_inputs(graph, EXAMPLE_BATCH, size, len(ids), cfg["model"]["latent_dim"], generator,
-                                max(size, MIN_REFERENCE_SIZE))
+                                max(size, MIN_REFERENCE_SIZE), latent_space(cfg).channels)
         program = export_program(module, graph, example)
-        cases = verify_cases(graph, size, len(ids), cfg["model"]["latent_dim"], args.seed) if args.verify else []
+        cases = verify_cases(graph, size, len(ids), cfg["model"]["latent_dim"], args.seed,
+                             latent_space(cfg).channels) if args.verify else []
         expected = [eager_output(cfg, nets, vae, ids, graph, inputs) for inputs in cases]
         for fmt in args.formats:
             data = onnx_bytes(program, graph, metadata) if fmt == "onnx" else pt2_bytes(program, metadata)

@@ -21,7 +21,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from config import model_kwargs
+from config import latent_space, model_kwargs
 from inference import MEAN_STYLE_SAMPLES, mean_style
 from latents import LATENT_CHANNELS
 from model import build_models
@@ -41,42 +41,43 @@ class LatentGuided(nn.Module):
     """G(content, F(z, domain)) with StarGAN v2's truncation: s = s_mean + psi * (s - s_mean), the
     domain's mean style s_mean = F averaged over MEAN_STYLE_SAMPLES fixed z (baked in)."""
 
-    def __init__(self, generator, mapping_network, mean_styles, latent_scale):
+    def __init__(self, generator, mapping_network, mean_styles, space):
         super().__init__()
-        self.generator, self.mapping_network, self.latent_scale = generator, mapping_network, latent_scale
+        self.generator, self.mapping_network, self.space = generator, mapping_network, space
         self.register_buffer("mean_styles", mean_styles)  # [N, S]
 
     def forward(self, content, domain, z, psi):
         s = self.mapping_network(z, domain)  # [B, S]
         s = torch.lerp(self.mean_styles[domain], s, psi[:, None])  # [B, S]
-        fake = self.generator(content * self.latent_scale, s)  # [B, 4, H, W] scaled
-        return fake / self.latent_scale  # [B, 4, H, W] raw
+        fake = self.generator(self.space.normalize(content), s)  # [B, C, H, W] normalised
+        return self.space.denormalize(fake)  # [B, C, H, W] raw
 
 
 class ReferenceGuided(nn.Module):
     """G(content, E(reference, domain)): the style of a reference latent of the target domain."""
 
-    def __init__(self, generator, style_encoder, latent_scale):
+    def __init__(self, generator, style_encoder, space):
         super().__init__()
-        self.generator, self.style_encoder, self.latent_scale = generator, style_encoder, latent_scale
+        self.generator, self.style_encoder, self.space = generator, style_encoder, space
 
     def forward(self, content, domain, reference):
-        s = self.style_encoder(reference * self.latent_scale, domain)  # [B, S]
-        fake = self.generator(content * self.latent_scale, s)  # [B, 4, H, W] scaled
-        return fake / self.latent_scale  # [B, 4, H, W] raw
+        s = self.style_encoder(self.space.normalize(reference), domain)  # [B, S]
+        fake = self.generator(self.space.normalize(content), s)  # [B, C, H, W] normalised
+        return self.space.denormalize(fake)  # [B, C, H, W] raw
 
 
 class Decoder(nn.Module):
-    """The VAE's decode on raw latents, [B, 4, h, w] -> RGB [B, 3, h*f, w*f] in [0, 1], as vae.decode:
-    AutoencoderKL's post_quant_conv and decoder alone (an exported program keeps every parameter of
-    its module, and the encoder would double the file)."""
+    """The VAE's decode on raw latents, [B, C, h, w] -> RGB [B, 3, h*f, w*f] in [0, 1], as vae.decode:
+    AutoencoderKL's post_quant_conv and decoder alone, AutoencoderDC's decoder (an exported program
+    keeps every parameter of its module, and the encoder would double the file)."""
 
     def __init__(self, vae):
         super().__init__()
-        self.post_quant_conv, self.decoder = vae.post_quant_conv, vae.decoder  # post_quant_conv may be None
+        self.post_quant_conv = getattr(vae, "post_quant_conv", None)  # None: DC-AE, or a KL without one
+        self.decoder = vae.decoder
 
     def forward(self, latent):
-        h = self.post_quant_conv(latent) if self.post_quant_conv is not None else latent  # [B, 4, h, w]
+        h = self.post_quant_conv(latent) if self.post_quant_conv is not None else latent  # [B, C, h, w]
         return (self.decoder(h) / 2 + 0.5).clamp(0, 1)  # [B, 3, H, W]: [-1, 1] -> [0, 1]
 
 
@@ -101,10 +102,10 @@ def build_graphs(cfg, nets, ids):
     """{graph name: eval module} for the domains `ids` (checkpoint ids; exported id k = ids[k]), from
     the EMA networks `nets`."""
     mapping, encoder = keep_domains(cfg, nets, ids)
-    latent_dim, latent_scale = cfg["model"]["latent_dim"], cfg["training"]["latent_scale"]
+    latent_dim, space = cfg["model"]["latent_dim"], latent_space(cfg)
     mean_styles = torch.cat([mean_style(nets["mapping_network"], i, latent_dim) for i in ids])  # [n, S]
-    return {"latent_guided": LatentGuided(nets["generator"], mapping, mean_styles, latent_scale).eval(),
-            "reference_guided": ReferenceGuided(nets["generator"], encoder, latent_scale).eval()}
+    return {"latent_guided": LatentGuided(nets["generator"], mapping, mean_styles, space).eval(),
+            "reference_guided": ReferenceGuided(nets["generator"], encoder, space).eval()}
 
 
 # ---------------------------------------------------------------------- inputs
@@ -118,10 +119,11 @@ def output_name(graph):
     return "image" if graph == "decoder" else "translated"
 
 
-def random_inputs(graph, batch, size, num_domains, latent_dim, generator, reference_size=None):
+def random_inputs(graph, batch, size, num_domains, latent_dim, generator, reference_size=None,
+                  channels=LATENT_CHANNELS):
     """Inputs of `graph` with a raw latent's spread (std ~5), psi cycling through 1, 0.5, 0."""
     def latent(s):
-        return torch.randn(batch, LATENT_CHANNELS, *s, generator=generator) * 5  # [B, 4, h, w] raw
+        return torch.randn(batch, channels, *s, generator=generator) * 5  # [B, C, h, w] raw
 
     size = (size, size) if isinstance(size, int) else tuple(size)
     if graph == "decoder":
@@ -248,8 +250,9 @@ def max_abs_diff(a, b):
 def metadata_for(cfg, graph, domains, ckpt, latent_size, **extra):
     """The record every file carries: what a consumer needs to feed and read the graph."""
     record = {"graph": graph, "inputs": input_names(graph), "output": output_name(graph), "domains": list(domains),
-              "latent_shape": [LATENT_CHANNELS, latent_size, latent_size],
+              "latent_shape": [latent_space(cfg).channels, latent_size, latent_size],
               "latent_scale": cfg["training"]["latent_scale"],
+              "latent_space": latent_space(cfg).to_dict(),  # the graphs take and return raw latents of this VAE
               "style_dim": cfg["model"]["style_dim"], "latent_dim": cfg["model"]["latent_dim"],
               "psi_range": [0.0, 1.0], "mean_style_samples": MEAN_STYLE_SAMPLES,
               "min_content_size": MIN_CONTENT_SIZE, "min_reference_size": MIN_REFERENCE_SIZE,

@@ -3,7 +3,8 @@ nanoGPT's `model_args`) and translate latents with them, latent-guided (a style 
 mapping network F) or reference-guided (a style from a reference latent through the style encoder E).
 Shared by translate.py, the evaluation protocol and the app, so all three translate alike.
 
-Latents outside are raw; the networks see `raw * latent_scale`, and outputs are divided back.
+Latents outside are raw; the networks see `space.normalize(raw)` (latents.LatentSpace), and outputs
+go back through `space.denormalize`.
 """
 
 import math
@@ -13,11 +14,11 @@ import weakref
 import torch
 
 from checkpoint import load_checkpoint
-from config import model_kwargs, resolve_config
-from latents import LATENT_CHANNELS, file_stem
+from config import latent_space, model_kwargs, resolve_config
+from latents import file_stem
 from model import EMA_NETS, build_models
 from runtime import InputError
-from vae import as_space, load_preview_vae, load_vae_or_preview
+from vae import load_preview_vae, load_vae_or_preview
 
 MEAN_STYLE_SAMPLES = 10000  # z draws averaged into a domain's mean style for psi (StarGAN v2's count)
 MEAN_STYLE_SEED = 0  # fixed: the mean style is a property of the model, not of the caller's seed
@@ -27,7 +28,7 @@ _mean_styles = weakref.WeakKeyDictionary()  # mapping network -> {domain id: mea
 
 def load_networks(path, device):
     """Checkpoint file -> (resolved config, {generator, mapping_network, style_encoder} with the EMA
-    weights, in eval mode). `cfg["latent_shape"]` is the [4, h, w] trained on (None in a
+    weights, in eval mode). `cfg["latent_shape"]` is the [C, h, w] trained on (None in a
     checkpoint saved before any data was seen). InputError naming the file and key for anything else."""
     return networks_from_checkpoint(load_checkpoint(path), path, device)
 
@@ -61,9 +62,9 @@ def vae_source(cfg, path=None, subfolder=None):
 def open_vae_for(cfg, path=None, subfolder=None, device="cpu"):
     """The VAE for pictures and image inputs of a checkpoint's model (`vae_source`), or None (linear
     latent preview) when none loads; and the lines saying why (or of a download). A VAE of another
-    latent width than the model's is an InputError."""
+    latent space than the checkpoint's is an InputError naming both."""
     lines = []
-    vae = load_vae_or_preview(*vae_source(cfg, path, subfolder), device, lines.append, channels=LATENT_CHANNELS,
+    vae = load_vae_or_preview(*vae_source(cfg, path, subfolder), device, lines.append, space=latent_space(cfg),
                               origin="--vae" if path else "the checkpoint's visualization.vae_path")
     return vae, lines
 
@@ -74,7 +75,7 @@ def open_preview_for(cfg, path=None, device="cpu"):
     lines = []
     origin = "--preview-vae" if path else "the checkpoint's visualization.preview_vae"
     path = path or cfg["visualization"].get("preview_vae")
-    tiny = load_preview_vae(path, as_space(cfg["training"]["latent_scale"]), device, lines.append, origin=origin)
+    tiny = load_preview_vae(path, latent_space(cfg), device, lines.append, origin=origin)
     return tiny, lines
 
 
@@ -139,27 +140,27 @@ def mean_style(mapping_network, domain_id, latent_dim, device="cpu"):
 
 
 @torch.no_grad()
-def reference_styles(style_encoder, refs_raw, domain_id, latent_scale, batch_size=16, device="cpu"):
+def reference_styles(style_encoder, refs_raw, domain_id, space, batch_size=16, device="cpu"):
     """E of each raw reference latent for the target domain (reference-guided synthesis), in
     chunks. [M, S]"""
     styles = []
     for chunk in refs_raw.split(batch_size):
-        chunk = chunk.to(device).float() * latent_scale  # [b, 4, h, w] scaled
+        chunk = space.normalize(chunk.to(device).float())  # [b, C, h, w] normalised
         y = torch.full((chunk.shape[0],), domain_id, dtype=torch.long, device=device)
         styles.append(style_encoder(chunk, y))  # [b, S]
     return torch.cat(styles)
 
 
 @torch.no_grad()
-def translate_raw(generator, content_raw, styles, latent_scale, device="cpu"):
-    """G(content, s) on raw latents: content [b, 4, h, w] raw and styles [b, S] -> raw outputs
-    [b, 4, h, w] float32 on `device`. The generator sees `raw * latent_scale`."""
-    x = content_raw.to(device).float() * latent_scale  # [b, 4, h, w] scaled
-    return generator(x, styles).float() / latent_scale  # [b, 4, h, w] raw
+def translate_raw(generator, content_raw, styles, space, device="cpu"):
+    """G(content, s) on raw latents: content [b, C, h, w] raw and styles [b, S] -> raw outputs
+    [b, C, h, w] float32 on `device`. The generator sees `space.normalize(raw)`."""
+    x = space.normalize(content_raw.to(device).float())  # [b, C, h, w] normalised
+    return space.denormalize(generator(x, styles).float())  # [b, C, h, w] raw
 
 
 @torch.no_grad()
-def translate_pairs(generator, sources_raw, styles, latent_scale, batch_size=16, device="cpu"):
+def translate_pairs(generator, sources_raw, styles, space, batch_size=16, device="cpu"):
     """Every (source i, style k) pair, flattened as i * K + k and run in chunks of `batch_size`.
     Yields (pair indices [b], raw outputs [b, 4, h, w] on the CPU): one host transfer per chunk, so a
     caller can write outputs as they come."""
@@ -167,7 +168,7 @@ def translate_pairs(generator, sources_raw, styles, latent_scale, batch_size=16,
     pairs = torch.arange(sources_raw.shape[0] * num_styles)
     for chunk in pairs.split(batch_size):
         raw = translate_raw(generator, sources_raw[chunk // num_styles], styles[(chunk % num_styles).to(styles.device)],
-                            latent_scale, device)  # [b, 4, h, w]
+                            space, device)  # [b, C, h, w]
         yield chunk, check_finite_outputs(raw.cpu())
 
 
@@ -182,15 +183,15 @@ def check_finite_outputs(raw):
 
 
 @torch.no_grad()
-def grid_cells(generator, mapping_network, style_encoder, sources_raw, refs_raw, domains, latent_scale, latent_dim,
+def grid_cells(generator, mapping_network, style_encoder, sources_raw, refs_raw, domains, space, latent_dim,
                seed=0, device="cpu"):
     """The training grid's cells: one source and one reference per domain (raw [N, 4, h, w] each),
     every source translated to every domain. Rows: sources x latent-guided (one fixed z per domain),
     the references, sources x reference-guided; columns: the source, then each domain. Returns
     (raw latents [(2N+1)*(N+1), 4, h, w] on the CPU with NaN in the blank corner, row labels)."""
     n = len(domains)
-    src = sources_raw.to(device).float() * latent_scale  # [N, 4, h, w]
-    refs = refs_raw.to(device).float() * latent_scale
+    src = space.normalize(sources_raw.to(device).float())  # [N, C, h, w]
+    refs = space.normalize(refs_raw.to(device).float())
     z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(int(seed))).to(device)  # fixed z
     y = torch.arange(n, device=device)
     s_lat, s_ref = mapping_network(z, y), style_encoder(refs, y)  # [N, S]: style of domain j
@@ -201,4 +202,4 @@ def grid_cells(generator, mapping_network, style_encoder, sources_raw, refs_raw,
     rows.append(torch.cat([torch.full_like(src[:1], float("nan")), refs]))
     rows += [torch.cat([src[i:i + 1], ref[i]]) for i in range(n)]
     labels = [f"{d} (latent)" for d in domains] + ["references"] + [f"{d} (ref)" for d in domains]
-    return (torch.cat(rows) / latent_scale).float().cpu(), labels
+    return space.denormalize(torch.cat(rows)).float().cpu(), labels

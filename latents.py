@@ -11,6 +11,8 @@ Anything unexpected is an InputError naming the file by its full path.
 import dataclasses
 import hashlib
 import io
+import json
+import math
 import os
 import re
 import warnings
@@ -94,7 +96,7 @@ def list_latent_files(folder):
                    if name.endswith(LATENT_SUFFIXES) and os.path.isfile(os.path.join(folder, name)))
     if not files:
         raise InputError(f"domain folder is empty: {folder} (expected *.pt or *.npy latent files "
-                         f"of shape [4, H, W] or [1, 4, H, W])")
+                         f"of shape [C, H, W] or [1, C, H, W])")
     return [os.path.join(folder, name) for name in files]
 
 
@@ -137,27 +139,38 @@ def write_latent_folders(root, latents, stem="{index:05d}", suffix=".pt"):
     return paths
 
 
-def check_latent_shape(path, shape):
-    """[4, H, W] or [1, 4, H, W] with MIN_LATENT_SIZE <= H, W <= MAX_LATENT_SIZE, else InputError."""
+MAX_LATENT_CHANNELS = 256  # far beyond any VAE (SD1.5 4, SD3 / FLUX.1 16, DC-AE 32 to 128)
+
+
+def latent_expectation(channels):
+    """What a latent file must hold, for error messages."""
+    return (f"expected a float tensor of shape [{channels}, H, W] or [1, {channels}, H, W] (a VAE latent of "
+            f"{channels} channels)")
+
+
+def check_latent_shape(path, shape, channels=LATENT_CHANNELS):
+    """[C, H, W] or [1, C, H, W] with C = `channels` and MIN_LATENT_SIZE <= H, W <= MAX_LATENT_SIZE,
+    else InputError."""
     shape = list(shape)
-    expected = "expected a float tensor of shape [4, H, W] or [1, 4, H, W] (an SD VAE latent)"
+    expected = latent_expectation(channels)
     if len(shape) == 4 and shape[0] == 1:
         shape = shape[1:]
-    if len(shape) != 3 or shape[0] != LATENT_CHANNELS:
+    if len(shape) != 3 or shape[0] != channels:
         raise InputError(f"{path} has shape {shape}; {expected}")
     if not all(MIN_LATENT_SIZE <= side <= MAX_LATENT_SIZE for side in shape[1:]):
         raise InputError(f"{path} has shape {shape}: a latent's H and W must be from {MIN_LATENT_SIZE} (the "
                          f"networks halve them {MIN_LATENT_SIZE.bit_length() - 1} times) to {MAX_LATENT_SIZE}")
 
 
-def load_latent_file(path):
-    """One latent file -> CPU float tensor [4, H, W] (dtype as stored); InputError naming `path`.
+def load_latent_file(path, channels=LATENT_CHANNELS):
+    """One latent file -> CPU float tensor [C, H, W] (dtype as stored, C = `channels`); InputError
+    naming `path`.
 
     Shape, size and dtype are checked here, where files enter the program (a .npy's from its header,
     before its data is read); finiteness is checked once on the assembled float32 tensor (one
     vectorised pass, which also catches float64 values that overflow float32).
     """
-    expected = "expected a float tensor of shape [4, H, W] or [1, 4, H, W] (an SD VAE latent)"
+    expected = latent_expectation(channels)
     if path.endswith(".npy"):
         try:  # memory-mapped: the header's shape is checked before a byte of data is read
             array = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -168,7 +181,7 @@ def load_latent_file(path):
             raise InputError(f"{path} holds {type(array).__name__}, not a single array; {expected}")
         if not np.issubdtype(array.dtype, np.floating):
             raise InputError(f"{path} has dtype {array.dtype}; {expected}")
-        check_latent_shape(path, array.shape)
+        check_latent_shape(path, array.shape, channels)
         with np.errstate(over="ignore"):  # float64 beyond float32's range: caught as inf below
             latent = torch.from_numpy(np.array(array, dtype=np.float32))
     else:
@@ -185,15 +198,15 @@ def load_latent_file(path):
             raise InputError(f"{path} holds {kind}; {expected}")
         if not latent.is_floating_point() or latent.is_complex():
             raise InputError(f"{path} has dtype {latent.dtype} and layout {latent.layout}; {expected}")
-        check_latent_shape(path, latent.shape)
+        check_latent_shape(path, latent.shape, channels)
         latent = latent.detach()
-    return latent.reshape(latent.shape[-3:])  # [4, H, W]
+    return latent.reshape(latent.shape[-3:])  # [C, H, W]
 
 
-def read_latent(path):
-    """One latent file to translate: float32 [4, H, W], finite, no outlier; InputError naming the
+def read_latent(path, channels=LATENT_CHANNELS):
+    """One latent file to translate: float32 [C, H, W], finite, no outlier; InputError naming the
     file otherwise. (Training checks all its data at once instead.)"""
-    latent = load_latent_file(path).float()  # [4, H, W]
+    latent = load_latent_file(path, channels).float()  # [C, H, W]
     if not torch.isfinite(latent).all():
         raise InputError(f"{path} holds non-finite values (NaN or inf)")
     found = outliers(latent[None], [path])
@@ -325,6 +338,8 @@ def content_hash(tensor):
     return digest.hexdigest()
 
 SD15_LATENT_SCALE = 0.18215  # the SD1.5 VAE's scaling_factor: scaled latents have roughly unit std
+MAX_DOWNSAMPLE = 256  # image pixels per latent position: 8 for the SD VAEs, 32 to 128 for DC-AE
+MAX_FACTOR = 100.0  # |scaling_factor| and |shift_factor|: SD1.5 0.18215, SDXL 0.13025, SD3 1.5305
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,5 +365,145 @@ class LatentSpace:
     def to_dict(self):
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data):
+        return cls(int(data["channels"]), float(data["scaling_factor"]), float(data["shift_factor"]),
+                   int(data["downsample"]))
+
+    @classmethod
+    def from_vae(cls, vae):
+        """The space of a diffusers VAE, from its config: AutoencoderKL (`block_out_channels`: one
+        halving per block but the last; `shift_factor` None means 0), AutoencoderDC and
+        AutoencoderTiny (`encoder_block_out_channels`, the same rule: diffusers' own
+        `spatial_compression_ratio` for DC-AE)."""
+        config = vae.config
+        blocks = config.get("encoder_block_out_channels") or config["block_out_channels"]
+        return cls(int(config["latent_channels"]), float(config.get("scaling_factor") or 1.0),
+                   float(config.get("shift_factor") or 0.0), 2 ** (len(blocks) - 1))
+
+    def describe(self):
+        return (f"{self.channels} channels, scaling_factor {self.scaling_factor:g}, shift_factor "
+                f"{self.shift_factor:g}, {self.downsample}x downsampling")
+
+    def differences(self, other, mine, theirs, keys=None):
+        """'key: <mine> a vs <theirs> b' for each number of `keys` (default: all) that differs (floats
+        to 1e-6, relative)."""
+        out = []
+        for key, a in self.to_dict().items():
+            if keys is not None and key not in keys:
+                continue
+            b = getattr(other, key)
+            if not (a == b if isinstance(a, int) else math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)):
+                out.append(f"{key}: {mine} {a:g} vs {theirs} {b:g}")
+        return out
+
 
 SD15 = LatentSpace()  # SD1.5's VAE: 4 channels, 0.18215, no shift, 8x down
+# What a latent means: a VAE must agree on these to decode a checkpoint's latents. Its downsampling
+# factor only sizes the pictures (read from the VAE itself wherever pictures are made).
+VALUE_KEYS = ("channels", "scaling_factor", "shift_factor")
+
+
+def check_same_space(space, other, mine, theirs, what="", keys=None):
+    """InputError, one line starting with `what`, naming both values of every number (of `keys`,
+    default all) that differs."""
+    diff = space.differences(other, mine, theirs, keys)
+    if diff:
+        raise InputError(f"{what}the {mine} and the {theirs} have different latent spaces ({'; '.join(diff)}): "
+                         "latents of one VAE decode wrongly with another's numbers")
+
+
+def check_root_space(root, space, what="", theirs="checkpoint"):
+    """InputError when a data root's manifest (if it has one) names another latent space than `space`."""
+    found = read_manifest(root)
+    if found is not None:
+        check_same_space(found[0], space, f"data ({manifest_path(root)})", theirs, what, VALUE_KEYS)
+
+
+# The data root's record of the VAE that encoded it (encode.py writes it, pack.py copies it, run.py
+# reads it). Untrusted input like every file: its size, keys, types and ranges are checked.
+MANIFEST_NAME = "latent_space.json"
+MANIFEST_VERSION = 1
+MAX_MANIFEST_BYTES = 64 * 1024
+MANIFEST_TEXT_KEYS = ("vae_source", "vae_subfolder", "vae_class", "vae_config_sha256", "posterior", "dtype")
+MANIFEST_KEYS = ("version", "channels", "scaling_factor", "shift_factor", "downsample", "image_size") \
+    + MANIFEST_TEXT_KEYS
+MAX_MANIFEST_TEXT = 1000
+
+
+def manifest_path(root):
+    return os.path.join(str(root), MANIFEST_NAME)
+
+
+def vae_config_sha256(vae):
+    """sha256 of a VAE's config, its private keys (`_name_or_path`, versions) left out: the same
+    VAE gives the same hash wherever it is stored."""
+    public = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_manifest(root, space, **details):
+    """`root/latent_space.json`: the space's numbers and `details` (MANIFEST_TEXT_KEYS, image_size)."""
+    record = {"version": MANIFEST_VERSION, **space.to_dict(), **details}
+    text = (json.dumps(record, indent=2) + "\n").encode("utf-8")
+    check_manifest(record, manifest_path(root))
+    return atomic_write(manifest_path(root), lambda f: f.write(text))
+
+
+def read_manifest(root):
+    """(LatentSpace, record) from `root/latent_space.json`, or None when the root has none.
+    InputError naming the file (and the key) for anything malformed."""
+    path = manifest_path(root)
+    if not os.path.isfile(path):
+        return None
+    if os.path.getsize(path) > MAX_MANIFEST_BYTES:
+        raise InputError(f"{path} is {os.path.getsize(path):,} bytes; a latent-space manifest has at most "
+                         f"{MAX_MANIFEST_BYTES:,}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not valid JSON ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    check_manifest(record, path)
+    return LatentSpace.from_dict(record), record
+
+
+def check_manifest(record, path):
+    """Every key of a manifest record: known, of its type, in its range; InputError naming `path` and the key."""
+    def bad(key, expected):
+        raise InputError(f"{path}: key {key!r} = {safe_name(repr(record.get(key)))}: expected {expected}")
+
+    if not isinstance(record, dict):
+        raise InputError(f"{path} must hold a JSON object, got {type(record).__name__}")
+    unknown = sorted(str(k) for k in record if k not in MANIFEST_KEYS)
+    if unknown:
+        raise InputError(f"{path}: unknown key(s) {', '.join(map(repr, unknown[:10]))}; known: "
+                         f"{', '.join(MANIFEST_KEYS)}")
+    for key in ("version", "channels", "scaling_factor", "shift_factor", "downsample"):
+        if key not in record:
+            bad(key, "a value (the key is missing)")
+    if not is_int(record["version"]) or record["version"] != MANIFEST_VERSION:
+        bad("version", f"{MANIFEST_VERSION}")
+    if not is_int(record["channels"]) or not 1 <= record["channels"] <= MAX_LATENT_CHANNELS:
+        bad("channels", f"an int from 1 to {MAX_LATENT_CHANNELS}")
+    if not is_int(record["downsample"]) or not 1 <= record["downsample"] <= MAX_DOWNSAMPLE:
+        bad("downsample", f"an int from 1 to {MAX_DOWNSAMPLE}")
+    for key, low in (("scaling_factor", 0.0), ("shift_factor", -MAX_FACTOR)):
+        value = record[key]
+        if not is_number(value) or not low < value <= MAX_FACTOR or (low == 0.0 and value <= 0):
+            bad(key, f"a finite number in ({low:g}, {MAX_FACTOR:g}]")
+    image_size = record.get("image_size")
+    if image_size is not None and (not is_int(image_size) or not 1 <= image_size <= MAX_LATENT_SIZE * MAX_DOWNSAMPLE):
+        bad("image_size", "null or a positive int")
+    for key in MANIFEST_TEXT_KEYS:
+        value = record.get(key)
+        if value is not None and (not isinstance(value, str) or len(value) > MAX_MANIFEST_TEXT):
+            bad(key, f"null or a string of at most {MAX_MANIFEST_TEXT} characters")
+
+
+def is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

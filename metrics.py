@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from config import EVAL_METRICS as METRICS
 from config import parse_metrics
 from inference import mapped_styles, reference_styles, translate_raw
-from latents import LATENT_CHANNELS, content_hash
+from latents import content_hash
 from runtime import InputError, atomic_write
-from vae import decode, latent_preview, open_vae
+from vae import as_space, decode, latent_preview, open_vae
 
 MODES = ("latent", "reference")
 
@@ -482,7 +482,7 @@ def task_generator(seed, mode, src_idx, trg_idx):
 
 @torch.no_grad()
 def translate_task(generator, mapping_network, style_encoder, content_raw, trg_idx, mode, refs_raw, decode,
-                   inception, lpips, latent_scale, latent_dim, num_outs, rng, batch_size, device, amp_dtype,
+                   inception, lpips, space, latent_dim, num_outs, rng, batch_size, device, amp_dtype,
                    on_batch=None):
     """One task: every source latent translated `num_outs` times. Returns fake features
     [N*num_outs, D], per-source LPIPS diversity [N] and the number of outputs that are not finite
@@ -507,9 +507,9 @@ def translate_task(generator, mapping_network, style_encoder, content_raw, trg_i
                 style = mapped_styles(mapping_network, codes[start:start + s].flatten(0, 1), trg_idx, device)
             else:
                 refs = refs_raw[codes[start:start + s].flatten().to(refs_raw.device)]  # [S*K, 4, h, w]
-                style = reference_styles(style_encoder, refs, trg_idx, latent_scale, len(refs), device)
+                style = reference_styles(style_encoder, refs, trg_idx, space, len(refs), device)
             content = content.repeat_interleave(k, dim=0)  # [S*K, 4, h, w], a source's outputs adjacent
-            fake = translate_raw(generator, content, style, latent_scale, device)  # [S*K, 4, h, w] raw
+            fake = translate_raw(generator, content, style, space, device)  # [S*K, 4, h, w] raw
         images = in_batches(decoded, fake, batch_size)  # [S*K, 3, H, W]
         bad = ~(torch.isfinite(fake.flatten(1)).all(1) & torch.isfinite(images.flatten(1)).all(1))  # [S*K]
         nonfinite += int(bad.sum())
@@ -532,13 +532,13 @@ def reference_draws(n, k, pool, rng):
 
 @torch.no_grad()
 def evaluate_translations(generator, mapping_network, style_encoder, domains, real, sources, decode, inception,
-                          lpips, latent_scale, latent_dim, num_outs=10, seed=0, max_sources=None, batch_size=32,
+                          lpips, space, latent_dim, num_outs=10, seed=0, max_sources=None, batch_size=32,
                           device="cpu", amp_dtype=None, cache_dir=None, vae_id=None, real_ids=None, modes=MODES,
                           kid_subsets=KID_SUBSETS, log=None, progress=None, metrics=METRICS):
     """The StarGAN v2 evaluation protocol on given (EMA) networks; returns {key: float}.
 
     generator G(x, s), mapping_network F(z, y), style_encoder E(x, y) see scaled latents
-    (raw * latent_scale); domain i of `domains` is branch i. `real` {domain: raw latents [N, 4, h, w]}:
+    (space.normalize(raw)); domain i of `domains` is branch i. `real` {domain: raw latents [N, 4, h, w]}:
     the target sets FID/KID compare with. `sources` {domain: raw latents}: the sources, and the
     reference pool of the reference-guided mode (may be `real`). `decode`: raw latents [n, 4, h, w]
     -> RGB [n, 3, H, W] in [0, 1], applied to reals and fakes alike. Per source, at most
@@ -578,7 +578,7 @@ def evaluate_translations(generator, mapping_network, style_encoder, domains, re
     def translate(mode, src_idx, trg_idx):  # one task: (fake features, LPIPS diversity, non-finite outputs)
         src, trg = domains[src_idx], domains[trg_idx]
         return translate_task(generator, mapping_network, style_encoder, sources[src][:n_sources[src]], trg_idx, mode,
-                              sources[trg], decode, inception, lpips, latent_scale, latent_dim, num_outs,
+                              sources[trg], decode, inception, lpips, space, latent_dim, num_outs,
                               task_generator(seed, mode, src_idx, trg_idx), batch_size, device, amp_dtype, on_batch)
 
     results, note, n = {}, getattr(progress, "note", None), len(domains) * (len(domains) - 1)  # n: tasks per mode
@@ -599,8 +599,8 @@ def check_protocol_inputs(domains, real, sources, modes, metrics, num_outs, max_
         if missing:
             raise InputError(f"evaluation: no {name} latents for domain(s) {missing} (domains: {domains})")
         for d in domains:
-            if sets[d].dim() != 4 or sets[d].shape[1] != LATENT_CHANNELS:
-                raise InputError(f"evaluation: {name} latents of domain {d!r} must be [N, 4, h, w], "
+            if sets[d].dim() != 4:
+                raise InputError(f"evaluation: {name} latents of domain {d!r} must be [N, C, h, w], "
                                  f"got {tuple(sets[d].shape)}")
     shapes = {(name, d): list(sets[d].shape[1:]) for name, sets in (("real", real), ("source", sources)) for d in domains}
     if len({tuple(s) for s in shapes.values()}) > 1:  # a FID of 512 px fakes against 256 px reals means little
@@ -742,7 +742,7 @@ def metric_keys(domains, modes=MODES, metrics=METRICS):
 def vae_identity(vae, path, subfolder=None):
     """Names a VAE's decoding for caches: its path and a hash of the weights decode uses."""
     digest = hashlib.sha256()
-    for part in (vae.post_quant_conv, vae.decoder):
+    for part in (p for p in (getattr(vae, "post_quant_conv", None), vae.decoder) if p is not None):  # DC-AE: none
         for name, tensor in part.state_dict().items():
             digest.update(name.encode())
             digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -755,22 +755,23 @@ class Evaluator:
     evaluation, held-out sources. Calling it evaluates a set of EMA networks."""
 
     def __init__(self, vae, vae_id, inception, lpips, device, amp_dtype=None, batch_size=32, cache_dir=None,
-                 metrics=METRICS, held_out=None, source_root=None, preview_scale=None):
+                 metrics=METRICS, held_out=None, source_root=None, preview_space=None):
         self.vae, self.vae_id, self.inception, self.lpips = vae, vae_id, inception, lpips
-        self.preview_scale = preview_scale  # vae None: the linear preview of raw * preview_scale
+        self.preview_space = preview_space  # vae None: the linear preview of the normalised latents
         self.device, self.amp_dtype, self.batch_size, self.cache_dir = torch.device(device), amp_dtype, batch_size, cache_dir
         self.metrics, self.held_out, self.source_root = list(metrics), held_out, source_root
 
     @classmethod
     def load(cls, vae_path, vae_subfolder, inception_weights, lpips_weights, device, amp_dtype=None, batch_size=32,
-             cache_dir=None, what="", metrics=METRICS, preview_scale=None):
-        """Load the VAE (diffusers AutoencoderKL; the linear preview of raw * `preview_scale` only when
-        that is given: its numbers mean something else, PREVIEW_DECODE), and Inception and LPIPS for
-        the `metrics` that need them (without LPIPS, no AlexNet: it cannot be had offline). Any
-        missing or wrong file is an InputError that starts with `what` (e.g. which setting asked for
-        evaluation)."""
+             cache_dir=None, what="", metrics=METRICS, space=None, preview=False):
+        """Load the VAE (a diffusers AutoencoderKL or AutoencoderDC, checked against the latent `space`;
+        the linear preview only when `preview`: its numbers mean something else, PREVIEW_DECODE), and
+        Inception and LPIPS for the `metrics` that need them (without LPIPS, no AlexNet: it cannot be
+        had offline). Any missing or wrong file is an InputError that starts with `what` (e.g. which
+        setting asked for evaluation)."""
         metrics = parse_metrics(metrics)
-        if preview_scale is not None:
+        space = as_space(space)
+        if preview:
             vae = vae_id = None
         elif not vae_path:
             raise InputError(f"{what}evaluation decodes reals and fakes with the SD VAE, and none is set: pass --vae, or "
@@ -778,7 +779,7 @@ class Evaluator:
                              "folder or a hub id; the linear latent preview only with evaluate.py --preview-decode (not "
                              "comparable with published FIDs)")
         else:
-            vae = open_vae(vae_path, vae_subfolder, device, what=what,
+            vae = open_vae(vae_path, vae_subfolder, device, what=what, space=space,
                            hint=". Evaluation decodes reals and fakes with the SD VAE: set evaluation.vae_path (or "
                                 "visualization.vae_path) / --vae to a local diffusers AutoencoderKL folder or a hub "
                                 "id; the linear latent preview only with evaluate.py --preview-decode")
@@ -788,17 +789,20 @@ class Evaluator:
             lpips = load_lpips(lpips_weights, device) if "LPIPS" in metrics else None
         except InputError as err:
             raise InputError(f"{what}{err}") from None
-        return cls(vae, vae_id or f"{PREVIEW_DECODE} x{preview_scale:g}", inception, lpips, device, amp_dtype,
-                   batch_size, cache_dir, metrics, preview_scale=preview_scale)
+        preview_id = f"{PREVIEW_DECODE} x{space.scaling_factor:g}" + (f" -{space.shift_factor:g}" if space.shift_factor
+                                                                       else "")
+        return cls(vae, vae_id or preview_id, inception, lpips, device, amp_dtype, batch_size, cache_dir, metrics,
+                   preview_space=space if preview else None)
 
     @torch.no_grad()
     def decode(self, raw):
-        """Raw latents [n, 4, h, w] -> RGB [n, 3, H, W] in [0, 1] on the device."""
+        """Raw latents [n, C, h, w] -> RGB [n, 3, H, W] in [0, 1] on the device."""
         if self.vae is None:
-            return latent_preview(raw.float() * self.preview_scale).to(self.device)
+            space = self.preview_space
+            return latent_preview(space.normalize(raw.float()), space=space).to(self.device)
         return decode(self.vae, raw)
 
-    def __call__(self, nets, domains, real, sources=None, latent_scale=None, latent_dim=None, num_outs=10,
+    def __call__(self, nets, domains, real, sources=None, space=None, latent_dim=None, num_outs=10,
                  max_sources=None, seed=0, real_ids=None, modes=MODES, log=None, progress=None):
         """`evaluate_translations` with `nets` = {generator, mapping_network, style_encoder} (EMA).
         `sources` None: the held-out sources when loaded, else `real` itself."""
@@ -806,7 +810,7 @@ class Evaluator:
             sources = self.held_out if self.held_out is not None else real
         return evaluate_translations(
             nets["generator"], nets["mapping_network"], nets["style_encoder"], domains, real, sources, self.decode,
-            self.inception, self.lpips, latent_scale, latent_dim, num_outs=num_outs, seed=seed,
+            self.inception, self.lpips, space, latent_dim, num_outs=num_outs, seed=seed,
             max_sources=max_sources, batch_size=self.batch_size, device=self.device, amp_dtype=self.amp_dtype,
             cache_dir=self.cache_dir, vae_id=self.vae_id, real_ids=real_ids, modes=modes, log=log, progress=progress,
             metrics=self.metrics)

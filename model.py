@@ -208,14 +208,16 @@ EMA_NETS = NETS[:3]  # the networks with an EMA copy: what translation uses
 
 def build_models(num_domains, style_dim=64, latent_dim=16, gen_channels=256, n_res_blocks=6,
                  mapping_hidden_dim=512, mapping_shared_layers=4, style_encoder_channels=128,
-                 disc_channels=128):
-    """The four networks from the `model:` config section, keyed as in checkpoints (NETS)."""
+                 disc_channels=128, latent_channels=None):
+    """The four networks from the `model:` config section, keyed as in checkpoints (NETS).
+    `latent_channels`: the VAE's (None: SD1.5's LATENT_CHANNELS, as checkpoints that predate the key)."""
+    channels = latent_channels or LATENT_CHANNELS
     return {
-        "generator": Generator(LATENT_CHANNELS, gen_channels, n_res_blocks, style_dim),
+        "generator": Generator(channels, gen_channels, n_res_blocks, style_dim),
         "mapping_network": MappingNetwork(latent_dim, style_dim, num_domains, mapping_hidden_dim,
                                           mapping_shared_layers),
-        "style_encoder": StyleEncoder(LATENT_CHANNELS, style_dim, num_domains, style_encoder_channels),
-        "discriminator": Discriminator(LATENT_CHANNELS, num_domains, disc_channels),
+        "style_encoder": StyleEncoder(channels, style_dim, num_domains, style_encoder_channels),
+        "discriminator": Discriminator(channels, num_domains, disc_channels),
     }
 
 

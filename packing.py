@@ -31,8 +31,9 @@ import warnings
 import numpy as np
 import torch
 
-from latents import (LATENT_CHANNELS, LATENT_SUFFIXES, MAX_LATENT_SIZE, MAX_LISTED, OUTLIER_LIMIT, PACKED_ARRAY,
-                     PACKED_INDEX, first_lines, is_packed, list_latent_files, load_latent_file)
+from latents import (LATENT_CHANNELS, LATENT_SUFFIXES, MANIFEST_TEXT_KEYS, MAX_LATENT_CHANNELS, MAX_LATENT_SIZE,
+                     MAX_LISTED, OUTLIER_LIMIT, PACKED_ARRAY, PACKED_INDEX, first_lines, is_packed, list_latent_files,
+                     load_latent_file, read_manifest, write_manifest)
 from model import MIN_LATENT_SIZE
 from runtime import InputError, atomic_write
 
@@ -270,20 +271,20 @@ def cast_rows(latents, dtype):
     return packed, torch.isfinite(packed).flatten(1).all(dim=1)
 
 
-def first_shape(src_folder, files):
+def first_shape(src_folder, files, channels=LATENT_CHANNELS):
     """The shape of the first readable latent file, which every file of the domain must share (the
     packing loop names every bad one); an InputError when none is readable."""
     problems = []
     for path in files:
         try:
-            return tuple(load_latent_file(path).shape)
+            return tuple(load_latent_file(path, channels).shape)
         except InputError as e:
             problems.append(str(e))
     raise InputError(f"{src_folder}: none of its {len(files)} latent files is readable:\n  "
                      + "\n  ".join(first_lines(problems[:MAX_LISTED], len(problems))))
 
 
-def pack_domain(src_folder, dst_folder, dtype="float16", log=print):
+def pack_domain(src_folder, dst_folder, dtype="float16", log=print, channels=LATENT_CHANNELS):
     """One per-file domain folder -> a packed one, rows in the folder's file order (the order the
     dataset reads it in). Every latent file is checked as the dataset would (readable, one shape,
     finite, in float16 too); any bad file stops the domain after all are named, keeping the rows
@@ -294,7 +295,7 @@ def pack_domain(src_folder, dst_folder, dtype="float16", log=print):
     files = list_latent_files(src_folder)
     names = [os.path.basename(p) for p in files]
     check_names(names, src_folder)
-    shape = first_shape(src_folder, files)
+    shape = first_shape(src_folder, files, channels)
     writer = PackWriter(dst_folder, shape, dtype, log=log)
     if writer.up_to_date(names):
         writer.finish(names)  # removes what an interrupted commit left
@@ -306,7 +307,7 @@ def pack_domain(src_folder, dst_folder, dtype="float16", log=print):
         batch, rows = [], []
         for name, path in todo[first:first + CONVERT_ROWS]:
             try:
-                latent = load_latent_file(path)  # [4, H, W]
+                latent = load_latent_file(path, channels)  # [C, H, W]
             except InputError as e:
                 bad.append(str(e))
                 continue
@@ -339,6 +340,7 @@ def pack_domain(src_folder, dst_folder, dtype="float16", log=print):
 
 def pack_folders(src_root, dst_root, domains=None, dtype="float16", log=print):
     """Every domain folder of `src_root` (or those named) -> packed under `dst_root`/<domain>/.
+    The root's latent-space manifest (encode.py's) says the latents' channels and is copied along.
     Returns {domain: rows written}."""
     src_root, dst_root = os.path.abspath(os.path.expanduser(src_root)), os.path.abspath(os.path.expanduser(dst_root))
     if not os.path.isdir(src_root):
@@ -354,7 +356,13 @@ def pack_folders(src_root, dst_root, domains=None, dtype="float16", log=print):
     bad = [d for d in domains if bad_name(d)]
     if bad:
         raise InputError(f"domain names must be single folder names, got {bad}")
-    return {d: pack_domain(os.path.join(src_root, d), os.path.join(dst_root, d), dtype, log) for d in domains}
+    found = read_manifest(src_root)
+    channels = found[0].channels if found else LATENT_CHANNELS
+    rows = {d: pack_domain(os.path.join(src_root, d), os.path.join(dst_root, d), dtype, log, channels) for d in domains}
+    if found:
+        details = {k: v for k, v in found[1].items() if k in MANIFEST_TEXT_KEYS + ("image_size",)}
+        write_manifest(dst_root, found[0], **details)
+    return rows
 
 PACKED_VERSION = 1
 
@@ -386,7 +394,8 @@ def open_packed_domains(folders):
 def open_packed_array(path):
     """`path` as a read-only memory map [N, 4, H, W] after checking its header against the file's
     size; nothing beyond the header is read. InputError naming the file otherwise."""
-    expected = (f"expected a .npy array [N, 4, H, W] ({MIN_LATENT_SIZE} <= H, W <= {MAX_LATENT_SIZE}) of "
+    expected = (f"expected a .npy array [N, C, H, W] (C <= {MAX_LATENT_CHANNELS}, {MIN_LATENT_SIZE} <= H, W <= "
+                f"{MAX_LATENT_SIZE}) of "
                 "little-endian float16 or float32 in C order, as pack.py writes")
     try:
         with open(path, "rb") as f:
@@ -401,7 +410,7 @@ def open_packed_array(path):
         raise InputError(f"cannot read {path} as a .npy array header ({type(e).__name__}: {e}); {expected}") from e
     if dtype not in PACKED_DTYPES or fortran_order:
         raise InputError(f"{path} has dtype {dtype.str}{' in Fortran order' if fortran_order else ''}; {expected}")
-    if len(shape) != 4 or shape[0] < 1 or shape[1] != LATENT_CHANNELS or min(shape[2:]) < MIN_LATENT_SIZE \
+    if len(shape) != 4 or shape[0] < 1 or not 1 <= shape[1] <= MAX_LATENT_CHANNELS or min(shape[2:]) < MIN_LATENT_SIZE \
             or max(shape[2:]) > MAX_LATENT_SIZE:
         raise InputError(f"{path} has shape {list(shape)}; {expected}")
     size, needed = os.path.getsize(path), offset + math.prod(shape) * dtype.itemsize

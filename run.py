@@ -22,21 +22,24 @@ import sys  # noqa: E402
 
 import torch  # noqa: E402
 
-from config import load_config, model_kwargs, save_resolved  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
+from config import latent_space, load_config, model_kwargs, resolve_latent_space, save_resolved  # noqa: E402
 from dataset import MultiDomainLatentDataset  # noqa: E402
 from demo_data import generate_demo_data  # noqa: E402
+from distributed import setup_distributed  # noqa: E402
+from latents import MANIFEST_NAME, SD15, check_same_space, manifest_path, read_manifest  # noqa: E402
 from model import build_models, count_parameters  # noqa: E402
 from packing import ShardChanged  # noqa: E402
-from runtime import BAD_INPUT, LOCK_NAME, FolderLock, InputError, WriteError, check_writable_folder, configure_backends, remove_if_empty, remove_orphaned_temporaries, resolve_device, run_script, seed_everything  # noqa: E402
-from checkpoint import load_checkpoint  # noqa: E402
-from distributed import setup_distributed  # noqa: E402
+from runtime import (BAD_INPUT, LOCK_NAME, FolderLock, InputError, WriteError, check_writable_folder,  # noqa: E402
+                     configure_backends, remove_if_empty, remove_orphaned_temporaries, resolve_device, run_script,
+                     seed_everything)
 from train_backend import choose_cpu_threads  # noqa: E402
 from train_skips import NonFiniteError  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train Latent StarGAN v2 on SD1.5 VAE latents.")
+    p = argparse.ArgumentParser(description="Train Latent StarGAN v2 on VAE latents.")
     p.add_argument("--config", required=True, help="YAML or JSON config (see configs/stargan_v2_latent.yaml)")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue from PATH, or from <checkpoint_dir>/latest.pt when PATH is omitted")
@@ -51,9 +54,12 @@ def parse_args(argv=None):
 
 
 def check_architecture(ckpt_cfg, cfg, path):
-    """A resumed model must match the checkpoint's architecture: name the differing keys."""
+    """A resumed model must match the checkpoint's architecture and latent space: name the differing
+    keys (a checkpoint without the latent keys is SD1.5's)."""
+    check_same_space(latent_space(ckpt_cfg), latent_space(cfg), "checkpoint", "config",
+                     f"cannot resume from {path}: ")
     diff = [f"model.{k}: checkpoint {ckpt_cfg['model'].get(k)!r} vs config {v!r}"
-            for k, v in cfg["model"].items() if ckpt_cfg["model"].get(k) != v]
+            for k, v in cfg["model"].items() if k != "latent_channels" and ckpt_cfg["model"].get(k) != v]
     if list(ckpt_cfg["data"]["domains"]) != list(cfg["data"]["domains"]):
         diff.append(f"data.domains: checkpoint {ckpt_cfg['data']['domains']} vs config {cfg['data']['domains']}")
     if diff:
@@ -121,8 +127,21 @@ def main(argv=None):
             torch.distributed.destroy_process_group()
 
 
+def data_latent_space(cfg, log):
+    """The run's latent space, written into `cfg`: the config's latent keys, the rest from the data
+    root's manifest (encode.py writes it), else SD1.5's. A demo root is made with the config's space."""
+    d = cfg["data"]
+    found = None if d["synthetic"] else read_manifest(d["root"])
+    space = resolve_latent_space(cfg, found and found[0], manifest_path(d["root"]))
+    if found is None and not d["synthetic"]:
+        log(f"{d['root']} has no {MANIFEST_NAME} (encode.py writes one): latent space {space.describe()}"
+            + (" (SD1.5's is assumed)" if space == SD15 else " (the config's latent keys)"))
+    return space
+
+
 def train(cfg, resume, dist, local_rank, log, args):
     t = cfg["training"]
+    data_latent_space(cfg, log)
     device = resolve_device(t["device"], local_rank, flag="training.device")
     configure_backends(device)
     if t["cpu_threads"]:  # torch's default (one per core) crawls when the cores are busy with other work
@@ -191,14 +210,15 @@ def build(cfg, ckpt, dist, device, log):
     if d["synthetic"]:
         if dist.is_main:
             generate_demo_data(d["root"], d["domains"], files_per_domain=d["synthetic_files_per_domain"],
-                               seed=cfg["seed"], latent_scale=t["latent_scale"], log=log)
+                               seed=cfg["seed"], space=latent_space(cfg), log=log)
         dist.barrier()
 
     seed_everything(cfg["seed"])  # same weights on every rank
     dataset = MultiDomainLatentDataset(d["root"], d["domains"], preload_to_gpu=d["preload_to_gpu"], device=device,
                                        samples_per_epoch=d["samples_per_epoch"], seed=cfg["seed"], hflip=d["hflip"],
                                        preload_max_fraction=d["preload_max_fraction"],
-                                       reject_outliers=d["reject_outliers"], log=log, progress=dist.is_main)
+                                       reject_outliers=d["reject_outliers"], log=log, progress=dist.is_main,
+                                       channels=cfg["model"]["latent_channels"])
     models = build_models(**model_kwargs(cfg))
     log("parameters: " + ", ".join(f"{k} {count_parameters(m) / 1e6:.2f}M" for k, m in models.items()))
     trainer = Trainer(cfg, models, device, dist=dist, log=log)

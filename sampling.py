@@ -17,7 +17,7 @@ style-interpolation videos, shared by translate.py and the app.
   their durations: for READMEs). Frames stream to the encoder chunk by chunk, so a long video never
   sits in memory (a GIF's palette-mapped frames do, one byte a pixel).
 
-Latents in are raw; the networks see `raw * latent_scale` (inference.translate_pairs). Pictures are
+Latents in are raw; the networks see `space.normalize(raw)` (inference.translate_pairs). Pictures are
 RGB in [0, 1], `[B, 3, H, W]`, decoded by the VAE or shown by the linear latent preview (vae.to_rgb).
 """
 
@@ -96,10 +96,10 @@ def fit(pictures, size):
     return F.interpolate(pictures, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
 
 
-def pictures_of(raw_latents, vae, latent_scale, batch_size=16, cell_size=None):
+def pictures_of(raw_latents, vae, space, batch_size=16, cell_size=None):
     """Raw latents [B, 4, h, w] -> RGB [B, 3, H, W] in [0, 1] on the CPU (VAE or preview), resized
     to `cell_size` x `cell_size` when given."""
-    rgb = to_rgb(raw_latents, vae, latent_scale, batch_size)
+    rgb = to_rgb(raw_latents, vae, space, batch_size)
     return rgb if cell_size is None else fit(rgb, (cell_size, cell_size))
 
 
@@ -117,22 +117,22 @@ def source_grid(source_rgb, output_rgb, header_rgb=None):
 
 
 @torch.no_grad()
-def reference_grid(generator, style_encoder, sources_raw, refs_raw, domain_id, latent_scale, vae=None,
+def reference_grid(generator, style_encoder, sources_raw, refs_raw, domain_id, space, vae=None,
                    batch_size=16, device="cpu", cell_size=None, on_batch=None):
     """The reference grid: every source [N, 4, h, w] in the style of every reference [M, 4, h', w']
     (E for the target domain `domain_id`), pictured. Returns (cells [(N + 1) * (M + 1), 3, H, W],
     rows = N + 1): a header row of the references, then per source the source and its M outputs.
     `on_batch(n)` after each batch of n outputs (a progress display)."""
     n, m = sources_raw.shape[0], refs_raw.shape[0]
-    styles = reference_styles(style_encoder, refs_raw, domain_id, latent_scale, batch_size, device)  # [M, S]
+    styles = reference_styles(style_encoder, refs_raw, domain_id, space, batch_size, device)  # [M, S]
     outputs = []
-    for _, raw in translate_pairs(generator, sources_raw, styles, latent_scale, batch_size, device):
-        outputs.append(pictures_of(raw, vae, latent_scale, batch_size, cell_size))
+    for _, raw in translate_pairs(generator, sources_raw, styles, space, batch_size, device):
+        outputs.append(pictures_of(raw, vae, space, batch_size, cell_size))
         if on_batch is not None:
             on_batch(len(raw))
     outputs = torch.cat(outputs)
-    source_rgb = pictures_of(sources_raw, vae, latent_scale, batch_size, cell_size)  # [N, 3, H, W]
-    ref_rgb = pictures_of(refs_raw, vae, latent_scale, batch_size, cell_size)  # [M, 3, H', W']
+    source_rgb = pictures_of(sources_raw, vae, space, batch_size, cell_size)  # [N, 3, H, W]
+    ref_rgb = pictures_of(refs_raw, vae, space, batch_size, cell_size)  # [M, 3, H', W']
     return source_grid(source_rgb, outputs.view(n, m, *outputs.shape[1:]), ref_rgb)
 
 
@@ -160,7 +160,7 @@ def frame_styles(key_styles, schedule):
 
 
 @torch.no_grad()
-def video_frames(generator, sources_raw, key_styles, schedule, latent_scale, vae=None, key_latents=None,
+def video_frames(generator, sources_raw, key_styles, schedule, space, vae=None, key_latents=None,
                  batch_size=16, device="cpu", cell_size=None, autocast=contextlib.nullcontext):
     """Yield the video's frames as uint8 chunks [f, 2H, W', 3], in order.
 
@@ -171,11 +171,11 @@ def video_frames(generator, sources_raw, key_styles, schedule, latent_scale, vae
     that share a style (the holds) are computed once. `autocast` wraps the generator calls only."""
     n = sources_raw.shape[0]
     # frames are assembled from uint8 pictures: each picture is converted once, not each frame
-    source_rgb = pictures_of(sources_raw, vae, latent_scale, batch_size, cell_size)  # [N, 3, H, W]
+    source_rgb = pictures_of(sources_raw, vae, space, batch_size, cell_size)  # [N, 3, H, W]
     _, c, h, w = source_rgb.shape
     top_row = u8(source_rgb).permute(1, 0, 2, 3).reshape(h, n * w, c)  # [H, N*W, 3]
     if key_latents is not None:
-        key_u8 = u8(fit(pictures_of(key_latents, vae, latent_scale, batch_size), (h, w))).permute(0, 3, 1, 2)  # [K, 3, H, W]
+        key_u8 = u8(fit(pictures_of(key_latents, vae, space, batch_size), (h, w))).permute(0, 3, 1, 2)  # [K, 3, H, W]
     styles = frame_styles(key_styles, schedule)  # [F, S]
     prev, nxt, alpha = schedule
     per_chunk = max(1, batch_size // n)
@@ -183,9 +183,9 @@ def video_frames(generator, sources_raw, key_styles, schedule, latent_scale, vae
         chunk = slice(start, start + per_chunk)
         unique, inverse = torch.unique(styles[chunk], dim=0, return_inverse=True)  # [U, S], [f]
         with autocast():
-            raw = torch.cat([out for _, out in translate_pairs(generator, sources_raw, unique, latent_scale,
+            raw = torch.cat([out for _, out in translate_pairs(generator, sources_raw, unique, space,
                                                                batch_size, device)])  # [N*U, 4, h, w], source-major
-        fakes = u8(pictures_of(raw, vae, latent_scale, batch_size, cell_size)).view(n, len(unique), h, w, c)
+        fakes = u8(pictures_of(raw, vae, space, batch_size, cell_size)).view(n, len(unique), h, w, c)
         fakes = fakes.permute(1, 2, 0, 3, 4).reshape(len(unique), h, n * w, c)[inverse.cpu()]  # [f, H, N*W, 3]
         frames = torch.cat([top_row.expand_as(fakes), fakes], dim=1)  # [f, 2H, N*W, 3]
         if key_latents is not None:

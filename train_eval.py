@@ -5,8 +5,10 @@ in <checkpoint_dir>/metrics.jsonl, TensorBoard, and best.pt when evaluation.best
 import math
 import os
 
+from config import latent_space
 from dataset import MultiDomainLatentDataset
 from display import json_line
+from latents import check_root_space
 from metrics import Evaluator, metric_keys
 from model import EMA_NETS
 from runtime import InputError, StopRequested, write_failure
@@ -25,8 +27,9 @@ def open_evaluator(cfg, device, cache_dir, amp_dtype=None, latent_shape=None):
                          f"evaluation.metrics {e['metrics']}; e.g. {', '.join(keys[:4])}, ...")
     held_out = None
     if e["source_root"]:
+        check_root_space(e["source_root"], latent_space(cfg), "evaluation.source_root: ", "run")
         held = MultiDomainLatentDataset(e["source_root"], domains, preload_to_gpu=False, device="cpu",
-                                        log=lambda *a: None)
+                                        log=lambda *a: None, channels=latent_space(cfg).channels)
         if latent_shape is not None and tuple(held.shape) != tuple(latent_shape):
             raise InputError(f"evaluation.source_root {e['source_root']!r} holds latents of shape "
                              f"{list(held.shape)}; the training latents are {list(latent_shape)}")
@@ -34,7 +37,7 @@ def open_evaluator(cfg, device, cache_dir, amp_dtype=None, latent_shape=None):
     evaluator = Evaluator.load(e["vae_path"] or v["vae_path"], None if e["vae_path"] else v["vae_subfolder"],
                          e["inception_weights"], e["lpips_weights"], device, amp_dtype=amp_dtype,
                          batch_size=cfg["training"]["batch_size"], cache_dir=cache_dir, what=what,
-                         metrics=e["metrics"])
+                         metrics=e["metrics"], space=latent_space(cfg))
     evaluator.held_out, evaluator.source_root = held_out, e["source_root"]
     return evaluator
 
@@ -110,7 +113,7 @@ class TrainingEvaluation:
         progress, hook = self.stop_request.long_work(f"epoch {epoch}: evaluation")
         try:
             results = self.evaluator({n: ema[n] for n in EMA_NETS}, list(self.cfg["data"]["domains"]), real, None,
-                                     self.cfg["training"]["latent_scale"], self.cfg["model"]["latent_dim"],
+                                     latent_space(self.cfg), self.cfg["model"]["latent_dim"],
                                      num_outs=e["num_outs"], max_sources=e["num_sources"], seed=self.cfg["seed"],
                                      real_ids=dataset.content_ids(), progress=hook)
             results.setdefault("protocol", {})["sources"] = e["source_root"] or "the training latents (not held out)"

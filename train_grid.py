@@ -6,11 +6,11 @@ import os
 
 import torch
 
-from config import visualization_every
+from config import latent_space, visualization_every
 from inference import grid_cells
 from model import EMA_NETS
-from runtime import StopRequested
-from vae import as_space, load_preview_vae, load_vae_or_preview, save_image_grid, to_rgb
+from runtime import InputError, StopRequested
+from vae import load_preview_vae, load_vae_or_preview, save_image_grid, to_rgb
 
 
 class TrainingGrid:
@@ -18,7 +18,7 @@ class TrainingGrid:
         self.cfg, self.device, self.dist, self.log = cfg, device, dist, log
         self.stop_request, self.curves = stop_request, curves
         self.domains = list(cfg["data"]["domains"])
-        self.latent_scale = cfg["training"]["latent_scale"]
+        self.space = latent_space(cfg)
         self._vae, self._vae_tried = None, False
 
     def vae(self):
@@ -27,11 +27,14 @@ class TrainingGrid:
         if not self._vae_tried:
             self._vae_tried = True
             v = self.cfg["visualization"]
-            self._vae = load_preview_vae(v.get("preview_vae"), as_space(self.latent_scale), self.device, self.log,
+            self._vae = load_preview_vae(v.get("preview_vae"), self.space, self.device, self.log,
                                          quiet=v["suppress_hf_warnings"])
             if self._vae is None:
-                self._vae = load_vae_or_preview(v["vae_path"], v["vae_subfolder"], self.device, self.log,
-                                                quiet=v["suppress_hf_warnings"])
+                try:
+                    self._vae = load_vae_or_preview(v["vae_path"], v["vae_subfolder"], self.device, self.log,
+                                                    quiet=v["suppress_hf_warnings"], space=self.space)
+                except InputError as err:  # another VAE's space: its pictures would be wrong, the run is not
+                    self.log(f"warning: {err}; grids use the linear latent preview")
         return self._vae
 
     def epoch_end(self, epoch, ema, samples, stopping):
@@ -54,13 +57,13 @@ class TrainingGrid:
         ended the decoding."""
         G, F, E = (ema[n] for n in EMA_NETS)
         cells, row_labels = grid_cells(G, F, E, samples["sources"], samples["references"], self.domains,
-                                       self.latent_scale, self.cfg["model"]["latent_dim"], self.cfg["seed"],
+                                       self.space, self.cfg["model"]["latent_dim"], self.cfg["seed"],
                                        self.device)
         keep = ~torch.isnan(cells.flatten(1)).any(1)  # the blank corner stays white
         vae, count = self.vae(), int(keep.sum())
         progress, hook = self.stop_request.long_work(f"epoch {epoch}: grid (VAE decode)")
         try:  # on the CPU a real VAE takes seconds per cell: small batches keep a stop request prompt
-            decoded = to_rgb(cells[keep], vae, self.latent_scale, batch_size=16 if self.device.type == "cuda" else 2,
+            decoded = to_rgb(cells[keep], vae, self.space, batch_size=16 if self.device.type == "cuda" else 2,
                              on_batch=lambda n: hook(n, count))
         except StopRequested:
             self.log(f"epoch {epoch}: grid abandoned (stop requested); latest.pt will hold this epoch")

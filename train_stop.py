@@ -9,7 +9,6 @@ import signal
 from display import WorkProgress
 from runtime import StopNow, StopRequested
 
-
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 

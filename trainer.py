@@ -19,9 +19,9 @@ import torch
 
 import loss as L
 from checkpoint import get_rng_state, set_rng_state
+from config import latent_space
 from dataset import build_loader, check_epoch_has_steps, rank_indices
 from distributed import Distributed
-from latents import LATENT_CHANNELS
 from model import EMA_NETS, NETS
 from runtime import AMP_DTYPES, WriteError
 from train_backend import compile_nets, fused_adam_supported, is_oom
@@ -50,7 +50,7 @@ class Trainer:
         self._log = log
         t = cfg["training"]
         self.domains = list(cfg["data"]["domains"])
-        self.latent_scale = t["latent_scale"]
+        self.space = latent_space(cfg)  # what the networks see: space.normalize(raw latents)
         self.latent_dim = cfg["model"]["latent_dim"]
         self.nets = {k: models[k].to(self.device).train() for k in NETS}
         self.ema = {k: copy.deepcopy(self.nets[k]).eval().requires_grad_(False) for k in EMA_NETS}
@@ -108,16 +108,16 @@ class Trainer:
     # ------------------------------------------------------------------ the step
 
     def prepare_batch(self, batch):
-        """Move a loader batch to the device and scale latents: the networks never see raw ones."""
-        content = batch["content"]
-        if content.dim() != 4 or content.shape[1] != LATENT_CHANNELS:
-            raise ValueError(f"batch['content'] must be [B, {LATENT_CHANNELS}, H, W], got {list(content.shape)}")
+        """Move a loader batch to the device and normalise latents: the networks never see raw ones."""
+        content, channels = batch["content"], self.space.channels
+        if content.dim() != 4 or content.shape[1] != channels:
+            raise ValueError(f"batch['content'] must be [B, {channels}, H, W], got {list(content.shape)}")
         move = lambda v: v.to(self.device, non_blocking=True)  # noqa: E731
-        s = self.latent_scale
+        norm = self.space.normalize
         return {
-            "x": move(content).float() * s,  # [B, 4, H, W]
-            "x_ref": move(batch["target_style"]).float() * s,
-            "x_ref2": move(batch["target_style_2"]).float() * s,
+            "x": norm(move(content).float()),  # [B, C, H, W]
+            "x_ref": norm(move(batch["target_style"]).float()),
+            "x_ref2": norm(move(batch["target_style_2"]).float()),
             "y_src": move(batch["source_style_id"]).long(),  # [B]
             "y_trg": move(batch["target_style_id"]).long(),
         }

@@ -8,7 +8,7 @@
         --reference monet_refs/ --output out/ --vae stabilityai/sd-vae-ft-mse
 
 G, F and E are rebuilt from the checkpoint alone (its saved config) and run with the EMA weights.
-Latents on disk are raw; the networks see `raw * training.latent_scale` and their outputs are divided
+Latents on disk are raw; the networks see `LatentSpace.normalize(raw)` and their outputs go back through
 back before saving or decoding. The output folder holds one raw float32 latent `[4, h, w]` per output,
 `<stem>_to_<domain>_<k>.pt`, its PNG (VAE decode, or the linear latent preview when no VAE loads),
 and one `sheet.png` (rows: sources; columns: the source, then its outputs).
@@ -37,9 +37,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from arguments import bounded, check_not_inputs
-from latents import LATENT_SUFFIXES, file_stem, read_latent
-from inference import (DEFAULT_LATENT_SIZE, MEAN_STYLE_SAMPLES, check_psi, domain_index, latent_styles,
-                       load_networks, open_preview_for, open_vae_for, output_name, reference_styles, training_latent_size, translate_pairs)
+from config import latent_space
+from inference import (DEFAULT_LATENT_SIZE, MEAN_STYLE_SAMPLES, check_psi, domain_index, latent_styles, load_networks,
+                       open_preview_for, open_vae_for, output_name, reference_styles, training_latent_size,
+                       translate_pairs)
+from latents import LATENT_SUFFIXES, check_root_space, file_stem, read_latent
 from runtime import InputError, atomic_write, check_seed, output_folder, resolve_device, script_main
 from sampling import (FPS, FRAMES_PER_TRANSITION, HOLD_FRAMES, check_video_path, default_hold, interpolation_schedule,
                       num_frames, reference_grid, source_grid, video_frames, write_video)
@@ -220,9 +222,13 @@ def is_image(path):
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def read_latents(paths):
-    """Latent files -> {path: raw [4, h, w] float32}; errors name the file."""
-    return {path: read_latent(path) for path in paths}
+def read_latents(paths, space):
+    """Latent files of the LatentSpace `space` -> {path: raw [C, h, w] float32}; errors name the file, and a
+    data root's manifest (beside the file or one folder up) that names another space is refused."""
+    for root in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
+        for folder in (root, os.path.dirname(root)):
+            check_root_space(folder, space)
+    return {path: read_latent(path, space.channels) for path in paths}
 
 
 @torch.no_grad()
@@ -264,14 +270,14 @@ def save_outputs(raw, rgb, names, output_dir):
         atomic_write(os.path.join(output_dir, f"{name}.png"), lambda f: Image.fromarray(image).save(f, format="PNG"))
 
 
-def write_outputs(args, nets, sources, styles, latent_scale, vae, names):
+def write_outputs(args, nets, sources, styles, space, vae, names):
     """Translate every (source, style) pair, writing each chunk's outputs as they come. Returns the RGB
     of the pairs shown in the sheet, {(source i, style k): [3, H, W]}."""
     num_styles, sheet_cells = styles.shape[0], {}
     with progress_bar(len(names), "translating", "output") as bar:
-        for chunk, raw in translate_pairs(nets["generator"], sources, styles, latent_scale, args.batch_size,
+        for chunk, raw in translate_pairs(nets["generator"], sources, styles, space, args.batch_size,
                                           args.device):
-            rgb = to_rgb(raw, vae, latent_scale, args.batch_size)  # [b, 3, H, W]
+            rgb = to_rgb(raw, vae, space, args.batch_size)  # [b, 3, H, W]
             save_outputs(raw, rgb, [names[i] for i in chunk.tolist()], args.output)
             for j, pair in enumerate(chunk.tolist()):
                 i, k = divmod(pair, num_styles)
@@ -312,7 +318,7 @@ def load_inputs(args, cfg, vae, source_paths, ref_paths):
     if images and vae is None:
         raise InputError(f"image inputs ({images[0]}{' ...' if len(images) > 1 else ''}) need a VAE to be "
                          "encoded; pass --vae")
-    latents = read_latents([p for p in source_paths + ref_paths if not is_image(p)])
+    latents = read_latents([p for p in source_paths + ref_paths if not is_image(p)], latent_space(cfg))
     if images:
         from_sources = [latents[p].shape[-1] for p in source_paths if p in latents]
         latent_size = from_sources[0] if from_sources else training_latent_size(cfg, default=None)
@@ -356,7 +362,7 @@ def planned_outputs(args, cfg, domain_ids, source_paths, ref_paths):
 
 
 def translate(args, cfg, nets, domain_ids, source_paths, ref_paths):
-    latent_scale = cfg["training"]["latent_scale"]
+    space = latent_space(cfg)
     vae, why = open_vae_for(cfg, args.vae, args.vae_subfolder, args.device)  # None: the linear latent preview
     latents = load_inputs(args, cfg, vae, source_paths, ref_paths)
     tiny, tiny_why = open_preview_for(cfg, args.preview_vae, args.device)  # pictures only: never encodes
@@ -371,7 +377,7 @@ def translate(args, cfg, nets, domain_ids, source_paths, ref_paths):
     if args.output is not None and not args.grid:
         translate_each(args, cfg, nets, vae, sources, source_paths, refs, ref_paths, domain_ids[0])
     if args.grid:
-        path = reference_grid_file(args, nets, vae, latent_scale, sources, source_paths, refs, ref_paths, domain_ids[0])
+        path = reference_grid_file(args, nets, vae, space, sources, source_paths, refs, ref_paths, domain_ids[0])
         print(f"grid: {len(source_paths)} source(s) x {len(ref_paths)} reference(s) -> {path} "
               f"({picture_source(vae)})")
     if args.video is not None:
@@ -399,9 +405,9 @@ def check_counts(args, source_paths, ref_paths):
 
 def translate_each(args, cfg, nets, vae, sources, source_paths, refs, ref_paths, domain_id):
     """One latent and one PNG per (source, style) pair, and sheet.png, into --output."""
-    latent_scale = cfg["training"]["latent_scale"]
+    space = latent_space(cfg)
     if refs is not None:  # styles: [M, S] one per reference, or [K, S] from the mapping network
-        styles = reference_styles(nets["style_encoder"], refs, domain_id, latent_scale, args.batch_size, args.device)
+        styles = reference_styles(nets["style_encoder"], refs, domain_id, space, args.batch_size, args.device)
         col_labels = [file_stem(p) for p in ref_paths]
     else:
         styles = latent_styles(nets["mapping_network"], domain_id, args.num_styles, cfg["model"]["latent_dim"],
@@ -412,10 +418,10 @@ def translate_each(args, cfg, nets, vae, sources, source_paths, refs, ref_paths,
     domain = cfg["data"]["domains"][domain_id]
     names = [output_name(s, domain, k) for s in stems for k in range(styles.shape[0])]
     warn_about_stale_outputs(args.output, names)
-    sheet_cells = write_outputs(args, nets, sources, styles, latent_scale, vae, names)
-    ref_rgb = to_rgb(refs[:SHEET_MAX_COLS], vae, latent_scale, args.batch_size) if refs is not None else None
+    sheet_cells = write_outputs(args, nets, sources, styles, space, vae, names)
+    ref_rgb = to_rgb(refs[:SHEET_MAX_COLS], vae, space, args.batch_size) if refs is not None else None
     sheet = write_sheet(os.path.join(args.output, "sheet.png"),
-                        to_rgb(sources[:SHEET_MAX_ROWS], vae, latent_scale, args.batch_size), sheet_cells,
+                        to_rgb(sources[:SHEET_MAX_ROWS], vae, space, args.batch_size), sheet_cells,
                         styles.shape[0], stems[:SHEET_MAX_ROWS], col_labels, ref_rgb)
     report(args, source_paths, ref_paths, styles.shape[0], len(names), vae, sheet)
 
@@ -430,10 +436,10 @@ def report(args, source_paths, ref_paths, num_styles, num_outputs, vae, sheet):
         print(f"  the sheet shows the first {SHEET_MAX_ROWS} sources x {SHEET_MAX_COLS} outputs")
 
 
-def reference_grid_file(args, nets, vae, latent_scale, sources, source_paths, refs, ref_paths, domain_id):
+def reference_grid_file(args, nets, vae, space, sources, source_paths, refs, ref_paths, domain_id):
     """<output>/grid.png: StarGAN v2's reference.jpg, labelled with the files' stems."""
     with progress_bar(len(sources) * len(refs), "grid", "cell") as bar:
-        cells, rows = reference_grid(nets["generator"], nets["style_encoder"], sources, refs, domain_id, latent_scale,
+        cells, rows = reference_grid(nets["generator"], nets["style_encoder"], sources, refs, domain_id, space,
                                      vae, args.batch_size, args.device, args.cell_size, on_batch=bar.update)
     path = os.path.join(args.output, "grid.png")
     return save_image_grid(path, cells, nrow=rows, row_labels=["references"] + [file_stem(p) for p in source_paths],
@@ -444,9 +450,9 @@ def video_file(args, cfg, nets, vae, sources, refs, domain_ids):
     """The interpolation video: key styles from the references (ref) or K random styles per target
     domain (latent, psi applied), the frames rendered in batches and streamed to the encoder."""
     mode, path = args.video
-    latent_scale = cfg["training"]["latent_scale"]
+    space = latent_space(cfg)
     if mode == "ref":
-        key_styles = reference_styles(nets["style_encoder"], refs, domain_ids[0], latent_scale, args.batch_size,
+        key_styles = reference_styles(nets["style_encoder"], refs, domain_ids[0], space, args.batch_size,
                                       args.device)  # [M, S]
         keys_per_segment, key_latents = [refs.shape[0]], refs
     else:
@@ -454,7 +460,7 @@ def video_file(args, cfg, nets, vae, sources, refs, domain_ids):
                                               args.seed, args.psi, args.device) for d in domain_ids])  # [D*K, S]
         keys_per_segment, key_latents = [args.num_styles] * len(domain_ids), None
     schedule = interpolation_schedule(keys_per_segment, args.frames_per_transition, args.hold_frames)
-    frames = video_frames(nets["generator"], sources, key_styles, schedule, latent_scale, vae, key_latents,
+    frames = video_frames(nets["generator"], sources, key_styles, schedule, space, vae, key_latents,
                           args.batch_size, args.device, args.cell_size)
     total = num_frames(keys_per_segment, args.frames_per_transition, args.hold_frames)
     with tqdm(total=total, unit="frame", desc=f"video {mode}", file=sys.stderr) as bar:

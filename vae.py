@@ -17,9 +17,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from latents import LATENT_CHANNELS, SD15, LatentSpace
+from latents import SD15, VALUE_KEYS, LatentSpace, check_same_space
 from runtime import InputError, atomic_write
-
 
 # Linear latent -> RGB per latent family, for *normalised* latents (what the networks see); rows:
 # latent channels, columns: R, G, B; the RGB is in about [-1, 1]. The published preview factors of
@@ -87,7 +86,7 @@ def preview_family(space):
 _GENERIC_SAID = set()  # channel counts whose generic preview has been announced (one line each)
 
 
-def latent_preview(scaled_latents, upscale=None, space=SD15, log=None):
+def latent_preview(scaled_latents, space=SD15, upscale=None, log=None):
     """[B, C, H, W] normalised latents -> [B, 3, H*upscale, W*upscale] RGB in [0, 1], no VAE needed:
     the latent family's linear factors, or for a width without them the first 3 channels (fewer
     repeated), each image min-max normalised, announced once per width on `log` (default: stderr).
@@ -173,17 +172,33 @@ def load_vae(path, subfolder=None, device="cpu", dtype=torch.float32, quiet=True
         quiet_hf()
     kwargs = dict(subfolder=subfolder or None, torch_dtype=dtype)
     if looks_local(path):
-        vae = AutoencoderKL.from_pretrained(path, **kwargs)
+        vae = vae_class(path, subfolder).from_pretrained(path, **kwargs)
     else:
         try:
-            vae = AutoencoderKL.from_pretrained(path, local_files_only=True, **kwargs)
+            vae = vae_class(path, subfolder, local_files_only=True).from_pretrained(path, local_files_only=True,
+                                                                                    **kwargs)
         except (OSError, ValueError):  # not (wholly) in the cache
             check_hub_reachable(path)
             if log:
                 log(f"downloading the VAE {path!r} from the Hugging Face hub into its cache (once)")
-            vae = AutoencoderKL.from_pretrained(path, **kwargs)
+            vae = vae_class(path, subfolder).from_pretrained(path, **kwargs)
     vae.to(device).eval().requires_grad_(False)
     return vae
+
+
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderDC", "AutoencoderTiny")  # the diffusers VAEs this code reads
+
+
+def vae_class(path, subfolder=None, local_files_only=False):
+    """The diffusers class its config.json names (`_class_name`; AutoencoderKL when absent), one
+    of VAE_CLASSES; InputError naming any other."""
+    import diffusers
+
+    config = diffusers.AutoencoderKL.load_config(path, subfolder=subfolder or None, local_files_only=local_files_only)
+    name = config.get("_class_name") or "AutoencoderKL"
+    if name not in VAE_CLASSES:
+        raise InputError(f"the VAE {path!r} is a diffusers {name!r}; expected one of {', '.join(VAE_CLASSES)}")
+    return getattr(diffusers, name)
 
 
 def check_hub_reachable(repo_id):
@@ -220,31 +235,31 @@ def error_line(err):
     return first_line if isinstance(err, InputError) else first_line[:300]  # ours are short enough
 
 
-def check_latent_channels(vae, path, what="", channels=LATENT_CHANNELS):
-    """InputError, starting with `what`, when the VAE's latents are not `channels` wide (None: any)."""
-    if channels is not None and vae.config.latent_channels != channels:
-        raise InputError(f"{what}the VAE {path!r} has {vae.config.latent_channels} latent channels; the model's "
-                         f"latents have {channels} (an SD1.5-style VAE)")
+def check_vae_space(vae, path, space, what=""):
+    """InputError, starting with `what`, when the VAE's latents (its config's channels and factors,
+    VALUE_KEYS) are not the checkpoint's `space`'s (None: unchecked), naming both values."""
+    if space is not None:
+        check_same_space(LatentSpace.from_vae(vae), space, f"VAE {path!r}", "checkpoint", what, VALUE_KEYS)
 
 
-def open_vae(path, subfolder=None, device="cpu", dtype=torch.float32, what="", hint="", channels=LATENT_CHANNELS):
+def open_vae(path, subfolder=None, device="cpu", dtype=torch.float32, what="", hint="", space=None):
     """`load_vae` for work that cannot go on without the VAE (encoding, evaluation, an exported
     decoder): an InputError starting with `what` when it cannot be loaded (`hint` then says how to
-    go on) or when its latents are not `channels` wide (None: any width, as encode.py writes)."""
+    go on) or when its latent space is not `space` (None: any, as encode.py writes)."""
     try:
         vae = load_vae(path, subfolder, device, dtype)
     except Exception as e:  # diffusers / huggingface_hub raise OSError, ValueError, ImportError, ...
         where = f"{path!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
         raise InputError(f"{what}the VAE {where} could not be loaded ({type(e).__name__}: {error_line(e)}){hint}") \
             from None
-    check_latent_channels(vae, path, what, channels)
+    check_vae_space(vae, path, space, what)
     return vae
 
 
-def load_vae_or_preview(path, subfolder, device, log, quiet=True, origin="visualization.vae_path", channels=None):
+def load_vae_or_preview(path, subfolder, device, log, quiet=True, origin="visualization.vae_path", space=None):
     """The VAE for pictures (grids, PNGs), or None when it cannot be loaded: the caller then shows
-    the linear latent preview. `log` gets one line saying why. A VAE that loads but whose latents
-    are not `channels` wide (None: unchecked) is an InputError. Evaluation never uses this: without
+    the linear latent preview. `log` gets one line saying why. A VAE that loads but whose latent
+    space is not `space` (None: unchecked) is an InputError. Evaluation never uses this: without
     a VAE its numbers would mean something else, so it calls `open_vae` and fails."""
     if not path:
         log(f"{origin} is not set: pictures use the linear latent preview")
@@ -255,7 +270,7 @@ def load_vae_or_preview(path, subfolder, device, log, quiet=True, origin="visual
         log(f"warning: cannot load the VAE from {origin}={path!r} ({type(e).__name__}: {error_line(e)}); "
             "pictures use the linear latent preview instead")
         return None
-    check_latent_channels(vae, path, channels=channels)
+    check_vae_space(vae, path, space, f"{origin}: ")
     return vae
 
 
@@ -309,8 +324,8 @@ def to_rgb(raw_latents, vae, space, batch_size=16, on_batch=None):
 
 
 def vae_downsample_factor(vae):
-    """Spatial factor between image and latent: 2 ** (number of down blocks - 1), 8 for SD1.5."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    """Spatial factor between image and latent (`LatentSpace.from_vae`): 8 for SD1.5, 32 for a DC-AE f32."""
+    return LatentSpace.from_vae(vae).downsample
 
 
 @torch.no_grad()
@@ -334,9 +349,12 @@ def decode_raw(vae, raw_latents, batch_size=16, on_batch=None):
 
 @torch.no_grad()
 def encode_raw(vae, images, sample=False, generator=None):
-    """[B, 3, H, W] images in [-1, 1] -> [B, 4, H/f, W/f] raw latents: the posterior mode, or a
-    draw from the posterior when `sample`."""
-    dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    """[B, 3, H, W] images in [-1, 1] -> [B, C, H/f, W/f] raw latents: the posterior mode, or a
+    draw from the posterior when `sample` (AutoencoderKL; DC-AE and TAESD encode deterministically)."""
+    out = vae.encode(images.to(vae.device, vae.dtype))
+    if not hasattr(out, "latent_dist"):  # AutoencoderDC's EncoderOutput.latent, AutoencoderTiny's .latents
+        return (out.latent if hasattr(out, "latent") else out.latents).float()
+    dist = out.latent_dist
     return (dist.sample(generator) if sample else dist.mode()).float()
 
 

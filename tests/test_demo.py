@@ -23,7 +23,7 @@ def test_demo_config_runs_one_tiny_epoch(tmp_path, capsys):
                      "training.progress_style=off", "visualization.every_epochs=1", "training.device=cpu"])
     assert code == 0
     assert sorted(os.listdir(tmp_path / "data")) == sorted(["Hayao", "cezanne", "demo_manifest.json", "monet",
-                                                           "photo", "vangogh"])
+                                                           "photo", "vangogh", "latent_space.json"])
     assert os.path.exists(out / "latest.pt") and os.path.exists(out / "vis" / "epoch_0001.png")
     assert "linear latent preview" in capsys.readouterr().out
 
@@ -39,7 +39,7 @@ def target_domain_accuracy(tr, ds, per_domain=16, seed=1):
     reference-guided, EMA nets) and classify each output by the nearest domain centroid of the
     training data's channel statistics. Returns the fraction landing in the target domain."""
     G, F, E = (tr.ema[k] for k in T.EMA_NETS)
-    n, off, scale = ds.num_domains, ds.offsets, tr.latent_scale
+    n, off, scale = ds.num_domains, ds.offsets, tr.space.scaling_factor
     centroids = torch.stack([channel_stats(ds.data[off[k]:off[k] + ds.counts[k]]).mean(0) for k in range(n)])
     g = torch.Generator().manual_seed(seed)
     src = torch.cat([ds.data[off[k]:off[k] + per_domain] for k in range(n)]) * scale  # [n*per_domain, 4, H, W]

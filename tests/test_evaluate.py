@@ -268,7 +268,7 @@ def test_mismatched_sizes_and_vaes_are_refused_before_any_work(checkpoint, weigh
                          up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=8, norm_num_groups=8)
     wide.save_pretrained(str(tmp_path / "vae8"))
     assert evaluate.main(evaluate_args(checkpoint[0], weights, str(tmp_path / "vae8"), tmp_path / "o")) == 2
-    assert "has 8 latent channels; the model's latents have 4" in capsys.readouterr().err
+    assert "(channels: VAE " in (err := capsys.readouterr().err) and "vae8' 8 vs checkpoint 4" in err
 
 
 def test_the_cache_lives_beside_the_checkpoint_wherever_out_is(checkpoint, weights, tiny_vae_dir, tmp_path,

@@ -219,7 +219,7 @@ def test_verify_refuses_a_graph_that_differs_from_eager(trained, tmp_path, monke
     the networks themselves, exit 1 and write nothing."""
     def wrong(self, content, domain, z, psi):
         s = torch.lerp(self.mean_styles[domain], self.mapping_network(z, domain), psi[:, None])
-        return self.generator(content * self.latent_scale, s)
+        return self.generator(self.space.normalize(content), s)
 
     monkeypatch.setattr(exporting.LatentGuided, "forward", wrong)
     assert run_export(trained[0], tmp_path / "out", "--format", "pt2", "--verify") == 1

@@ -16,6 +16,7 @@ from scipy import linalg
 
 import metrics
 from conftest import TINY_MODEL, write_random_alexnet
+from latents import SD15
 from model import AdaIN, build_models
 from runtime import InputError
 
@@ -334,7 +335,7 @@ def protocol_inputs(lpips, tiny_decode):
     inception = metrics.InceptionFeatures(net, metrics.FORM_PLAIN, identity="stand-in-16", num_features=16)
     return dict(generator=nets["generator"], mapping_network=nets["mapping_network"],
                 style_encoder=nets["style_encoder"], domains=DOMAINS, real=real, sources=real, decode=tiny_decode,
-                inception=inception, lpips=lpips, latent_scale=0.18215, latent_dim=TINY_MODEL["latent_dim"],
+                inception=inception, lpips=lpips, space=SD15, latent_dim=TINY_MODEL["latent_dim"],
                 num_outs=3, max_sources=3, batch_size=8, vae_id="tiny-random-vae")
 
 
@@ -426,7 +427,7 @@ def test_networks_see_scaled_latents_and_decode_gets_raw_ones(lpips, tiny_decode
     (outputs / latent_scale), E scaled latents of the target domain, F z ~ N(0, I) of latent_dim,
     and LPIPS among a source's identical outputs is 0."""
     inputs = protocol_inputs(lpips, tiny_decode)
-    scale, real = inputs["latent_scale"], inputs["real"]
+    scale, real = inputs["space"].scaling_factor, inputs["real"]
     seen = {"decoded": [], "refs": [], "z": []}
 
     def identity_generator(x, s):
@@ -475,7 +476,7 @@ def test_evaluator_loads_everything_or_says_what_is_missing(tmp_path, tiny_vae_d
     inputs = protocol_inputs(lpips, tiny_decode)
     small = metrics.Evaluator(evaluator.vae, evaluator.vae_id, inputs["inception"], lpips, "cpu", batch_size=8)
     nets = {k: inputs[k] for k in ("generator", "mapping_network", "style_encoder")}
-    results = small(nets, DOMAINS, inputs["real"], inputs["real"], inputs["latent_scale"], inputs["latent_dim"],
+    results = small(nets, DOMAINS, inputs["real"], inputs["real"], inputs["space"], inputs["latent_dim"],
                     num_outs=2, max_sources=2, modes=("latent",))
     assert set(results) == set(metrics.metric_keys(DOMAINS, modes=("latent",))) | {"KID_subset_size", "protocol"}
     assert metrics.metric_keys(DOMAINS)[:3] == ["FID_latent/mean", "KID_latent/mean", "LPIPS_latent/mean"]

@@ -450,11 +450,11 @@ def counting_loads(monkeypatch, fail_after=None):
     calls = []
     real = packing.load_latent_file
 
-    def load(path):
+    def load(path, *args):
         calls.append(path)
         if fail_after is not None and len(calls) == fail_after:
             raise KeyboardInterrupt
-        return real(path)
+        return real(path, *args)
 
     monkeypatch.setattr(packing, "load_latent_file", load)
     return calls

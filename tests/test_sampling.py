@@ -13,6 +13,7 @@ from PIL import Image, ImageSequence
 
 import sampling
 from conftest import decode_video
+from latents import SD15
 from translate import main
 from vae import image_grid, latent_preview, to_uint8
 
@@ -129,7 +130,7 @@ def test_frames_are_sources_over_translations_with_the_sliding_reference(trained
     sources, refs = load(data, "a/000.pt", "a/001.pt"), load(data, "c/000.pt", "b/002.pt", "c/003.pt")
     keys = ref_styles(nets, refs, 2, scale)  # [3, S]
     schedule = sampling.interpolation_schedule([3], frames_per_transition=7, hold_frames=2)
-    chunks = list(sampling.video_frames(nets["generator"], sources, keys, schedule, scale, key_latents=refs,
+    chunks = list(sampling.video_frames(nets["generator"], sources, keys, schedule, SD15, key_latents=refs,
                                         batch_size=4))
     frames = np.concatenate(chunks)
     assert len(chunks) > 1 and frames.shape == (2 * 7 + 2, 2 * PIXELS, PIXELS + MARGIN + 2 * PIXELS, 3)
@@ -156,7 +157,7 @@ def test_cuda_frames_match_the_cpu(trained, ema_nets):
     for device in ("cpu", "cuda"):
         generator = copy.deepcopy(nets["generator"]).to(device)
         keys = ref_styles(nets, refs, 2, scale).to(device)
-        frames[device] = np.concatenate(list(sampling.video_frames(generator, sources, keys, schedule, scale,
+        frames[device] = np.concatenate(list(sampling.video_frames(generator, sources, keys, schedule, SD15,
                                                                    key_latents=refs, batch_size=4, device=device)))
     assert frames["cuda"].shape == frames["cpu"].shape
     assert np.abs(frames["cuda"].astype(int) - frames["cpu"].astype(int)).mean() < 1  # TF32 convolutions
@@ -278,7 +279,7 @@ def test_reference_grid_cells_are_the_per_pair_translations(trained, ema_nets, t
     cfg, nets = ema_nets
     scale = cfg["training"]["latent_scale"]
     sources, refs = load(data, "a/000.pt", "b/001.pt", "a/003.pt"), load(data, "c/000.pt", "c/002.pt")
-    cells, rows = sampling.reference_grid(nets["generator"], nets["style_encoder"], sources, refs, 2, scale,
+    cells, rows = sampling.reference_grid(nets["generator"], nets["style_encoder"], sources, refs, 2, SD15,
                                           batch_size=4)
     assert rows == 4 and cells.shape == (4 * 3, 3, PIXELS, PIXELS)
     cells = cells.view(4, 3, 3, PIXELS, PIXELS)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import trainer as T
-from config import resolve_config
+from config import latent_space, resolve_config
 from conftest import tiny_run_config
 from model import build_models
 
@@ -63,10 +63,10 @@ def styled_trainer(tmp_path, **kwargs):
 
 def step_inputs(tr, batch, seed=123):
     """The trainer's scaled inputs and the z it will draw after torch.manual_seed(seed)."""
-    s = tr.cfg["training"]["latent_scale"]
+    norm = latent_space(tr.cfg).normalize  # SD1.5's: raw * 0.18215
     torch.manual_seed(seed)
     z = torch.randn(2, B, tr.cfg["model"]["latent_dim"])
-    return {"x": batch["content"] * s, "x_ref": batch["target_style"] * s, "x_ref2": batch["target_style_2"] * s,
+    return {"x": norm(batch["content"]), "x_ref": norm(batch["target_style"]), "x_ref2": norm(batch["target_style_2"]),
             "y_src": batch["source_style_id"], "y_trg": batch["target_style_id"], "z": z}
 
 
@@ -78,8 +78,9 @@ def reference_step(nets, opts, ema, batch, z, cfg, step):
     Returns the gradients each net stepped with, by parameter name."""
     G, F, E, D = (nets[k] for k in NETS)
     w, t = cfg["loss"], cfg["training"]
-    x = batch["content"] * t["latent_scale"]  # [B, 4, H, W], the networks see scaled latents
-    x_ref, x_ref2 = batch["target_style"] * t["latent_scale"], batch["target_style_2"] * t["latent_scale"]
+    norm = latent_space(cfg).normalize  # the networks see (raw - shift) * scale; SD1.5: raw * 0.18215
+    x = norm(batch["content"])  # [B, 4, H, W]
+    x_ref, x_ref2 = norm(batch["target_style"]), norm(batch["target_style_2"])
     y_src, y_trg = batch["source_style_id"], batch["target_style_id"]
     decay = w["ds_decay_steps"]
     w_ds = w["w_ds"] * (max(0.0, 1 - step / decay) if decay else 1.0)

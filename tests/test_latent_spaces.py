@@ -1,0 +1,245 @@
+"""Latent spaces other than SD1.5's, end to end, with tiny randomly initialised diffusers VAEs saved
+to folders (diffusers' own test-sized configs): a 16-channel AutoencoderKL with a shift factor (an
+SD3 / FLUX.1-style space) and an AutoencoderDC (8 channels here). Images are encoded (the data root
+gets latent_space.json), packed, trained on, resumed, translated (files, grid, video), evaluated,
+exported with the decoder and served by the app; every decoded picture equals decoding the raw
+output latents with that VAE by hand. A root or a VAE of another space is refused, naming both
+numbers; a root without a manifest trains as SD1.5 and says so once."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import encode
+import evaluate
+import export
+import metrics
+import pack
+import run
+import translate
+from conftest import decode_video, tiny_run_config, write_latent_folders, write_random_alexnet
+from inference import load_networks
+from latents import MANIFEST_NAME, SD15, LatentSpace, read_manifest
+from test_metrics import StyleGANFormStandIn, script_to
+from vae import decode_raw, load_vae, to_uint8
+
+DOMAINS = ["a", "b"]
+IMAGES = 32  # px; both tiny VAEs halve once: 16x16 latents
+
+
+def make_kl16(folder):
+    """An AutoencoderKL of 16 latent channels with a shift factor, as SD3's and FLUX.1's VAEs."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+                  up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=16, norm_num_groups=8, sample_size=32,
+                  scaling_factor=0.75, shift_factor=0.125).save_pretrained(str(folder))
+    return str(folder)
+
+
+def make_dc(folder):
+    """An AutoencoderDC (DC-AE) in diffusers' test size: 8 latent channels, 2x down."""
+    from diffusers import AutoencoderDC
+
+    torch.manual_seed(0)
+    AutoencoderDC(in_channels=3, latent_channels=8, attention_head_dim=2,
+                  encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                  decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+                  decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)),
+                  decoder_qkv_multiscales=((), (5,)), encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+                  downsample_block_type="conv", upsample_block_type="interpolate", decoder_norm_types="rms_norm",
+                  decoder_act_fns="silu", scaling_factor=0.41407).save_pretrained(str(folder))
+    return str(folder)
+
+
+EXPECTED = {"kl16": LatentSpace(16, 0.75, 0.125, 2), "dc": LatentSpace(8, 0.41407, 0.0, 2)}
+
+
+def write_images(root, count=4):
+    rng = np.random.default_rng(0)
+    for d in DOMAINS:
+        os.makedirs(root / d, exist_ok=True)
+        for k in range(count):
+            Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(root / d / f"{k:02d}.png")
+    return root
+
+
+def write_config(tmp, data_root, name="cfg.yaml", **training):
+    cfg = tiny_run_config(tmp, data={"root": str(data_root), "domains": DOMAINS, "samples_per_epoch": 4},
+                          training={"epochs": 1, "batch_size": 2, **training})
+    path = tmp / name
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path), cfg
+
+
+@pytest.fixture(scope="module", params=["kl16", "dc"])
+def pipeline(request, tmp_path_factory):
+    """(kind, vae folder, packed data root, checkpoint) after encode -> pack -> train 1 epoch -> resume to 2."""
+    kind = request.param
+    tmp = tmp_path_factory.mktemp(kind)
+    vae_dir = (make_kl16 if kind == "kl16" else make_dc)(tmp / "vae")
+    images = write_images(tmp / "images")
+    data = tmp / "latents"
+    assert encode.main(["--input", str(images), "--output", str(data), "--vae", vae_dir, "--size", str(IMAGES),
+                        "--batch-size", "4", "--device", "cpu"]) == 0
+    assert pack.main([str(data), str(tmp / "packed")]) == 0
+    path, cfg = write_config(tmp, tmp / "packed")
+    assert run.main(["--config", path]) == 0
+    assert run.main(["--config", path, "training.epochs=2", "--resume"]) == 0
+    return kind, vae_dir, tmp, os.path.join(cfg["training"]["checkpoint_dir"], "latest.pt")
+
+
+def test_encode_records_the_vae_and_pack_copies_it(pipeline):
+    kind, vae_dir, tmp, _ = pipeline
+    space, record = read_manifest(tmp / "latents")
+    assert space == EXPECTED[kind] == LatentSpace.from_vae(load_vae(vae_dir))
+    assert record["vae_class"] == ("AutoencoderKL" if kind == "kl16" else "AutoencoderDC")
+    assert record["image_size"] == IMAGES and len(record["vae_config_sha256"]) == 64
+    assert read_manifest(tmp / "packed") == (space, record)
+    latent = torch.load(tmp / "latents" / "a" / "00.pt", weights_only=True)
+    assert latent.shape == (space.channels, IMAGES // 2, IMAGES // 2)
+
+
+def test_training_records_the_space_in_config_and_checkpoint(pipeline):
+    kind, _, tmp, ckpt = pipeline
+    saved = yaml.safe_load(open(os.path.join(os.path.dirname(ckpt), "config.yaml")))
+    cfg = torch.load(ckpt, weights_only=True)["config"]
+    space = EXPECTED[kind]
+    for c in (saved, cfg):
+        assert (c["model"]["latent_channels"], c["training"]["latent_scale"], c["training"]["latent_shift"],
+                c["training"]["latent_downsample"]) == (space.channels, space.scaling_factor, space.shift_factor,
+                                                        space.downsample)
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 2
+
+
+def test_translate_files_grid_and_video_decode_the_raw_outputs(pipeline, tmp_path):
+    kind, vae_dir, tmp, ckpt = pipeline
+    vae, source = load_vae(vae_dir), tmp / "latents" / "a"
+    out = tmp_path / "files"
+    assert translate.main(["--checkpoint", ckpt, "--source", str(source), "--target-domain", "b", "--output",
+                           str(out), "--num-styles", "2", "--vae", vae_dir, "--device", "cpu"]) == 0
+    raw = torch.load(out / "00_to_b_1.pt", weights_only=True)
+    space = EXPECTED[kind]
+    assert raw.shape == (space.channels, 16, 16)
+    # by hand: G sees (raw - shift) * scale, its output goes back as out / scale + shift (style 1: z row 1, seed 0)
+    cfg, nets = load_networks(ckpt, "cpu")
+    x = torch.load(source / "00.pt", weights_only=True)[None]
+    z = torch.randn(2, cfg["model"]["latent_dim"], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        s = nets["mapping_network"](z, torch.full((2,), 1))[1:]
+        expected = nets["generator"]((x - space.shift_factor) * space.scaling_factor, s) / space.scaling_factor \
+            + space.shift_factor
+    torch.testing.assert_close(raw, expected[0], rtol=1e-4, atol=1e-4)
+    png = np.asarray(Image.open(out / "00_to_b_1.png"))
+    assert np.abs(png.astype(int) - to_uint8(decode_raw(vae, raw[None]))[0]).max() <= 1
+    assert translate.main(["--checkpoint", ckpt, "--source", str(source), "--reference", str(tmp / "latents" / "b"),
+                           "--target-domain", "b", "--grid", "--output", str(tmp_path / "grid"), "--vae", vae_dir,
+                           "--device", "cpu"]) == 0
+    assert Image.open(tmp_path / "grid" / "grid.png").size[0] >= 5 * IMAGES
+    video = tmp_path / "v.gif"
+    assert translate.main(["--checkpoint", ckpt, "--source", str(source / "00.pt"), "--target-domain", "b",
+                           "--num-styles", "2", "--video", "latent", str(video), "--vae", vae_dir, "--device", "cpu",
+                           "--frames-per-transition", "2"]) == 0
+    assert decode_video(str(video), fps=15).shape[-1] == 3
+
+
+def test_evaluate_and_export_with_the_decoder(pipeline, tmp_path, monkeypatch):
+    kind, vae_dir, tmp, ckpt = pipeline
+    monkeypatch.setattr(metrics, "INCEPTION_DIM", 16)
+    torch.manual_seed(0)
+    inception = script_to(tmp_path / "inception-2015-12-05.pt", StyleGANFormStandIn(dim=16))
+    write_random_alexnet(tmp_path / metrics.ALEXNET_FILE)
+    assert evaluate.main(["--checkpoint", ckpt, "--vae", vae_dir, "--out", str(tmp_path / "eval"), "--num-outs", "2",
+                          "--max-sources", "2", "--device", "cpu", "--batch-size", "8", "--data-root",
+                          str(tmp / "latents"), "--inception-weights", inception, "--lpips-weights",
+                          str(tmp_path / metrics.ALEXNET_FILE)]) == 0
+    results = json.load(open(tmp_path / "eval" / "metrics.json"))
+    assert "FID_latent/mean" in json.dumps(results)
+    out = tmp_path / "export"
+    assert export.main(["--checkpoint", ckpt, "--output", str(out), "--format", "pt2", "--with-decoder",
+                        "--vae", vae_dir, "--verify"]) == 0
+    program = torch.export.load(str(out / "latent_guided.pt2"))
+    assert program is not None
+
+
+def test_app_serves_the_space(pipeline, tmp_path):
+    import app
+
+    kind, vae_dir, tmp, ckpt = pipeline
+    translator = app.Translator(ckpt, vae=vae_dir, device="cpu", log=lambda line: None)
+    assert translator.space == EXPECTED[kind] and translator.image_size == IMAGES
+    handle = app.make_handler(translator, str(tmp_path / "outputs"), upload_root=str(tmp_path))
+    photo = tmp_path / "photo.png"
+    photo.write_bytes((tmp / "images" / "a" / "00.png").read_bytes())
+    gallery, latents_pt, _, _ = handle(app.UPLOAD, str(photo), None, "b", app.LATENT_GUIDED, 1, 0, 1.0, app.DATA, None,
+                                       None)
+    raw = torch.load(latents_pt, weights_only=True)["latents"]
+    assert raw.shape[-3] == EXPECTED[kind].channels
+    png = np.asarray(Image.open(gallery["value"][0][0]))
+    decoded = to_uint8(decode_raw(load_vae(vae_dir), raw.reshape(1, *raw.shape[-3:])))[0]
+    assert np.abs(png.astype(int) - decoded).max() <= 1
+
+
+def test_another_space_is_refused_naming_both_numbers(pipeline, tmp_path, tiny_vae_dir, capsys):
+    kind, vae_dir, tmp, ckpt = pipeline
+    space = EXPECTED[kind]
+    path, _ = write_config(tmp_path, tmp / "packed", latent_scale=0.18215)
+    assert run.main(["--config", path]) == 2
+    err = capsys.readouterr().err
+    assert f"scaling_factor: config 0.18215 vs {tmp / 'packed' / MANIFEST_NAME} {space.scaling_factor:g}" in err
+    # tools: a VAE of another space (the 4-channel SD1.5-style tiny VAE)
+    assert translate.main(["--checkpoint", ckpt, "--source", str(tmp / "latents" / "a"), "--target-domain", "b",
+                           "--output", str(tmp_path / "o"), "--num-styles", "1", "--vae", tiny_vae_dir,
+                           "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"channels: VAE {tiny_vae_dir!r} 4 vs checkpoint {space.channels}" in err
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "e"), "--format", "pt2", "--with-decoder",
+                        "--vae", tiny_vae_dir]) == 2
+    assert f"channels: VAE {tiny_vae_dir!r} 4 vs checkpoint {space.channels}" in capsys.readouterr().err
+    # encoding another VAE's latents into the same root
+    assert encode.main(["--input", str(tmp / "images"), "--output", str(tmp / "latents"), "--vae", tiny_vae_dir,
+                        "--size", str(IMAGES), "--device", "cpu"]) == 2
+    assert "encode into another data root" in capsys.readouterr().err
+
+
+def test_sd15_data_without_a_manifest_trains_and_says_so_once(tmp_path, capsys):
+    data = write_latent_folders(tmp_path / "data", domains=DOMAINS, files=4)
+    path, cfg = write_config(tmp_path, data)
+    assert run.main(["--config", path]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"has no {MANIFEST_NAME}") == 1 and "SD1.5's is assumed" in out
+    saved = torch.load(os.path.join(cfg["training"]["checkpoint_dir"], "latest.pt"), weights_only=True)["config"]
+    assert (saved["model"]["latent_channels"], saved["training"]["latent_scale"]) == (4, SD15.scaling_factor)
+
+
+@pytest.mark.parametrize("record, key", [
+    ({"version": 1, "channels": 0, "scaling_factor": 1.0, "shift_factor": 0.0, "downsample": 8}, "channels"),
+    ({"version": 1, "channels": 4, "scaling_factor": -1.0, "shift_factor": 0.0, "downsample": 8}, "scaling_factor"),
+    ({"version": 1, "channels": 4, "scaling_factor": 1.0, "shift_factor": "x", "downsample": 8}, "shift_factor"),
+    ({"version": 1, "channels": 4, "scaling_factor": 1.0, "shift_factor": 0.0}, "downsample"),
+    ({"version": 1, "channels": 4, "scaling_factor": 1.0, "shift_factor": 0.0, "downsample": 8, "extra": 1}, "extra"),
+    ([1, 2], None),
+])
+def test_a_bad_manifest_is_one_line_naming_file_and_key(tmp_path, capsys, record, key):
+    data = write_latent_folders(tmp_path / "data", domains=DOMAINS, files=4)
+    (tmp_path / "data" / MANIFEST_NAME).write_text(json.dumps(record))
+    path, _ = write_config(tmp_path, data)
+    assert run.main(["--config", path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    line = [x for x in err if MANIFEST_NAME in x]
+    assert line and (key is None or repr(key) in line[0])
+
+
+def test_from_vae_reads_the_diffusers_configs(tmp_path, tiny_vae_dir):
+    assert LatentSpace.from_vae(load_vae(tiny_vae_dir)) == LatentSpace(4, 0.18215, 0.0, 2)
+    assert LatentSpace.from_vae(load_vae(make_kl16(tmp_path / "kl"))) == EXPECTED["kl16"]
+    z = torch.randn(2, 16, 4, 4)
+    torch.testing.assert_close(EXPECTED["kl16"].normalize(EXPECTED["kl16"].denormalize(z)), z)
+    raw = torch.randn(2, 4, 4, 4) * 5
+    assert torch.equal(SD15.normalize(raw), raw * 0.18215) and torch.equal(SD15.denormalize(raw), raw / 0.18215)
