@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from config import EVAL_METRICS as METRICS
 from config import parse_metrics
 from inference import mapped_styles, reference_styles, translate_raw
-from latents import content_hash
+from latents import SD15, content_hash
 from runtime import InputError, atomic_write
 from vae import as_space, decode, latent_preview, open_vae
 
@@ -770,7 +770,6 @@ class Evaluator:
         had offline). Any missing or wrong file is an InputError that starts with `what` (e.g. which
         setting asked for evaluation)."""
         metrics = parse_metrics(metrics)
-        space = as_space(space)
         if preview:
             vae = vae_id = None
         elif not vae_path:
@@ -789,9 +788,11 @@ class Evaluator:
             lpips = load_lpips(lpips_weights, device) if "LPIPS" in metrics else None
         except InputError as err:
             raise InputError(f"{what}{err}") from None
-        preview_id = f"{PREVIEW_DECODE} x{space.scaling_factor:g}" + (f" -{space.shift_factor:g}" if space.shift_factor
-                                                                       else "")
-        return cls(vae, vae_id or preview_id, inception, lpips, device, amp_dtype, batch_size, cache_dir, metrics,
+        if preview:
+            space = as_space(SD15 if space is None else space)
+            vae_id = f"{PREVIEW_DECODE} x{space.scaling_factor:g}" + (f" -{space.shift_factor:g}" if space.shift_factor
+                                                                      else "")
+        return cls(vae, vae_id, inception, lpips, device, amp_dtype, batch_size, cache_dir, metrics,
                    preview_space=space if preview else None)
 
     @torch.no_grad()
