@@ -450,6 +450,17 @@ def write_manifest(root, space, **details):
     return atomic_write(manifest_path(root), lambda f: f.write(text))
 
 
+def copy_manifest(src_root, *dst_roots):
+    """A data root's manifest (checked) into the roots made from it (packed, split); returns
+    read_manifest(src_root)."""
+    found = read_manifest(src_root)
+    if found is not None:
+        details = {k: v for k, v in found[1].items() if k in MANIFEST_TEXT_KEYS + ("image_size",)}
+        for root in dst_roots:
+            write_manifest(root, found[0], **details)
+    return found
+
+
 def read_manifest(root):
     """(LatentSpace, record) from `root/latent_space.json`, or None when the root has none.
     InputError naming the file (and the key) for anything malformed."""

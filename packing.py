@@ -31,9 +31,9 @@ import warnings
 import numpy as np
 import torch
 
-from latents import (LATENT_CHANNELS, LATENT_SUFFIXES, MANIFEST_TEXT_KEYS, MAX_LATENT_CHANNELS, MAX_LATENT_SIZE,
-                     MAX_LISTED, OUTLIER_LIMIT, PACKED_ARRAY, PACKED_INDEX, first_lines, is_packed, list_latent_files,
-                     load_latent_file, read_manifest, write_manifest)
+from latents import (LATENT_CHANNELS, LATENT_SUFFIXES, MAX_LATENT_CHANNELS, MAX_LATENT_SIZE, MAX_LISTED,
+                     OUTLIER_LIMIT, PACKED_ARRAY, PACKED_INDEX, copy_manifest, first_lines, is_packed,
+                     list_latent_files, load_latent_file, read_manifest)
 from model import MIN_LATENT_SIZE
 from runtime import InputError, atomic_write
 
@@ -359,9 +359,7 @@ def pack_folders(src_root, dst_root, domains=None, dtype="float16", log=print):
     found = read_manifest(src_root)
     channels = found[0].channels if found else LATENT_CHANNELS
     rows = {d: pack_domain(os.path.join(src_root, d), os.path.join(dst_root, d), dtype, log, channels) for d in domains}
-    if found:
-        details = {k: v for k, v in found[1].items() if k in MANIFEST_TEXT_KEYS + ("image_size",)}
-        write_manifest(dst_root, found[0], **details)
+    copy_manifest(src_root, dst_root)
     return rows
 
 PACKED_VERSION = 1

@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 
-from latents import list_latent_files, path_component_problem, split_names
+from latents import copy_manifest, list_latent_files, path_component_problem, split_names
 from runtime import InputError, atomic_write, check_writable_folder, script_main
 
 
@@ -101,6 +101,7 @@ def run(args):
     done = {"linked": 0, "copied": 0, "kept": 0}
     for src, dst, _ in pairs:
         done[place(src, dst, args.copy)] += 1
+    copy_manifest(args.input, *(os.path.join(args.output, part) for part in ("train", "val")))  # its VAE's record
     val = sum(part == "val" for _, _, part in pairs)
     print(f"{len(pairs) - val} training and {val} held-out latents in {args.output}/train and {args.output}/val "
           f"(seed {args.seed}, fraction {args.val_fraction:g}): {done['linked']} linked, {done['copied']} copied, "

@@ -1,9 +1,9 @@
-"""Images <-> SD1.5 VAE latents, shared by the trainer, encode.py, translate.py, evaluation and the
-app: loading the diffusers `AutoencoderKL` (with the linear-preview fallback for pictures), image
+"""Images <-> VAE latents, shared by the trainer, encode.py, translate.py, evaluation and the app:
+loading a diffusers `AutoencoderKL` or `AutoencoderDC` (with the linear-preview fallback for pictures), image
 files -> model input, encoding/decoding raw latents, the cheap linear latent preview, labelled grids.
 
 Latents on disk are *raw* (unscaled). diffusers' `vae.decode` takes raw latents too; only the
-networks see `raw * latent_scale`.
+networks see `LatentSpace.normalize(raw)`.
 """
 
 import dataclasses

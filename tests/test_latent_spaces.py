@@ -21,6 +21,7 @@ import export
 import metrics
 import pack
 import run
+import split
 import translate
 from conftest import decode_video, tiny_run_config, write_latent_folders, write_random_alexnet
 from inference import load_networks
@@ -102,6 +103,8 @@ def test_encode_records_the_vae_and_pack_copies_it(pipeline):
     assert record["vae_class"] == ("AutoencoderKL" if kind == "kl16" else "AutoencoderDC")
     assert record["image_size"] == IMAGES and len(record["vae_config_sha256"]) == 64
     assert read_manifest(tmp / "packed") == (space, record)
+    assert split.main(["--input", str(tmp / "latents"), "--output", str(tmp / "split"), "--val-fraction", "0.25"]) == 0
+    assert read_manifest(tmp / "split" / "train") == read_manifest(tmp / "split" / "val") == (space, record)
     latent = torch.load(tmp / "latents" / "a" / "00.pt", weights_only=True)
     assert latent.shape == (space.channels, IMAGES // 2, IMAGES // 2)
 
@@ -243,3 +246,17 @@ def test_from_vae_reads_the_diffusers_configs(tmp_path, tiny_vae_dir):
     torch.testing.assert_close(EXPECTED["kl16"].normalize(EXPECTED["kl16"].denormalize(z)), z)
     raw = torch.randn(2, 4, 4, 4) * 5
     assert torch.equal(SD15.normalize(raw), raw * 0.18215) and torch.equal(SD15.denormalize(raw), raw / 0.18215)
+
+
+def test_resume_refuses_another_space_and_old_checkpoints_are_sd15(tmp_path):
+    from config import latent_space, resolve_config
+    from runtime import InputError
+
+    old = resolve_config(tiny_run_config(tmp_path, training={"latent_scale": 0.18215}))  # keys of today absent: null
+    assert latent_space(old) == SD15
+    new = resolve_config(tiny_run_config(tmp_path, model={"latent_channels": 4},
+                                         training={"latent_scale": 1.5305, "latent_shift": 0.0609}))
+    run.check_architecture(old, resolve_config(tiny_run_config(tmp_path, model={"latent_channels": 4})), "x.pt")
+    with pytest.raises(InputError, match=r"scaling_factor: checkpoint 0.18215 vs config 1.5305; shift_factor: "
+                                         r"checkpoint 0 vs config 0.0609"):
+        run.check_architecture(old, new, "x.pt")
