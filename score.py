@@ -1,7 +1,7 @@
 """A learning score to compare variants with: train N steps on synthetic domains whose truth is
 known, then measure the EMA networks' translations (scoring.py says how).
 
-    python score.py --config configs/demo.yaml [--steps 600] [--seeds 0 1 2] [--threads 1]
+    python score.py --config configs/demo.yaml [--steps 300] [--seeds 0 1 2] [--threads 1]
                     [--domains 3] [--size 16] [--model-config FILE] [--eval-every N] [KEY=VALUE ...]
     python score.py --config configs/demo.yaml --seeds 0 1 2 loss.w_sty=2      # a variant
 
@@ -32,7 +32,7 @@ from runtime import InputError, check_seed, resolve_device, script_main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Score how well a config learns on synthetic domains with known truth.")
     p.add_argument("--config", required=True, help="YAML or JSON config (e.g. configs/demo.yaml)")
-    p.add_argument("--steps", type=int, default=600, help="training steps per seed (default 600)")
+    p.add_argument("--steps", type=int, default=300, help="training steps per seed (default 300)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; several give mean ± std (default 0)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest on a busy machine)")
     p.add_argument("--domains", type=int, default=3, help="synthetic domains (default 3)")
