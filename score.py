@@ -112,7 +112,8 @@ def run(args):
         runs.append(result)
     summary = scoring.summarize(runs)
     wall_s, load_end = time.perf_counter() - start, scoring.load_average()
-    header = (f"score: {' '.join(['--config', args.config] + (['--model-config', args.model_config] if args.model_config else []) + args.overrides)}\n"
+    command = ["--config", args.config] + (["--model-config", args.model_config] if args.model_config else [])
+    header = (f"score: {' '.join(command + args.overrides)}\n"
               f"{args.steps} steps, batch {t['batch_size']}, {args.domains} domains {args.size}x{args.size}, "
               f"seeds {' '.join(map(str, args.seeds))}, {args.threads} thread(s), {device}")
     print(scoring.format_table(summary, reference, args.steps, header))

@@ -62,12 +62,14 @@ def test_command_reports_every_metric_in_range_and_is_deterministic(tiny_config,
     # the spread is over the seeds' own figures
     for key, (mean, std) in first["score"].items():
         values = [r["final"][key] for r in first["per_seed"]]
-        assert mean == pytest.approx(sum(values) / 2, abs=1e-5) and std == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5, abs=1e-5)
+        assert mean == pytest.approx(sum(values) / 2, abs=1e-5)
+        assert std == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5, abs=1e-5)  # the sample std
     assert figures(first)[0]["final"] != figures(first)[1]["final"]  # the seed matters
     # a fresh AdaIN ignores the style: every style gives the same output at init
     assert first["init"]["lat_diversity"][0] == 0 and first["init"]["ref_diversity"][0] == 0
     ref = first["reference"]
-    assert ref["classifier_heldout_acc"] >= 0.9 and ref["unchanged_target_acc"] == 0 and ref["chance"] == pytest.approx(1 / 3)
+    assert ref["classifier_heldout_acc"] >= 0.9 and ref["unchanged_target_acc"] == 0
+    assert ref["chance"] == pytest.approx(1 / 3)
     for label in ("target acc", "content R^2", "diversity", "at init", "after 3 steps", "time:"):
         assert label in text
 
@@ -153,7 +155,9 @@ def test_translations_pair_each_source_with_its_labels_and_target(domains):
     assert kept["lat_content_r2"] >= 0.7 and kept["lat_diversity"] == 0 and kept["ref_diversity"] == 0
 
     nets = {"generator": lambda x, s: data.test[s.argmax(1), torch.arange(len(s)) % n_test],
-            "mapping_network": lambda z, y: domain_style(y) + 0 * z[:, :1], "style_encoder": lambda x, y: domain_style(y)}
+            "mapping_network": lambda z, y: domain_style(y) + 0 * z[:, :1],
+            "style_encoder": lambda x, y: domain_style(y)}
     painted = scoring.score_networks(nets, data, classifier, 2, 0.18215, 4, seed=0)
     assert painted["lat_target_acc"] >= 0.97 and painted["ref_target_acc"] >= 0.97
     assert painted["lat_content_r2"] <= 0.1 and painted["lat_diversity"] > 0.1
+
