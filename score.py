@@ -33,7 +33,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Score how well a config learns on synthetic domains with known truth.")
     p.add_argument("--config", required=True, help="YAML or JSON config (e.g. configs/demo.yaml)")
     p.add_argument("--steps", type=int, default=300, help="training steps per seed (default 300)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; several give mean ± std (default 0)")
+    p.add_argument("--seeds", nargs="+", default=["0"], help="seeds; several give mean ± std (default 0)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest on a busy machine)")
     p.add_argument("--domains", type=int, default=3, help="synthetic domains (default 3)")
     p.add_argument("--size", type=int, default=16, help="latent height and width (default 16; at least 8)")
@@ -46,7 +46,16 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu (default; the figures are deterministic there) or cuda")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="override a dotted config key, value parsed as YAML (e.g. loss.w_sty=2)")
-    return p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may come before, between and after the flags
+    # `--seeds 0 1 loss.w_sty=2`: the seeds' list took the overrides that follow it
+    taken = [s for s in args.seeds if "=" in s]
+    args.overrides = sorted(args.overrides + taken, key=argv.index)
+    try:
+        args.seeds = [int(s) for s in args.seeds if "=" not in s]
+    except ValueError as err:
+        p.error(f"argument --seeds: {err}")
+    return args
 
 
 def check_args(args):

@@ -161,3 +161,10 @@ def test_translations_pair_each_source_with_its_labels_and_target(domains):
     assert painted["lat_target_acc"] >= 0.97 and painted["ref_target_acc"] >= 0.97
     assert painted["lat_content_r2"] <= 0.1 and painted["lat_diversity"] > 0.1
 
+
+
+def test_overrides_may_come_before_between_and_after_the_flags():
+    args = score.parse_args(["--config", "c.yaml", "loss.w_sty=2", "--seeds", "0", "1", "training.lr=4e-4",
+                             "--steps", "5", "loss.w_ds=0"])
+    assert args.seeds == [0, 1] and args.steps == 5
+    assert args.overrides == ["loss.w_sty=2", "training.lr=4e-4", "loss.w_ds=0"]
