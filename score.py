@@ -7,11 +7,12 @@ known, then measure the EMA networks' translations (scoring.py says how).
 
 Prints a table (mean ± std over the seeds, at init and after training) and one JSON line, the only
 stdout line that begins with `{`. The config and the overrides govern the model, the losses and the
-optimisation (`training.batch_size`, `lr`, `lr_mapping`, `ema_beta`, `loss.*`); `training.epochs` is
-replaced by `--steps`; the data are the synthetic domains (`data.synthetic_files_per_domain`
-training latents each, `--test-per-domain` held out), whatever `data.*` says. The step runs in fp32
-unless an override says otherwise. `--model-config configs/demo.yaml` takes the `model:` section
-of that file, so the default hyperparameters can be scored at the demo's widths on a CPU.
+optimisation (`training.batch_size`, `lr`, `lr_mapping`, `ema_beta`, `loss.*`). `--steps` replaces
+`training.epochs`, `--seeds` the `seed` key, `--threads` `training.cpu_threads`; the data are the
+synthetic domains (`data.synthetic_files_per_domain` training latents each, `--test-per-domain`
+held out), whatever `data.*` says. The step runs in fp32 unless an override says otherwise.
+`--model-config configs/demo.yaml` takes the `model:` section of that file, so the default
+hyperparameters can be scored at the demo's widths on a CPU.
 Same seed, same thread count: the same figures on the CPU.
 """
 
