@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from config import model_kwargs
+from config import latent_space, model_kwargs
 from demo_data import BASE_STYLES, compose_domain_rgb, rgb_to_scaled_latent
 from inference import latent_styles, reference_styles
 from model import EMA_NETS, build_models
@@ -87,11 +87,11 @@ def make_domains(num_domains=3, size=16, train_per_domain=64, test_per_domain=32
                             latents[:, train_per_domain:].contiguous(), labels[:, train_per_domain:].contiguous())
 
 
-def batches(train, batch_size, latent_scale, generator):
+def batches(train, batch_size, space, generator):
     """Endless training batches as the dataset draws them: source domain uniform, target uniform
     among the others, files uniform within each. Raw latents (the Trainer scales them)."""
     num_domains, n = train.shape[:2]
-    raw = train / latent_scale
+    raw = space.denormalize(train)
     while True:
         src = torch.randint(num_domains, (batch_size,), generator=generator)  # [B]
         trg = (src + torch.randint(1, num_domains, (batch_size,), generator=generator)) % num_domains
@@ -225,7 +225,7 @@ def reference_points(data, classifier):
 # ---------------------------------------------------------------------- translations
 
 @torch.no_grad()
-def translate_tasks(nets, data, mode, num_outs, latent_scale, latent_dim, seed, device="cpu", batch_size=256):
+def translate_tasks(nets, data, mode, num_outs, space, latent_dim, seed, device="cpu", batch_size=256):
     """Every held-out source of every domain translated to every other domain with `num_outs`
     styles of the target domain: z drawn with `seed` (latent-guided) or `num_outs` held-out latents
     of the target domain picked with `seed` (reference-guided). Scaled outputs, as `score_tasks` takes."""
@@ -237,7 +237,7 @@ def translate_tasks(nets, data, mode, num_outs, latent_scale, latent_dim, seed, 
         if mode == "latent":
             styles = latent_styles(F_map, trg, num_outs, latent_dim, seed=seed, device=device)  # [K, S]
         else:
-            styles = reference_styles(E, data.test[trg, pick] / latent_scale, trg, latent_scale, device=device)
+            styles = reference_styles(E, space.denormalize(data.test[trg, pick]), trg, space, device=device)
         for src in range(num_domains):
             if src == trg:
                 continue
@@ -248,11 +248,11 @@ def translate_tasks(nets, data, mode, num_outs, latent_scale, latent_dim, seed, 
     return tasks
 
 
-def score_networks(nets, data, classifier, num_outs, latent_scale, latent_dim, seed, device="cpu"):
+def score_networks(nets, data, classifier, num_outs, space, latent_dim, seed, device="cpu"):
     """{"lat_target_acc": ..., "ref_diversity": ...}: both modes' metrics for these networks."""
     out = {}
     for mode in MODES:
-        tasks = translate_tasks(nets, data, mode, num_outs, latent_scale, latent_dim, seed, device)
+        tasks = translate_tasks(nets, data, mode, num_outs, space, latent_dim, seed, device)
         out.update({f"{mode[:3]}_{k}": v for k, v in score_tasks(tasks, data, classifier).items()})
     return out
 
@@ -269,16 +269,16 @@ def run_seed(cfg, data, classifier, steps, seed, num_outs=4, device="cpu", eval_
     seed_everything(seed)
     models = build_models(**model_kwargs(cfg, len(data.names)))
     trainer = Trainer(cfg, models, device, log=log)
-    latent_scale, latent_dim = cfg["training"]["latent_scale"], cfg["model"]["latent_dim"]
+    space, latent_dim = latent_space(cfg), cfg["model"]["latent_dim"]
 
     def score():
         start = time.perf_counter()
-        result = score_networks(trainer.ema, data, classifier, num_outs, latent_scale, latent_dim, seed, device)
+        result = score_networks(trainer.ema, data, classifier, num_outs, space, latent_dim, seed, device)
         return result, time.perf_counter() - start
 
     init, eval_s = score()
     curve, sums, window = {}, {}, max(1, round(steps * LOSS_WINDOW))
-    feed = batches(data.train, cfg["training"]["batch_size"], latent_scale, torch.Generator().manual_seed(seed))
+    feed = batches(data.train, cfg["training"]["batch_size"], space, torch.Generator().manual_seed(seed))
     train_s = 0.0
     for step in range(1, steps + 1):
         start = time.perf_counter()
@@ -293,7 +293,7 @@ def run_seed(cfg, data, classifier, steps, seed, num_outs=4, device="cpu", eval_
     final, spent = score()
     return {"seed": seed, "init": init, "final": final, "curve": curve,
             "losses": {k: v / window for k, v in sums.items()},
-            "nonfinite_skipped": int(trainer.nonfinite_total.item()),
+            "nonfinite_skipped": int(trainer.skips.nonfinite_total.item()),
             "train_s": train_s, "eval_s": eval_s + spent, "steps_per_s": steps / max(train_s, 1e-9)}
 
 
