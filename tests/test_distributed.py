@@ -121,22 +121,23 @@ def test_two_process_run_evaluates_on_rank_zero(tmp_path, tiny_vae_dir):
 
 @pytest.mark.slow
 def test_a_failure_on_rank_0_alone_stops_every_rank(tmp_path):
-    """Rank 0 alone writes the grid: when that write fails (its folder lies under a file), every rank
-    must stop, the others not wait in a collective until a timeout; and the checkpoint of that
-    epoch, written before the grid, is intact."""
+    """Rank 0 alone writes the grid: when that write fails (a folder stands where the picture goes;
+    the folder itself passes the writability check at start), every rank must stop, the others not
+    wait in a collective until a timeout; and the checkpoint of that epoch, written before the grid,
+    is intact."""
     import time
 
     write_latent_folders(tmp_path / "data")
-    blocker = tmp_path / "a_file"
-    blocker.write_text("")
+    vis = tmp_path / "vis"
+    (vis / "epoch_0001.png").mkdir(parents=True)
     cfg = tiny_run_config(tmp_path, training={"epochs": 2},
-                          visualization={"every_epochs": 1, "vae_path": None, "save_dir": str(blocker / "vis")})
+                          visualization={"every_epochs": 1, "vae_path": None, "save_dir": str(vis)})
     cfg["data"]["samples_per_epoch"] = 16
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     start = time.monotonic()
     proc = torchrun(str(path))
     assert proc.returncode != 0 and time.monotonic() - start < 120, proc.stderr[-3000:]
-    assert f"cannot write {blocker / 'vis' / 'epoch_0001.png'}" in proc.stderr
+    assert f"cannot write {vis / 'epoch_0001.png'}" in proc.stderr
     assert "run.py: error: rank 1: another rank failed (its error is above); stopping too" in proc.stderr
     assert torch.load(tmp_path / "out" / "latest.pt", weights_only=True)["epoch"] == 1
