@@ -355,7 +355,8 @@ class LatentSpace:
     downsample: int = 8
 
     def normalize(self, raw):
-        """Raw latents [B, C, H, W] -> what the networks see."""
+        """Raw latents [B, C, H, W] -> what the networks see (no subtraction pass when there is no shift:
+        the trainer calls this on every batch)."""
         return (raw - self.shift_factor) * self.scaling_factor if self.shift_factor else raw * self.scaling_factor
 
     def denormalize(self, z):

@@ -41,7 +41,7 @@ from config import parse_metrics
 from inference import mapped_styles, reference_styles, translate_raw
 from latents import SD15, content_hash
 from runtime import InputError, atomic_write
-from vae import as_space, decode, latent_preview, open_vae
+from vae import decode, latent_preview, open_vae
 
 MODES = ("latent", "reference")
 
@@ -789,7 +789,7 @@ class Evaluator:
         except InputError as err:
             raise InputError(f"{what}{err}") from None
         if preview:
-            space = as_space(SD15 if space is None else space)
+            space = SD15 if space is None else space
             vae_id = f"{PREVIEW_DECODE} x{space.scaling_factor:g}" + (f" -{space.shift_factor:g}" if space.shift_factor
                                                                       else "")
         return cls(vae, vae_id, inception, lpips, device, amp_dtype, batch_size, cache_dir, metrics,
