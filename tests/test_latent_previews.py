@@ -15,8 +15,7 @@ import config
 import vae as vae_module
 from latents import SD15, LatentSpace
 from runtime import InputError
-from vae import (PREVIEW_FACTORS, latent_preview, load_preview_vae, picture_source, preview_family, tiny_input,
-                 to_rgb)
+from vae import PREVIEW_FACTORS, latent_preview, load_preview_vae, picture_source, preview_family, tiny_input, to_rgb
 
 PRESETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "presets")
 
@@ -26,7 +25,7 @@ EXPECTED = {
     "sdxl": (4, 0.13025, 0.0, 8, "madebyollin/sdxl-vae-fp16-fix", None, "madebyollin/taesdxl"),
     "sd3": (16, 1.5305, 0.0609, 8, "stabilityai/stable-diffusion-3-medium-diffusers", "vae", "madebyollin/taesd3"),
     "flux1": (16, 0.3611, 0.1159, 8, "black-forest-labs/FLUX.1-dev", "vae", "madebyollin/taef1"),
-    "dcae": (32, 0.3189, 0.0, 32, "mit-han-lab/dc-ae-f32c32-in-1.0-diffusers", None, None),
+    "dcae": (32, 1.0, 0.0, 32, "mit-han-lab/dc-ae-f32c32-in-1.0-diffusers", None, None),  # its config's factor
 }
 PRESET_FILES = [f"{name}_{px}" for name in EXPECTED for px in (256, 512)]
 
@@ -47,32 +46,28 @@ def test_preset_numbers(preset):
     assert side >= 8, "the networks' trunks halve the latent 3 times"
 
 
-def known_keys(tree, template, prefix=""):
-    """`tree` without the keys `template` (config.DEFAULTS) lacks, and the dotted names of those."""
-    kept, dropped = {}, []
-    for key, value in tree.items():
-        if key not in template:
-            dropped.append(prefix + key)
-        elif isinstance(value, dict):
-            kept[key], more = known_keys(value, template[key], f"{prefix}{key}.")
-            dropped += more
-        else:
-            kept[key] = value
-    return kept, dropped
-
-
 @pytest.mark.parametrize("preset", PRESET_FILES)
-def test_preset_validates(preset, tmp_path):
-    """The preset through config.load_config. Keys this branch's DEFAULTS do not know yet (the latent
-    space's channels, shift and downsampling arrive with the manifest work) are left out here; the
-    numbers test above checks them."""
-    raw = yaml.safe_load(open(os.path.join(PRESETS, preset + ".yaml")))
-    kept, _ = known_keys(raw, config.DEFAULTS)
-    path = tmp_path / "preset.yaml"
-    path.write_text(yaml.safe_dump(kept))
-    cfg = config.load_config(str(path))
-    assert cfg["training"]["latent_scale"] == raw["training"]["latent_scale"]
-    assert cfg["visualization"]["preview_vae"] == raw["visualization"]["preview_vae"]
+def test_preset_loads_and_agrees_with_what_encode_records(preset, tmp_path):
+    """The preset through config.load_config, then against a data root whose manifest holds its VAE's
+    published config numbers (what encode.py records from that VAE): no contradiction is refused."""
+    path = os.path.join(PRESETS, preset + ".yaml")
+    cfg = config.load_config(path, [f"training.checkpoint_dir={tmp_path}"])
+    channels, scale, shift, down, *_ = EXPECTED[preset.split("_")[0]]
+    published = LatentSpace(channels, scale, shift, down)
+    assert config.resolve_latent_space(cfg, published, "latent_space.json") == published
+
+
+def test_a_saved_copy_with_another_scaling_factor_records_it(tmp_path):
+    """docs/latent_spaces.md: a VAE saved once with `scaling_factor` overridden (DC-AE at MIT's 0.3189)
+    reads back as that space, so encode.py's manifest, the config and the tools agree on it."""
+    from diffusers import AutoencoderDC
+
+    from test_latent_spaces import make_dc
+
+    copy = AutoencoderDC.from_pretrained(make_dc(tmp_path / "dc"), scaling_factor=0.3189)
+    copy.save_pretrained(str(tmp_path / "dc-0.3189"))
+    space = LatentSpace.from_vae(AutoencoderDC.from_pretrained(str(tmp_path / "dc-0.3189")))
+    assert space == LatentSpace(8, 0.3189, 0.0, 2)
 
 
 # ---------------------------------------------------------------------- the linear preview
