@@ -1,10 +1,11 @@
 """Latent spaces other than SD1.5's, end to end, with tiny randomly initialised diffusers VAEs saved
 to folders (diffusers' own test-sized configs): a 16-channel AutoencoderKL with a shift factor (an
-SD3 / FLUX.1-style space) and an AutoencoderDC (8 channels here). Images are encoded (the data root
-gets latent_space.json), packed, trained on, resumed, translated (files, grid, video), evaluated,
-exported with the decoder and served by the app; every decoded picture equals decoding the raw
-output latents with that VAE by hand. A root or a VAE of another space is refused, naming both
-numbers; a root without a manifest trains as SD1.5 and says so once."""
+SD3 / FLUX.1-style space), an AutoencoderDC (8 channels here) and an AutoencoderTiny (TAESD's
+architecture) as the one VAE. Images are encoded (the data root gets latent_space.json), packed,
+trained on, resumed, translated (files, grid, video), evaluated, exported with the decoder and
+served by the app; every decoded picture equals decoding the raw output latents with that VAE by
+hand. A root or a VAE of another space is refused, naming both numbers; a root without a manifest
+trains as SD1.5 and says so once."""
 
 import json
 import os
@@ -59,7 +60,20 @@ def make_dc(folder):
     return str(folder)
 
 
-EXPECTED = {"kl16": LatentSpace(16, 0.75, 0.125, 2), "dc": LatentSpace(8, 0.41407, 0.0, 2)}
+def make_tiny(folder):
+    """An AutoencoderTiny (TAESD's architecture) as the one VAE: 4 channels, its config's factor 1.0."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(str(folder))
+    return str(folder)
+
+
+MAKERS = {"kl16": make_kl16, "dc": make_dc, "tiny": make_tiny}
+CLASSES = {"kl16": "AutoencoderKL", "dc": "AutoencoderDC", "tiny": "AutoencoderTiny"}
+EXPECTED = {"kl16": LatentSpace(16, 0.75, 0.125, 2), "dc": LatentSpace(8, 0.41407, 0.0, 2),
+            "tiny": LatentSpace(4, 1.0, 0.0, 2)}
 
 
 def write_images(root, count=4):
@@ -79,12 +93,12 @@ def write_config(tmp, data_root, name="cfg.yaml", **training):
     return str(path), cfg
 
 
-@pytest.fixture(scope="module", params=["kl16", "dc"])
+@pytest.fixture(scope="module", params=list(MAKERS))
 def pipeline(request, tmp_path_factory):
     """(kind, vae folder, packed data root, checkpoint) after encode -> pack -> train 1 epoch -> resume to 2."""
     kind = request.param
     tmp = tmp_path_factory.mktemp(kind)
-    vae_dir = (make_kl16 if kind == "kl16" else make_dc)(tmp / "vae")
+    vae_dir = MAKERS[kind](tmp / "vae")
     images = write_images(tmp / "images")
     data = tmp / "latents"
     assert encode.main(["--input", str(images), "--output", str(data), "--vae", vae_dir, "--size", str(IMAGES),
@@ -100,7 +114,7 @@ def test_encode_records_the_vae_and_pack_copies_it(pipeline):
     kind, vae_dir, tmp, _ = pipeline
     space, record = read_manifest(tmp / "latents")
     assert space == EXPECTED[kind] == LatentSpace.from_vae(load_vae(vae_dir))
-    assert record["vae_class"] == ("AutoencoderKL" if kind == "kl16" else "AutoencoderDC")
+    assert record["vae_class"] == CLASSES[kind]
     assert record["image_size"] == IMAGES and len(record["vae_config_sha256"]) == 64
     assert read_manifest(tmp / "packed") == (space, record)
     assert split.main(["--input", str(tmp / "latents"), "--output", str(tmp / "split"), "--val-fraction", "0.25"]) == 0
@@ -200,11 +214,12 @@ def test_another_space_is_refused_naming_both_numbers(pipeline, tmp_path, tiny_v
     assert translate.main(["--checkpoint", ckpt, "--source", str(tmp / "latents" / "a"), "--target-domain", "b",
                            "--output", str(tmp_path / "o"), "--num-styles", "1", "--vae", tiny_vae_dir,
                            "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
-    assert f"channels: VAE {tiny_vae_dir!r} 4 vs checkpoint {space.channels}" in err
+    other = LatentSpace.from_vae(load_vae(tiny_vae_dir))
+    first = other.differences(space, f"VAE {tiny_vae_dir!r}", "checkpoint")[0]  # "key: VAE ... a vs checkpoint b"
+    assert first in capsys.readouterr().err
     assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "e"), "--format", "pt2", "--with-decoder",
                         "--vae", tiny_vae_dir]) == 2
-    assert f"channels: VAE {tiny_vae_dir!r} 4 vs checkpoint {space.channels}" in capsys.readouterr().err
+    assert first in capsys.readouterr().err
     # encoding another VAE's latents into the same root
     assert encode.main(["--input", str(tmp / "images"), "--output", str(tmp / "latents"), "--vae", tiny_vae_dir,
                         "--size", str(IMAGES), "--device", "cpu"]) == 2
