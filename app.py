@@ -527,25 +527,28 @@ def make_interpolation_handlers(translator, output_root, upload_root=None):
 
 
 def header_markdown(translator):
-    size = translator.latent_size
+    size, drawn_by = translator.latent_size, picture_source(translator.decoder)
     if translator.vae is not None:
-        vae_line = f"VAE: {translator.image_size}x{translator.image_size} px images ↔ 4x{size}x{size} latents"
+        vae_line = (f"VAE: {translator.image_size}x{translator.image_size} px images ↔ "
+                    f"{translator.space.channels}x{size}x{size} latents")
     else:
         vae_line = "**No VAE loaded**"
+    if translator.decoder is not translator.vae:  # a tiny autoencoder draws the pictures
+        vae_line += f" · pictures: {drawn_by}"
     lines = [  # file names only: the page is for visitors, who have no business with the server's paths
         "# Latent StarGAN v2",
         f"Checkpoint `{os.path.basename(translator.checkpoint)}` · domains: {', '.join(translator.domains)} · "
         f"device: {translator.device_label} · {vae_line}",
     ]
     if translator.vae is None:
-        lines.append("> **No VAE**: sources and references are latents from the data, and every picture is the "
-                     "linear latent preview (colours roughly right, no detail), not a VAE decode. Restart with "
-                     "`--vae` to upload images (the server's log says why none loaded).")
+        pictures = ("every picture is the linear latent preview (colours roughly right, no detail), not a VAE decode"
+                    if translator.decoder is None else f"every picture is a {drawn_by} (fast, less detail than the VAE)")
+        lines.append(f"> **No VAE**: sources and references are latents from the data, and {pictures}. Restart "
+                     "with `--vae` to upload images (the server's log says why none loaded).")
         if not translator.examples:
             lines.append("> Nothing to translate: the checkpoint's data.root holds no latents on this server "
                          "either.")
     return "\n\n".join(lines)
-
 
 CSS = """
 #results .grid-wrap { min-height: 200px; }  /* Gradio's 450 px minimum leaves a blank half under one row */

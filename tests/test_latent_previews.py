@@ -201,3 +201,28 @@ def test_translate_preview_vae_draws_the_pngs(trained, tiny_sd15_dir, tmp_path, 
     expected = (decoded / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).mul(255).round().numpy()
     png = np.asarray(Image.open(out / "000_to_c_0.png")).astype(float)
     assert png.shape == expected.shape and np.abs(png - expected).max() <= 1
+
+
+def test_app_preview_vae_draws_the_gallery(trained, tiny_sd15_dir, tmp_path):
+    """app.py --preview-vae: the page's pictures are AutoencoderTiny decodes of the outputs' normalised
+    latents (no full VAE here: the data's example latents are the source) and its header says so."""
+    from diffusers import AutoencoderTiny
+
+    import app
+
+    ckpt, _ = trained
+    translator = app.Translator(ckpt, device="cpu", log=lambda line: None, preview_vae=tiny_sd15_dir)
+    assert "tiny autoencoder decode" in app.header_markdown(translator)
+    handle = app.make_handler(translator, str(tmp_path / "outputs"), upload_root=str(tmp_path))
+    example = sorted(translator.examples)[0]
+    gallery, latents_pt, _, status = handle(app.DATA, None, example, "c", app.LATENT_GUIDED, 1, 0, 1.0, app.DATA,
+                                            None, None)
+    assert "tiny autoencoder decode" in status
+    raw = torch.load(latents_pt, weights_only=True)["latents"]
+    raw = raw.reshape(-1, *raw.shape[-3:])[:1]  # the first output: [1, 4, h, w]
+    scale = torch.load(ckpt, weights_only=True)["config"]["training"]["latent_scale"]
+    with torch.no_grad():
+        decoded = AutoencoderTiny.from_pretrained(tiny_sd15_dir).eval().decode(raw * scale).sample
+    expected = (decoded / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).mul(255).round().numpy()
+    png = np.asarray(Image.open(gallery["value"][0][0])).astype(float)
+    assert png.shape == expected.shape and np.abs(png - expected).max() <= 1

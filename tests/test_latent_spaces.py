@@ -191,6 +191,7 @@ def test_app_serves_the_space(pipeline, tmp_path):
     kind, vae_dir, tmp, ckpt = pipeline
     translator = app.Translator(ckpt, vae=vae_dir, device="cpu", log=lambda line: None)
     assert translator.space == EXPECTED[kind] and translator.image_size == IMAGES
+    assert f"↔ {EXPECTED[kind].channels}x16x16 latents" in app.header_markdown(translator)
     handle = app.make_handler(translator, str(tmp_path / "outputs"), upload_root=str(tmp_path))
     photo = tmp_path / "photo.png"
     photo.write_bytes((tmp / "images" / "a" / "00.png").read_bytes())
