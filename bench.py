@@ -406,10 +406,11 @@ def run_data_startup(args, cfg):
 
 
 PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "presets")
+DECODE_SIZE = 256  # px of the decode-cost comparison (one image)
 
 
-def latent_space_rows(args):
-    """--latent-spaces: benchmarks.latent_space_step per distinct preset shape, then decode_costs."""
+def latent_space_rows(args, device):
+    """--latent-spaces: benchmarks.latent_space_step per distinct preset shape, then decode_costs, on `device`."""
     rows, seen = [], {}
     for path in sorted(glob.glob(os.path.join(PRESETS, "*.yaml"))):
         raw = read_config_file(path)
@@ -418,9 +419,10 @@ def latent_space_rows(args):
         px = int(os.path.basename(path)[:-5].rsplit("_", 1)[1])
         key = (channels, px // down, json.dumps(model, sort_keys=True))
         if key not in seen:
-            seen[key] = latent_space_step(os.path.basename(path)[:-5], model, channels, px // down, steps=args.steps)
+            seen[key] = latent_space_step(os.path.basename(path)[:-5], model, channels, px // down, steps=args.steps,
+                                          device=device)
         rows.append({**seen[key], "preset": os.path.basename(path)[:-5]})
-    return rows + decode_costs(256, repeats=args.steps)
+    return rows + decode_costs(DECODE_SIZE, repeats=args.steps, device=device)
 
 
 def other_benchmark(args, cfg, device):
@@ -530,7 +532,7 @@ def run(args):
     configure_backends(device)  # as run.train
     common = {"config": args.config, "overrides": args.overrides}
     if args.latent_spaces:
-        for row in latent_space_rows(args):
+        for row in latent_space_rows(args, device):
             print(json.dumps({**row, **common}), flush=True)
         return 0
     if args.export or args.video or args.evaluation:

@@ -367,6 +367,7 @@ def saved_mb(fn):
 def latent_space_step(name, model_cfg, channels, side, batch_size=2, steps=2, device="cpu"):
     """Step-proxy time, FLOPs and memory of the networks for `channels` x `side` x `side` latents,
     random weights (speed and memory do not depend on them)."""
+    device = torch.device(device)
     torch.manual_seed(0)
     m, domains = model_cfg, 5
     nets = {"generator": Generator(channels, m["gen_channels"], m["n_res_blocks"], m["style_dim"]),
@@ -383,14 +384,16 @@ def latent_space_step(name, model_cfg, channels, side, batch_size=2, steps=2, de
     activations = saved_mb(lambda: step_proxy(nets, x, y, s))
     times = []
     for _ in range(steps):
+        synchronize(device)
         start = time.perf_counter()
         step_proxy(nets, x, y, s)
+        synchronize(device)
         times.append((time.perf_counter() - start) * 1000)
     params = sum(p.numel() for n in ("generator", "style_encoder", "discriminator") for p in nets[n].parameters())
     return {"preset": name, "latent_shape": [channels, side, side], "batch_size": batch_size,
             "step_ms": statistics.median(times), "gflops_per_step": counter.get_total_flops() / 1e9,
             "activation_mb": activations, "params_m": params / 1e6, "weights": "random",
-            "device": device_name(torch.device(device)), "torch": torch.__version__}
+            "device": device_name(device), "torch": torch.__version__}
 
 
 def decode_ms(vae, latent, repeats=2):
@@ -398,30 +401,31 @@ def decode_ms(vae, latent, repeats=2):
     times = []
     with torch.no_grad():
         for _ in range(repeats + 1):
+            synchronize(latent.device)
             start = time.perf_counter()
             vae.decode(latent)
+            synchronize(latent.device)
             times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times[1:])
 
 
-def decode_costs(image_size=256, repeats=2):
+def decode_costs(image_size=256, repeats=2, device="cpu"):
     """ms per 1-image decode at `image_size` px of each family's full VAE and its tiny autoencoder:
     random weights in the real architectures (diffusers' SD1.5 AutoencoderKL config with 4 or 16
     latent channels, the DC-AE f32c32 config, TAESD's AutoencoderTiny defaults)."""
     from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderTiny
 
-    rows = []
+    device, rows = torch.device(device), []
     for family, channels in (("SD1.5 / SDXL", 4), ("SD3 / FLUX.1", 16)):
-        latent = torch.randn(1, channels, image_size // 8, image_size // 8)
-        full = AutoencoderKL(**{**SD15_VAE_CONFIG, "latent_channels": channels}).eval()
-        tiny = AutoencoderTiny(latent_channels=channels).eval()
+        latent = torch.randn(1, channels, image_size // 8, image_size // 8, device=device)
+        full = AutoencoderKL(**{**SD15_VAE_CONFIG, "latent_channels": channels}).to(device).eval()
+        tiny = AutoencoderTiny(latent_channels=channels).to(device).eval()
         rows.append({"family": family, "full_ms": decode_ms(full, latent, repeats),
                      "tiny_ms": decode_ms(tiny, latent, repeats)})
         del full, tiny
-    full = AutoencoderDC(**DCAE_F32C32_CONFIG).eval()
-    rows.append({"family": "DC-AE f32c32", "full_ms": decode_ms(full, torch.randn(1, 32, image_size // 32,
-                                                                                   image_size // 32), repeats),
-                 "tiny_ms": None})
-    common = {"image_size": image_size, "weights": "random", "device": device_name(torch.device("cpu")),
+    full = AutoencoderDC(**DCAE_F32C32_CONFIG).to(device).eval()
+    latent = torch.randn(1, 32, image_size // 32, image_size // 32, device=device)
+    rows.append({"family": "DC-AE f32c32", "full_ms": decode_ms(full, latent, repeats), "tiny_ms": None})
+    common = {"image_size": image_size, "weights": "random", "device": device_name(device),
               "torch": torch.__version__}
     return [{**row, **common} for row in rows]

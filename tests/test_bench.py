@@ -247,3 +247,34 @@ def test_export_latency_times_every_graph_and_backend():
     for r in rows:
         assert all(r[f"{name}{kind}_ms_per_image"] > 0 for name in ("eager", "onnx", "pt2") for kind in ("", "_cpu"))
         assert r["latent_shape"] == [4, SIZE, SIZE] and r["weights"] == "random" and r["threads"] == 1
+
+
+def test_latent_spaces_prints_a_row_per_preset_and_vae_family(tmp_path, capsys, monkeypatch):
+    """bench.py --latent-spaces end to end, on small stand-ins: presets with tiny widths (the 4- and
+    32-channel spaces, 256 and 512 px) and test-sized VAE configs decoding 32 px."""
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    for name, channels, down in (("sd15_256", 4, 8), ("sd15_512", 4, 8), ("dcae_256", 32, 32)):
+        preset = {"model": tiny_model_config(latent_channels=channels), "training": {"latent_downsample": down}}
+        (presets / f"{name}.yaml").write_text(yaml.safe_dump(preset))
+    monkeypatch.setattr(bench, "PRESETS", str(presets))
+    monkeypatch.setattr(bench, "DECODE_SIZE", 32)
+    monkeypatch.setattr(benchmarks, "SD15_VAE_CONFIG", dict(
+        block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2, norm_num_groups=8,
+        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4))
+    monkeypatch.setattr(benchmarks, "DCAE_F32C32_CONFIG", dict(
+        latent_channels=32, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(32, 32),
+        decoder_block_out_channels=(32, 32), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), decoder_norm_types="rms_norm",
+        decoder_act_fns="silu"))
+    assert bench.main(["--config", write_config(tmp_path), "--device", "cpu", "--latent-spaces", "--steps", "1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    steps = {r["preset"]: r for r in rows if "preset" in r}
+    assert {k: v["latent_shape"] for k, v in steps.items()} == {"sd15_256": [4, 32, 32], "sd15_512": [4, 64, 64],
+                                                              "dcae_256": [32, 8, 8]}
+    assert steps["sd15_512"]["gflops_per_step"] == pytest.approx(4 * steps["sd15_256"]["gflops_per_step"], rel=0.02)
+    assert all(r["step_ms"] > 0 and r["activation_mb"] > 0 for r in steps.values())
+    decodes = [r for r in rows if "family" in r]
+    assert [r["family"] for r in decodes] == ["SD1.5 / SDXL", "SD3 / FLUX.1", "DC-AE f32c32"]
+    assert all(r["full_ms"] > 0 for r in decodes) and decodes[-1]["tiny_ms"] is None and decodes[0]["tiny_ms"] > 0
