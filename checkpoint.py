@@ -14,15 +14,16 @@ import numpy as np
 import torch
 
 from config import METRIC_KEY, latent_space, model_kwargs, resolve_config
-from latents import MAX_LATENT_SIZE, load_error_reason, load_plain, plain_tensor
+from latents import MAX_LATENT_SIZE, LatentSpace, check_manifest, load_error_reason, load_plain, plain_tensor
 from model import EMA_NETS, MIN_LATENT_SIZE, NETS, expected_state
 from runtime import InputError, atomic_write
 
-# what Trainer.state_dict writes; rng_per_rank only under torchrun
+# what Trainer.state_dict writes; rng_per_rank only under torchrun, latent_space when the data root has a
+# manifest (latents.MANIFEST_NAME: which VAE encoded the latents the run trained on)
 CHECKPOINT_KEYS = ("epoch", "step", "position", "config", "domains", "latent_shape", "models", "ema", "optimizers",
                    "scaler", "counters", "rng", "best")
 
-OPTIONAL_CHECKPOINT_KEYS = ("rng_per_rank",)
+OPTIONAL_CHECKPOINT_KEYS = ("rng_per_rank", "latent_space")
 
 COUNTER_LIMIT = 10 ** 12  # epochs, steps and positions beyond this are no run of this world
 
@@ -158,6 +159,8 @@ class _CheckpointChecker:
         if ckpt["domains"] != domains:
             self.fail("domains", f"the config's data.domains {domains}", ckpt["domains"])
         self.latent_shape(ckpt["latent_shape"], latent_space(cfg).channels)
+        if "latent_space" in ckpt:
+            self.latent_record(ckpt["latent_space"], latent_space(cfg))
         states, params = expected_state(**model_kwargs(cfg))
         for group, nets in (("models", NETS), ("ema", EMA_NETS)):
             self.mapping(group, ckpt[group], nets)
@@ -188,6 +191,16 @@ class _CheckpointChecker:
                 isinstance(v, int) and not isinstance(v, bool) and MIN_LATENT_SIZE <= v <= MAX_LATENT_SIZE
                 for v in shape[1:]):
             self.fail("latent_shape", expected, shape)
+
+    def latent_record(self, record, space):
+        """The data root's manifest record: valid as a manifest file is, and of the config's space."""
+        try:
+            check_manifest(record, f"{self.path}: entry latent_space")
+        except InputError as e:
+            raise CheckpointError(str(e)) from None
+        differences = LatentSpace.from_dict(record).differences(space, "manifest", "config")
+        if differences:
+            self.fail("latent_space", "the manifest of the config's latent space", got="; ".join(differences))
 
     def state_dict(self, entry, state, expected):
         self.mapping(entry, state, list(expected))

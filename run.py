@@ -129,19 +129,20 @@ def main(argv=None):
 
 def data_latent_space(cfg, log):
     """The run's latent space, written into `cfg`: the config's latent keys, the rest from the data
-    root's manifest (encode.py writes it), else SD1.5's. A demo root is made with the config's space."""
+    root's manifest (encode.py writes it), else SD1.5's. A demo root is made with the config's space.
+    Returns the manifest's record (None without one), which every checkpoint then carries."""
     d = cfg["data"]
     found = None if d["synthetic"] else read_manifest(d["root"])
     space = resolve_latent_space(cfg, found and found[0], manifest_path(d["root"]))
     if found is None and not d["synthetic"]:
         log(f"{d['root']} has no {MANIFEST_NAME} (encode.py writes one): latent space {space.describe()}"
             + (" (SD1.5's is assumed)" if space == SD15 else " (the config's latent keys)"))
-    return space
+    return found and found[1]
 
 
 def train(cfg, resume, dist, local_rank, log, args):
     t = cfg["training"]
-    data_latent_space(cfg, log)
+    latent_record = data_latent_space(cfg, log)
     device = resolve_device(t["device"], local_rank, flag="training.device")
     configure_backends(device)
     if t["cpu_threads"]:  # torch's default (one per core) crawls when the cores are busy with other work
@@ -160,6 +161,7 @@ def train(cfg, resume, dist, local_rank, log, args):
         trainer, dataset = build(cfg, ckpt, dist, device, log)
         checkpoints = trainer.checkpoints  # knows the newest checkpoint this run can resume from
         checkpoints.lock = lock  # checked before each save: the folder is still this run's
+        checkpoints.latent_record = latent_record
         if ckpt is not None:
             checkpoints.resumed_from(path, ckpt["epoch"], ckpt["step"])
         try:

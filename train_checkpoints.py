@@ -19,6 +19,7 @@ class CheckpointWriter:
         self.dist = dist
         self.last_saved = None
         self.lock = None  # the folder's FolderLock (run.py): re-checked before each write
+        self.latent_record = None  # the data root's manifest (run.py), recorded in every checkpoint
 
     def path(self, name):
         return os.path.join(self.folder, name)
@@ -38,6 +39,8 @@ class CheckpointWriter:
             checkpoint = state()
             if self.dist.enabled:
                 checkpoint["rng_per_rank"] = rng_per_rank
+            if self.latent_record is not None:
+                checkpoint["latent_space"] = dict(self.latent_record)
             try:
                 if self.lock is not None:  # its file removed and another run in the folder: write nothing
                     self.lock.check()

@@ -27,6 +27,7 @@ import run
 import runtime
 import translate
 from conftest import ROOT, one_line_naming, tiny_run_config, write_latent_folders
+from latents import SD15
 
 
 def parent(ckpt, keys):
@@ -84,6 +85,7 @@ def entry(keys):
 
 
 # (id, mutation, what the one-line error must name)
+SD15_RECORD = {"version": 1, **SD15.to_dict(), "vae_source": "stabilityai/sd-vae-ft-mse"}  # a manifest
 BROKEN = [
     *[(f"missing {key}", drop(key), f"entry {key}") for key in checkpoint.CHECKPOINT_KEYS],
     ("extra entry", put("surprise", 1), "entry surprise"),
@@ -174,6 +176,10 @@ BROKEN = [
                                              for s in c["optimizers"]["discriminator"]["state"].values()],
      "the storage of optimizers.discriminator.state.0.step"),
     ("compressed records", lambda c: None, "is compressed"),
+    ("latent_space of another VAE", put("latent_space", {**SD15_RECORD, "scaling_factor": 0.13025}),
+     "entry latent_space: expected the manifest of the config's latent space, got scaling_factor: manifest 0.13025"),
+    ("latent_space unknown key", put("latent_space", {**SD15_RECORD, "rocket": 1}), "entry latent_space: unknown key"),
+    ("latent_space not a dict", put("latent_space", [4, 0.18215]), "entry latent_space must hold a JSON object"),
 ]
 
 

@@ -133,6 +133,8 @@ def test_training_records_the_space_in_config_and_checkpoint(pipeline):
                 c["training"]["latent_downsample"]) == (space.channels, space.scaling_factor, space.shift_factor,
                                                         space.downsample)
     assert torch.load(ckpt, weights_only=True)["epoch"] == 2
+    # the data root's manifest, whole: which VAE encoded the latents this model learned
+    assert torch.load(ckpt, weights_only=True)["latent_space"] == read_manifest(tmp / "packed")[1]
 
 
 def test_translate_files_grid_and_video_decode_the_raw_outputs(pipeline, tmp_path):
