@@ -13,10 +13,12 @@
 #   3. a batch sweep, bf16 eager: peak memory and the largest batch that fits (doubling until OOM)
 #   4. bf16 + compile with CUDA graphs (compile_mode reduce-overhead, compile_cudagraphs true)
 #   5. evaluation throughput (bench.py --evaluation): SD1.5-config VAE decode + Inception features
+#   6. per latent-space preset (bench.py --latent-spaces): step time, FLOPs, memory; full VAE vs tiny
+#      autoencoder decode (not in the CPU dry run: it builds the presets' real widths)
 # How long: no stage starts after START_BY seconds (480) and each has its own timeout, so the whole
 # command ends within about 9.5 minutes. Results: $OUT holds env.txt (date, GPU, torch, commit),
 # status.txt (each stage's exit code and time), stderr.log, cuda_tests.txt, matrix.txt, sweep.txt,
-# cudagraphs.txt and summary.md, the table printed at the end (docs/benchmarks.md explains its columns).
+# cudagraphs.txt, latent_spaces.txt and summary.md, the table printed at the end (docs/benchmarks.md explains its columns).
 # If a .whl/ folder of wheels is present in the repo root, they are installed first (into /tmp/site).
 # Dry run of every path on a CPU (tiny model, minutes):
 #   DEVICE=cpu QUICK=1 OUT=/tmp/gpu_check bash scripts/gpu_check.sh
@@ -106,7 +108,7 @@ stage cudagraphs 150 "$OUT/cudagraphs.txt" python3 bench.py --config "$CONFIG" -
 # 5. evaluation throughput: random SD1.5-config VAE decode + Inception features (+ LPIPS). No weights
 # are downloaded: torchvision's Inception v3 with random weights has the real TF-Inception's cost (a
 # tiny stand-in where torchvision is missing, e.g. the CPU dry run). Its output stays out of $OUT,
-# which keeps to the eight files above; the summary below prints it.
+# which keeps to the files above; the summary below prints it.
 EVAL_OUT=/tmp/gpu_check_eval.txt
 : > "$EVAL_OUT"
 python3 - /tmp/inception_random.pt >>"$ERR" 2>&1 <<'PY'
@@ -125,6 +127,12 @@ torch.jit.save(torch.jit.script(net.eval()), sys.argv[1])
 PY
 stage evaluation 120 "$EVAL_OUT" python3 bench.py --config "$CONFIG" --device "$DEVICE" --evaluation \
   --inception-weights /tmp/inception_random.pt --eval-batch "${EVAL_BATCH:-32}" "${EXTRA[@]}"
+
+# 6. the latent-space presets (random weights): JSON lines
+if [ -z "${QUICK:-}" ]; then
+  stage latent_spaces 120 "$OUT/latent_spaces.txt" python3 bench.py --config "$CONFIG" --device "$DEVICE" \
+    --latent-spaces --steps 3
+fi
 
 EVAL_OUT="$EVAL_OUT" python3 - "$OUT" <<'EOF' | tee "$OUT/summary.md"
 import json, os, sys
@@ -181,6 +189,13 @@ for line in open(os.environ["EVAL_OUT"]) if os.path.exists(os.environ.get("EVAL_
         print(f"evaluation: {e['images_per_s_decode']:.1f} img/s decode, {e['images_per_s_decode_features']:.1f} img/s "
               f"decode+features ({e['amp_dtype']}, batch {e['batch_size']}, {e['image_size']} px); full protocol "
               f"({e['protocol_images']} images) ~{e['protocol_minutes_extrapolated']:.1f} min")
+for r in rows("latent_spaces.txt"):
+    if "preset" in r:
+        print(f"latent space {r['preset']}: {'x'.join(map(str, r['latent_shape']))}, step {r['step_ms']:.1f} ms "
+              f"(batch {r['batch_size']}), {r['gflops_per_step']:.1f} GFLOP, {r['activation_mb']:.0f} MB activations")
+    else:
+        tiny = "none" if r["tiny_ms"] is None else f"{r['tiny_ms']:.1f} ms"
+        print(f"decode {r['family']} ({r['image_size']} px): full VAE {r['full_ms']:.1f} ms, tiny {tiny}")
 status = os.path.join(out, "status.txt")
 print("stages:", "; ".join(open(status).read().split("\n")).strip("; ") if os.path.exists(status) else "none")
 EOF
