@@ -37,11 +37,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from tqdm import tqdm
 
-from arguments import bounded
-from latents import (LatentSpace, check_same_space, file_stem, manifest_path, read_manifest, save_latent,
-                     vae_config_sha256, write_manifest)
-from packing import PACK_DTYPES, PackWriter, check_names
-from runtime import AMP_DTYPES, InputError, resolve_device, run_script
+from arguments import bounded, check_not_inputs
+from latents import (PACKED_ARRAY, PACKED_INDEX, LatentSpace, check_same_space, file_stem, manifest_path, read_manifest,
+                     save_latent, shown_name, vae_config_sha256, write_manifest)
+from packing import PACK_DTYPES, PARTIAL_LOG, PackWriter, check_names
+from runtime import AMP_DTYPES, InputError, output_folder, resolve_device, run_script
 from vae import IMAGE_EXTENSIONS, encode_raw, inspect_image, load_image, open_vae, to_model_input, vae_downsample_factor
 
 PREFETCH_BATCHES = 2  # batches decoded ahead of the VAE: bounds memory on huge folders
@@ -98,7 +98,7 @@ def find_images(input_dir):
             found.append((path, rel_stem))
     clashes = [paths for paths in by_stem.values() if len(paths) > 1]
     if clashes:
-        listing = "\n  ".join(" / ".join(paths) for paths in clashes)
+        listing = "\n  ".join(" / ".join(shown_name(p, None) for p in paths) for paths in clashes)
         raise InputError(f"{len(clashes)} image name(s) in {input_dir!r} differ only by extension and would "
                          f"write the same latent file; rename one of each:\n  {listing}")
     return sorted(found, key=lambda item: item[1])
@@ -199,7 +199,7 @@ def encode_jobs(vae, jobs, args, device, save=save_files, store_dtype=torch.floa
                     pending_write.result()  # surfaces a write error (disk full) and bounds memory
                 pending_write = writer.submit(save, latents[keep], [ok[i] for i in keep])
             for path, reason in failed:
-                tqdm.write(f"encode.py: skipping {path}: {reason}", file=sys.stderr)
+                tqdm.write(f"encode.py: skipping {shown_name(path, None)}: {reason}", file=sys.stderr)
             failures += failed
             bar.update(batch_len)
         if pending_write is not None:
@@ -214,7 +214,8 @@ def encode_jobs(vae, jobs, args, device, save=save_files, store_dtype=torch.floa
 def report_changes(changed, shown=5):
     """One line per kind of change encoding made (upscaled, grayscale, transparency), with examples."""
     for note, paths in sorted(changed.items()):
-        examples = ", ".join(os.path.basename(p) for p in paths[:shown]) + (" ..." if len(paths) > shown else "")
+        examples = ", ".join(shown_name(os.path.basename(p)) for p in paths[:shown])
+        examples += " ..." if len(paths) > shown else ""
         print(f"encode.py: {len(paths)} image(s) {note}: {examples}", flush=True)
 
 
@@ -293,7 +294,25 @@ def run(args):
     images = find_images(input_dir)
     if not images:
         raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {input_dir!r} or its subfolders")
+    check_not_inputs(planned_outputs(args, output_dir, images), [src for src, _ in images])
+    with output_folder(output_dir, "--output"):  # a file in the way or a folder that cannot be written: one line
+        return encode(args, input_dir, output_dir, images)
 
+
+def planned_outputs(args, output_dir, images):
+    """(path, flag) of --output and every file this run may write: checked against the images
+    before any work (an image under another name, a link, is one of them too)."""
+    if args.pack:
+        folders = sorted({os.path.dirname(rel_stem) for _, rel_stem in images})
+        names = (PACKED_ARRAY, PACKED_INDEX, PARTIAL_LOG)
+        files = [os.path.join(output_dir, folder, name) for folder in folders for name in names]
+    else:
+        files = [os.path.join(output_dir, f"{rel_stem}.{args.format}") for _, rel_stem in images]
+    return [(path, "--output") for path in (output_dir, manifest_path(data_root(output_dir, images)), *files)]
+
+
+def encode(args, input_dir, output_dir, images):
+    """Open the VAE, record the data root's latent space, encode every image not encoded yet."""
     device = resolve_device(args.device, fallback=False)
     hint = ""
     if not args.vae_subfolder and os.path.isdir(os.path.join(os.path.expanduser(args.vae), "vae")):
@@ -328,7 +347,7 @@ def run(args):
     if failures:
         print(f"encode.py: {len(failures)} image(s) failed and were not written:", file=sys.stderr)
         for path, reason in failures:
-            print(f"  {path}: {reason}", file=sys.stderr)
+            print(f"  {shown_name(path, None)}: {reason}", file=sys.stderr)
         return 1
     return 0
 

@@ -25,7 +25,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from arguments import bounded
+from arguments import bounded, check_not_inputs
 from checkpoint import load_checkpoint
 from config import latent_space, parse_metrics
 from dataset import MultiDomainLatentDataset
@@ -36,6 +36,7 @@ from metrics import PREVIEW_DECODE, Evaluator, format_table
 from runtime import AMP_DTYPES, InputError, atomic_write, check_seed, output_folder, resolve_device, script_main
 
 MAX_OUTS, MAX_SOURCES, MAX_BATCH = 1000, 10 ** 7, 4096  # translations per source, sources per domain, batch
+METRICS_FILE = "metrics.json"
 
 
 def parse_args(argv=None):
@@ -111,6 +112,10 @@ def run(args):
     cfg, nets = networks_from_checkpoint(ckpt, args.checkpoint, device)
     args.metrics = parse_metrics(args.metrics or cfg["evaluation"]["metrics"])
     out = args.out or beside_checkpoint(args.checkpoint, "eval")
+    weights = (args.inception_weights or cfg["evaluation"]["inception_weights"], args.lpips_weights or
+               cfg["evaluation"]["lpips_weights"], args.vae)
+    check_not_inputs([(out, "--out"), (os.path.join(out, METRICS_FILE), "--out")],
+                     [args.checkpoint, *(path for path in weights if path)])
     with output_folder(out, "--out"):  # before the data, the weights and the evaluation
         return evaluate(args, ckpt, cfg, nets, device, out)
 
@@ -170,7 +175,7 @@ def evaluate(args, ckpt, cfg, nets, device, out):
                                decode=PREVIEW_DECODE if args.preview_decode else "vae")
     if args.preview_decode:
         results["protocol"]["warnings"].append(PREVIEW_DECODE)
-    path = atomic_write(os.path.join(out, "metrics.json"), lambda f: f.write(json.dumps(results, indent=2).encode()))
+    path = atomic_write(os.path.join(out, METRICS_FILE), lambda f: f.write(json.dumps(results, indent=2).encode()))
     print(f"wrote {path} ({seconds:.1f}s)")
     return 0
 

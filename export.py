@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from arguments import bounded
+from arguments import bounded, check_not_inputs
 from checkpoint import load_checkpoint
 from config import latent_space
 from exporting import (FORMATS, GRAPHS, MIN_REFERENCE_SIZE, Decoder, build_graphs, export_program, max_abs_diff,
@@ -148,6 +148,10 @@ def run(args):
     cfg, nets = networks_from_checkpoint(ckpt, args.checkpoint, "cpu")
     ids = selected_domains(cfg, args.domains)
     output = args.output or beside_checkpoint(args.checkpoint, "export")
+    graphs = GRAPHS + (("decoder",) if args.with_decoder else ())
+    check_not_inputs([(output, "--output")] + [(os.path.join(output, f"{graph}.{fmt}"), "--output")
+                                               for graph in graphs for fmt in args.formats],
+                     [args.checkpoint, *([args.vae] if args.vae else [])])
     check_output_folder(output, "--output")  # before the export work
     vae = decoder_vae(cfg, args.vae, args.vae_subfolder) if args.with_decoder else None
 

@@ -109,7 +109,9 @@ def split_names(names, fraction, seed=0, key=""):
     if len(names) < 2:
         raise InputError(f"{key or 'a domain'} has {len(names)} file(s): a split needs at least 2")
     count = min(len(names) - 1, max(1, round(fraction * len(names))))
-    rank = sorted(names, key=lambda name: hashlib.sha256(f"{seed}:{key}:{name}".encode()).hexdigest())
+    # surrogateescape: a name that is not UTF-8 hashes as its own bytes
+    rank = sorted(names, key=lambda name: hashlib.sha256(f"{seed}:{key}:{name}".encode("utf-8", "surrogateescape"))
+                  .hexdigest())
     val = set(rank[:count])
     return [n for n in names if n not in val], [n for n in names if n in val]
 
@@ -153,12 +155,13 @@ def check_latent_shape(path, shape, channels=LATENT_CHANNELS):
     else InputError."""
     shape = list(shape)
     expected = latent_expectation(channels)
+    shown = shown_name(path, None)  # a name with a control character, escaped
     if len(shape) == 4 and shape[0] == 1:
         shape = shape[1:]
     if len(shape) != 3 or shape[0] != channels:
-        raise InputError(f"{path} has shape {shape}; {expected}")
+        raise InputError(f"{shown} has shape {shape}; {expected}")
     if not all(MIN_LATENT_SIZE <= side <= MAX_LATENT_SIZE for side in shape[1:]):
-        raise InputError(f"{path} has shape {shape}: a latent's H and W must be from {MIN_LATENT_SIZE} (the "
+        raise InputError(f"{shown} has shape {shape}: a latent's H and W must be from {MIN_LATENT_SIZE} (the "
                          f"networks halve them {MIN_LATENT_SIZE.bit_length() - 1} times) to {MAX_LATENT_SIZE}")
 
 
@@ -171,16 +174,17 @@ def load_latent_file(path, channels=LATENT_CHANNELS):
     vectorised pass, which also catches float64 values that overflow float32).
     """
     expected = latent_expectation(channels)
+    shown = shown_name(path, None)  # a name with a control character, escaped
     if path.endswith(".npy"):
         try:  # memory-mapped: the header's shape is checked before a byte of data is read
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as e:  # object arrays, pickles, truncated or garbage bytes
-            raise InputError(f"cannot read {path} as a .npy array ({type(e).__name__}: "
+            raise InputError(f"cannot read {shown} as a .npy array ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); {expected}") from None
         if not isinstance(array, np.ndarray):  # e.g. an .npz archive renamed to .npy
-            raise InputError(f"{path} holds {type(array).__name__}, not a single array; {expected}")
+            raise InputError(f"{shown} holds {type(array).__name__}, not a single array; {expected}")
         if not np.issubdtype(array.dtype, np.floating):
-            raise InputError(f"{path} has dtype {array.dtype}; {expected}")
+            raise InputError(f"{shown} has dtype {array.dtype}; {expected}")
         check_latent_shape(path, array.shape, channels)
         with np.errstate(over="ignore"):  # float64 beyond float32's range: caught as inf below
             latent = torch.from_numpy(np.array(array, dtype=np.float32))
@@ -188,16 +192,16 @@ def load_latent_file(path, channels=LATENT_CHANNELS):
         try:
             latent = load_plain(path)
         except Exception as e:  # weights_only refuses any pickle that is not plain tensor data
-            raise InputError(f"cannot load {path} with torch.load(weights_only=True): {load_error_reason(e)}; "
+            raise InputError(f"cannot load {shown} with torch.load(weights_only=True): {load_error_reason(e)}; "
                              f"{expected}, saved with torch.save(tensor)") from None
         if not isinstance(latent, torch.Tensor):
-            raise InputError(f"{path} holds a {type(latent).__name__}, not a tensor; {expected}")
+            raise InputError(f"{shown} holds a {type(latent).__name__}, not a tensor; {expected}")
         if not plain_tensor(latent):
             kind = "a nested tensor" if latent.is_nested else f"a {latent.layout} tensor" \
                 if latent.layout != torch.strided else f"a tensor on the {latent.device.type} device, without data"
-            raise InputError(f"{path} holds {kind}; {expected}")
+            raise InputError(f"{shown} holds {kind}; {expected}")
         if not latent.is_floating_point() or latent.is_complex():
-            raise InputError(f"{path} has dtype {latent.dtype} and layout {latent.layout}; {expected}")
+            raise InputError(f"{shown} has dtype {latent.dtype} and layout {latent.layout}; {expected}")
         check_latent_shape(path, latent.shape, channels)
         latent = latent.detach()
     return latent.reshape(latent.shape[-3:])  # [C, H, W]
@@ -283,16 +287,27 @@ def check_archive(path):
                                "or forged archive)")
 
 
-def shown_name(name):
+def shown_name(name, limit=80):
     """`name` as it is when printable, else escaped (`safe_name`): a file name with a newline or an
-    escape sequence must not break a log line or reach the terminal raw."""
-    return name if name.isprintable() else safe_name(name)
+    escape sequence must not break a log line or reach the terminal raw, nor one that is not UTF-8
+    (its bytes read as surrogates) crash a print. `limit=None` keeps a whole path."""
+    return name if name.isprintable() else safe_name(name, limit)
 
 
 def safe_name(name, limit=80):
-    """`name` for one log line: control characters escaped, at most `limit` characters."""
-    text = name.encode("unicode_escape", "backslashreplace").decode("ascii") if not name.isprintable() else name
-    return repr(text if len(text) <= limit else text[:limit - 3] + "...")
+    """`name` quoted for one log line: control characters escaped (`\\n`, `\\x1b`), a byte that is not
+    UTF-8 (read as a surrogate) as itself (`\\xff`), at most `limit` characters (None: all)."""
+    text = "".join(escaped_character(c) for c in name)
+    cut = text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
+    return repr(cut) if text == name else f"'{cut}'"  # repr would double the escapes' backslashes
+
+
+def escaped_character(c):
+    if c.isprintable():
+        return c
+    if "\udc80" <= c <= "\udcff":  # os.fsdecode's surrogateescape of an undecodable byte
+        return f"\\x{ord(c) - 0xdc00:02x}"
+    return c.encode("unicode_escape").decode("ascii")
 
 
 def load_plain(path, map_location="cpu"):

@@ -5,16 +5,22 @@
     python pack.py ../../latent-256 ../../latent-256-packed --domains photo monet --dtype float32
 
 Rows keep the folder's file order, so the packed copy gives the same batches as the folder
-(float16, the default, rounds each value to float16: see docs/data.md). Every file is checked as
-training would check it; a bad file is named and its domain is left unfinished. Interrupted, a rerun
-continues where it stopped; a domain already packed with the same files is skipped.
+(float16, the default, rounds each value to float16: see docs/data.md). Every file of every domain
+is checked as training would check it; a bad file anywhere is named, with every other one, and no
+domain is packed. Interrupted, a rerun continues where it stopped; a domain already packed with the
+same files is skipped. DST must be a folder that is none of SRC's files. Exit codes: 0 done, 2 bad
+input (a file, a folder or a flag), 1 a failed write.
 """
 
 import argparse
+import contextlib
+import os
 import sys
 
-from packing import PACK_DTYPES, pack_folders
-from runtime import run_script
+from arguments import check_not_inputs
+from latents import LATENT_SUFFIXES, PACKED_ARRAY, PACKED_INDEX, manifest_path
+from packing import PACK_DTYPES, PARTIAL_LOG, pack_folders, source_domains
+from runtime import output_folder, run_script
 
 
 def parse_args(argv=None):
@@ -28,8 +34,30 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def source_files(src, domains):
+    """The files pack.py reads: the root's manifest and every latent file of the domains (a folder
+    that cannot be listed is named by the packing itself)."""
+    files = [manifest_path(src)]
+    for domain in domains:
+        with contextlib.suppress(OSError):
+            files += [os.path.join(src, domain, name) for name in os.listdir(os.path.join(src, domain))
+                      if name.endswith(LATENT_SUFFIXES)]
+    return files
+
+
+def planned_outputs(dst, domains):
+    """(path, flag) of DST and every file pack.py may write there."""
+    names = (PACKED_ARRAY, PACKED_INDEX, PARTIAL_LOG)
+    return [(dst, "dst"), (manifest_path(dst), "dst")] + [
+        (os.path.join(dst, domain, name), "dst") for domain in domains for name in ("", *names)]
+
+
 def run(args):
-    pack_folders(args.src, args.dst, args.domains, args.dtype)
+    src, dst = os.path.expanduser(args.src), os.path.expanduser(args.dst)
+    domains = source_domains(src, args.domains)
+    check_not_inputs(planned_outputs(dst, domains), source_files(src, domains))  # before any work
+    with output_folder(dst, "dst"):  # a file in the way or a folder that cannot be written: one line
+        pack_folders(src, dst, domains, args.dtype)
     return 0
 
 

@@ -31,18 +31,18 @@ import warnings
 import numpy as np
 import torch
 
-from latents import (LATENT_CHANNELS, LATENT_SUFFIXES, MAX_LATENT_CHANNELS, MAX_LATENT_SIZE, MAX_LISTED,
-                     OUTLIER_LIMIT, PACKED_ARRAY, PACKED_INDEX, copy_manifest, first_lines, is_packed,
-                     list_latent_files, load_latent_file, read_manifest)
+from latents import (LATENT_CHANNELS, LATENT_SUFFIXES, MAX_LATENT_CHANNELS, MAX_LATENT_SIZE, MAX_LISTED, OUTLIER_LIMIT,
+                     PACKED_ARRAY, PACKED_INDEX, copy_manifest, first_lines, is_packed, list_latent_files,
+                     load_latent_file, read_manifest, shown_name)
 from model import MIN_LATENT_SIZE
-from runtime import InputError, atomic_write
+from runtime import InputError, atomic_write, remove_if_empty
 
 PACK_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 HEADER_BYTES = 128  # the .npy header slot at the front of a partial file, filled in when it is committed
 PARTIAL_LOG = ".latents.partial.json"  # line 1: {"data": partial file, dtype, shape}; then one JSON name per row
 PARTIAL_DATA = re.compile(r"\.latents\.[0-9a-f]{12}\.partial")  # the partial files a writer names
 COPY_CHUNK_BYTES = 64 * 2**20
-CONVERT_ROWS = 1024  # latent files read per commit by pack_domain
+CONVERT_ROWS = 1024  # latent files read per append by convert_domain
 
 
 def npy_header(shape, dtype):
@@ -73,7 +73,7 @@ def check_names(names, where):
     """Row names must be plain file names (they name rows in errors): InputError listing the bad ones."""
     bad = [f"{n!r} is {why}" for n in names if (why := bad_name(n))]
     if bad:
-        raise InputError(f"{where}: {len(bad)} name(s) cannot name a packed row:\n  " +
+        raise InputError(f"{shown_name(where, None)}: {len(bad)} name(s) cannot name a packed row:\n  " +
                          "\n  ".join(first_lines(bad[:MAX_LISTED], len(bad))))
 
 
@@ -90,8 +90,8 @@ class PackWriter:
             raise InputError(f"packed dtype must be one of {', '.join(PACK_DTYPES)}, got {dtype!r}")
         shape = tuple(int(s) for s in shape)
         if len(shape) != 3 or min(shape[1:]) < MIN_LATENT_SIZE:
-            raise InputError(f"cannot pack latents of shape {list(shape)} into {folder}: expected [4, H, W] "
-                             f"with H, W >= {MIN_LATENT_SIZE}")
+            raise InputError(f"cannot pack latents of shape {list(shape)} into {shown_name(folder, None)}: "
+                             f"expected [4, H, W] with H, W >= {MIN_LATENT_SIZE}")
         self.folder, self.shape, self.log = folder, shape, log
         self.dtype = PACK_DTYPES[dtype]
         self.np_dtype = np.dtype(np.float16 if self.dtype == torch.float16 else np.float32)
@@ -101,8 +101,9 @@ class PackWriter:
         os.makedirs(folder, exist_ok=True)
         others = sorted(n for n in os.listdir(folder) if n.endswith(LATENT_SUFFIXES) and n != PACKED_ARRAY)
         if others:
-            raise InputError(f"{folder} holds {len(others)} latent file(s) ({', '.join(others[:3])}"
-                             f"{', ...' if len(others) > 3 else ''}); a packed folder holds only {PACKED_ARRAY} and "
+            raise InputError(f"{shown_name(folder, None)} holds {len(others)} latent file(s) "
+                             f"({', '.join(map(shown_name, others[:3]))}{', ...' if len(others) > 3 else ''}); "
+                             f"a packed folder holds only {PACKED_ARRAY} and "
                              f"{PACKED_INDEX}: pack into another folder")
         self.shard = self._open_shard()
         self.reuse_shard = reuse_shard and self.shard is not None and self.shard.array.dtype == self.np_dtype
@@ -135,11 +136,13 @@ class PackWriter:
                 rows_on_disk = (os.path.getsize(data_path) - HEADER_BYTES) // self.row_bytes
                 names = names[:max(rows_on_disk, 0)]  # rows are synced before their names: only a lost disk differs
             else:
-                self.log(f"{self.folder}: an interrupted pack of another dtype or latent shape is discarded")
+                self.log(f"{shown_name(self.folder, None)}: an interrupted pack of another dtype or latent shape is "
+                         "discarded")
         except FileNotFoundError:  # no log, or its data file is gone (renamed by a commit that then stopped)
             data_path, names = None, []
         except (ValueError, AttributeError, IndexError) as e:
-            self.log(f"{self.folder}: the log of an interrupted pack is unreadable ({e}); starting over")
+            self.log(f"{shown_name(self.folder, None)}: the log of an interrupted pack is unreadable ({e}); "
+                     "starting over")
             data_path, names = None, []
         for name in os.listdir(self.folder):
             if PARTIAL_DATA.fullmatch(name) and os.path.join(self.folder, name) != data_path:
@@ -152,7 +155,8 @@ class PackWriter:
         with open(data_path, "r+b") as f:
             f.truncate(HEADER_BYTES + len(names) * self.row_bytes)  # rows written after the last logged name go
         if names:
-            self.log(f"{self.folder}: resuming an interrupted pack: {len(names)} row(s) already written")
+            self.log(f"{shown_name(self.folder, None)}: resuming an interrupted pack: {len(names)} row(s) already "
+                     "written")
         return data_path, names
 
     def _new_partial(self):
@@ -284,23 +288,20 @@ def first_shape(src_folder, files, channels=LATENT_CHANNELS):
                      + "\n  ".join(first_lines(problems[:MAX_LISTED], len(problems))))
 
 
-def pack_domain(src_folder, dst_folder, dtype="float16", log=print, channels=LATENT_CHANNELS):
-    """One per-file domain folder -> a packed one, rows in the folder's file order (the order the
-    dataset reads it in). Every latent file is checked as the dataset would (readable, one shape,
-    finite, in float16 too); any bad file stops the domain after all are named, keeping the rows
-    before it for the rerun. Returns the number of rows written (0: already packed)."""
-    start = time.perf_counter()
+def convert_domain(src_folder, dst_folder, dtype="float16", log=print, channels=LATENT_CHANNELS):
+    """One per-file domain folder into its packed folder's partial file, rows in the folder's file
+    order (the order the dataset reads it in), nothing committed. Every latent file is checked as
+    the dataset would (readable, one shape, finite, in float16 too); rows go in while every file so
+    far is good, so a rerun keeps them. Returns (writer, row names, [a line per bad file])."""
     if is_packed(src_folder):
-        raise InputError(f"{src_folder} is packed already ({PACKED_ARRAY} + {PACKED_INDEX})")
+        raise InputError(f"{shown_name(src_folder, None)} is packed already ({PACKED_ARRAY} + {PACKED_INDEX})")
     files = list_latent_files(src_folder)
     names = [os.path.basename(p) for p in files]
     check_names(names, src_folder)
     shape = first_shape(src_folder, files, channels)
     writer = PackWriter(dst_folder, shape, dtype, log=log)
     if writer.up_to_date(names):
-        writer.finish(names)  # removes what an interrupted commit left
-        log(f"{dst_folder}: already packed ({len(names)} latents, {dtype}); skipped")
-        return 0
+        return writer, names, []
     todo = [(n, p) for n, p in zip(names, files) if not writer.has(n)]
     bad = []
     for first in range(0, len(todo), CONVERT_ROWS):
@@ -312,7 +313,8 @@ def pack_domain(src_folder, dst_folder, dtype="float16", log=print, channels=LAT
                 bad.append(str(e))
                 continue
             if tuple(latent.shape) != shape:
-                bad.append(f"{path} has shape {list(latent.shape)}; expected {list(shape)} like {files[0]}")
+                bad.append(f"{shown_name(path, None)} has shape {list(latent.shape)}; expected {list(shape)} like "
+                           f"{shown_name(files[0], None)}")
                 continue
             batch.append(name)
             rows.append(latent)
@@ -322,44 +324,83 @@ def pack_domain(src_folder, dst_folder, dtype="float16", log=print, channels=LAT
         for name, ok, latent in zip(batch, finite.tolist(), rows):
             if not ok:
                 beyond = dtype == "float16" and bool(torch.isfinite(latent.float()).all())
-                bad.append(f"{os.path.join(src_folder, name)} holds "
+                bad.append(f"{shown_name(os.path.join(src_folder, name), None)} holds "
                            + ("values beyond float16's range (|value| > 65504): pack with --dtype float32"
                               if beyond else "a non-finite value (NaN or +-inf); expected finite raw latents"))
         if not bad:  # rows go in while every file so far is good: the partial stays in name order
             writer.append(packed, batch)
+    return writer, names, bad
+
+
+def source_domains(src_root, domains=None):
+    """The domain folders to pack: `domains`, else every folder of `src_root` (hidden ones skipped);
+    InputError naming the root or the names that are no single folder names."""
+    if not os.path.isdir(src_root):
+        raise InputError(f"{shown_name(str(src_root), None)} is not a folder (expected one folder per domain of "
+                         "latent files)")
+    if domains is None:
+        try:
+            entries = os.listdir(src_root)
+        except OSError as e:
+            raise InputError(f"cannot read {shown_name(str(src_root), None)} ({e.strerror or e})") from None
+        domains = sorted(d for d in entries if not d.startswith(".") and os.path.isdir(os.path.join(src_root, d)))
+        if not domains:
+            raise InputError(f"{shown_name(str(src_root), None)} has no domain folders")
+    bad = [d for d in domains if bad_name(d)]
     if bad:
-        raise InputError(f"{src_folder}: {len(bad)} bad latent file(s); nothing was packed for this domain "
-                         f"({len(writer.names)} row(s) before the first are kept: fix or remove the files and rerun):"
-                         f"\n  " + "\n  ".join(first_lines(bad[:MAX_LISTED], len(bad))))
-    rows = writer.finish(names)
-    megabytes = rows * writer.row_bytes / 2**20
-    log(f"{dst_folder}: {rows} latents {list(shape)} {dtype} in {os.path.join(dst_folder, PACKED_ARRAY)} "
-        f"({megabytes:.1f} MB, {time.perf_counter() - start:.1f}s)")
-    return rows
+        raise InputError(f"domain names must be single folder names, got {bad}")
+    return list(domains)
 
 
 def pack_folders(src_root, dst_root, domains=None, dtype="float16", log=print):
     """Every domain folder of `src_root` (or those named) -> packed under `dst_root`/<domain>/.
-    The root's latent-space manifest (encode.py's) says the latents' channels and is copied along.
+    Every domain is converted and checked before any is committed: a bad file anywhere names every
+    bad file of every domain and commits none (the rows converted so far wait for the rerun). The
+    root's latent-space manifest (encode.py's) says the latents' channels and is copied along.
     Returns {domain: rows written}."""
     src_root, dst_root = os.path.abspath(os.path.expanduser(src_root)), os.path.abspath(os.path.expanduser(dst_root))
-    if not os.path.isdir(src_root):
-        raise InputError(f"{src_root} is not a folder (expected one folder per domain of latent files)")
+    domains = source_domains(src_root, domains)
     if os.path.realpath(src_root) == os.path.realpath(dst_root):
-        raise InputError(f"the packed copy must go to another folder than {src_root}: a domain folder holds "
-                         f"one layout")
-    if domains is None:
-        domains = sorted(d for d in os.listdir(src_root) if not d.startswith(".")
-                         and os.path.isdir(os.path.join(src_root, d)))
-        if not domains:
-            raise InputError(f"{src_root} has no domain folders")
-    bad = [d for d in domains if bad_name(d)]
-    if bad:
-        raise InputError(f"domain names must be single folder names, got {bad}")
+        raise InputError(f"the packed copy must go to another folder than {shown_name(src_root, None)}: a domain "
+                         "folder holds one layout")
     found = read_manifest(src_root)
     channels = found[0].channels if found else LATENT_CHANNELS
-    rows = {d: pack_domain(os.path.join(src_root, d), os.path.join(dst_root, d), dtype, log, channels) for d in domains}
+    converted, problems, bad_files = {}, [], 0
+    for d in domains:
+        start = time.perf_counter()
+        try:
+            writer, names, bad = convert_domain(os.path.join(src_root, d), os.path.join(dst_root, d), dtype, log,
+                                                channels)
+        except (InputError, FileNotFoundError) as e:  # the domain cannot be packed at all: named, the others checked
+            problems.append(str(e))
+            continue
+        converted[d] = (writer, names, time.perf_counter() - start)
+        problems += bad
+        bad_files += len(bad)
+    if problems:
+        for d in domains:
+            remove_if_empty(os.path.join(dst_root, d))  # a domain with no row converted leaves no folder
+        folders = len(problems) - bad_files
+        raise InputError(f"{shown_name(src_root, None)}: {bad_files} bad latent file(s)"
+                         + (f" and {folders} domain folder(s) that cannot be packed" if folders else "")
+                         + f"; no domain was packed (the rows before each domain's first bad file are kept for the "
+                         "rerun: fix or remove the files and rerun):\n  "
+                         + "\n  ".join(first_lines(problems[:MAX_LISTED], len(problems))))
+    rows = {d: commit_domain(*converted[d], dtype, log) for d in domains}
     copy_manifest(src_root, dst_root)
+    return rows
+
+
+def commit_domain(writer, names, seconds, dtype, log):
+    """Commit a converted domain (`convert_domain`) and say so; returns its rows (0: already packed)."""
+    start = time.perf_counter()
+    rows = writer.finish(names)  # 0: the shard held these rows already (what an interrupted commit left goes)
+    folder = shown_name(writer.folder, None)
+    if rows == 0:
+        log(f"{folder}: already packed ({len(names)} latents, {dtype}); skipped")
+        return 0
+    log(f"{folder}: {rows} latents {list(writer.shape)} {dtype} in {shown_name(writer.array_path, None)} "
+        f"({rows * writer.row_bytes / 2**20:.1f} MB, {seconds + time.perf_counter() - start:.1f}s)")
     return rows
 
 PACKED_VERSION = 1
@@ -426,7 +467,7 @@ def bad_name(name):
     if name in ("", ".", ".."):
         return "not a file name"
     if re.search(r"[/\\\x00-\x1f]", name):
-        return "holds a path separator or a control character"
+        return "a name with a path separator or a control character"
     if len(name.encode("utf-8", "surrogatepass")) > NAME_MAX:
         return f"longer than {NAME_MAX} bytes"
     return None

@@ -467,7 +467,9 @@ def test_interrupted_conversion_resumes_and_matches_one_run(tmp_path, source, mo
     with pytest.raises(KeyboardInterrupt):
         packing.pack_folders(source, tmp_path / "out", log=quiet)
     b = tmp_path / "out" / "b"
-    assert (tmp_path / "out" / "a" / "latents.npy").exists() and not (tmp_path / "out" / "c").exists()
+    # no domain is committed before every domain is checked: a's rows wait in its partial file
+    assert not (tmp_path / "out" / "a" / "latents.npy").exists() and not (tmp_path / "out" / "c").exists()
+    assert all(n.startswith(".") for n in os.listdir(tmp_path / "out" / "a"))
     hidden = sorted(os.listdir(b))
     assert "latents.npy" not in hidden and "index.json" not in hidden and all(n.startswith(".") for n in hidden)
     with pytest.raises(ValueError):  # never a half-written shard under the final name
@@ -533,9 +535,10 @@ def test_bad_files_are_all_named_and_the_good_prefix_is_kept(tmp_path, source, m
     with pytest.raises(ValueError) as info:
         packing.pack_folders(source, tmp_path / "out", log=quiet)
     message = str(info.value)
-    assert "2 bad latent file(s)" in message and str(source / "b" / "00004.pt") in message
+    assert "3 bad latent file(s)" in message and str(source / "b" / "00004.pt") in message  # every domain's
     assert f"{source / 'b' / '00008.pt'} holds a non-finite value" in message
-    assert "kept" in message and not (tmp_path / "out" / "b" / "latents.npy").exists()
+    assert f"{source / 'c' / '00001.pt'} holds values beyond float16's range" in message
+    assert "kept" in message and not any((tmp_path / "out" / d / "latents.npy").exists() for d in "abc")
     torch.save(half_exact_latents([1])["a"][0], source / "b" / "00004.pt")
     torch.save(half_exact_latents([1])["a"][0], source / "b" / "00008.pt")
     calls = counting_loads(monkeypatch)
