@@ -541,8 +541,9 @@ def header_markdown(translator):
         f"device: {translator.device_label} · {vae_line}",
     ]
     if translator.vae is None:
-        pictures = ("every picture is the linear latent preview (colours roughly right, no detail), not a VAE decode"
-                    if translator.decoder is None else f"every picture is a {drawn_by} (fast, less detail than the VAE)")
+        pictures = (f"every picture is a {drawn_by} (fast, less detail than the VAE)" if translator.decoder
+                    else "every picture is the linear latent preview (colours roughly right, no detail), not a VAE "
+                    "decode")
         lines.append(f"> **No VAE**: sources and references are latents from the data, and {pictures}. Restart "
                      "with `--vae` to upload images (the server's log says why none loaded).")
         if not translator.examples:

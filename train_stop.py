@@ -1,6 +1,7 @@
-"""Stopping a run cleanly: SIGINT / SIGTERM / SIGHUP (a closed terminal or SSH session) ask it to stop at a safe point (after the current step,
-or at the next batch of a grid or an evaluation, which then saves and exits); a second one stops at
-once. Long work beside the loop shows its progress and checks for a request batch by batch."""
+"""Stopping a run cleanly: SIGINT / SIGTERM / SIGHUP (a closed terminal or SSH session) ask it to
+stop at a safe point (after the current step, or at the next batch of a grid or an evaluation, which
+then saves and exits); a second one stops at once. Long work beside the loop shows its progress and
+checks for a request batch by batch."""
 
 import contextlib
 import os
