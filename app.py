@@ -541,7 +541,7 @@ def header_markdown(translator):
         f"device: {translator.device_label} · {vae_line}",
     ]
     if translator.vae is None:
-        pictures = (f"every picture is a {drawn_by} (fast, less detail than the VAE)" if translator.decoder
+        pictures = (f"every picture is a {drawn_by} (fast, less detail than the VAE)" if translator.decoder is not None
                     else "every picture is the linear latent preview (colours roughly right, no detail), not a VAE "
                     "decode")
         lines.append(f"> **No VAE**: sources and references are latents from the data, and {pictures}. Restart "
