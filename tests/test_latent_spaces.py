@@ -9,6 +9,7 @@ trains as SD1.5 and says so once."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ import translate
 from conftest import decode_video, tiny_run_config, write_latent_folders, write_random_alexnet
 from inference import load_networks
 from latents import MANIFEST_NAME, SD15, LatentSpace, read_manifest
+from runtime import InputError
 from test_metrics import StyleGANFormStandIn, script_to
 from vae import decode_raw, load_vae, to_uint8
 
@@ -223,6 +225,13 @@ def test_another_space_is_refused_naming_both_numbers(pipeline, tmp_path, tiny_v
     assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "e"), "--format", "pt2", "--with-decoder",
                         "--vae", tiny_vae_dir]) == 2
     assert first in capsys.readouterr().err
+    assert evaluate.main(["--checkpoint", ckpt, "--vae", tiny_vae_dir, "--out", str(tmp_path / "eval"), "--device",
+                          "cpu", "--data-root", str(tmp / "latents")]) == 2
+    assert first in capsys.readouterr().err and not os.path.exists(tmp_path / "eval" / "metrics.json")
+    import app
+
+    with pytest.raises(InputError, match=re.escape(first)):
+        app.Translator(ckpt, vae=tiny_vae_dir, device="cpu", log=lambda line: None)
     # encoding another VAE's latents into the same root
     assert encode.main(["--input", str(tmp / "images"), "--output", str(tmp / "latents"), "--vae", tiny_vae_dir,
                         "--size", str(IMAGES), "--device", "cpu"]) == 2
