@@ -49,6 +49,7 @@ from latents import check_root_space, file_stem, list_latent_files, read_latent
 from runtime import AMP_DTYPES, InputError, check_seed, configure_backends, resolve_device, script_main
 from sampling import (FPS, FRAMES_PER_TRANSITION, default_hold, frame_styles, interpolation_schedule, video_frames,
                       write_video)
+from train_stop import leave_terminal
 from vae import (MAX_IMAGE_PIXELS, encode_raw, inspect_image, load_image, picture_source, to_model_input, to_rgb,
                  to_uint8, vae_downsample_factor)
 
@@ -720,8 +721,11 @@ def launch(page, output_root, host="127.0.0.1", port=7860, share=False, block=Tr
 def stop_on_sigterm():
     """SIGTERM (what `kill` and service managers send) and SIGHUP (a closed terminal or SSH session)
     stop the server as Ctrl-C does: Gradio closes it, and main() removes its outputs folder. Returns
-    the handlers it replaced, {signal: handler}."""
+    the handlers it replaced, {signal: handler}. After SIGHUP the terminal is gone: output to it
+    goes to /dev/null, so that the lines of the stop never fail on it."""
     def interrupt(signum, frame):
+        if signum == signal.SIGHUP:
+            leave_terminal()
         raise KeyboardInterrupt
 
     return {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}

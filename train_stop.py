@@ -6,6 +6,7 @@ checks for a request batch by batch."""
 import contextlib
 import os
 import signal
+import stat
 
 from display import WorkProgress
 from runtime import StopNow, StopRequested
@@ -33,11 +34,16 @@ def on_stop_signal(callback):
 
 
 def leave_terminal():
-    """Point stdout / stderr that are a terminal at /dev/null (a hung-up terminal fails every write)."""
+    """Point stdout / stderr that are a terminal at /dev/null (a hung-up terminal fails every write).
+    A terminal that has hung up is no longer a tty to `isatty` (its ioctl fails), so any character
+    device counts."""
     null = os.open(os.devnull, os.O_WRONLY)
     for fd in (1, 2):
-        if os.isatty(fd):
-            os.dup2(null, fd)
+        try:
+            if stat.S_ISCHR(os.fstat(fd).st_mode):
+                os.dup2(null, fd)
+        except OSError:  # closed
+            pass
     os.close(null)
 
 

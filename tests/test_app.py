@@ -9,6 +9,7 @@ that file is missing, else to the test's temporary folder, so a CI run leaves th
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -492,6 +493,37 @@ def server(trained, tiny_vae_dir, tmp_path):
     assert proc.returncode == 0, "SIGTERM stops the server as Ctrl-C does"
     assert listening_addresses(port) == []  # stopped: nothing listens on its port any more
     assert os.listdir(tmp_path / "tmp") == []  # and its outputs folder is gone
+
+
+@pytest.mark.slow
+def test_sighup_of_a_closed_terminal_stops_the_server_cleanly(trained, tmp_path):
+    """The app's terminal goes away (its pty master closed, every write to it fails) and SIGHUP
+    arrives: the server stops as after Ctrl-C, exit code 0, its outputs folder removed."""
+    port = free_port()
+    os.makedirs(tmp_path / "tmp")
+    master, terminal = os.openpty()
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "TMPDIR": str(tmp_path / "tmp")}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "app.py"), "--checkpoint", trained[0], "--device",
+                             "cpu", "--port", str(port)], stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal,
+                            env=env)
+    os.close(terminal)
+    try:
+        deadline, shown = time.monotonic() + 90, b""
+        while b"Running on local URL" not in shown:  # Gradio's line once it serves, before it blocks
+            assert proc.poll() is None and time.monotonic() < deadline, f"app.py did not serve within 90 s: {shown}"
+            try:
+                shown += os.read(master, 65536)
+            except OSError:
+                time.sleep(0.2)
+        time.sleep(1)
+        os.close(master)  # the terminal hangs up
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert listening_addresses(port) == [] and os.listdir(tmp_path / "tmp") == []
 
 
 @pytest.mark.slow

@@ -110,6 +110,33 @@ def test_sighup_stops_a_run_as_sigterm_does(tmp_path):
     assert ckpt["step"] >= 3  # the work up to the signal is saved
 
 
+@pytest.mark.slow
+def test_sighup_of_a_closed_terminal_still_saves(tmp_path):
+    """The run's terminal really goes away (its pty master closed: every write to it fails), then
+    SIGHUP: the stop and its save go on without the terminal, exit code 128 + SIGHUP."""
+    cfg = write_run_config(tmp_path, epochs=100000, save_interval=1000)
+    master, terminal = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-u", "run.py", "--config", cfg], cwd=ROOT, stdin=subprocess.DEVNULL,
+                            stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    try:
+        deadline, shown = time.monotonic() + 120, b""
+        while b'{"step": 3,' not in shown:
+            assert proc.poll() is None and time.monotonic() < deadline, shown.decode(errors="replace")
+            try:
+                shown += os.read(master, 65536)
+            except OSError:
+                time.sleep(0.1)
+        os.close(master)  # the terminal hangs up
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(timeout=120) == 128 + signal.SIGHUP
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert torch.load(tmp_path / "out" / "latest.pt", weights_only=True)["step"] >= 3
+
+
 SLOW_GRID = ("import time, vae\nreal = vae.decode\ndef slow(v, raw):\n    time.sleep(0.5)\n    return real(v, raw)\n"
              "vae.decode = slow\n")
 
