@@ -43,13 +43,13 @@ import torch
 from PIL import Image
 
 from config import latent_space
+from display import leave_terminal
 from inference import (check_psi, domain_index, latent_styles, load_networks, open_preview_for, open_vae_for,
                        output_name, reference_styles, training_latent_size, translate_pairs)
 from latents import check_root_space, file_stem, list_latent_files, read_latent
 from runtime import AMP_DTYPES, InputError, check_seed, configure_backends, resolve_device, script_main
 from sampling import (FPS, FRAMES_PER_TRANSITION, default_hold, frame_styles, interpolation_schedule, video_frames,
                       write_video)
-from train_stop import leave_terminal
 from vae import (MAX_IMAGE_PIXELS, encode_raw, inspect_image, load_image, picture_source, to_model_input, to_rgb,
                  to_uint8, vae_downsample_factor)
 
@@ -551,6 +551,7 @@ def header_markdown(translator):
             lines.append("> Nothing to translate: the checkpoint's data.root holds no latents on this server "
                          "either.")
     return "\n\n".join(lines)
+
 
 CSS = """
 #results .grid-wrap { min-height: 200px; }  /* Gradio's 450 px minimum leaves a blank half under one row */

@@ -6,6 +6,8 @@ stdout lines that begin with `{`, so `grep '^{'` collects them; the display neve
 """
 
 import json
+import os
+import stat
 import sys
 import time
 
@@ -123,3 +125,17 @@ class WorkProgress:
             sys.stdout.write("\n")
             sys.stdout.flush()
         return time.perf_counter() - self.start
+
+
+def leave_terminal():
+    """Point stdout / stderr that are a terminal at /dev/null (a hung-up terminal fails every write).
+    A terminal that has hung up is no longer a tty to `isatty` (its ioctl fails), so any character
+    device counts."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        try:
+            if stat.S_ISCHR(os.fstat(fd).st_mode):
+                os.dup2(null, fd)
+        except OSError:  # closed
+            pass
+    os.close(null)

@@ -6,9 +6,8 @@ checks for a request batch by batch."""
 import contextlib
 import os
 import signal
-import stat
 
-from display import WorkProgress
+from display import WorkProgress, leave_terminal
 from runtime import StopNow, StopRequested
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -31,20 +30,6 @@ def on_stop_signal(callback):
     for sig in previous:
         signal.signal(sig, handler)
     return previous
-
-
-def leave_terminal():
-    """Point stdout / stderr that are a terminal at /dev/null (a hung-up terminal fails every write).
-    A terminal that has hung up is no longer a tty to `isatty` (its ioctl fails), so any character
-    device counts."""
-    null = os.open(os.devnull, os.O_WRONLY)
-    for fd in (1, 2):
-        try:
-            if stat.S_ISCHR(os.fstat(fd).st_mode):
-                os.dup2(null, fd)
-        except OSError:  # closed
-            pass
-    os.close(null)
 
 
 class StopRequest:

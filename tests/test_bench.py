@@ -268,7 +268,13 @@ def test_latent_spaces_prints_a_row_per_preset_and_vae_family(tmp_path, capsys, 
         decoder_block_out_channels=(32, 32), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
         encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), decoder_norm_types="rms_norm",
         decoder_act_fns="silu"))
+    devices, step, decodes = [], benchmarks.latent_space_step, benchmarks.decode_costs
+    monkeypatch.setattr(bench, "latent_space_step", lambda *a, device, **k: devices.append(device) or step(
+        *a, device=device, **k))
+    monkeypatch.setattr(bench, "decode_costs", lambda *a, device, **k: devices.append(device) or decodes(
+        *a, device=device, **k))
     assert bench.main(["--config", write_config(tmp_path), "--device", "cpu", "--latent-spaces", "--steps", "1"]) == 0
+    assert [str(d) for d in devices] == ["cpu"] * 4  # bench.py's --device reaches every measurement
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     steps = {r["preset"]: r for r in rows if "preset" in r}
     assert {k: v["latent_shape"] for k, v in steps.items()} == {"sd15_256": [4, 32, 32], "sd15_512": [4, 64, 64],
