@@ -192,6 +192,9 @@ def test_translate_bounds_the_number_of_styles_before_any_work(trained, tmp_path
     ("--cell-size", "100000", "expected an integer from 1 to 2048"),
     ("--frames-per-transition", "1e9", "expected an integer from 2 to 10000"),
     ("--batch-size", "0", "expected an integer from 1 to 4096"),
+    # values a plain int takes and no later check refuses: only the bound stands in their way
+    ("--frames-per-transition", "100000", "expected an integer from 2 to 10000"),
+    ("--batch-size", "100000", "expected an integer from 1 to 4096"),
 ])
 def test_every_size_and_rate_of_translate_is_bounded(trained, tmp_path, capsys, flag, value, bound):
     import translate
@@ -203,9 +206,12 @@ def test_every_size_and_rate_of_translate_is_bounded(trained, tmp_path, capsys, 
 
 
 INT, NUMBER = "expected an integer from", "expected a number from"
-SCRIPT_BOUNDS = [  # (script, flag, value, the bound the refusal names)
+# (script, flag, value, the bound the refusal names); each flag has a value a plain int or float
+# would take, so that only the bound refuses it ("1e9" is no int literal, 0 often meets a later check)
+SCRIPT_BOUNDS = [
     ("evaluate", "--num-outs", "1e9", f"{INT} 1 to 1000"),
     ("evaluate", "--num-outs", "0", f"{INT} 1 to 1000"),
+    ("evaluate", "--num-outs", "100000", f"{INT} 1 to 1000"),
     ("evaluate", "--max-sources", "0", f"{INT} 1 to 1e+07"),
     ("evaluate", "--max-sources", "100000000", f"{INT} 1 to 1e+07"),
     ("evaluate", "--batch-size", "-3", f"{INT} 1 to 4096"),
@@ -214,6 +220,7 @@ SCRIPT_BOUNDS = [  # (script, flag, value, the bound the refusal names)
     ("encode", "--size", "100000", f"{INT} 8 to 8192"),
     ("encode", "--batch-size", "0", f"{INT} 1 to 4096"),
     ("encode", "--batch-size", "1e9", f"{INT} 1 to 4096"),
+    ("encode", "--batch-size", "100000", f"{INT} 1 to 4096"),
     ("encode", "--workers", "-1", f"{INT} 0 to 256"),
     ("encode", "--workers", "100000", f"{INT} 0 to 256"),
     ("export", "--tolerance", "inf", f"{NUMBER} 0 to 1e+06"),
@@ -222,6 +229,7 @@ SCRIPT_BOUNDS = [  # (script, flag, value, the bound the refusal names)
     ("export", "--tolerance", "1e300", f"{NUMBER} 0 to 1e+06"),
     ("bench", "--steps", "0", f"{INT} 1 to 100000"),
     ("bench", "--steps", "1e9", f"{INT} 1 to 100000"),
+    ("bench", "--steps", "1000000", f"{INT} 1 to 100000"),
     ("bench", "--warmup", "-1", f"{INT} 0 to 100000"),
     ("bench", "--peak-tflops", "0", f"{NUMBER} 0.001 to 100000"),
     ("bench", "--peak-tflops", "inf", f"{NUMBER} 0.001 to 100000"),
@@ -233,6 +241,7 @@ SCRIPT_BOUNDS = [  # (script, flag, value, the bound the refusal names)
     ("bench", "--video-sources", "0", f"{INT} 1 to 1024"),
     ("bench", "--video-frames", "2", f"{INT} 3 to 10000"),
     ("bench", "--data-startup", "1e12", f"{INT} 1 to 1e+07"),
+    ("bench", "--data-startup", "100000000", f"{INT} 1 to 1e+07"),
     ("bench", "--ranks", "100000", f"{INT} 1 to 256"),
 ]
 
