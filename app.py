@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import errno
 import functools
+import ipaddress
 import os
 import re
 import shutil
@@ -738,19 +739,43 @@ def main(argv=None):
     return script_main("app.py", parse_args, serve, argv, errors=(InputError, OSError))
 
 
+def bare_host(host):
+    """--host without the brackets of a URL's IPv6 address (`[::1]` -> `::1`): what a socket binds."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def server_name(host):
+    """--host as Gradio's launch takes it: an IPv6 address in brackets (`[::1]`), as in a URL. Gradio
+    writes `http://{host}:{port}/` for its own start-up request, which a bare `::1` turns into an
+    invalid URL; it removes the brackets again where it binds."""
+    address = bare_host(host)
+    try:
+        ipaddress.IPv6Address(address)
+    except ValueError:
+        return address
+    return f"[{address}]"
+
+
 def check_address(host, port):
     """Bind `host`:`port` once, before the model loads, so that a wrong address is named as what it
     is (Gradio says "Cannot find empty port" for a busy port and a foreign host alike, and names its
-    own launch() parameters rather than our flags)."""
+    own launch() parameters rather than our flags). An IPv6 address may be given bare or in brackets."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(bare_host(host), port, type=socket.SOCK_STREAM)[0]
     except (socket.gaierror, UnicodeError) as e:
         raise InputError(f"--host {host!r} is not a name or address this machine can resolve "
                          f"({getattr(e, 'strerror', None) or e})") from None
-    with socket.socket(family, kind, proto) as probe:
+    try:
+        probe = socket.socket(family, kind, proto)
+    except OSError as e:  # an IPv6 address on a machine whose kernel has IPv6 off
+        kind_name = "IPv6" if family == socket.AF_INET6 else family.name
+        raise InputError(f"--host {host!r} is an {kind_name} address and this machine cannot open an {kind_name} "
+                         f"socket ({e.strerror or e}): use 127.0.0.1 (this machine only) or 0.0.0.0 (every "
+                         "network interface)") from None
+    with probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server: TIME_WAIT is no conflict
         try:
-            probe.bind(address)
+            probe.bind(sockaddr)
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise InputError(f"--port {port} is in use on {host} by another program: choose another with --port N "
@@ -781,7 +806,7 @@ def serve(args):
           f"{len(translator.examples)} latent(s) from the data")
     previous_handlers = stop_on_sigterm()
     try:
-        launch(build_page(translator, output_root), output_root, args.host, args.port, args.share)
+        launch(build_page(translator, output_root), output_root, server_name(args.host), args.port, args.share)
     except OSError as e:  # taken between the check and the launch
         raise InputError(f"cannot serve on {args.host}:{args.port} (--host / --port): "
                          f"{str(e).splitlines()[0][:200]}") from None

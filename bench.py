@@ -64,18 +64,23 @@ import warnings  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from arguments import bounded  # noqa: E402
 from benchmarks import (decode_costs, device_name, evaluation_throughput, export_latency,  # noqa: E402
                         latent_space_step, measure_data_startup, quiet, synchronize, video_throughput)
 from config import DEFAULTS, load_config, model_kwargs, read_config_file  # noqa: E402
 from dataset import MultiDomainLatentDataset, build_loader  # noqa: E402
 from inference import DEFAULT_LATENT_SIZE  # noqa: E402
-from latents import LATENT_CHANNELS, write_latent_folders  # noqa: E402
-from model import NETS, build_models  # noqa: E402
-from runtime import (AMP_DTYPES, InputError, configure_backends, resolve_device, run_script,  # noqa: E402
+from latents import LATENT_CHANNELS, MAX_LATENT_SIZE, write_latent_folders  # noqa: E402
+from model import MIN_LATENT_SIZE, NETS, build_models  # noqa: E402
+from runtime import (AMP_DTYPES, InputError, configure_backends, resolve_device, script_main,  # noqa: E402
                      seed_everything)
 from trainer import Trainer  # noqa: E402
 
 FILES_PER_DOMAIN = 64
+# the bounds of the flags: a figure is read off a run of minutes, not days (--steps, --warmup, --data-startup)
+MAX_STEPS, MAX_BATCH, MAX_LATENTS = 10 ** 5, 4096, 10 ** 7
+MAX_THREADS, MAX_RANKS, MAX_SOURCES, MAX_FRAMES = 1024, 256, 1024, 10000
+MAX_PEAK_TFLOPS = 10 ** 5  # an H100's dense bf16 is 989
 MATRIX = (("bf16", False), ("fp32", False), ("bf16", True), ("fp32", True))  # eager rows first: they survive a timeout
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's datasheets, by a substring of
@@ -397,8 +402,9 @@ def count_recompiles(cfg, device, steps=6, warmup=3):
 def run_data_startup(args, cfg):
     """--data-startup: generate (or reuse under --data-root) the latents, then one JSON line per rank."""
     domains = cfg["data"]["domains"]
-    if args.data_startup < len(domains) or args.ranks < 1:
-        raise InputError("--data-startup needs at least one latent per domain, --ranks at least 1")
+    if args.data_startup < len(domains):
+        raise InputError(f"--data-startup {args.data_startup}: expected at least one latent per domain "
+                         f"({len(domains)} domains)")
     for row in measure_data_startup(domains, args.data_startup, args.latent_size, args.layout, cfg["seed"],
                                     args.data_root, args.ranks, args.touch, args.cold):
         print(json.dumps({**row, "config": args.config, "overrides": args.overrides}), flush=True)
@@ -428,13 +434,8 @@ def latent_space_rows(args, device):
 def other_benchmark(args, cfg, device):
     """--export, --video or --evaluation: the rows of benchmarks.py's measurement."""
     if args.export:
-        if min(args.export_batch) < 1:
-            raise InputError(f"--export-batch {args.export_batch}: batch sizes must be >= 1")
         return export_latency(cfg, args.export_batch, args.latent_size, args.steps, args.warmup, args.threads)
     if args.video:
-        if args.video_sources < 1 or args.video_frames < 3:
-            raise InputError(f"--video-sources must be >= 1 and --video-frames >= 3, got {args.video_sources} and "
-                             f"{args.video_frames}")
         return [video_throughput(cfg, device, args.video, args.video_sources, args.video_frames, args.latent_size,
                                  args.eval_batch, args.video_format)]
     dtype = AMP_DTYPES[cfg["training"]["amp_dtype"]] if device.type == "cuda" else None
@@ -468,12 +469,16 @@ def parse_args(argv=None):
     p.add_argument("--config", required=True, help="YAML or JSON config (see configs/stargan_v2_latent.yaml)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: training.device; cuda falls "
                                                   "back to the CPU with a warning)")
-    p.add_argument("--steps", type=int, default=30, help="timed iterations (median reported)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed iterations first (compilation, autotuning)")
+    p.add_argument("--steps", type=bounded(int, 1, MAX_STEPS), default=30, help="timed iterations (median reported)")
+    p.add_argument("--warmup", type=bounded(int, 0, MAX_STEPS), default=5,
+                   help="untimed iterations first (compilation, autotuning)")
     p.add_argument("--matrix", action="store_true", help="bf16/fp32 x compile off/on, then a markdown table")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
-    p.add_argument("--latent-size", type=int, default=DEFAULT_LATENT_SIZE, help="latent H = W (32: 256px images)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own)")
+    p.add_argument("--peak-tflops", type=bounded(float, 1e-3, MAX_PEAK_TFLOPS), default=None,
+                   help="device peak for MFU (default: known GPUs)")
+    p.add_argument("--latent-size", type=bounded(int, MIN_LATENT_SIZE, MAX_LATENT_SIZE), default=DEFAULT_LATENT_SIZE,
+                   help="latent H = W (32: 256px images)")
+    p.add_argument("--threads", type=bounded(int, 1, MAX_THREADS), default=None,
+                   help="CPU threads for torch (default: torch's own)")
     p.add_argument("--sync-check", action="store_true",
                    help="CUDA: run steady-state steps and fetches under set_sync_debug_mode('error')")
     p.add_argument("--forward-flops", action="store_true",
@@ -486,19 +491,22 @@ def parse_args(argv=None):
     p.add_argument("--export", action="store_true",
                    help="time the exported graphs instead (CPU): ONNX Runtime and torch.export .pt2 against eager, "
                         "ms per image, on a random-weight model of the config (--steps repeats after --warmup)")
-    p.add_argument("--export-batch", type=int, nargs="+", default=[1, 8],
+    p.add_argument("--export-batch", type=bounded(int, 1, MAX_BATCH), nargs="+", default=[1, 8],
                    help="with --export: batch sizes (default 1 8)")
-    p.add_argument("--eval-batch", type=int, default=16, help="with --evaluation or --video: images per batch")
+    p.add_argument("--eval-batch", type=bounded(int, 1, MAX_BATCH), default=16,
+                   help="with --evaluation or --video: images per batch")
     p.add_argument("--video", choices=["preview", "sd15"], default=None,
                    help="time the interpolation video path instead (translate.py --video): frames/s decoded by the "
                         "linear preview or a randomly initialised SD1.5-config VAE (timing only), into an .mp4")
-    p.add_argument("--video-sources", type=int, default=4, help="with --video: sources in the row")
-    p.add_argument("--video-frames", type=int, default=13, help="with --video: frames per transition")
+    p.add_argument("--video-sources", type=bounded(int, 1, MAX_SOURCES), default=4,
+                   help="with --video: sources in the row")
+    p.add_argument("--video-frames", type=bounded(int, 3, MAX_FRAMES), default=13,
+                   help="with --video: frames per transition")
     p.add_argument("--video-format", choices=[".mp4", ".mkv", ".gif"], default=".mp4", help="with --video: the writer")
     p.add_argument("--latent-spaces", action="store_true",
                    help="per preset of configs/presets/ (256 and 512 px): step time, FLOPs and activation memory of "
                         "the networks (random weights), then the full VAE's vs the tiny autoencoder's decode time")
-    p.add_argument("--data-startup", type=int, default=None, metavar="N",
+    p.add_argument("--data-startup", type=bounded(int, 1, MAX_LATENTS), default=None, metavar="N",
                    help="time the dataset's start-up instead, on N random latents of the config's domains "
                         "(--layout, --latent-size), in fresh processes: seconds, peak and shared host memory")
     p.add_argument("--layout", choices=("packed", "files"), default="packed",
@@ -506,7 +514,8 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default=None,
                    help="with --data-startup: where the latents go (kept, reused when present; default: a "
                         "temporary folder, deleted)")
-    p.add_argument("--ranks", type=int, default=1, help="with --data-startup: processes starting at once (ranks)")
+    p.add_argument("--ranks", type=bounded(int, 1, MAX_RANKS), default=1,
+                   help="with --data-startup: processes starting at once (ranks)")
     p.add_argument("--cold", action="store_true",
                    help="with --data-startup: drop the data's files from the page cache first (a cold start)")
     p.add_argument("--touch", action="store_true",
@@ -517,13 +526,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    return run_script("bench.py", run, parse_args(argv))
+    return script_main("bench.py", parse_args, run, argv)
 
 
 def run(args):
     cfg = load_config(args.config, args.overrides)
-    if args.steps < 1 or args.warmup < 0:
-        raise InputError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.data_startup is not None:

@@ -8,6 +8,7 @@ The browser test saves its screenshot to docs/app.png (shown in docs/app.md) whe
 that file is missing, else to the test's temporary folder, so a CI run leaves the tree clean.
 """
 
+import errno
 import os
 import select
 import signal
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -430,6 +432,31 @@ def test_cli_errors_exit_2(trained, tmp_path, capsys):
         assert "CUDA is not available" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("host, name", [("::1", "[::1]"), ("[::1]", "[::1]"), ("::", "[::]"),
+                                        ("fe80::1%eth0", "[fe80::1%eth0]"), ("127.0.0.1", "127.0.0.1"),
+                                        ("0.0.0.0", "0.0.0.0"), ("localhost", "localhost")])
+def test_an_ipv6_host_reaches_gradio_in_brackets(host, name):
+    """Gradio writes `http://{server_name}:{port}/` for its start-up request: a bare `::1` made that
+    an invalid URL (a traceback after the model had loaded)."""
+    assert app.server_name(host) == name
+
+
+def test_an_ipv6_host_without_ipv6_is_refused_in_one_line(monkeypatch):
+    """A kernel with IPv6 off refuses the socket itself (EAFNOSUPPORT), before any bind."""
+    real = socket.socket
+
+    def no_ipv6(family=socket.AF_INET, *args, **kwargs):
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+        return real(family, *args, **kwargs)
+
+    monkeypatch.setattr(app.socket, "socket", no_ipv6)
+    with pytest.raises(app.InputError) as err:
+        app.check_address("::1", 7860)
+    assert str(err.value).startswith("--host '::1' is an IPv6 address and this machine cannot open an IPv6 socket")
+    assert "\n" not in str(err.value)
+
+
 def test_the_training_path_does_not_import_gradio():
     code = "import sys, run, trainer, translate, encode, inference, vae; sys.exit('gradio' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
@@ -573,6 +600,50 @@ def test_server_round_trip_through_gradio_client(server, tmp_path):
     assert len(decode_video(video, fps=15)) == 5 + 1 and status.startswith("6 frames")
     with pytest.raises(Exception, match="the reference A image is not a file uploaded to this page"):
         client.predict(*widgets[:8], app.UPLOAD, {"path": outside}, None, *widgets[11:], 0.5, api_name="/interpolate")
+
+
+def ipv6_loopback():
+    """Whether ::1 can be bound here (containers and CI runners often have IPv6 off)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_an_ipv6_host_is_served_or_refused_in_one_line(trained, tmp_path):
+    """`app.py --host ::1`, the real process: where this machine has ::1 the page is served there and
+    SIGTERM stops it (exit 0); where it has not, one line names --host, before the model loads."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "app.py"), "--checkpoint", trained[0], "--device",
+                             "cpu", "--host", "::1", "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        if not ipv6_loopback():
+            out, err = proc.communicate(timeout=90)
+            assert proc.returncode == 2, err
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("app.py: error: --host '::1' "), err
+            assert "loaded" not in out  # refused before the model loads
+            return
+        out = []
+        for line in proc.stdout:  # Gradio's last line of launch(): the server is up and waits
+            out.append(line)
+            if "To create a public link" in line:
+                break
+        assert f"Running on local URL:  http://[::1]:{port}\n" in "".join(out), "".join(out)
+        with urllib.request.urlopen(f"http://[::1]:{port}/", timeout=30) as page:
+            assert page.status == 200
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0 and "Traceback" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture

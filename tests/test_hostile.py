@@ -218,6 +218,9 @@ def test_translate_bounds_the_number_of_styles_before_any_work(trained, tmp_path
     ("--cell-size", "100000", "expected an integer from 1 to 2048"),
     ("--frames-per-transition", "1e9", "expected an integer from 2 to 10000"),
     ("--batch-size", "0", "expected an integer from 1 to 4096"),
+    # values a plain int takes and no later check refuses: only the bound stands in their way
+    ("--frames-per-transition", "100000", "expected an integer from 2 to 10000"),
+    ("--batch-size", "100000", "expected an integer from 1 to 4096"),
 ])
 def test_every_size_and_rate_of_translate_is_bounded(trained, tmp_path, capsys, flag, value, bound):
     import translate
@@ -228,17 +231,78 @@ def test_every_size_and_rate_of_translate_is_bounded(trained, tmp_path, capsys, 
     assert code == 2 and f"argument {flag}: {value}: {bound}" in err.splitlines()[-1], err
 
 
-@pytest.mark.parametrize("flag, value, bound", [
-    ("--num-outs", "1e9", "expected an integer from 1 to 1000"),
-    ("--max-sources", "0", "expected an integer from 1 to 1e+07"),
-    ("--batch-size", "-3", "expected an integer from 1 to 4096"),
-])
-def test_every_size_of_evaluate_is_bounded(trained, capsys, flag, value, bound):
-    import evaluate
+INT, NUMBER = "expected an integer from", "expected a number from"
+# (script, flag, value, the bound the refusal names); each flag has a value a plain int or float
+# would take, so that only the bound refuses it ("1e9" is no int literal, 0 often meets a later check)
+SCRIPT_BOUNDS = [
+    ("evaluate", "--num-outs", "1e9", f"{INT} 1 to 1000"),
+    ("evaluate", "--num-outs", "0", f"{INT} 1 to 1000"),
+    ("evaluate", "--num-outs", "100000", f"{INT} 1 to 1000"),
+    ("evaluate", "--max-sources", "0", f"{INT} 1 to 1e+07"),
+    ("evaluate", "--max-sources", "100000000", f"{INT} 1 to 1e+07"),
+    ("evaluate", "--batch-size", "-3", f"{INT} 1 to 4096"),
+    ("evaluate", "--batch-size", "nan", f"{INT} 1 to 4096"),
+    ("encode", "--size", "4", f"{INT} 8 to 8192"),
+    ("encode", "--size", "100000", f"{INT} 8 to 8192"),
+    ("encode", "--batch-size", "0", f"{INT} 1 to 4096"),
+    ("encode", "--batch-size", "1e9", f"{INT} 1 to 4096"),
+    ("encode", "--batch-size", "100000", f"{INT} 1 to 4096"),
+    ("encode", "--workers", "-1", f"{INT} 0 to 256"),
+    ("encode", "--workers", "100000", f"{INT} 0 to 256"),
+    ("export", "--tolerance", "inf", f"{NUMBER} 0 to 1e+06"),
+    ("export", "--tolerance", "nan", f"{NUMBER} 0 to 1e+06"),
+    ("export", "--tolerance", "-1", f"{NUMBER} 0 to 1e+06"),
+    ("export", "--tolerance", "1e300", f"{NUMBER} 0 to 1e+06"),
+    ("bench", "--steps", "0", f"{INT} 1 to 100000"),
+    ("bench", "--steps", "1e9", f"{INT} 1 to 100000"),
+    ("bench", "--steps", "1000000", f"{INT} 1 to 100000"),
+    ("bench", "--warmup", "-1", f"{INT} 0 to 100000"),
+    ("bench", "--peak-tflops", "0", f"{NUMBER} 0.001 to 100000"),
+    ("bench", "--peak-tflops", "inf", f"{NUMBER} 0.001 to 100000"),
+    ("bench", "--latent-size", "4", f"{INT} 8 to 1024"),
+    ("bench", "--latent-size", "100000", f"{INT} 8 to 1024"),
+    ("bench", "--threads", "0", f"{INT} 1 to 1024"),
+    ("bench", "--export-batch", "0", f"{INT} 1 to 4096"),
+    ("bench", "--eval-batch", "100000", f"{INT} 1 to 4096"),
+    ("bench", "--video-sources", "0", f"{INT} 1 to 1024"),
+    ("bench", "--video-frames", "2", f"{INT} 3 to 10000"),
+    ("bench", "--data-startup", "1e12", f"{INT} 1 to 1e+07"),
+    ("bench", "--data-startup", "100000000", f"{INT} 1 to 1e+07"),
+    ("bench", "--ranks", "100000", f"{INT} 1 to 256"),
+]
 
-    assert evaluate.main(["--checkpoint", trained[0], flag, value]) == 2
+
+def script_args(script, tmp_path):
+    """The required arguments of `script`, naming files in `tmp_path` that exist (a checkpoint, a
+    config, an image folder; their content is never read: the bound refuses first) and outputs that
+    must not appear."""
+    (tmp_path / "latest.pt").write_bytes(b"not read")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "cfg.yaml").write_text("{}\n")
+    return {"evaluate": ["--checkpoint", str(tmp_path / "latest.pt"), "--out", str(tmp_path / "out")],
+            "encode": ["--input", str(tmp_path / "images"), "--output", str(tmp_path / "out"), "--vae",
+                       str(tmp_path / "vae")],
+            "export": ["--checkpoint", str(tmp_path / "latest.pt"), "--output", str(tmp_path / "out"), "--verify"],
+            "bench": ["--config", str(tmp_path / "cfg.yaml"), "--data-root", str(tmp_path / "out")]}[script]
+
+
+@pytest.mark.parametrize("script, flag, value, bound", SCRIPT_BOUNDS)
+def test_every_size_and_rate_of_the_scripts_is_bounded(tmp_path, capsys, script, flag, value, bound):
+    """Refused by argparse before anything is loaded or created: exit code 2, the one error line
+    names the flag, the value and the range; no traceback."""
+    import importlib
+
+    args = script_args(script, tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    try:
+        code = importlib.import_module(script).main([*args, flag, value])
+    except SystemExit as e:  # scripts whose main lets argparse exit
+        code = e.code
     err = capsys.readouterr().err
-    assert f"argument {flag}: {value}: {bound}" in err.splitlines()[-1], err
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].endswith(f": error: argument {flag}: {value}: {bound}"), err
+    assert "Traceback" not in err and sorted(os.listdir(tmp_path)) == before
 
 
 # ---------------------------------------------------------------------- 2. a mapped shard changed under a run
