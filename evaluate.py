@@ -57,7 +57,8 @@ def parse_args(argv=None):
                         "FIDs or VAE-decoded runs. FID/KID still need the Inception, LPIPS AlexNet's weights")
     p.add_argument("--out", default=None, help="folder for metrics.json (default: eval_<checkpoint name>/ beside "
                                                "the checkpoint)")
-    p.add_argument("--num-outs", type=bounded(int, 1, MAX_OUTS), default=10, help="translations per source (the paper: 10)")
+    p.add_argument("--num-outs", type=bounded(int, 2, MAX_OUTS), default=10,
+                   help="translations per source (the paper: 10; at least 2: LPIPS compares a source's outputs)")
     p.add_argument("--max-sources", type=bounded(int, 1, MAX_SOURCES), default=None, help="at most N sources per domain (quick looks)")
     p.add_argument("--seed", type=int, default=0, help="seed of the z and reference draws")
     p.add_argument("--batch-size", type=bounded(int, 1, MAX_BATCH), default=32, help="images per decode / feature batch")
@@ -79,8 +80,6 @@ def parse_args(argv=None):
                    help="which of fid, kid, lpips to compute, e.g. fid,kid (default: the checkpoint's evaluation.metrics, "
                         "all three unless set): LPIPS needs AlexNet weights, FID and KID the Inception")
     args = p.parse_args(argv)
-    if args.num_outs < 2:
-        p.error("--num-outs must be >= 2 (LPIPS compares a source's outputs)")
     if args.max_sources is not None and args.max_sources < 1:
         p.error("--max-sources must be >= 1")
     if args.batch_size < 1:

@@ -235,9 +235,9 @@ INT, NUMBER = "expected an integer from", "expected a number from"
 # (script, flag, value, the bound the refusal names); each flag has a value a plain int or float
 # would take, so that only the bound refuses it ("1e9" is no int literal, 0 often meets a later check)
 SCRIPT_BOUNDS = [
-    ("evaluate", "--num-outs", "1e9", f"{INT} 1 to 1000"),
-    ("evaluate", "--num-outs", "0", f"{INT} 1 to 1000"),
-    ("evaluate", "--num-outs", "100000", f"{INT} 1 to 1000"),
+    ("evaluate", "--num-outs", "1e9", f"{INT} 2 to 1000"),
+    ("evaluate", "--num-outs", "1", f"{INT} 2 to 1000"),
+    ("evaluate", "--num-outs", "100000", f"{INT} 2 to 1000"),
     ("evaluate", "--max-sources", "0", f"{INT} 1 to 1e+07"),
     ("evaluate", "--max-sources", "100000000", f"{INT} 1 to 1e+07"),
     ("evaluate", "--batch-size", "-3", f"{INT} 1 to 4096"),
@@ -249,10 +249,11 @@ SCRIPT_BOUNDS = [
     ("encode", "--batch-size", "100000", f"{INT} 1 to 4096"),
     ("encode", "--workers", "-1", f"{INT} 0 to 256"),
     ("encode", "--workers", "100000", f"{INT} 0 to 256"),
-    ("export", "--tolerance", "inf", f"{NUMBER} 0 to 1e+06"),
-    ("export", "--tolerance", "nan", f"{NUMBER} 0 to 1e+06"),
-    ("export", "--tolerance", "-1", f"{NUMBER} 0 to 1e+06"),
-    ("export", "--tolerance", "1e300", f"{NUMBER} 0 to 1e+06"),
+    ("export", "--tolerance", "inf", f"{NUMBER} 1e-12 to 1e+06"),
+    ("export", "--tolerance", "nan", f"{NUMBER} 1e-12 to 1e+06"),
+    ("export", "--tolerance", "-1", f"{NUMBER} 1e-12 to 1e+06"),
+    ("export", "--tolerance", "0", f"{NUMBER} 1e-12 to 1e+06"),
+    ("export", "--tolerance", "1e300", f"{NUMBER} 1e-12 to 1e+06"),
     ("bench", "--steps", "0", f"{INT} 1 to 100000"),
     ("bench", "--steps", "1e9", f"{INT} 1 to 100000"),
     ("bench", "--steps", "1000000", f"{INT} 1 to 100000"),
