@@ -67,10 +67,10 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from arguments import bounded  # noqa: E402
 from benchmarks import (decode_costs, device_name, evaluation_throughput, export_latency,  # noqa: E402
                         latent_space_step, measure_data_startup, quiet, synchronize, video_throughput)
-from config import DEFAULTS, load_config, model_kwargs, read_config_file  # noqa: E402
+from config import DEFAULTS, latent_space, load_config, model_kwargs, read_config_file  # noqa: E402
 from dataset import MultiDomainLatentDataset, build_loader  # noqa: E402
 from inference import DEFAULT_LATENT_SIZE  # noqa: E402
-from latents import LATENT_CHANNELS, MAX_LATENT_SIZE, write_latent_folders  # noqa: E402
+from latents import MAX_LATENT_SIZE, write_latent_folders  # noqa: E402
 from model import MIN_LATENT_SIZE, NETS, build_models  # noqa: E402
 from runtime import (AMP_DTYPES, InputError, configure_backends, resolve_device, script_main,  # noqa: E402
                      seed_everything)
@@ -122,23 +122,24 @@ def release(device):
 
 # ---------------------------------------------------------------------- the real data path
 
-def random_latents(domains, files_per_domain=FILES_PER_DOMAIN, size=DEFAULT_LATENT_SIZE, seed=0):
-    """{domain: raw latents [files_per_domain, 4, size, size]} with the spread of SD1.5 latents (std ~5)."""
+def random_latents(domains, space, files_per_domain=FILES_PER_DOMAIN, size=DEFAULT_LATENT_SIZE, seed=0):
+    """{domain: raw latents [files_per_domain, C, size, size]} of `space`, unit normal once normalised."""
     g = torch.Generator().manual_seed(seed)
-    return {d: torch.randn(files_per_domain, LATENT_CHANNELS, size, size, generator=g) * 5 for d in domains}
+    return {d: space.denormalize(torch.randn(files_per_domain, space.channels, size, size, generator=g))
+            for d in domains}
 
 
 def build_data(cfg, device, num_batches, size=DEFAULT_LATENT_SIZE):
     """(dataset, loader) of `num_batches` batches over random latents, through the real classes.
 
     The files live only while the dataset reads them: the dataset keeps everything in memory."""
-    d, t = cfg["data"], cfg["training"]
+    d, t, space = cfg["data"], cfg["training"], latent_space(cfg)
     with tempfile.TemporaryDirectory(prefix="bench-latents-") as root:
-        write_latent_folders(root, random_latents(d["domains"], size=size, seed=cfg["seed"]))
+        write_latent_folders(root, random_latents(d["domains"], space, size=size, seed=cfg["seed"]))
         dataset = MultiDomainLatentDataset(root, d["domains"], preload_to_gpu=d["preload_to_gpu"], device=device,
                                            samples_per_epoch=num_batches * t["batch_size"], seed=cfg["seed"],
                                            hflip=d["hflip"], preload_max_fraction=d["preload_max_fraction"],
-                                           log=quiet)
+                                           log=quiet, channels=space.channels)
     loader = build_loader(dataset, t["batch_size"], num_workers=t["num_workers"], pin_memory=t["pin_memory"],
                           drop_last=True, log=quiet)
     return dataset, loader
@@ -197,11 +198,11 @@ def count_flops(cfg, device, batch):
 
 
 def forward_flops(cfg, device, size=DEFAULT_LATENT_SIZE, batch_size=4):
-    """FLOPs per sample of one forward of each network at [4, size, size] (FlopCounterMode)."""
+    """FLOPs per sample of one forward of each network at [C, size, size] (FlopCounterMode)."""
     device = torch.device(device)
     seed_everything(cfg["seed"])
     nets = {k: m.to(device).eval() for k, m in build_models(**model_kwargs(cfg)).items()}
-    x = torch.randn(batch_size, LATENT_CHANNELS, size, size, device=device)  # [B, 4, H, W]
+    x = torch.randn(batch_size, latent_space(cfg).channels, size, size, device=device)  # [B, C, H, W]
     y = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
     z = torch.randn(batch_size, cfg["model"]["latent_dim"], device=device)  # [B, L]
     s = torch.randn(batch_size, cfg["model"]["style_dim"], device=device)  # [B, S]
@@ -332,7 +333,7 @@ def result_line(cfg, device, steps, warmup, latent_size, peak_tflops, flops, tim
         "flops_r1_step": flops["flops_r1_step"],
         "flops_plain_step": flops["flops_plain_step"],
         "r1_interval": cfg["loss"]["r1_interval"],
-        "latent_shape": [LATENT_CHANNELS, latent_size, latent_size],
+        "latent_shape": [latent_space(cfg).channels, latent_size, latent_size],
         "data_device": data_device,
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
         "compile_fell_back_to_eager": timed["compiled_fallback"],
@@ -549,7 +550,7 @@ def run(args):
     if args.forward_flops:
         flops = forward_flops(cfg, device, args.latent_size)
         print(json.dumps({"forward_gflops_per_sample": {k: v / 1e9 for k, v in flops.items()},
-                          "latent_shape": [LATENT_CHANNELS, args.latent_size, args.latent_size],
+                          "latent_shape": [latent_space(cfg).channels, args.latent_size, args.latent_size],
                           "device": device_name(device), "torch": torch.__version__, **common}), flush=True)
         return 0
     if args.sync_check:

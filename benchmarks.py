@@ -116,18 +116,21 @@ def export_latency(cfg, batch_sizes, latent_size=DEFAULT_LATENT_SIZE, repeats=20
     seed_everything(cfg["seed"])
     nets = {k: m.eval().requires_grad_(False) for k, m in build_models(**model_kwargs(cfg)).items()}
     num_domains, latent_dim = len(cfg["data"]["domains"]), cfg["model"]["latent_dim"]
+    channels = latent_space(cfg).channels
     graphs = exporting.build_graphs(cfg, nets, list(range(num_domains)))
     generator = torch.Generator().manual_seed(cfg["seed"])
     ref_size = max(latent_size, exporting.MIN_REFERENCE_SIZE)
     rows = []
     for graph, module in graphs.items():
-        example = exporting.random_inputs(graph, 2, latent_size, num_domains, latent_dim, generator, ref_size)
+        example = exporting.random_inputs(graph, 2, latent_size, num_domains, latent_dim, generator, ref_size,
+                                          channels)
         program = exporting.export_program(module, graph, example)
         runners = {"eager": exporting.eager_runner(module),
                    "onnx": exporting.onnx_runner(exporting.onnx_bytes(program, graph, {}), threads)[0],
                    "pt2": exporting.pt2_runner(exporting.pt2_bytes(program, {}))[0]}
         for batch in batch_sizes:
-            inputs = exporting.random_inputs(graph, batch, latent_size, num_domains, latent_dim, generator, ref_size)
+            inputs = exporting.random_inputs(graph, batch, latent_size, num_domains, latent_dim, generator, ref_size,
+                                             channels)
             row = {"graph": graph, "batch_size": batch}
             for name, run in runners.items():
                 wall, cpu = [], []
@@ -139,7 +142,7 @@ def export_latency(cfg, batch_sizes, latent_size=DEFAULT_LATENT_SIZE, repeats=20
                 row[f"{name}_ms_per_image"] = 1e3 * statistics.median(wall[warmup:]) / batch
                 row[f"{name}_cpu_ms_per_image"] = 1e3 * statistics.median(cpu[warmup:]) / batch
             rows.append(row)
-    common = {"weights": "random", "latent_shape": [LATENT_CHANNELS, latent_size, latent_size], "repeats": repeats,
+    common = {"weights": "random", "latent_shape": [channels, latent_size, latent_size], "repeats": repeats,
               "threads": threads or torch.get_num_threads(), "device": device_name(torch.device("cpu")),
               "torch": torch.__version__}
     return [{**row, **common} for row in rows]
@@ -152,19 +155,20 @@ def video_throughput(cfg, device, decode="preview", num_sources=4, frames_per_tr
     """Frames/s of the interpolation video path (sampling.video_frames into sampling.write_video),
     as translate.py --video runs it: the config's networks (random weights: speed does not depend
     on them), `num_sources` random latents in the row, one latent-guided transition between two
-    styles plus the end's hold, decoded by the linear preview or a random SD1.5-config VAE. Frames
+    styles plus the end's hold, decoded by the linear preview or a random SD1.5-config VAE (of the
+    config's latent channels). Frames
     sharing a style (the holds) are generated and decoded once, so `unique_frames` did the work."""
     device = torch.device(device)
     torch.manual_seed(0)
     models = build_models(**model_kwargs(cfg))
     nets = {k: models[k].to(device).eval().requires_grad_(False) for k in ("generator", "mapping_network")}
-    vae = None
+    vae, space = None, latent_space(cfg)
     if decode == "sd15":
         from diffusers import AutoencoderKL  # on first use: its import takes seconds
 
-        vae = AutoencoderKL(**SD15_VAE_CONFIG).to(device).eval().requires_grad_(False)
-    space = latent_space(cfg)
-    sources = torch.randn(num_sources, LATENT_CHANNELS, latent_size, latent_size) * 5  # [N, 4, h, w] raw
+        vae = AutoencoderKL(**{**SD15_VAE_CONFIG, "latent_channels": space.channels})
+        vae = vae.to(device).eval().requires_grad_(False)
+    sources = space.denormalize(torch.randn(num_sources, space.channels, latent_size, latent_size))  # [N, C, h, w] raw
     with torch.no_grad():
         z = torch.randn(2, cfg["model"]["latent_dim"], device=device)
         keys = nets["mapping_network"](z, torch.zeros(2, dtype=torch.long, device=device))  # [2, S]
@@ -188,7 +192,7 @@ def video_throughput(cfg, device, decode="preview", num_sources=4, frames_per_tr
             "unique_frames": unique, "pictures_per_s": unique * num_sources / render, "seconds": seconds,
             "file_mb": size / 2**20, "decode": decode,
             "num_sources": num_sources, "frames_per_transition": frames_per_transition, "format": suffix,
-            "frame_size": [2 * latent_size * VAE_DOWNSAMPLE, num_sources * latent_size * VAE_DOWNSAMPLE],
+            "frame_size": [2 * latent_size * space.downsample, num_sources * latent_size * space.downsample],
             "batch_size": batch_size, "device": device_name(device), "torch": torch.__version__}
 
 

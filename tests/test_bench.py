@@ -94,6 +94,25 @@ def test_forward_flops_match_the_convolutions_by_hand():
     assert bench.forward_flops(cfg, "cpu", size=SIZE)["generator"] == expected
 
 
+def test_the_step_and_forwards_run_in_the_configs_latent_space(tmp_path, capsys):
+    """A 16-channel shifted space (SD3's numbers): G's first and last convolutions see 16 channels,
+    and bench.py's step line runs on 16-channel data (a 4-channel batch would be refused)."""
+    cfg = tiny_cfg()
+    cfg["model"]["latent_channels"] = 16
+    cfg["training"].update(latent_scale=1.5305, latent_shift=0.0609)
+    m, hw = cfg["model"], SIZE * SIZE
+    first_and_last = 2 * hw * 16 * m["gen_channels"] * 9 * 2
+    four = bench.forward_flops(tiny_cfg(), "cpu", size=SIZE)["generator"]
+    sixteen = bench.forward_flops(cfg, "cpu", size=SIZE)["generator"]
+    assert sixteen - four == first_and_last - 2 * hw * 4 * m["gen_channels"] * 9 * 2
+    config = tmp_path / "sd3.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    assert bench.main(["--config", str(config), "--device", "cpu", "--steps", "1", "--warmup", "0",
+                       "--latent-size", str(SIZE)]) == 0
+    r = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][0])
+    assert r["latent_shape"] == [16, SIZE, SIZE] and r["flops_per_step"] > 0
+
+
 def test_flops_per_step_linear_in_batch():
     small = bench.bench(tiny_cfg(batch_size=2), "cpu", steps=1, warmup=0, latent_size=SIZE)
     large = bench.bench(tiny_cfg(batch_size=4), "cpu", steps=1, warmup=0, latent_size=SIZE)
