@@ -441,12 +441,20 @@ def latent_space(cfg):
 
 
 def resolve_latent_space(cfg, found, source):
-    """Fill the config's null latent keys from `found` (the data root's LatentSpace, named by
-    `source`, or SD1.5 when None) and return the space. A key set by hand that contradicts `found`
-    is an InputError naming both values."""
+    """Fill the config's null latent keys from `found` (the data root's LatentSpace, read from
+    `source`), else SD1.5's, and return the space. A key set by hand that contradicts `found` is an
+    InputError naming both values; so is a null key beside keys of another space than SD1.5's when
+    `source` (not None: a real data root) has no manifest, since SD1.5's number would be wrong."""
+    given = {f: cfg[sec][key] for f, (sec, key) in LATENT_KEYS.items() if cfg[sec][key] is not None}
     if found is not None:
-        given = {f: cfg[sec][key] for f, (sec, key) in LATENT_KEYS.items() if cfg[sec][key] is not None}
         check_same_space(dataclasses.replace(found, **given), found, "config", source)
+    elif source is not None:
+        other = [f"{'.'.join(LATENT_KEYS[f])} {v!r}" for f, v in given.items() if v != getattr(SD15, f)]
+        unset = [".".join(k) for f, k in LATENT_KEYS.items() if f not in given]
+        if other and unset:
+            raise InputError(f"{source} does not exist and the config sets {', '.join(other)} (not SD1.5's), "
+                             f"so SD1.5's number for {', '.join(unset)} would be wrong: set it by hand, or "
+                             "encode the data with encode.py, which writes that file")
     space = found or SD15
     for field, (section, key) in LATENT_KEYS.items():
         if cfg[section][key] is None:

@@ -34,6 +34,7 @@ from inference import beside_checkpoint, networks_from_checkpoint
 from latents import check_root_space
 from metrics import PREVIEW_DECODE, Evaluator, format_table
 from runtime import AMP_DTYPES, InputError, atomic_write, check_seed, output_folder, resolve_device, script_main
+from vae import check_vae_config
 
 MAX_OUTS, MAX_SOURCES, MAX_BATCH = 1000, 10 ** 7, 4096  # translations per source, sources per domain, batch
 METRICS_FILE = "metrics.json"
@@ -142,12 +143,13 @@ def read_data(args, cfg):
 
 def evaluate(args, ckpt, cfg, nets, device, out):
     domains, e = list(cfg["data"]["domains"]), cfg["evaluation"]
-    real, sources, real_ids, which_sources = read_data(args, cfg)
     vae_path = None if args.preview_decode else args.vae or e["vae_path"] or cfg["visualization"]["vae_path"]
     # the subfolder belongs to the path it came with: --vae's flag, else visualization.vae_subfolder
     # only for visualization.vae_path (as training-time evaluation does)
     subfolder = args.vae_subfolder if (args.vae or args.vae_subfolder) else (
         None if e["vae_path"] else cfg["visualization"]["vae_subfolder"])
+    check_vae_config(vae_path, subfolder, latent_space(cfg), "VAE", theirs="checkpoint")  # before the data is read
+    real, sources, real_ids, which_sources = read_data(args, cfg)
     dtype = AMP_DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     evaluator = Evaluator.load(vae_path, subfolder, args.inception_weights or e["inception_weights"],
                                args.lpips_weights or e["lpips_weights"], device, amp_dtype=dtype,

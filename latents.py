@@ -392,7 +392,11 @@ class LatentSpace:
         halving per block but the last; `shift_factor` None means 0), AutoencoderDC and
         AutoencoderTiny (`encoder_block_out_channels`, the same rule: diffusers' own
         `spatial_compression_ratio` for DC-AE)."""
-        config = vae.config
+        return cls.from_config(vae.config)
+
+    @classmethod
+    def from_config(cls, config):
+        """The space of a diffusers VAE's config (a dict, or the model's `config`); see `from_vae`."""
         blocks = config.get("encoder_block_out_channels") or config["block_out_channels"]
         return cls(int(config["latent_channels"]), float(config.get("scaling_factor") or 1.0),
                    float(config.get("shift_factor") or 0.0), 2 ** (len(blocks) - 1))

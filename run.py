@@ -36,6 +36,7 @@ from runtime import (BAD_INPUT, LOCK_NAME, FolderLock, InputError, WriteError, c
 from train_backend import choose_cpu_threads  # noqa: E402
 from train_skips import NonFiniteError  # noqa: E402
 from trainer import Trainer  # noqa: E402
+from vae import check_vae_config  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -95,6 +96,17 @@ def claimed_folder(folder, dist, log):
         lock.release()
 
 
+def check_decoders(cfg):
+    """The VAEs that will decode this run's latents (grids; evaluation when it runs), by their
+    config.json when at hand (no weights read), before the folder is claimed: one of another latent
+    space is refused naming both numbers, instead of being found at the first grid, an epoch later."""
+    space, v, e = latent_space(cfg), cfg["visualization"], cfg["evaluation"]
+    check_vae_config(v["preview_vae"], None, space, "visualization.preview_vae", keys=("channels",))
+    check_vae_config(v["vae_path"], v["vae_subfolder"], space, "visualization.vae_path")
+    if e["every_epochs"] and e["vae_path"]:
+        check_vae_config(e["vae_path"], None, space, "evaluation.vae_path")
+
+
 def check_folders(cfg):
     """The folders a run reads or writes besides its checkpoint folder, before that is claimed (no
     config.yaml or lock left behind by a run that cannot start): evaluation.source_root a folder,
@@ -133,7 +145,7 @@ def data_latent_space(cfg, log):
     Returns the manifest's record (None without one), which every checkpoint then carries."""
     d = cfg["data"]
     found = None if d["synthetic"] else read_manifest(d["root"])
-    space = resolve_latent_space(cfg, found and found[0], manifest_path(d["root"]))
+    space = resolve_latent_space(cfg, found and found[0], None if d["synthetic"] else manifest_path(d["root"]))
     if found is None and not d["synthetic"]:
         log(f"{d['root']} has no {MANIFEST_NAME} (encode.py writes one): latent space {space.describe()}"
             + (" (SD1.5's is assumed)" if space == SD15 else " (the config's latent keys)"))
@@ -154,6 +166,7 @@ def train(cfg, resume, dist, local_rank, log, args):
         path = resume or os.path.join(t["checkpoint_dir"], "latest.pt")
         ckpt = load_checkpoint(path, resume=True)
         check_architecture(ckpt["config"], cfg, path)
+    check_decoders(cfg)
     check_folders(cfg)
     with claimed_folder(t["checkpoint_dir"], dist, log) as lock:
         if ckpt is not None:

@@ -27,13 +27,17 @@ class TrainingGrid:
         if not self._vae_tried:
             self._vae_tried = True
             v = self.cfg["visualization"]
-            self._vae = load_preview_vae(v.get("preview_vae"), self.space, self.device, self.log,
-                                         quiet=v["suppress_hf_warnings"])
+            try:  # run.py checked their configs when at hand; one of another space found only now
+                # would draw wrong pictures, but the run is not wrong: it goes on
+                self._vae = load_preview_vae(v.get("preview_vae"), self.space, self.device, self.log,
+                                             quiet=v["suppress_hf_warnings"])
+            except InputError as err:
+                self.log(f"warning: {err}; grids use the full VAE or the linear latent preview")
             if self._vae is None:
                 try:
                     self._vae = load_vae_or_preview(v["vae_path"], v["vae_subfolder"], self.device, self.log,
                                                     quiet=v["suppress_hf_warnings"], space=self.space)
-                except InputError as err:  # another VAE's space: its pictures would be wrong, the run is not
+                except InputError as err:
                     self.log(f"warning: {err}; grids use the linear latent preview")
         return self._vae
 

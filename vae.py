@@ -242,6 +242,24 @@ def check_vae_space(vae, path, space, what=""):
         check_same_space(LatentSpace.from_vae(vae), space, f"VAE {path!r}", "checkpoint", what, VALUE_KEYS)
 
 
+def check_vae_config(path, subfolder, space, origin, keys=VALUE_KEYS, theirs="run"):
+    """Before a run: InputError naming both values when the config.json of the VAE (or tiny
+    autoencoder) at `origin`=`path` names latents other than `space`'s (the numbers of `keys`).
+    Nothing when that config is not at hand (a hub id not in the local cache, no network): its
+    load at first use says why then. No weights are read."""
+    if not path:
+        return
+    import diffusers
+
+    try:
+        config = diffusers.AutoencoderKL.load_config(os.path.expanduser(str(path)), subfolder=subfolder or None,
+                                                     local_files_only=True)
+        found = LatentSpace.from_config(config)
+    except Exception:  # not cached, not a diffusers folder, a malformed config: the load will say which
+        return
+    check_same_space(found, space, f"{origin} {path!r}", theirs, keys=keys)
+
+
 def open_vae(path, subfolder=None, device="cpu", dtype=torch.float32, what="", hint="", space=None):
     """`load_vae` for work that cannot go on without the VAE (encoding, evaluation, an exported
     decoder): an InputError starting with `what` when it cannot be loaded (`hint` then says how to

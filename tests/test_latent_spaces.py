@@ -23,13 +23,19 @@ import export
 import metrics
 import pack
 import run
+import sampling
 import split
+import train_grid
 import translate
-from conftest import decode_video, tiny_run_config, write_latent_folders, write_random_alexnet
+import vae as vae_module
+from config import resolve_config
+from conftest import decode_video, one_line_naming, tiny_run_config, write_latent_folders, write_random_alexnet
 from inference import load_networks
 from latents import MANIFEST_NAME, SD15, LatentSpace, read_manifest
+from model import build_models
 from runtime import InputError
 from test_metrics import StyleGANFormStandIn, script_to
+from trainer import Trainer
 from vae import decode_raw, load_vae, to_uint8
 
 DOMAINS = ["a", "b"]
@@ -62,13 +68,14 @@ def make_dc(folder):
     return str(folder)
 
 
-def make_tiny(folder):
-    """An AutoencoderTiny (TAESD's architecture) as the one VAE: 4 channels, its config's factor 1.0."""
+def make_tiny(folder, channels=4):
+    """An AutoencoderTiny (TAESD's architecture): 4 channels (as the one VAE) or `channels` (a
+    preview decoder of another space, as TAESD3 / TAEF1 are 16), its config's factor 1.0."""
     from diffusers import AutoencoderTiny
 
     torch.manual_seed(0)
     AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
-                    num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(str(folder))
+                    num_decoder_blocks=(1, 1), latent_channels=channels).save_pretrained(str(folder))
     return str(folder)
 
 
@@ -213,21 +220,24 @@ def test_another_space_is_refused_naming_both_numbers(pipeline, tmp_path, tiny_v
     space = EXPECTED[kind]
     path, _ = write_config(tmp_path, tmp / "packed", latent_scale=0.18215)
     assert run.main(["--config", path]) == 2
-    err = capsys.readouterr().err
-    assert f"scaling_factor: config 0.18215 vs {tmp / 'packed' / MANIFEST_NAME} {space.scaling_factor:g}" in err
+    manifest = str(tmp / "packed" / MANIFEST_NAME)
+    one_line_naming(capsys.readouterr().err, manifest, f"scaling_factor: config 0.18215 vs {manifest} "
+                                                       f"{space.scaling_factor:g}")
     # tools: a VAE of another space (the 4-channel SD1.5-style tiny VAE)
     assert translate.main(["--checkpoint", ckpt, "--source", str(tmp / "latents" / "a"), "--target-domain", "b",
                            "--output", str(tmp_path / "o"), "--num-styles", "1", "--vae", tiny_vae_dir,
                            "--device", "cpu"]) == 2
     other = LatentSpace.from_vae(load_vae(tiny_vae_dir))
     first = other.differences(space, f"VAE {tiny_vae_dir!r}", "checkpoint")[0]  # "key: VAE ... a vs checkpoint b"
-    assert first in capsys.readouterr().err
+    one_line_naming(capsys.readouterr().err, tiny_vae_dir, first)
     assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "e"), "--format", "pt2", "--with-decoder",
                         "--vae", tiny_vae_dir]) == 2
-    assert first in capsys.readouterr().err
+    one_line_naming(capsys.readouterr().err, tiny_vae_dir, first)
+    # evaluate.py: before the data is read (a --data-root that does not exist is not reached)
     assert evaluate.main(["--checkpoint", ckpt, "--vae", tiny_vae_dir, "--out", str(tmp_path / "eval"), "--device",
-                          "cpu", "--data-root", str(tmp / "latents")]) == 2
-    assert first in capsys.readouterr().err and not os.path.exists(tmp_path / "eval" / "metrics.json")
+                          "cpu", "--data-root", str(tmp_path / "missing")]) == 2
+    one_line_naming(capsys.readouterr().err, tiny_vae_dir, first)
+    assert not os.path.exists(tmp_path / "eval" / "metrics.json")
     import app
 
     with pytest.raises(InputError, match=re.escape(first)):
@@ -287,3 +297,146 @@ def test_resume_refuses_another_space_and_old_checkpoints_are_sd15(tmp_path):
     with pytest.raises(InputError, match=r"scaling_factor: checkpoint 0.18215 vs config 1.5305; shift_factor: "
                                          r"checkpoint 0 vs config 0.0609"):
         run.check_architecture(old, new, "x.pt")
+
+
+def test_a_data_root_of_another_space_is_refused_by_every_tool(pipeline, tmp_path, capsys):
+    """Latents whose root's manifest names another scaling factor (same shape: only the manifest
+    can tell) are refused by translate.py, evaluate.py and the app, naming both numbers."""
+    import shutil
+
+    import app
+
+    kind, vae_dir, tmp, ckpt = pipeline
+    other = tmp_path / "other"
+    shutil.copytree(tmp / "latents", other)
+    record = json.loads((other / MANIFEST_NAME).read_text())
+    record["scaling_factor"] = 2 * record["scaling_factor"]
+    (other / MANIFEST_NAME).write_text(json.dumps(record))
+    manifest, factor = str(other / MANIFEST_NAME), EXPECTED[kind].scaling_factor
+    expected = f"scaling_factor: data ({manifest}) {2 * factor:g} vs checkpoint {factor:g}"
+    assert translate.main(["--checkpoint", ckpt, "--source", str(other / "a"), "--target-domain", "b", "--output",
+                           str(tmp_path / "o"), "--num-styles", "1", "--device", "cpu"]) == 2
+    one_line_naming(capsys.readouterr().err, manifest, expected)
+    assert not os.path.exists(tmp_path / "o")
+    assert evaluate.main(["--checkpoint", ckpt, "--vae", vae_dir, "--out", str(tmp_path / "eval"), "--device", "cpu",
+                          "--data-root", str(other)]) == 2
+    one_line_naming(capsys.readouterr().err, manifest, expected)
+    state = torch.load(ckpt, weights_only=True)
+    state["config"]["data"]["root"] = str(other)
+    torch.save(state, tmp_path / "moved.pt")
+    with pytest.raises(InputError, match=re.escape(expected)):
+        app.Translator(str(tmp_path / "moved.pt"), vae=vae_dir, device="cpu", log=lambda line: None)
+
+
+def decode_by_hand(vae, raw, space):
+    """Pictures of raw latents straight from diffusers: decode(raw) for a full VAE; an AutoencoderTiny
+    decodes the normalised latents (over its config's own factor); [-1, 1] -> [0, 1]."""
+    z = raw.float()
+    if type(vae).__name__ == "AutoencoderTiny":
+        z = (z - space.shift_factor) * space.scaling_factor / vae.config.scaling_factor
+    with torch.no_grad():
+        return (vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
+
+
+def spy_pictures(monkeypatch):
+    """Every to_rgb call of translate.py (files, grid), the video frames and the training grid:
+    [(where, raw, vae, space, rgb)]."""
+    calls = []
+
+    def spy(where):
+        def to_rgb(raw, vae, space, *args, **kwargs):
+            rgb = vae_module.to_rgb(raw, vae, space, *args, **kwargs)
+            calls.append((where, raw.clone(), vae, space, rgb))
+            return rgb
+        return to_rgb
+
+    for module in (translate, sampling, train_grid):
+        monkeypatch.setattr(module, "to_rgb", spy(module.__name__))
+    return calls
+
+
+def test_grids_videos_and_training_grids_decode_the_raw_latents(pipeline, tmp_path, monkeypatch):
+    """translate.py's grid (sampling.py's; its sources are the files themselves), files and video,
+    and the training grid with visualization.vae_path: every picture is decode_by_hand of the raw
+    latents it shows."""
+    kind, vae_dir, tmp, ckpt = pipeline
+    space, source = EXPECTED[kind], tmp / "latents" / "a"
+    calls = spy_pictures(monkeypatch)
+    assert translate.main(["--checkpoint", ckpt, "--source", str(source), "--reference", str(tmp / "latents" / "b"),
+                           "--target-domain", "b", "--grid", "--output", str(tmp_path / "grid"), "--vae", vae_dir,
+                           "--device", "cpu"]) == 0
+    files = sorted(os.listdir(source))
+    sources = torch.stack([torch.load(source / f, weights_only=True) for f in files if f.endswith(".pt")])
+    assert any(c[1].shape == sources.shape and torch.equal(c[1], sources) for c in calls)  # the source column
+    assert translate.main(["--checkpoint", ckpt, "--source", str(source), "--target-domain", "b", "--output",
+                           str(tmp_path / "files"), "--num-styles", "1", "--vae", vae_dir, "--device", "cpu"]) == 0
+    assert translate.main(["--checkpoint", ckpt, "--source", str(source / "00.pt"), "--target-domain", "b",
+                           "--num-styles", "2", "--video", "latent", str(tmp_path / "v.gif"), "--vae", vae_dir,
+                           "--device", "cpu", "--frames-per-transition", "2"]) == 0
+    path, cfg = write_config(tmp_path, tmp / "packed", name="grid.yaml")
+    cfg["visualization"]["vae_path"] = vae_dir
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(cfg))
+    assert run.main(["--config", path]) == 0
+    assert os.path.isfile(os.path.join(cfg["training"]["checkpoint_dir"], "vis", "epoch_0001.png"))
+    assert {c[0] for c in calls} == {"translate", "sampling", "train_grid"}
+    for where, raw, vae, used_space, rgb in calls:
+        assert vae is not None and used_space == space, where
+        torch.testing.assert_close(rgb, decode_by_hand(vae, raw, space), rtol=0, atol=1e-5, msg=where)
+
+
+def test_a_tiny_preview_decoder_draws_the_training_grid(pipeline, tmp_path, monkeypatch, capsys):
+    """visualization.preview_vae: an AutoencoderTiny of the space's width draws the training grid from
+    the normalised latents; one of another width is refused before the run claims its folder, as is
+    a visualization.vae_path of another space."""
+    kind, vae_dir, tmp, ckpt = pipeline
+    space = EXPECTED[kind]
+    tiny = make_tiny(tmp_path / "taesd", channels=space.channels)
+    path, cfg = write_config(tmp_path, tmp / "packed", name="tiny.yaml")
+    cfg["visualization"]["preview_vae"] = tiny
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    calls = spy_pictures(monkeypatch)
+    assert run.main(["--config", path]) == 0
+    (where, raw, vae, _, rgb), = calls
+    assert where == "train_grid" and type(vae).__name__ == "AutoencoderTiny"
+    torch.testing.assert_close(rgb, decode_by_hand(vae, raw, space), rtol=0, atol=1e-5)
+    capsys.readouterr()
+    wrong = make_tiny(tmp_path / "taesd-wide", channels=space.channels + 4)
+    for key, value, what in (("preview_vae", wrong, "channels: visualization.preview_vae"),
+                             ("vae_path", make_tiny(tmp_path / "taesd-other", channels=space.channels + 4),
+                              "channels: visualization.vae_path")):
+        cfg["visualization"].update({"preview_vae": None, "vae_path": None, key: value})
+        cfg["training"]["checkpoint_dir"] = str(tmp_path / f"refused-{key}")
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+        assert run.main(["--config", str(tmp_path / "bad.yaml")]) == 2
+        one_line_naming(capsys.readouterr().err, value, what)
+        assert not os.path.exists(tmp_path / f"refused-{key}")
+
+
+def test_a_root_without_a_manifest_needs_every_number_of_another_space(tmp_path, capsys):
+    """No latent_space.json and a config of another space than SD1.5's with a factor left null (the
+    DC-AE presets leave latent_scale to the manifest): SD1.5's 0.18215 would be wrong, so the run
+    is refused naming the keys; with every number set it trains."""
+    data = write_latent_folders(tmp_path / "data", domains=DOMAINS, files=4)
+    path, cfg = write_config(tmp_path, data)
+    cfg["model"]["latent_channels"] = 4
+    cfg["training"].update(latent_downsample=32, latent_scale=None, latent_shift=0.0)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert run.main(["--config", path]) == 2
+    line = one_line_naming(capsys.readouterr().err, os.path.join(data, MANIFEST_NAME), "training.latent_scale")
+    assert "training.latent_downsample 32" in line and not os.path.exists(cfg["training"]["checkpoint_dir"])
+    assert run.main(["--config", path, "training.latent_scale=0.3189"]) == 0
+    assert "(the config's latent keys)" in capsys.readouterr().out
+
+
+def test_the_trainer_feeds_the_networks_shifted_and_scaled_latents(tmp_path):
+    """The step's inputs are (raw - shift) * scale, per channel count and factors of the config."""
+    cfg = resolve_config(tiny_run_config(tmp_path, model={"latent_channels": 16},
+                                         training={"latent_scale": 0.75, "latent_shift": 0.125}))
+    trainer = Trainer(cfg, build_models(num_domains=3, **cfg["model"]), "cpu", log=lambda *a, **k: None)
+    g = torch.Generator().manual_seed(0)
+    raw = {k: torch.randn(2, 16, 8, 8, generator=g) * 3 for k in ("content", "target_style", "target_style_2")}
+    batch = trainer.prepare_batch({**raw, "source_style_id": torch.tensor([0, 1]), "target_style_id": torch.tensor([1, 2])})
+    for key, name in (("x", "content"), ("x_ref", "target_style"), ("x_ref2", "target_style_2")):
+        torch.testing.assert_close(batch[key], (raw[name] - 0.125) * 0.75, rtol=0, atol=0)
+    out = trainer.train_step({**raw, "source_style_id": torch.tensor([0, 1]), "target_style_id": torch.tensor([1, 2])})
+    assert torch.isfinite(torch.stack([v for k, v in out.items() if k != "w_ds"])).all()
