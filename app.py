@@ -235,7 +235,7 @@ class Translator:
     def translate(self, source_mode=UPLOAD, source_image=None, source_latent=None, target=ALL_DOMAINS,
                   style_mode=LATENT_GUIDED, num_styles=1, seed=0, psi=1.0, reference_mode=UPLOAD,
                   reference_image=None, reference_latent=None):
-        """One request -> dict(rgb [N, 3, H, W] in [0, 1], latents [N, 4, h, w] raw, names, captions,
+        """One request -> dict(rgb [N, 3, H, W] in [0, 1], latents [N, C, h, w] raw, names, captions,
         columns, source_rgb [3, H, W], source_stem, status). InputError for bad input."""
         if target == ALL_DOMAINS:
             domain_ids = list(range(len(self.domains)))
@@ -253,7 +253,7 @@ class Translator:
             styles = self.styles(domain_ids, style_mode, num_styles, seed, psi, reference)  # [N, S]
             # one batch: every (source, style) pair in a single generator call
             _, latents = next(translate_pairs(self.nets["generator"], source, styles, self.space,
-                                              batch_size=styles.shape[0], device=self.device))  # [N, 4, h, w] raw
+                                              batch_size=styles.shape[0], device=self.device))  # [N, C, h, w] raw
         rgb = to_rgb(latents, self.decoder, self.space, batch_size=latents.shape[0])  # [N, 3, H, W], on the CPU
         seconds = time.perf_counter() - start  # the .cpu() copies above waited for the device
 

@@ -71,7 +71,7 @@ def evaluation_throughput(device, inception_weights, lpips_weights=None, latent_
     inception = metrics.load_inception(inception_weights, device)
     lpips = metrics.load_lpips(lpips_weights, device) if lpips_weights else None
     evaluator = metrics.Evaluator(vae, "random-sd15", inception, lpips, device, amp_dtype, batch_size)
-    latents = torch.randn(batch_size, LATENT_CHANNELS, latent_size, latent_size, device=device) * 5  # [B, 4, h, w] raw
+    latents = torch.randn(batch_size, LATENT_CHANNELS, latent_size, latent_size, device=device) * 5  # [B, C, h, w] raw
     times = {"decode": [], "decode_features": [], "lpips": []}
     for i in range(batches + 1):  # the first batch warms up (cuDNN autotuning, allocator)
         synchronize(device)
@@ -291,7 +291,7 @@ def startup_child(root, domains, touch, results, barrier):
         result["after_touch"] = memory_mb()
         barrier.wait()
         if ds.shards and ds.nbytes <= 2**31:
-            ds.data = torch.cat([s.tensor() for s in ds.shards])  # [N_total, 4, H, W] float16, private
+            ds.data = torch.cat([s.tensor() for s in ds.shards])  # [N_total, C, H, W] float16, private
             result["gather_ms_float16_copy"] = time_gathers(ds, seed=1)
     results.put(result)
 

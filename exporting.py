@@ -4,9 +4,9 @@ model code). Used by export.py and benchmarks.py.
 
 Each mode is its own graph, taking only the inputs it uses (latents raw, as on disk):
 
-    latent_guided(content [B, 4, H, W], domain [B] int64, z [B, latent_dim], psi [B]) -> [B, 4, H, W]
-    reference_guided(content [B, 4, H, W], domain [B] int64, reference [B, 4, H', W']) -> [B, 4, H, W]
-    decoder(latent [B, 4, h, w]) -> RGB [B, 3, h*f, w*f] in [0, 1]   (the VAE's, optional)
+    latent_guided(content [B, C, H, W], domain [B] int64, z [B, latent_dim], psi [B]) -> [B, C, H, W]
+    reference_guided(content [B, C, H, W], domain [B] int64, reference [B, C, H', W']) -> [B, C, H, W]
+    decoder(latent [B, C, h, w]) -> RGB [B, 3, h*f, w*f] in [0, 1]   (the VAE's, optional)
 
 The latent scale and every domain's mean style (for psi) are inside, and a JSON record under
 METADATA_KEY (domains, latent shape, dimensions, scale, source step) makes each file self-describing.

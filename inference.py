@@ -185,7 +185,7 @@ def check_finite_outputs(raw):
 @torch.no_grad()
 def grid_cells(generator, mapping_network, style_encoder, sources_raw, refs_raw, domains, space, latent_dim,
                seed=0, device="cpu"):
-    """The training grid's cells: one source and one reference per domain (raw [N, 4, h, w] each),
+    """The training grid's cells: one source and one reference per domain (raw [N, C, h, w] each),
     every source translated to every domain. Rows: sources x latent-guided (one fixed z per domain),
     the references, sources x reference-guided; columns: the source, then each domain. Returns
     (raw latents [(2N+1)*(N+1), 4, h, w] on the CPU with NaN in the blank corner, row labels)."""

@@ -117,7 +117,7 @@ def split_names(names, fraction, seed=0, key=""):
 
 
 def save_latent(latent, path):
-    """One raw latent [4, H, W] to `path` (.pt, or .npy by suffix), atomically. A .pt goes through a
+    """One raw latent [C, H, W] to `path` (.pt, or .npy by suffix), atomically. A .pt goes through a
     buffer so its bytes do not depend on the file's name (same tensor, same bytes in any folder), and
     is cloned so a row of a batch never saves the whole batch's storage."""
     latent = latent.detach().cpu()
@@ -129,7 +129,7 @@ def save_latent(latent, path):
 
 
 def write_latent_folders(root, latents, stem="{index:05d}", suffix=".pt"):
-    """{domain: raw latents [N, 4, H, W]} -> root/<domain>/<stem><suffix>, one file per latent, the
+    """{domain: raw latents [N, C, H, W]} -> root/<domain>/<stem><suffix>, one file per latent, the
     layout MultiDomainLatentDataset reads. `stem` is formatted with `domain` and `index`. Returns
     the paths written, in order."""
     paths = []
@@ -220,9 +220,9 @@ def read_latent(path, channels=LATENT_CHANNELS):
 
 
 def outliers(latents, names):
-    """[(name, max |value|)] of the latents [N, 4, H, W] beyond OUTLIER_LIMIT: vectorised reductions,
+    """[(name, max |value|)] of the latents [N, C, H, W] beyond OUTLIER_LIMIT: vectorised reductions,
     no copy of the data (abs() would allocate one as large as all the latents)."""
-    flat = latents.flatten(1)  # [N, 4*H*W], a view
+    flat = latents.flatten(1)  # [N, C*H*W], a view
     peak = torch.maximum(flat.amax(dim=1), flat.amin(dim=1).neg())  # [N] max |value|
     rows = (peak > OUTLIER_LIMIT).nonzero().flatten().tolist()
     return [(names[r], peak[r].item()) for r in rows]

@@ -1,4 +1,4 @@
-"""Latent StarGAN v2 networks, on SD1.5 VAE latents [B, 4, H, W].
+"""Latent StarGAN v2 networks, on a diffusers VAE's latents [B, C, H, W] (C = 4 for SD1.5).
 
 G, F, E and D follow StarGAN v2 (Choi et al., CVPR 2020, core/model.py), adapted to latent space:
 G never changes the spatial size, E ends in global average pooling and D is a PatchGAN, so no
@@ -94,7 +94,7 @@ class Generator(nn.Module):
         h = self.conv_in(x)  # [B, C, H, W]
         for block in self.blocks:
             h = block(h, s)  # [B, C, H, W]
-        return self.conv_out(self.act(h))  # [B, 4, H, W]
+        return self.conv_out(self.act(h))  # [B, latent_channels, H, W]
 
 
 class MappingNetwork(nn.Module):

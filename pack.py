@@ -1,5 +1,5 @@
 """Per-file latent folders -> packed ones: each domain's latents as one memory-mapped latents.npy
-[N, 4, H, W] plus index.json, which starts training in seconds however many latents there are.
+[N, C, H, W] plus index.json, which starts training in seconds however many latents there are.
 
     python pack.py ../../latent-256 ../../latent-256-packed
     python pack.py ../../latent-256 ../../latent-256-packed --domains photo monet --dtype float32

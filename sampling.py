@@ -97,7 +97,7 @@ def fit(pictures, size):
 
 
 def pictures_of(raw_latents, vae, space, batch_size=16, cell_size=None):
-    """Raw latents [B, 4, h, w] -> RGB [B, 3, H, W] in [0, 1] on the CPU (VAE or preview), resized
+    """Raw latents [B, C, h, w] -> RGB [B, 3, H, W] in [0, 1] on the CPU (VAE or preview), resized
     to `cell_size` x `cell_size` when given."""
     rgb = to_rgb(raw_latents, vae, space, batch_size)
     return rgb if cell_size is None else fit(rgb, (cell_size, cell_size))
@@ -119,7 +119,7 @@ def source_grid(source_rgb, output_rgb, header_rgb=None):
 @torch.no_grad()
 def reference_grid(generator, style_encoder, sources_raw, refs_raw, domain_id, space, vae=None,
                    batch_size=16, device="cpu", cell_size=None, on_batch=None):
-    """The reference grid: every source [N, 4, h, w] in the style of every reference [M, 4, h', w']
+    """The reference grid: every source [N, C, h, w] in the style of every reference [M, 4, h', w']
     (E for the target domain `domain_id`), pictured. Returns (cells [(N + 1) * (M + 1), 3, H, W],
     rows = N + 1): a header row of the references, then per source the source and its M outputs.
     `on_batch(n)` after each batch of n outputs (a progress display)."""
@@ -164,7 +164,7 @@ def video_frames(generator, sources_raw, key_styles, schedule, space, vae=None, 
                  batch_size=16, device="cpu", cell_size=None, autocast=contextlib.nullcontext):
     """Yield the video's frames as uint8 chunks [f, 2H, W', 3], in order.
 
-    A frame is the official `interpolate` picture: the sources [N, 4, h, w] in a row, their
+    A frame is the official `interpolate` picture: the sources [N, C, h, w] in a row, their
     translations with the frame's style below (W' = N * W); with `key_latents` (the references,
     [K, 4, h', w'] raw, one per key style) the `slide` column is prepended (W' = W + W/8 + N * W).
     Frames go through the generator and the decode in chunks of about `batch_size` pictures; frames

@@ -60,13 +60,13 @@ VIDEO_MAX_SOURCES = 16  # --video: sources in the row (the official uses a batch
 def build_parser():
     p = argparse.ArgumentParser(
         description="Translate latents (or images, with a VAE) to a target domain with a Latent StarGAN v2 "
-                    "checkpoint. Writes <stem>_to_<domain>_<k>.pt (raw float32 latent [4, h, w]) and "
+                    "checkpoint. Writes <stem>_to_<domain>_<k>.pt (raw float32 latent [C, h, w]; C: the VAE's latent channels, 4 for SD1.5) and "
                     "<stem>_to_<domain>_<k>.png per output, and one sheet.png (rows: sources; columns: the "
                     "source, then its outputs); or, as StarGAN v2's sample mode, the reference grid (--grid) "
                     "and style-interpolation videos (--video).")
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by run.py (e.g. <checkpoint_dir>/latest.pt)")
     p.add_argument("--source", required=True, nargs="+",
-                   help="latent files (.pt/.npy, [4, h, w] or [1, 4, h, w], raw) or folders of them (not "
+                   help="latent files (.pt/.npy, [C, h, w] or [1, C, h, w], raw) or folders of them (not "
                         "recursive, sorted by name), in the order given; images (" + ", ".join(IMAGE_EXTENSIONS) +
                         ") too when a VAE loads: centre-cropped, resized so that their latent matches the training "
                         "latent size (else 256 px), and encoded to the posterior mode")
@@ -252,11 +252,11 @@ def encode_images(vae, paths, image_size, batch_size):
 
 
 def stack_inputs(paths, latents, flag):
-    """[N, 4, h, w] in the order of `paths`; every input of one flag must share its shape."""
+    """[N, C, h, w] in the order of `paths`; every input of one flag must share its shape."""
     shapes = {tuple(latents[p].shape) for p in paths}
     if len(shapes) > 1:
         listing = "\n  ".join(f"{p}: {list(latents[p].shape)}" for p in paths)
-        raise InputError(f"{flag} inputs have different shapes; they must all share one [4, h, w]:\n  {listing}")
+        raise InputError(f"{flag} inputs have different shapes; they must all share one [C, h, w]:\n  {listing}")
     return torch.stack([latents[p] for p in paths])
 
 
