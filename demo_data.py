@@ -22,9 +22,9 @@ import time
 import numpy as np
 import torch
 
-from latents import LATENT_CHANNELS, SD15, manifest_path, write_latent_folders, write_manifest
+from latents import SD15, manifest_path, write_latent_folders, write_manifest
 from runtime import atomic_write
-from vae import PREVIEW_FACTORS
+from vae import preview_family
 
 DEMO_DATA_VERSION = 1  # bump when the composition changes, so old demo folders are regenerated
 MANIFEST_NAME = "demo_manifest.json"
@@ -145,19 +145,25 @@ def compose_domain_rgb(index, n, size=32, seed=0):
     return torch.from_numpy(rgb.transpose(0, 3, 1, 2).astype(np.float32)), torch.from_numpy(labels)
 
 
-def rgb_to_scaled_latent(rgb, channels=LATENT_CHANNELS):
-    """[B, 3, H, W] RGB in [-1, 1] -> [B, C, H, W] scaled latents whose preview is that RGB.
+def rgb_to_scaled_latent(rgb, space=SD15):
+    """[B, 3, H, W] RGB in [-1, 1] -> [B, C, H, W] normalised latents of the LatentSpace `space` whose
+    linear preview (vae.latent_preview) is that RGB.
 
-    Four channels (SD1.5): per pixel, latent = rgb @ pinv(F) with F = PREVIEW_FACTORS [4, 3]; since
-    F has full column rank, pinv(F) @ F = I and latent @ F = rgb exactly (the minimum-norm latent for
-    that colour). Any other width: the RGB in the first channels (up to 3), zeros in the rest.
+    A width with published preview factors F [C, 3] and bias b (SD1.5, SDXL, SD3, FLUX.1): per pixel,
+    latent = (rgb - b) @ pinv(F); F has full column rank, so pinv(F) @ F = I and latent @ F + b = rgb
+    exactly (the minimum-norm latent for that colour). Any other width: the RGB in the first channels
+    (up to 3), zeros in the rest (the generic preview stretches them).
     """
-    if channels != LATENT_CHANNELS:
-        latent = torch.zeros(rgb.shape[0], channels, *rgb.shape[2:])  # [B, C, H, W]
-        latent[:, :min(3, channels)] = rgb[:, :min(3, channels)]
+    family = preview_family(space)
+    if family is None:
+        latent = torch.zeros(rgb.shape[0], space.channels, *rgb.shape[2:])  # [B, C, H, W]
+        latent[:, :min(3, space.channels)] = rgb[:, :min(3, space.channels)]
         return latent
-    inverse = torch.linalg.pinv(PREVIEW_FACTORS.double())  # [3, 4]
-    return torch.einsum("brhw,rc->bchw", rgb.double(), inverse).float()  # [B, 4, H, W]
+    rgb = rgb.double()
+    if family.bias is not None:
+        rgb = rgb - family.bias.double()[None, :, None, None]
+    inverse = torch.linalg.pinv(family.factors.double())  # [3, C]
+    return torch.einsum("brhw,rc->bchw", rgb, inverse).float()  # [B, C, H, W]
 
 
 def expected_files(root, domains, files_per_domain):
@@ -204,7 +210,7 @@ def generate_demo_data(root, domains, files_per_domain=64, size=32, seed=0, spac
             if pattern.fullmatch(name) and name not in keep:
                 os.remove(os.path.join(folder, name))
         rgb, _ = compose_domain_rgb(index, files_per_domain, size, seed)  # [n, 3, H, W]
-        raw = space.denormalize(rgb_to_scaled_latent(rgb, space.channels))  # [n, C, H, W] raw, as on disk for real data
+        raw = space.denormalize(rgb_to_scaled_latent(rgb, space))  # [n, C, H, W] raw, as on disk for real data
         write_latent_folders(root, {domain: raw}, stem="{domain}_{index:05d}")
     write_manifest(root, space, vae_source="demo_data.py (synthetic)", image_size=size * space.downsample)
     text = json.dumps(manifest, indent=2).encode()

@@ -7,7 +7,7 @@ import torch
 
 from demo_data import (MANIFEST_NAME, SHAPE_KINDS, compose_domain_rgb, domain_style, generate_demo_data,
                        rgb_to_scaled_latent)
-from latents import SD15_LATENT_SCALE
+from latents import SD15_LATENT_SCALE, LatentSpace
 from vae import latent_preview
 
 DOMAINS = ["photo", "Hayao", "monet", "cezanne", "vangogh"]
@@ -91,6 +91,17 @@ def test_pseudo_inverse_is_exact_on_colours():
     rgb = torch.rand(2, 3, 5, 5) * 2 - 1
     preview = latent_preview(rgb_to_scaled_latent(rgb), upscale=1)
     torch.testing.assert_close(preview, (rgb + 1) / 2, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("space", [LatentSpace(4, 0.13025, 0.0, 8), LatentSpace(16, 1.5305, 0.0609, 8),
+                                   LatentSpace(16, 0.3611, 0.1159, 8)], ids=["sdxl", "sd3", "flux1"])
+def test_demo_data_of_other_spaces_previews_as_its_rgb(tmp_path, space):
+    """SDXL's, SD3's and FLUX.1's demo latents: their own preview factors and bias show the RGB."""
+    generate_demo_data(tmp_path, DOMAINS, files_per_domain=2, size=16, seed=1, space=space, log=lambda _: None)
+    rgb, _ = compose_domain_rgb(0, 2, size=16, seed=1)
+    raw = load_domain(tmp_path, DOMAINS[0], 2)
+    preview = latent_preview(space.normalize(raw), space=space, upscale=1)
+    torch.testing.assert_close(preview, (rgb + 1) / 2, atol=1e-4, rtol=0)
 
 
 def test_latents_in_a_realistic_range(tmp_path):
