@@ -183,17 +183,33 @@ def test_evaluate_and_export_with_the_decoder(pipeline, tmp_path, monkeypatch):
     torch.manual_seed(0)
     inception = script_to(tmp_path / "inception-2015-12-05.pt", StyleGANFormStandIn(dim=16))
     write_random_alexnet(tmp_path / metrics.ALEXNET_FILE)
+    decodes, features = [], metrics.latent_features
+
+    def spy(latents, decode, *args, **kwargs):  # the evaluator's decode, reals' and fakes' alike
+        decodes.append((latents[:2].clone(), decode))
+        return features(latents, decode, *args, **kwargs)
+
+    monkeypatch.setattr(metrics, "latent_features", spy)
     assert evaluate.main(["--checkpoint", ckpt, "--vae", vae_dir, "--out", str(tmp_path / "eval"), "--num-outs", "2",
                           "--max-sources", "2", "--device", "cpu", "--batch-size", "8", "--data-root",
                           str(tmp / "latents"), "--inception-weights", inception, "--lpips-weights",
                           str(tmp_path / metrics.ALEXNET_FILE)]) == 0
     results = json.load(open(tmp_path / "eval" / "metrics.json"))
-    assert "FID_latent/mean" in json.dumps(results)
+    assert "FID_latent/mean" in json.dumps(results) and decodes
+    vae = load_vae(vae_dir)
+    for raw, decode in decodes:  # Inception sees diffusers' decode of the raw latents
+        torch.testing.assert_close(decode(raw).float(), decode_by_hand(vae, raw, EXPECTED[kind]), rtol=0, atol=1e-5)
     out = tmp_path / "export"
     assert export.main(["--checkpoint", ckpt, "--output", str(out), "--format", "pt2", "--with-decoder",
                         "--vae", vae_dir, "--verify"]) == 0
-    program = torch.export.load(str(out / "latent_guided.pt2"))
-    assert program is not None
+    assert torch.export.load(str(out / "latent_guided.pt2")) is not None
+    # the exported decoder takes raw latents: its pictures are diffusers' decode of them by hand
+    from exporting import pt2_runner
+
+    decoder, meta = pt2_runner(str(out / "decoder.pt2"))
+    raw = torch.load(tmp / "latents" / "a" / "00.pt", weights_only=True)[None]
+    torch.testing.assert_close(decoder(raw), decode_by_hand(load_vae(vae_dir), raw, EXPECTED[kind]), rtol=0,
+                               atol=1e-4)
 
 
 def test_app_serves_the_space(pipeline, tmp_path):
