@@ -27,12 +27,12 @@ from config import latent_space, load_config, model_kwargs, resolve_latent_space
 from dataset import MultiDomainLatentDataset  # noqa: E402
 from demo_data import generate_demo_data  # noqa: E402
 from distributed import setup_distributed  # noqa: E402
+from folder_lock import LOCK_NAME, FolderLock  # noqa: E402
 from latents import MANIFEST_NAME, SD15, check_same_space, manifest_path, read_manifest  # noqa: E402
 from model import build_models, count_parameters  # noqa: E402
 from packing import ShardChanged  # noqa: E402
-from runtime import (BAD_INPUT, LOCK_NAME, FolderLock, InputError, WriteError, check_writable_folder,  # noqa: E402
-                     configure_backends, remove_if_empty, remove_orphaned_temporaries, resolve_device, run_script,
-                     seed_everything)
+from runtime import (BAD_INPUT, InputError, WriteError, check_writable_folder, configure_backends,  # noqa: E402
+                     remove_if_empty, remove_orphaned_temporaries, resolve_device, run_script, seed_everything)
 from train_backend import choose_cpu_threads  # noqa: E402
 from train_skips import NonFiniteError  # noqa: E402
 from trainer import Trainer  # noqa: E402
@@ -88,11 +88,10 @@ def claimed_folder(folder, dist, log):
     try:
         yield lock
     finally:
-        if dist.is_main and created and set(os.listdir(folder)) <= {LOCK_NAME}:
-            with contextlib.suppress(OSError):
-                os.remove(lock.path)
+        empty = dist.is_main and created and set(os.listdir(folder)) <= {LOCK_NAME}
+        lock.release(remove=empty)
+        if empty:
             remove_if_empty(folder)
-        lock.release()
 
 
 def check_folders(cfg):
@@ -161,6 +160,7 @@ def train(cfg, resume, dist, local_rank, log, args):
         trainer, dataset = build(cfg, ckpt, dist, device, log)
         checkpoints = trainer.checkpoints  # knows the newest checkpoint this run can resume from
         checkpoints.lock = lock  # checked before each save: the folder is still this run's
+        lock.on_lost = lambda err: trainer.stop_request.from_within(f"stopping: {err}")  # the save then refuses
         checkpoints.latent_record = latent_record
         if ckpt is not None:
             checkpoints.resumed_from(path, ckpt["epoch"], ckpt["step"])

@@ -54,11 +54,11 @@ def finish(proc, timeout=120):
 @pytest.mark.slow
 def test_a_run_whose_lock_file_was_replaced_stops_without_writing(tmp_path):
     """Another run's lock file renamed over .run.lock under a running job (as rm and a second
-    `run.py --resume` would leave it, without the race): the first run's next save finds that its
-    lock no longer names the path and stops in one line naming the holder."""
+    `run.py --resume` would leave it, without the race), with no save due for a long while: the
+    lock's watcher stops the run within seconds, and its save refuses in one line naming the holder."""
     import fcntl
 
-    cfg = write_run_config(tmp_path, epochs=100000)
+    cfg = write_run_config(tmp_path, epochs=100000, save_interval=1000)
     first, lines = start(["run.py", "--config", cfg]), []
     try:
         wait_for(first, '{"step": 2,', lines)
@@ -67,28 +67,38 @@ def test_a_run_whose_lock_file_was_replaced_stops_without_writing(tmp_path):
             other.write(f"pid {os.getpid()} on this host\n")
             other.flush()
             os.replace(tmp_path / "out" / "other.lock", tmp_path / "out" / ".run.lock")
-            code, out, err = finish(first)
+            code, out, err = finish(first, timeout=60)
         assert code == 2, err
         line = one_line_naming(err, str(tmp_path / "out"), f"pid {os.getpid()} on this host")
         assert ".run.lock was removed while this run held it" in line and "without writing" in line
+        assert not os.path.exists(tmp_path / "out" / "latest.pt")  # no save was due: none written
     finally:
         first.kill()
         first.wait()
 
 
 @pytest.mark.slow
-def test_a_removed_lock_file_is_taken_again_and_a_second_run_is_refused(tmp_path):
-    cfg = write_run_config(tmp_path, epochs=100000)
+def test_a_removed_lock_file_is_put_back_and_a_second_run_is_refused(tmp_path):
+    """`rm .run.lock` under a run whose next save is far away: within a second the run puts the
+    file back, locked, so a second run is refused naming the first; the first trains on alone and
+    its stop saves its own latest.pt."""
+    cfg = write_run_config(tmp_path, epochs=100000, save_interval=1000)
     first, lines = start(["run.py", "--config", cfg]), []
     try:
-        wait_for(first, '{"step": 2,', lines)
+        wait_for(first, '{"step": 3,', lines)
         os.remove(tmp_path / "out" / ".run.lock")
-        wait_for(first, '{"step": 6,', lines)  # two saves later: the first run locked the path again
-        second = subprocess.run([sys.executable, "run.py", "--config", cfg, "--resume"], cwd=ROOT,
+        time.sleep(2)
+        second = subprocess.run([sys.executable, "run.py", "--config", cfg, "training.epochs=1"], cwd=ROOT,
                                 capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2
+        assert second.returncode == 2, second.stderr
         one_line_naming(second.stderr, "is in use by another training run", f"pid {first.pid} on ")
         assert first.poll() is None  # the first run trains on, alone
+        step = int(wait_for(first, '{"step": ', lines).split(",")[0].split()[-1])
+        first.send_signal(signal.SIGTERM)
+        code, out, err = finish(first)
+        assert code == 128 + signal.SIGTERM, err
+        ckpt = torch.load(tmp_path / "out" / "latest.pt", weights_only=True)
+        assert ckpt["step"] >= step and ckpt["config"]["training"]["epochs"] == 100000  # the first run's
     finally:
         first.kill()
         first.wait()
