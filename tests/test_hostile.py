@@ -351,6 +351,78 @@ def test_a_shard_rewritten_under_a_run_ends_it_in_one_line(tmp_path, workers):
     assert "The last good checkpoint, " in line and "Resume with: python run.py --config" in line
 
 
+def start_packed_run(tmp_path, workers, code=None):
+    """run.py (or `code` calling run.main) on a packed copy of the tiny data, after epoch 1's save."""
+    from packing import pack_folders
+
+    write_latent_folders(tmp_path / "files")
+    pack_folders(str(tmp_path / "files"), str(tmp_path / "data"), None, "float16", log=lambda *a: None)
+    cfg = write_run_config(tmp_path, epochs=100000, num_workers=workers)
+    proc, lines = start(["run.py", "--config", cfg], code and code.format(cfg=cfg)), []
+    wait_for(proc, '{"step": 4,', lines)  # epoch 1 is saved
+    return proc
+
+
+def assert_stopped_on_changed_shard(tmp_path, proc, shard):
+    """One line naming the shard, exit code 2, no traceback and no fatal signal, latest.pt intact."""
+    from checkpoint import load_checkpoint
+
+    code, out, err = finish(proc)
+    assert code == 2, err
+    line = one_line_naming(err, str(shard), "changed while this job read it")
+    assert "The last good checkpoint, " in line and "Resume with: python run.py --config" in line
+    assert "Bus error" not in err and "bus error" not in err
+    assert load_checkpoint(str(tmp_path / "out" / "latest.pt"))["step"] >= 4  # the last save is intact
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_truncated_under_a_run_ends_it_in_one_line(tmp_path, workers):
+    proc = start_packed_run(tmp_path, workers)
+    shard = tmp_path / "data" / "a" / "latents.npy"
+    try:
+        os.truncate(shard, os.path.getsize(shard) // 3)
+        assert_stopped_on_changed_shard(tmp_path, proc, shard)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# the loader workers read past the per-batch check, as a truncation that lands between the check and
+# the read does: a worker faults on the truncated map (SIGBUS)
+WORKERS_SKIP_THE_CHECK = (f"import sys\nsys.path.insert(0, {ROOT!r})\nimport packing, torch.utils.data as tud\n"
+                          "check = packing.PackedShard.check_unchanged\n"
+                          "packing.PackedShard.check_unchanged = lambda self: None if tud.get_worker_info() "
+                          "else check(self)\nimport run\nsys.exit(run.main(['--config', {cfg!r}]))\n")
+
+
+@pytest.mark.slow
+def test_a_loader_worker_killed_by_sigbus_names_the_truncated_shard(tmp_path):
+    proc = start_packed_run(tmp_path, 2, WORKERS_SKIP_THE_CHECK)
+    shard = tmp_path / "data" / "b" / "latents.npy"
+    try:
+        os.truncate(shard, 128)  # the header alone: rows past the first page fault
+        assert_stopped_on_changed_shard(tmp_path, proc, shard)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_content_ids_name_a_shard_truncated_after_the_data_set_was_built(tmp_path):
+    """evaluate.py and the evaluation during training hash every map whole: a file truncated after
+    the data set was opened is named (ShardChanged), not read into a SIGBUS."""
+    from dataset import MultiDomainLatentDataset
+    from packing import ShardChanged, pack_folders
+
+    write_latent_folders(tmp_path / "files")
+    pack_folders(str(tmp_path / "files"), str(tmp_path / "data"), None, "float16", log=lambda *a: None)
+    ds = MultiDomainLatentDataset(str(tmp_path / "data"), ["a", "b", "c"], log=lambda *a: None)
+    shard = tmp_path / "data" / "a" / "latents.npy"
+    os.truncate(shard, 128)
+    with pytest.raises(ShardChanged, match=f"{shard} changed while this job read it"):
+        ds.content_ids()
+
+
 # ---------------------------------------------------------------------- 10. checks that came late
 
 @pytest.mark.parametrize("section, key", [("visualization", "save_dir"), ("evaluation", "source_root")])
