@@ -423,6 +423,60 @@ def test_content_ids_name_a_shard_truncated_after_the_data_set_was_built(tmp_pat
         ds.content_ids()
 
 
+# ---------------------------------------------------------------------- 3. weight files beside checkpoints
+
+def write_unusual_kind(path, state, kind):
+    """`state` saved with a tensor on the meta device (no data), a nested tensor (no shape), or as a
+    deflated torch.save archive (it may inflate far beyond its size)."""
+    import io
+    import zipfile
+
+    first = next(iter(state))
+    if kind == "meta":
+        state = {**state, first: torch.empty_like(state[first], device="meta")}
+    elif kind == "nested":
+        state = {**state, first: torch.nested.nested_tensor([torch.zeros_like(state[first])])}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as archive, \
+            zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if kind == "deflated" else zipfile.ZIP_STORED) as out:
+        for name in archive.namelist():
+            out.writestr(name, archive.read(name))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["meta", "nested", "deflated"])
+def test_lpips_weights_of_an_unusual_kind_are_one_line(trained, tmp_path, kind):
+    from conftest import write_random_alexnet
+
+    state = write_random_alexnet(tmp_path / "alexnet.pt")
+    bad = write_unusual_kind(tmp_path / "bad.pt", state, kind)
+    proc = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", trained[0], "--preview-decode", "--metrics",
+                           "LPIPS", "--lpips-weights", bad, "--device", "cpu", "--num-outs", "2", "--max-sources", "2",
+                           "--out", str(tmp_path / "eval")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    line = one_line_naming(proc.stderr, bad, "LPIPS weights")
+    assert "Fatal" not in proc.stderr and ("compressed" in line if kind == "deflated" else "features.0.weight" in line)
+
+
+@pytest.mark.parametrize("kind", ["meta", "nested", "deflated", "nan"])
+def test_a_poisoned_feature_cache_is_recomputed_with_a_warning(tmp_path, kind):
+    """The real-feature cache beside a checkpoint is the tool's own file, but a file all the same:
+    one that fails the checks is recomputed and replaced, saying so in the one line it logs."""
+    import metrics
+
+    key = {"version": metrics.CACHE_VERSION, "real": "x"}
+    latents, feats = torch.zeros(3, 4, 8, 8), torch.randn(3, 5)
+    metrics.cached_real_features("a", latents, lambda: feats, str(tmp_path), key)  # writes the file
+    (path,) = [tmp_path / name for name in os.listdir(tmp_path)]
+    poisoned = {"features": torch.full((3, 5), float("nan"))} if kind == "nan" else {"features": feats}
+    write_unusual_kind(path, {**poisoned, "key": key, "domain": "a"}, "stored" if kind == "nan" else kind)
+    again, how = metrics.cached_real_features("a", latents, lambda: feats * 2, str(tmp_path), key)
+    assert torch.equal(again, feats * 2) and "\n" not in how
+    assert how.startswith(f"computed and cached ({path.name}); warning: the cached file was refused"), how
+    assert metrics.cached_real_features("a", latents, lambda: None, str(tmp_path), key)[1].startswith("cached")
+
+
 # ---------------------------------------------------------------------- 10. checks that came late
 
 @pytest.mark.parametrize("section, key", [("visualization", "save_dir"), ("evaluation", "source_root")])
