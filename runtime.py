@@ -1,5 +1,6 @@
 """What every script shares at run time: errors and exit codes, argument checks, output folders, atomic
-writes (a failed one is a WriteError) and their orphans' cleanup, seeds and devices. The bottom of the module graph: it imports nothing of the project."""
+writes (a failed one is a WriteError) and their orphans' cleanup, seeds and devices. The bottom of the
+module graph: it imports nothing of the project."""
 
 import contextlib
 import errno
