@@ -15,6 +15,7 @@ stops construction with an error naming the file by its full path.
 
 import math
 import os
+import signal
 import sys
 
 import torch
@@ -255,6 +256,8 @@ class MultiDomainLatentDataset(Dataset):
         """{domain: raw latents [N_d, 4, H, W]}: views of the data in file order, as stored (packed
         float16 stays float16; a packed set not preloaded gives its memory maps, read on use)."""
         if self.data is None:
+            for shard in self.shards:  # the maps are read later: a file changed by now is named, not a SIGBUS
+                shard.check_unchanged()
             return {d: s.tensor() for d, s in zip(self.domains, self.shards)}
         return {d: self.data[first:first + count] for d, first, count in zip(self.domains, self.offsets, self.counts)}
 
@@ -263,7 +266,12 @@ class MultiDomainLatentDataset(Dataset):
         changes after loading): names a real set for caches (evaluation's real-domain features) by
         what it holds, so files rewritten with their old sizes and times are never mistaken."""
         if getattr(self, "_content_ids", None) is None:
-            self._content_ids = {d: content_hash(latents) for d, latents in self.by_domain().items()}
+            ids = {}
+            for d, latents in self.by_domain().items():
+                if self.shards and self.data is None:  # each map just before it is read whole
+                    self.shards[self.domains.index(d)].check_unchanged()
+                ids[d] = content_hash(latents)
+            self._content_ids = ids
         return self._content_ids
 
     def grid_samples(self):
@@ -395,7 +403,14 @@ def build_loader(dataset, batch_size, num_workers=0, pin_memory=False, drop_last
         pin_memory = False
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
-                      collate_fn=collate_batch, persistent_workers=num_workers > 0, generator=generator)
+                      collate_fn=collate_batch, persistent_workers=num_workers > 0, generator=generator,
+                      worker_init_fn=default_sigbus if getattr(dataset, "shards", None) else None)
+
+
+def default_sigbus(worker_id):
+    """In a loader worker over memory maps: SIGBUS (a file truncated under the read) ends the worker
+    without torch's note blaming shared memory; the main process then names the file (run.py)."""
+    signal.signal(signal.SIGBUS, signal.SIG_DFL)
 
 
 def rank_indices(n, dist, batch_size, drop_last):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from config import EVAL_METRICS as METRICS
 from config import parse_metrics
 from inference import mapped_styles, reference_styles, translate_raw
-from latents import SD15, content_hash
+from latents import SD15, content_hash, load_error_reason, load_plain, plain_tensor
 from runtime import InputError, atomic_write
 from vae import decode, latent_preview, open_vae
 
@@ -313,6 +313,23 @@ def torchmetrics_lpips_linear_layers():
     return path
 
 
+def weights_problem(state, expected):
+    """What makes `state` unfit to load as `expected` ({name: tensor}), None when nothing: every name
+    a dense CPU tensor (not meta, nested or sparse: they hold no data to check) of its shape, a
+    floating dtype, finite values."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}, not a dict of tensors"
+    for name, like in expected.items():
+        value = state.get(name)
+        if not plain_tensor(value):
+            return f"{name} is {'missing' if value is None else 'not a dense CPU tensor'}"
+        if tuple(value.shape) != tuple(like.shape) or not value.is_floating_point():
+            return f"{name} is {value.dtype} {list(value.shape)}, expected floating {list(like.shape)}"
+        if not bool(torch.isfinite(value).all()):
+            return f"{name} holds non-finite values"
+    return None
+
+
 def load_lpips(path=None, device="cpu"):
     """LPIPS (AlexNet, v0.1 linear layers) in eval mode on `device`.
 
@@ -324,15 +341,15 @@ def load_lpips(path=None, device="cpu"):
     expected = (f"expected torchvision's AlexNet state dict ({ALEXNET_FILE}) with "
                 + ", ".join(f"features.{i}.weight/bias" for i in ALEXNET_CONVS))
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = load_plain(file)
     except Exception as err:
-        raise InputError(f"LPIPS weights {file!r} cannot be read as a state dict ({err.__class__.__name__}); "
+        raise InputError(f"LPIPS weights {file!r} cannot be read as a state dict ({load_error_reason(err)}); "
                          f"{expected}") from None
     model = LPIPS()
     trunk_state = model.trunk.state_dict()
-    if not isinstance(state, dict) or any(
-            not isinstance(state.get(k), torch.Tensor) or state[k].shape != v.shape for k, v in trunk_state.items()):
-        raise InputError(f"LPIPS weights {file!r} are not in the expected format; {expected}")
+    problem = weights_problem(state, trunk_state)
+    if problem:
+        raise InputError(f"LPIPS weights {file!r} are not in the expected format ({problem}); {expected}")
     model.trunk.load_state_dict({k: state[k] for k in trunk_state})
     lins = torch.load(torchmetrics_lpips_linear_layers(), map_location="cpu", weights_only=True)
     for k, lin in enumerate(model.lins):
@@ -450,27 +467,41 @@ def latent_features(latents, decode, inception, batch_size=32, device="cpu", amp
     return in_batches(features, latents, batch_size)
 
 
+def read_cached_features(path, key, count):
+    """(features [count, D] float32, None) from a cache file written for `key`, or (None, why it is
+    refused): read as any user file (`load_plain`), then checked as weights are."""
+    try:
+        saved = load_plain(path)
+    except Exception as err:
+        return None, load_error_reason(err)
+    if not isinstance(saved, dict) or saved.get("key") != key:
+        return None, "it was not written for these latents, VAE and Inception"
+    feats = saved.get("features")
+    width = feats.shape[1] if plain_tensor(feats) and feats.dim() == 2 and feats.shape[1] else 1
+    problem = weights_problem({"features": feats}, {"features": torch.empty(count, width)})
+    return (None, problem) if problem else (feats.float(), None)
+
+
 def cached_real_features(domain, latents, compute, cache_dir, key):
     """Real-domain features from `cache_dir` when a file with this exact `key` (which names the
     latents by a hash of their content) is there, else `compute()` and store them (atomically), so
-    a re-evaluation decodes only the fakes. Returns (features, what happened: "cached", "computed
-    and cached as FILE" or "computed (no cache)")."""
+    a re-evaluation decodes only the fakes. A cached file that is unreadable or fails the checks is
+    recomputed and replaced, never trusted nor fatal. Returns (features, what happened: "cached",
+    "computed and cached (FILE)", with a warning saying why when a file there was refused, or
+    "computed (no cache)")."""
     if not cache_dir:
         return compute(), "computed (no cache)"
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = os.path.join(cache_dir, f"inception_real_{name}.pt")
+    refused = None
     if os.path.isfile(path):
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            feats = saved["features"]
-            if saved.get("key") == key and tuple(feats.shape) == (len(latents), saved["features"].shape[1]) \
-                    and bool(torch.isfinite(feats).all()):
-                return feats, f"cached ({os.path.basename(path)})"
-        except Exception:  # unreadable or from another version: recompute and overwrite
-            pass
+        found, refused = read_cached_features(path, key, len(latents))
+        if found is not None:
+            return found, f"cached ({os.path.basename(path)})"
     feats = compute()
     atomic_write(path, lambda f: torch.save({"key": key, "domain": domain, "features": feats.cpu()}, f))
-    return feats, f"computed and cached ({os.path.basename(path)})"
+    note = f"; warning: the cached file was refused and is replaced: {refused}" if refused else ""
+    return feats, f"computed and cached ({os.path.basename(path)}){note}"
 
 
 def task_generator(seed, mode, src_idx, trg_idx):

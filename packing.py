@@ -585,6 +585,7 @@ class PackedShard:
         try:
             advise(mmap.MADV_SEQUENTIAL)
             for start in range(0, len(self), rows):
+                self.check_unchanged()  # a truncated file faults the read: name it instead
                 if start + rows < len(self):
                     advise(mmap.MADV_WILLNEED, *pages(start + rows))  # read ahead while this chunk is checked
                 yield start, array[start:start + rows]
@@ -613,6 +614,17 @@ class PackedShard:
     def __setstate__(self, state):
         self.__init__(state["folder"])
         self.identity = state.get("identity", self.identity)  # the parent's: a change since then is seen
+
+
+def changed_shard(shards):
+    """The ShardChanged of the first of `shards` whose file is no longer the one mapped, else None:
+    after a reader died of SIGBUS, which file was truncated under it."""
+    for shard in shards:
+        try:
+            shard.check_unchanged()
+        except ShardChanged as err:
+            return err
+    return None
 
 
 def read_only_tensor(array):

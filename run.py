@@ -27,12 +27,12 @@ from config import latent_space, load_config, model_kwargs, resolve_latent_space
 from dataset import MultiDomainLatentDataset  # noqa: E402
 from demo_data import generate_demo_data  # noqa: E402
 from distributed import setup_distributed  # noqa: E402
+from folder_lock import LOCK_NAME, FolderLock  # noqa: E402
 from latents import MANIFEST_NAME, SD15, check_same_space, manifest_path, read_manifest  # noqa: E402
 from model import build_models, count_parameters  # noqa: E402
-from packing import ShardChanged  # noqa: E402
-from runtime import (BAD_INPUT, LOCK_NAME, FolderLock, InputError, WriteError, check_writable_folder,  # noqa: E402
-                     configure_backends, remove_if_empty, remove_orphaned_temporaries, resolve_device, run_script,
-                     seed_everything)
+from packing import ShardChanged, changed_shard  # noqa: E402
+from runtime import (BAD_INPUT, InputError, WriteError, check_writable_folder, configure_backends,  # noqa: E402
+                     remove_if_empty, remove_orphaned_temporaries, resolve_device, run_script, seed_everything)
 from train_backend import choose_cpu_threads  # noqa: E402
 from train_skips import NonFiniteError  # noqa: E402
 from trainer import Trainer  # noqa: E402
@@ -89,11 +89,10 @@ def claimed_folder(folder, dist, log):
     try:
         yield lock
     finally:
-        if dist.is_main and created and set(os.listdir(folder)) <= {LOCK_NAME}:
-            with contextlib.suppress(OSError):
-                os.remove(lock.path)
+        empty = dist.is_main and created and set(os.listdir(folder)) <= {LOCK_NAME}
+        lock.release(remove=empty)
+        if empty:
             remove_if_empty(folder)
-        lock.release()
 
 
 def check_decoders(cfg):
@@ -174,6 +173,7 @@ def train(cfg, resume, dist, local_rank, log, args):
         trainer, dataset = build(cfg, ckpt, dist, device, log)
         checkpoints = trainer.checkpoints  # knows the newest checkpoint this run can resume from
         checkpoints.lock = lock  # checked before each save: the folder is still this run's
+        lock.on_lost = lambda err: trainer.stop_request.from_within(f"stopping: {err}")  # the save then refuses
         checkpoints.latent_record = latent_record
         if ckpt is not None:
             checkpoints.resumed_from(path, ckpt["epoch"], ckpt["step"])
@@ -185,7 +185,7 @@ def train(cfg, resume, dist, local_rank, log, args):
             raise WriteError(err.errno, f"{err}\nresume with: {resume_command(args, resume_path(checkpoints, t))}") \
                 from None
         except (ShardChanged, RuntimeError) as err:  # data changed under the run, here or in a loader worker
-            changed = data_changed(err, cfg["data"]["root"])
+            changed = data_changed(err, dataset)
             if changed is None:
                 raise
             resume = f" Resume with: {resume_command(args, resume_path(checkpoints, t))}" if checkpoints.last_saved else ""
@@ -199,17 +199,24 @@ def train(cfg, resume, dist, local_rank, log, args):
         return code
 
 
-def data_changed(err, root):
+def data_changed(err, dataset):
     """One line for a packed file changed under the run: ShardChanged's own message (a loader worker's
-    comes back with the worker's traceback in its text), or a worker's death by SIGBUS (the file was
-    truncated between the check and the read); None for any other error."""
+    comes back with the worker's traceback in its text), or a worker's death by SIGBUS (a file was
+    truncated between the check and the read), naming the shard whose file is no longer the one
+    mapped; None for any other error."""
     text = str(err)
     if isinstance(err, ShardChanged):
         marker = f"{ShardChanged.__name__}: "
         return text[text.rindex(marker) + len(marker):].strip() if "Original Traceback" in text else text
-    if "Bus error" in text or "SIGBUS" in text:
-        return (f"a data loader worker was killed by SIGBUS: a memory-mapped latents.npy under {root} was "
-                "truncated while the run read it; restore it, or pack into a new folder and point data.root there")
+    causes = [str(e) for e in (err, err.__cause__, err.__context__) if e is not None]  # the loader's "killed by"
+    if any("Bus error" in cause or "SIGBUS" in cause for cause in causes):
+        found = changed_shard(dataset.shards or [])
+        if found is not None:
+            return f"a data loader worker was killed by SIGBUS: {found}"
+        where = (f"every latents.npy under {dataset.root} is the file this run mapped" if dataset.shards else
+                 f"the data under {dataset.root} is not memory-mapped")
+        return (f"a data loader worker was killed by SIGBUS, yet {where}: a full /dev/shm also does this; free or "
+                "enlarge it, or set training.num_workers 0")
     return None
 
 

@@ -1,6 +1,6 @@
 """What every script shares at run time: errors and exit codes, argument checks, output folders, atomic
-writes (a failed one is a WriteError) and their orphans' cleanup, the lock that gives a checkpoint folder
-to one run, seeds and devices. The bottom of the module graph: it imports nothing of the project."""
+writes (a failed one is a WriteError) and their orphans' cleanup, seeds and devices. The bottom of the
+module graph: it imports nothing of the project."""
 
 import contextlib
 import errno
@@ -8,9 +8,7 @@ import os
 import random
 import re
 import signal
-import socket
 import sys
-import time
 
 import numpy as np
 import torch
@@ -215,100 +213,6 @@ def pid_alive(pid):
     except OSError as e:
         return isinstance(e, PermissionError)
     return True
-
-
-# ---------------------------------------------------------------------- one run per folder
-
-LOCK_NAME = ".run.lock"
-_HELD_LOCKS = set()  # the lock files this process holds
-
-
-def _drop_inherited_locks():
-    """In a forked child (a DataLoader worker), close the parent's lock files: an flock belongs to the
-    open file, which a fork shares, so a worker would otherwise hold the folder after its run died."""
-    for file in list(_HELD_LOCKS):
-        with contextlib.suppress(OSError):
-            file.close()
-    _HELD_LOCKS.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_drop_inherited_locks)
-
-
-class FolderLock:
-    """An exclusive OS lock on `<folder>/.run.lock`, held for the life of a training run. The OS drops it
-    when the process ends, however it ends (kill -9 included): no stale lock. The file keeps the holder's
-    PID, host and start time for a second run's message. flock locks are per open file, so two runs in
-    one process exclude each other too; `check` finds a lock file removed or replaced under the run."""
-
-    def __init__(self, folder):
-        self.folder = folder
-        self.path = os.path.join(folder, LOCK_NAME)
-        self.file = None
-
-    def acquire(self, what="training.checkpoint_dir"):
-        """Take the lock or raise InputError naming the folder and the run that holds it."""
-        try:
-            import fcntl
-        except ImportError:  # not a POSIX system: no lock, as before
-            return self
-        try:
-            file = open(self.path, "a+", encoding="utf-8")
-        except OSError as e:
-            raise InputError(f"{what} {self.folder!r}: cannot create the lock file {LOCK_NAME} "
-                             f"({e.strerror or e})") from None
-        try:
-            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if not self.names(file):  # removed or replaced between open and flock: lock the file there now
-                file.close()
-                return self.acquire(what)
-        except OSError as e:
-            file.seek(0)
-            holder = file.read().strip() or "another process"
-            file.close()
-            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise InputError(f"{what} {self.folder!r} is in use by another training run ({holder}); one folder "
-                                 "holds one run: wait for it to finish, stop it, or choose another one") from None
-            raise InputError(f"{what} {self.folder!r}: cannot lock {LOCK_NAME} ({e.strerror or e})") from None
-        file.seek(0)
-        file.truncate()
-        started = time.strftime("%Y-%m-%d %H:%M:%S")
-        file.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
-        file.flush()
-        self.file = file
-        _HELD_LOCKS.add(file)
-        return self
-
-    def names(self, file):
-        """Whether the lock file's path still names `file` (rm or a copy over it makes another file)."""
-        try:
-            return os.path.samestat(os.fstat(file.fileno()), os.stat(self.path))
-        except FileNotFoundError:
-            return False
-
-    def check(self, what="training.checkpoint_dir"):
-        """Before each save: a lock file removed or replaced is locked again, or taken: InputError naming who took it."""
-        if self.file is None or self.names(self.file):
-            return
-        self.release()
-        try:
-            self.acquire(what)
-        except InputError as err:
-            raise InputError(f"{LOCK_NAME} was removed while this run held it: {err}; this run stops "
-                             "without writing, so as not to overwrite that run's checkpoints") from None
-
-    def release(self):
-        if self.file is not None:
-            _HELD_LOCKS.discard(self.file)
-            self.file.close()  # closing the file drops the lock; the file stays for the next run
-            self.file = None
-
-    def __enter__(self):
-        return self if self.file is not None else self.acquire()
-
-    def __exit__(self, *exc):
-        self.release()
 
 
 # ---------------------------------------------------------------------- seeds and devices

@@ -48,6 +48,13 @@ class StopRequest:
         self.log(f"\nreceived {signal.Signals(signum).name}: finishing this step (or the grid / evaluation batch), "
                  "then saving latest.pt; a second one stops at once")
 
+    def from_within(self, reason):
+        """A stop this process asks for itself (another run took its folder), taken up as SIGTERM's at the
+        next step; `reason` is logged. Safe from another thread: it only sets the request."""
+        if self.signum is None:
+            self.signum = signal.SIGTERM
+            self.log(f"\n{reason}")
+
     @contextlib.contextmanager
     def handling_signals(self):
         """SIGINT / SIGTERM / SIGHUP come here while the block runs; the previous handlers after it."""

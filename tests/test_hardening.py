@@ -23,6 +23,7 @@ import app
 import checkpoint
 import evaluate
 import export
+import folder_lock
 import run
 import runtime
 import translate
@@ -308,7 +309,7 @@ def write_run_config(tmp_path, name, **training):
 def test_a_second_run_on_a_busy_folder_is_refused_naming_the_holder(tmp_path, capsys):
     cfg = write_run_config(tmp_path, "cfg", epochs=1)
     os.makedirs(tmp_path / "out")
-    with runtime.FolderLock(str(tmp_path / "out")).acquire():
+    with folder_lock.FolderLock(str(tmp_path / "out")).acquire():
         assert run.main(["--config", cfg]) == 2
         err = capsys.readouterr().err
         assert f"training.checkpoint_dir '{tmp_path / 'out'}' is in use by another training run" in err
@@ -344,18 +345,18 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
 def test_a_killed_runs_forked_workers_do_not_keep_its_lock(tmp_path):
     """flock belongs to the open file, which fork shares: DataLoader workers of a run killed with
     -9 would hold the folder until they noticed. Forked children close the inherited lock."""
-    code = (f"import os, sys, time\nsys.path.insert(0, {ROOT!r})\nimport runtime\n"
-            f"runtime.FolderLock({str(tmp_path)!r}).acquire()\npid = os.fork()\n"
+    code = (f"import os, sys, time\nsys.path.insert(0, {ROOT!r})\nimport folder_lock\n"
+            f"folder_lock.FolderLock({str(tmp_path)!r}).acquire()\npid = os.fork()\n"
             "if pid == 0:\n    time.sleep(60)\n    os._exit(0)\nprint(pid, flush=True)\ntime.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     worker = int(proc.stdout.readline())
     try:
         with pytest.raises(runtime.InputError, match="in use by another training run"):
-            runtime.FolderLock(str(tmp_path)).acquire()
+            folder_lock.FolderLock(str(tmp_path)).acquire()
         proc.kill()
         proc.wait()
         assert runtime.pid_alive(worker)  # the forked worker lives on...
-        runtime.FolderLock(str(tmp_path)).acquire().release()  # ...and the folder is free
+        folder_lock.FolderLock(str(tmp_path)).acquire().release()  # ...and the folder is free
     finally:
         proc.kill()
         os.kill(worker, signal.SIGKILL)

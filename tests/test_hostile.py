@@ -54,11 +54,11 @@ def finish(proc, timeout=120):
 @pytest.mark.slow
 def test_a_run_whose_lock_file_was_replaced_stops_without_writing(tmp_path):
     """Another run's lock file renamed over .run.lock under a running job (as rm and a second
-    `run.py --resume` would leave it, without the race): the first run's next save finds that its
-    lock no longer names the path and stops in one line naming the holder."""
+    `run.py --resume` would leave it, without the race), with no save due for a long while: the
+    lock's watcher stops the run within seconds, and its save refuses in one line naming the holder."""
     import fcntl
 
-    cfg = write_run_config(tmp_path, epochs=100000)
+    cfg = write_run_config(tmp_path, epochs=100000, save_interval=1000)
     first, lines = start(["run.py", "--config", cfg]), []
     try:
         wait_for(first, '{"step": 2,', lines)
@@ -67,28 +67,38 @@ def test_a_run_whose_lock_file_was_replaced_stops_without_writing(tmp_path):
             other.write(f"pid {os.getpid()} on this host\n")
             other.flush()
             os.replace(tmp_path / "out" / "other.lock", tmp_path / "out" / ".run.lock")
-            code, out, err = finish(first)
+            code, out, err = finish(first, timeout=60)
         assert code == 2, err
         line = one_line_naming(err, str(tmp_path / "out"), f"pid {os.getpid()} on this host")
         assert ".run.lock was removed while this run held it" in line and "without writing" in line
+        assert not os.path.exists(tmp_path / "out" / "latest.pt")  # no save was due: none written
     finally:
         first.kill()
         first.wait()
 
 
 @pytest.mark.slow
-def test_a_removed_lock_file_is_taken_again_and_a_second_run_is_refused(tmp_path):
-    cfg = write_run_config(tmp_path, epochs=100000)
+def test_a_removed_lock_file_is_put_back_and_a_second_run_is_refused(tmp_path):
+    """`rm .run.lock` under a run whose next save is far away: within a second the run puts the
+    file back, locked, so a second run is refused naming the first; the first trains on alone and
+    its stop saves its own latest.pt."""
+    cfg = write_run_config(tmp_path, epochs=100000, save_interval=1000)
     first, lines = start(["run.py", "--config", cfg]), []
     try:
-        wait_for(first, '{"step": 2,', lines)
+        wait_for(first, '{"step": 3,', lines)
         os.remove(tmp_path / "out" / ".run.lock")
-        wait_for(first, '{"step": 6,', lines)  # two saves later: the first run locked the path again
-        second = subprocess.run([sys.executable, "run.py", "--config", cfg, "--resume"], cwd=ROOT,
+        time.sleep(2)
+        second = subprocess.run([sys.executable, "run.py", "--config", cfg, "training.epochs=1"], cwd=ROOT,
                                 capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2
+        assert second.returncode == 2, second.stderr
         one_line_naming(second.stderr, "is in use by another training run", f"pid {first.pid} on ")
         assert first.poll() is None  # the first run trains on, alone
+        step = int(wait_for(first, '{"step": ', lines).split(",")[0].split()[-1])
+        first.send_signal(signal.SIGTERM)
+        code, out, err = finish(first)
+        assert code == 128 + signal.SIGTERM, err
+        ckpt = torch.load(tmp_path / "out" / "latest.pt", weights_only=True)
+        assert ckpt["step"] >= step and ckpt["config"]["training"]["epochs"] == 100000  # the first run's
     finally:
         first.kill()
         first.wait()
@@ -339,6 +349,132 @@ def test_a_shard_rewritten_under_a_run_ends_it_in_one_line(tmp_path, workers):
     assert code == 2, err
     line = one_line_naming(err, str(shard), "changed while this job read it")
     assert "The last good checkpoint, " in line and "Resume with: python run.py --config" in line
+
+
+def start_packed_run(tmp_path, workers, code=None):
+    """run.py (or `code` calling run.main) on a packed copy of the tiny data, after epoch 1's save."""
+    from packing import pack_folders
+
+    write_latent_folders(tmp_path / "files")
+    pack_folders(str(tmp_path / "files"), str(tmp_path / "data"), None, "float16", log=lambda *a: None)
+    cfg = write_run_config(tmp_path, epochs=100000, num_workers=workers)
+    proc, lines = start(["run.py", "--config", cfg], code and code.format(cfg=cfg)), []
+    wait_for(proc, '{"step": 4,', lines)  # epoch 1 is saved
+    return proc
+
+
+def assert_stopped_on_changed_shard(tmp_path, proc, shard):
+    """One line naming the shard, exit code 2, no traceback and no fatal signal, latest.pt intact."""
+    from checkpoint import load_checkpoint
+
+    code, out, err = finish(proc)
+    assert code == 2, err
+    line = one_line_naming(err, str(shard), "changed while this job read it")
+    assert "The last good checkpoint, " in line and "Resume with: python run.py --config" in line
+    assert "Bus error" not in err and "bus error" not in err
+    assert load_checkpoint(str(tmp_path / "out" / "latest.pt"))["step"] >= 4  # the last save is intact
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_truncated_under_a_run_ends_it_in_one_line(tmp_path, workers):
+    proc = start_packed_run(tmp_path, workers)
+    shard = tmp_path / "data" / "a" / "latents.npy"
+    try:
+        os.truncate(shard, os.path.getsize(shard) // 3)
+        assert_stopped_on_changed_shard(tmp_path, proc, shard)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# the loader workers read past the per-batch check, as a truncation that lands between the check and
+# the read does: a worker faults on the truncated map (SIGBUS)
+WORKERS_SKIP_THE_CHECK = (f"import sys\nsys.path.insert(0, {ROOT!r})\nimport packing, torch.utils.data as tud\n"
+                          "check = packing.PackedShard.check_unchanged\n"
+                          "packing.PackedShard.check_unchanged = lambda self: None if tud.get_worker_info() "
+                          "else check(self)\nimport run\nsys.exit(run.main(['--config', {cfg!r}]))\n")
+
+
+@pytest.mark.slow
+def test_a_loader_worker_killed_by_sigbus_names_the_truncated_shard(tmp_path):
+    proc = start_packed_run(tmp_path, 2, WORKERS_SKIP_THE_CHECK)
+    shard = tmp_path / "data" / "b" / "latents.npy"
+    try:
+        os.truncate(shard, 128)  # the header alone: rows past the first page fault
+        assert_stopped_on_changed_shard(tmp_path, proc, shard)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_content_ids_name_a_shard_truncated_after_the_data_set_was_built(tmp_path):
+    """evaluate.py and the evaluation during training hash every map whole: a file truncated after
+    the data set was opened is named (ShardChanged), not read into a SIGBUS."""
+    from dataset import MultiDomainLatentDataset
+    from packing import ShardChanged, pack_folders
+
+    write_latent_folders(tmp_path / "files")
+    pack_folders(str(tmp_path / "files"), str(tmp_path / "data"), None, "float16", log=lambda *a: None)
+    ds = MultiDomainLatentDataset(str(tmp_path / "data"), ["a", "b", "c"], log=lambda *a: None)
+    shard = tmp_path / "data" / "a" / "latents.npy"
+    os.truncate(shard, 128)
+    with pytest.raises(ShardChanged, match=f"{shard} changed while this job read it"):
+        ds.content_ids()
+
+
+# ---------------------------------------------------------------------- 3. weight files beside checkpoints
+
+def write_unusual_kind(path, state, kind):
+    """`state` saved with a tensor on the meta device (no data), a nested tensor (no shape), or as a
+    deflated torch.save archive (it may inflate far beyond its size)."""
+    import io
+    import zipfile
+
+    first = next(iter(state))
+    if kind == "meta":
+        state = {**state, first: torch.empty_like(state[first], device="meta")}
+    elif kind == "nested":
+        state = {**state, first: torch.nested.nested_tensor([torch.zeros_like(state[first])])}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as archive, \
+            zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if kind == "deflated" else zipfile.ZIP_STORED) as out:
+        for name in archive.namelist():
+            out.writestr(name, archive.read(name))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["meta", "nested", "deflated"])
+def test_lpips_weights_of_an_unusual_kind_are_one_line(trained, tmp_path, kind):
+    from conftest import write_random_alexnet
+
+    state = write_random_alexnet(tmp_path / "alexnet.pt")
+    bad = write_unusual_kind(tmp_path / "bad.pt", state, kind)
+    proc = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", trained[0], "--preview-decode", "--metrics",
+                           "LPIPS", "--lpips-weights", bad, "--device", "cpu", "--num-outs", "2", "--max-sources", "2",
+                           "--out", str(tmp_path / "eval")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    line = one_line_naming(proc.stderr, bad, "LPIPS weights")
+    assert "Fatal" not in proc.stderr and ("compressed" in line if kind == "deflated" else "features.0.weight" in line)
+
+
+@pytest.mark.parametrize("kind", ["meta", "nested", "deflated", "nan"])
+def test_a_poisoned_feature_cache_is_recomputed_with_a_warning(tmp_path, kind):
+    """The real-feature cache beside a checkpoint is the tool's own file, but a file all the same:
+    one that fails the checks is recomputed and replaced, saying so in the one line it logs."""
+    import metrics
+
+    key = {"version": metrics.CACHE_VERSION, "real": "x"}
+    latents, feats = torch.zeros(3, 4, 8, 8), torch.randn(3, 5)
+    metrics.cached_real_features("a", latents, lambda: feats, str(tmp_path), key)  # writes the file
+    (path,) = [tmp_path / name for name in os.listdir(tmp_path)]
+    poisoned = {"features": torch.full((3, 5), float("nan"))} if kind == "nan" else {"features": feats}
+    write_unusual_kind(path, {**poisoned, "key": key, "domain": "a"}, "stored" if kind == "nan" else kind)
+    again, how = metrics.cached_real_features("a", latents, lambda: feats * 2, str(tmp_path), key)
+    assert torch.equal(again, feats * 2) and "\n" not in how
+    assert how.startswith(f"computed and cached ({path.name}); warning: the cached file was refused"), how
+    assert metrics.cached_real_features("a", latents, lambda: None, str(tmp_path), key)[1].startswith("cached")
 
 
 # ---------------------------------------------------------------------- 10. checks that came late
