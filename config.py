@@ -16,7 +16,7 @@ import re
 import yaml
 
 from latents import (MAX_DOWNSAMPLE, MAX_FACTOR, MAX_LATENT_CHANNELS, SD15, LatentSpace, check_same_space,
-                     path_component_problem)
+                     path_component_problem, short_repr)
 from model import expected_state
 from runtime import AMP_DTYPES, SEED_LIMIT, InputError, atomic_write
 
@@ -187,7 +187,8 @@ def merge(base, update, source, prefix="", ignore_unknown=False, ignored=None):
                               f"{', '.join(sorted(map(str, base)))}")
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
-                raise InputError(f"config key {path!r} in {source} must be a section (mapping), got {value!r}")
+                raise InputError(f"config key {path!r} in {source} must be a section (mapping), "
+                                 f"got {short_repr(value)}")
             merge(base[key], value, source, f"{path}.", ignore_unknown, ignored)
         else:
             base[key] = value
@@ -282,11 +283,6 @@ def check(ok, key, value, expected):
         raise InputError(f"config key {key!r} = {short_repr(value)}: expected {expected}")
 
 
-def short_repr(value):
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def check_data(cfg):
     d = cfg["data"]
     domains = d["domains"]
@@ -368,11 +364,11 @@ def check_evaluation(cfg):
 def parse_metrics(value, flag="--metrics"):
     """'fid,kid' or ['FID', 'KID'] -> ['FID', 'KID'] in EVAL_METRICS' order; InputError naming `flag`."""
     names = value.split(",") if isinstance(value, str) else list(value)
-    chosen = {str(n).strip().upper() for n in names if str(n).strip()}
+    chosen = {n.strip().upper() for n in names if isinstance(n, str) and n.strip()}
     unknown = sorted(chosen - set(EVAL_METRICS))
-    if unknown or not chosen:
-        raise InputError(f"{flag} {value!r}: expected one or more of {', '.join(m.lower() for m in EVAL_METRICS)}, "
-                         "separated by commas")
+    if unknown or not chosen or not all(isinstance(n, str) for n in names):
+        raise InputError(f"{flag} {short_repr(value)}: expected one or more of "
+                         f"{', '.join(m.lower() for m in EVAL_METRICS)}, separated by commas")
     return [m for m in EVAL_METRICS if m in chosen]
 
 
@@ -393,17 +389,16 @@ def to_float(key, value):
         try:
             number = float(value.strip())
         except ValueError:
-            raise InputError(f"config key {key!r} must be a number, got {value!r}") from None
+            raise InputError(f"config key {key!r} must be a number, got {short_repr(value)}") from None
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
             number = float(value)
         except OverflowError:  # an int beyond any float
-            raise InputError(f"config key {key!r} must be a finite number, got an integer of {len(str(value))} "
-                             "digits") from None
+            raise InputError(f"config key {key!r} must be a finite number, got {short_repr(value)}") from None
     else:
-        raise InputError(f"config key {key!r} must be a number, got {value!r}")
+        raise InputError(f"config key {key!r} must be a number, got {short_repr(value)}")
     if not math.isfinite(number):
-        raise InputError(f"config key {key!r} must be a finite number, got {value!r}")
+        raise InputError(f"config key {key!r} must be a finite number, got {short_repr(value)}")
     return number
 
 

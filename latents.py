@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import reprlib
 import warnings
 import zipfile
 
@@ -302,6 +303,36 @@ def safe_name(name, limit=80):
     return repr(cut) if text == name else f"'{cut}'"  # repr would double the escapes' backslashes
 
 
+class BoundedRepr(reprlib.Repr):
+    """reprlib's repr, which stops after a few levels and items, also for subclasses of the built-in
+    containers (OrderedDict) and for ints beyond str()'s 4300 digits: a YAML alias repeated inside
+    itself ("billion laughs") or a pickled list shared with itself is small on disk, but its full
+    repr doubles with each level and would never end."""
+
+    def repr1(self, x, level):
+        for kind in (dict, list, tuple, set, frozenset):
+            if isinstance(x, kind) and type(x) is not kind:  # reprlib dispatches on the type's name alone
+                return getattr(self, f"repr_{kind.__name__}")(x, level)
+        return super().repr1(x, level)
+
+    def repr_int(self, x, level):
+        if x.bit_length() > 4 * self.maxlong:  # more than maxlong digits: str() may refuse it
+            return f"<an int of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+
+_REPR = BoundedRepr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 60, 60, 40
+_REPR.maxdict = _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = 6
+
+
+def short_repr(value, limit=80):
+    """A value of a config or checkpoint for one error line: a bounded repr (`BoundedRepr`), at most
+    `limit` characters."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def escaped_character(c):
     if c.isprintable():
         return c
@@ -498,7 +529,7 @@ def read_manifest(root):
 def check_manifest(record, path):
     """Every key of a manifest record: known, of its type, in its range; InputError naming `path` and the key."""
     def bad(key, expected):
-        raise InputError(f"{path}: key {key!r} = {safe_name(repr(record.get(key)))}: expected {expected}")
+        raise InputError(f"{path}: key {key!r} = {short_repr(record.get(key))}: expected {expected}")
 
     if not isinstance(record, dict):
         raise InputError(f"{path} must hold a JSON object, got {type(record).__name__}")

@@ -384,6 +384,25 @@ def test_the_app_refuses_infinite_or_odd_video_settings_in_one_line(frames, fps)
         app.check_video_args(frames, fps, app.VIDEO_FORMATS[0])
 
 
+# ---------------------------------------------------------------------- 12. values whose repr never ends
+
+@pytest.mark.parametrize("key", ["seed", "data.domains", "evaluation.metrics", "training.lr"])
+def test_a_config_value_aliased_inside_itself_is_one_line(tmp_path, key):
+    """A YAML anchor used twice inside the next one, 30 levels ("billion laughs"): a few hundred bytes
+    whose value has 2**30 leaves. The refusal names the key in one line, at once."""
+    body = "&a0 [x, x]"
+    for level in range(1, 30):
+        body = f"&a{level} [{body}, *a{level - 1}]"
+    section, _, name = key.rpartition(".")
+    path = tmp_path / "laughs.yaml"
+    path.write_text(f"{section}:\n  {name}: {body}\n" if section else f"{key}: {body}\n")
+    proc = subprocess.run([sys.executable, "run.py", "--config", str(path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    one_line_naming(proc.stderr, f"config key {key!r}", "[[[")
+    assert os.listdir(tmp_path) == ["laughs.yaml"]
+
+
 # ---------------------------------------------------------------------- 8. errors of the system
 
 def test_a_deeply_nested_index_is_one_line(tmp_path):
