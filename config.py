@@ -15,7 +15,7 @@ import re
 
 import yaml
 
-from latents import (MAX_DOWNSAMPLE, MAX_FACTOR, MAX_LATENT_CHANNELS, SD15, LatentSpace, check_same_space,
+from latents import (MAX_DOWNSAMPLE, MAX_FACTOR, MAX_LATENT_CHANNELS, SD15, LatentSpace, check_same_space, parse_file,
                      path_component_problem, short_repr)
 from model import expected_state
 from runtime import AMP_DTYPES, SEED_LIMIT, InputError, atomic_write
@@ -158,12 +158,9 @@ MAX_PARAMETERS = 2 * 10 ** 9  # G + F + E + D; the default model has about 10M
 def read_config_file(path):
     if not os.path.isfile(path):
         raise InputError(f"config file {path!r} not found")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise InputError(f"config file {path!r} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {e}")
+    kind = "JSON" if path.endswith(".json") else "YAML"
+    data = parse_file(path, json.loads if kind == "JSON" else yaml.safe_load, kind, f"config file {path!r}",
+                      (yaml.YAMLError,))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -201,8 +198,8 @@ def parse_override(text):
     key, _, raw = text.partition("=")
     try:
         value = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise InputError(f"override {text!r}: value is not valid YAML: {e}")
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an int beyond 4300 digits
+        raise InputError(f"override {short_repr(text)}: value is not valid YAML: {' '.join(str(e).split())[:200]}")
     nested = value
     for part in reversed(key.strip().split(".")):
         nested = {part: nested}

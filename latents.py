@@ -508,6 +508,22 @@ def copy_manifest(src_root, *dst_roots):
     return found
 
 
+def parse_file(path, parse, kind="JSON", what=None, errors=()):
+    """parse(text) of the UTF-8 file at `path`: a config, a manifest, small files a user may edit.
+    One InputError naming `what` (default: the path) for a file that cannot be read, bytes that are
+    not UTF-8, bad syntax (ValueError, or `errors` such as yaml.YAMLError) or nesting deeper than
+    Python's stack (RecursionError)."""
+    what = what or path
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse(f.read())
+    except OSError as e:
+        raise InputError(f"cannot read {what} ({e.strerror or e})") from None
+    except (ValueError, RecursionError, *errors) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        reason = "nested deeper than Python's stack" if isinstance(e, RecursionError) else " ".join(str(e).split())
+        raise InputError(f"{what} is not valid {kind} ({type(e).__name__}: {reason[:200]})") from None
+
+
 def read_manifest(root):
     """(LatentSpace, record) from `root/latent_space.json`, or None when the root has none.
     InputError naming the file (and the key) for anything malformed."""
@@ -517,11 +533,7 @@ def read_manifest(root):
     if os.path.getsize(path) > MAX_MANIFEST_BYTES:
         raise InputError(f"{path} is {os.path.getsize(path):,} bytes; a latent-space manifest has at most "
                          f"{MAX_MANIFEST_BYTES:,}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"{path} is not valid JSON ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    record = parse_file(path, json.loads)
     check_manifest(record, path)
     return LatentSpace.from_dict(record), record
 

@@ -3,6 +3,7 @@ signals a terminal sends, shards replaced under a running job, outputs that name
 without bounds, system errors, late checks and the app's odd values. Each exits 1 or 2 (or 128 +
 the signal after a stop) with one line naming the file, key or value, and overwrites nothing."""
 
+import json
 import os
 import select
 import signal
@@ -417,6 +418,64 @@ def test_a_deeply_nested_index_is_one_line(tmp_path):
                           timeout=300)
     assert proc.returncode == 2, proc.stderr
     one_line_naming(proc.stderr, str(index), "RecursionError")
+
+
+DEEP_TEXT = {"yaml": "seed: " + "[" * 2000 + "]" * 2000 + "\n", "json": '{"seed": ' + "[" * 2000 + "]" * 2000 + "}"}
+
+
+@pytest.mark.parametrize("suffix, content, reason", [
+    ("yaml", DEEP_TEXT["yaml"], "RecursionError"), ("json", DEEP_TEXT["json"], "RecursionError"),
+    ("yaml", b"seed: 1\n# caf\xe9\n", "UnicodeDecodeError"), ("yaml", "seed: " + "9" * 5000 + "\n", "ValueError")],
+    ids=["deep-yaml", "deep-json", "latin1-yaml", "huge-int-yaml"])
+def test_a_config_file_nested_too_deep_or_not_utf8_is_one_line(tmp_path, suffix, content, reason):
+    path = tmp_path / f"cfg.{suffix}"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    proc = subprocess.run([sys.executable, "run.py", "--config", str(path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    one_line_naming(proc.stderr, f"config file {str(path)!r} is not valid {suffix.upper()}", reason)
+    assert os.listdir(tmp_path) == [path.name]
+
+
+@pytest.mark.parametrize("content, reason", [(b"[" * 5000 + b"]" * 5000, "RecursionError"),
+                                             (b'{"version": 1, "vae_source": "\xff"}', "UnicodeDecodeError")],
+                         ids=["deep", "not-utf8"])
+def test_a_latent_space_manifest_nested_too_deep_or_not_utf8_is_one_line(tmp_path, content, reason):
+    cfg = write_run_config(tmp_path, epochs=1)
+    manifest = tmp_path / "data" / "latent_space.json"
+    manifest.write_bytes(content)
+    proc = subprocess.run([sys.executable, "run.py", "--config", cfg], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    one_line_naming(proc.stderr, f"{manifest} is not valid JSON", reason)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", [b"[" * 5000 + b"]" * 5000, b'{"version": "\xff"}'], ids=["deep", "not-utf8"])
+def test_a_demo_manifest_nested_too_deep_or_not_utf8_is_made_again(tmp_path, content):
+    """demo_manifest.json is the demo data's own record: one that is not as written means the data is
+    made again, as for a torn one."""
+    from demo_data import MANIFEST_NAME, generate_demo_data
+
+    generate_demo_data(tmp_path, ["a", "b"], files_per_domain=2, size=8, log=lambda line: None)
+    (tmp_path / MANIFEST_NAME).write_bytes(content)
+    lines = []
+    generate_demo_data(tmp_path, ["a", "b"], files_per_domain=2, size=8, log=lines.append)
+    assert lines[0].startswith("demo data: wrote 2 domains"), lines
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["domains"] == ["a", "b"]
+
+
+def test_the_log_of_an_interrupted_pack_nested_too_deep_means_starting_over(tmp_path):
+    from packing import PARTIAL_LOG
+
+    write_latent_folders(tmp_path / "files", files=2)
+    (tmp_path / "packed" / "a").mkdir(parents=True)
+    (tmp_path / "packed" / "a" / PARTIAL_LOG).write_bytes(b"[" * 5000 + b"]" * 5000 + b"\n")
+    proc = subprocess.run([sys.executable, "pack.py", str(tmp_path / "files"), str(tmp_path / "packed")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "the log of an interrupted pack is unreadable" in proc.stdout, proc.stdout
+    assert not (tmp_path / "packed" / "a" / PARTIAL_LOG).exists()
 
 
 def test_an_unreadable_domain_folder_is_one_line(tmp_path, monkeypatch):
