@@ -452,7 +452,10 @@ def visualization_every(cfg):
     return every if every is not None else cfg["training"]["eval_interval"]
 
 
+RESOLVED_CONFIG = "config.yaml"
+
+
 def save_resolved(cfg, folder):
     """Write the resolved config next to the checkpoints (StyleGAN2's training_options.json)."""
     text = yaml.safe_dump(cfg, sort_keys=False).encode("utf-8")
-    return atomic_write(os.path.join(folder, "config.yaml"), lambda f: f.write(text))
+    return atomic_write(os.path.join(folder, RESOLVED_CONFIG), lambda f: f.write(text))

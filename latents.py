@@ -85,7 +85,7 @@ def list_latent_files(folder):
             if os.path.isdir(root) else None
         hint = f"; folders in {root}: {found}" if found is not None else f"; {root} does not exist either"
         raise FileNotFoundError(
-            f"domain folder not found: {folder} (expected one folder per domain under data.root, "
+            f"domain folder not found: {folder} (expected one folder per domain in {root}, "
             f"holding *.pt or *.npy latents{hint})")
     if is_packed(folder):  # its latents.npy is no single latent
         raise InputError(f"{folder} holds packed latents ({PACKED_ARRAY} + {PACKED_INDEX}), not one file per latent")

@@ -363,6 +363,35 @@ def test_a_bad_folder_of_the_config_is_refused_before_the_folder_is_claimed(tmp_
     assert not (tmp_path / "out").exists()  # no config.yaml, no lock: nothing of the refused run
 
 
+@pytest.mark.parametrize("case", ["no VAE", "no Inception weights", "source_root without the domains"])
+def test_a_run_whose_evaluation_cannot_start_leaves_no_folder(tmp_path, tiny_vae_dir, case):
+    """evaluation.every_epochs set, and its evaluator cannot open (no VAE to decode with, weight files
+    that do not exist, held-out latents without the domain folders): one line, and the checkpoint
+    folder this run created is gone again, its lock and config.yaml with it."""
+    cfg = write_run_config(tmp_path, epochs=1)
+    with open(cfg) as f:
+        data = yaml.safe_load(f)
+    evaluation = {"every_epochs": 1, "vae_path": "no-such-vae-folder/", "metrics": ["FID"]}
+    if case == "no VAE":
+        evaluation["vae_path"] = None
+        expected = "VAE"
+    elif case == "no Inception weights":
+        evaluation.update(vae_path=str(tiny_vae_dir), inception_weights=str(tmp_path / "missing.pth"))
+        expected = str(tmp_path / "missing.pth")
+    else:
+        (tmp_path / "held").mkdir()
+        evaluation["source_root"] = str(tmp_path / "held")
+        expected = "evaluation.source_root"
+    data["evaluation"] = evaluation
+    with open(cfg, "w") as f:
+        yaml.safe_dump(data, f)
+    proc = subprocess.run([sys.executable, "run.py", "--config", cfg], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    one_line_naming(proc.stderr, expected, "")
+    assert not (tmp_path / "out").exists(), os.listdir(tmp_path / "out")
+
+
 # ---------------------------------------------------------------------- 11. the app's odd values
 
 @pytest.mark.parametrize("label", [{"path": "/etc/passwd"}, ["a", "b"], 3])
