@@ -271,6 +271,21 @@ SCRIPT_BOUNDS = [
     ("bench", "--data-startup", "1e12", f"{INT} 1 to 1e+07"),
     ("bench", "--data-startup", "100000000", f"{INT} 1 to 1e+07"),
     ("bench", "--ranks", "100000", f"{INT} 1 to 256"),
+    ("score", "--steps", "0", f"{INT} 1 to 100000"),
+    ("score", "--steps", "1e9", f"{INT} 1 to 100000"),
+    ("score", "--steps", "1000000", f"{INT} 1 to 100000"),
+    ("score", "--threads", "0", f"{INT} 1 to 1024"),
+    ("score", "--threads", "100000", f"{INT} 1 to 1024"),
+    ("score", "--domains", "1", f"{INT} 2 to 1024"),
+    ("score", "--domains", "100000", f"{INT} 2 to 1024"),
+    ("score", "--size", "4", f"{INT} 8 to 1024"),
+    ("score", "--size", "100000", f"{INT} 8 to 1024"),
+    ("score", "--num-outs", "1", f"{INT} 2 to 1000"),
+    ("score", "--num-outs", "100000", f"{INT} 2 to 1000"),
+    ("score", "--test-per-domain", "2", f"{INT} 4 to 10000"),
+    ("score", "--test-per-domain", "1000000", f"{INT} 4 to 10000"),
+    ("score", "--eval-every", "0", f"{INT} 1 to 100000"),
+    ("score", "--eval-every", "1000000", f"{INT} 1 to 100000"),
 ]
 
 
@@ -285,7 +300,8 @@ def script_args(script, tmp_path):
             "encode": ["--input", str(tmp_path / "images"), "--output", str(tmp_path / "out"), "--vae",
                        str(tmp_path / "vae")],
             "export": ["--checkpoint", str(tmp_path / "latest.pt"), "--output", str(tmp_path / "out"), "--verify"],
-            "bench": ["--config", str(tmp_path / "cfg.yaml"), "--data-root", str(tmp_path / "out")]}[script]
+            "bench": ["--config", str(tmp_path / "cfg.yaml"), "--data-root", str(tmp_path / "out")],
+            "score": ["--config", str(tmp_path / "cfg.yaml")]}[script]
 
 
 @pytest.mark.parametrize("script, flag, value, bound", SCRIPT_BOUNDS)
