@@ -8,13 +8,13 @@ import math
 import os
 import random
 import re
-import reprlib
 
 import numpy as np
 import torch
 
 from config import METRIC_KEY, latent_space, model_kwargs, resolve_config
-from latents import MAX_LATENT_SIZE, LatentSpace, check_manifest, load_error_reason, load_plain, plain_tensor
+from latents import (MAX_LATENT_SIZE, LatentSpace, check_manifest, load_error_reason, load_plain, plain_tensor,
+                     short_repr)
 from model import EMA_NETS, MIN_LATENT_SIZE, NETS, expected_state
 from runtime import InputError, atomic_write
 
@@ -66,9 +66,6 @@ def validate_checkpoint(ckpt, path, strict=True):
         raise CheckpointError(f"{path}: not a Latent StarGAN v2 checkpoint ({type(err).__name__} while checking "
                               "it: values nested or sized beyond any checkpoint run.py writes)") from None
 
-_REPR = reprlib.Repr()  # bounded: a hostile value may be nested or long beyond any repr's patience
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 60, 60, 40
-
 
 def _describe(value):
     if isinstance(value, torch.Tensor):
@@ -76,7 +73,7 @@ def _describe(value):
             return f"a {'nested' if value.is_nested else str(value.layout).replace('torch.', '')} tensor"
         where = f" on the {value.device.type} device" if value.device.type != "cpu" else ""
         return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {list(value.shape)}{where}"
-    return f"{type(value).__name__} {_REPR.repr(value)}"
+    return f"{type(value).__name__} {short_repr(value)}"
 
 
 def _all_finite(tensor):

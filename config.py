@@ -15,8 +15,8 @@ import re
 
 import yaml
 
-from latents import (MAX_DOWNSAMPLE, MAX_FACTOR, MAX_LATENT_CHANNELS, SD15, LatentSpace, check_same_space,
-                     path_component_problem)
+from latents import (MAX_DOWNSAMPLE, MAX_FACTOR, MAX_LATENT_CHANNELS, SD15, LatentSpace, check_same_space, parse_file,
+                     path_component_problem, short_repr)
 from model import expected_state
 from runtime import AMP_DTYPES, SEED_LIMIT, InputError, atomic_write
 
@@ -158,12 +158,9 @@ MAX_PARAMETERS = 2 * 10 ** 9  # G + F + E + D; the default model has about 10M
 def read_config_file(path):
     if not os.path.isfile(path):
         raise InputError(f"config file {path!r} not found")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise InputError(f"config file {path!r} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {e}")
+    kind = "JSON" if path.endswith(".json") else "YAML"
+    data = parse_file(path, json.loads if kind == "JSON" else yaml.safe_load, kind, f"config file {path!r}",
+                      (yaml.YAMLError,))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -187,7 +184,8 @@ def merge(base, update, source, prefix="", ignore_unknown=False, ignored=None):
                               f"{', '.join(sorted(map(str, base)))}")
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
-                raise InputError(f"config key {path!r} in {source} must be a section (mapping), got {value!r}")
+                raise InputError(f"config key {path!r} in {source} must be a section (mapping), "
+                                 f"got {short_repr(value)}")
             merge(base[key], value, source, f"{path}.", ignore_unknown, ignored)
         else:
             base[key] = value
@@ -200,8 +198,8 @@ def parse_override(text):
     key, _, raw = text.partition("=")
     try:
         value = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise InputError(f"override {text!r}: value is not valid YAML: {e}")
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an int beyond 4300 digits
+        raise InputError(f"override {short_repr(text)}: value is not valid YAML: {' '.join(str(e).split())[:200]}")
     nested = value
     for part in reversed(key.strip().split(".")):
         nested = {part: nested}
@@ -280,11 +278,6 @@ def check_types(cfg):
 def check(ok, key, value, expected):
     if not ok:
         raise InputError(f"config key {key!r} = {short_repr(value)}: expected {expected}")
-
-
-def short_repr(value):
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def check_data(cfg):
@@ -368,11 +361,11 @@ def check_evaluation(cfg):
 def parse_metrics(value, flag="--metrics"):
     """'fid,kid' or ['FID', 'KID'] -> ['FID', 'KID'] in EVAL_METRICS' order; InputError naming `flag`."""
     names = value.split(",") if isinstance(value, str) else list(value)
-    chosen = {str(n).strip().upper() for n in names if str(n).strip()}
+    chosen = {n.strip().upper() for n in names if isinstance(n, str) and n.strip()}
     unknown = sorted(chosen - set(EVAL_METRICS))
-    if unknown or not chosen:
-        raise InputError(f"{flag} {value!r}: expected one or more of {', '.join(m.lower() for m in EVAL_METRICS)}, "
-                         "separated by commas")
+    if unknown or not chosen or not all(isinstance(n, str) for n in names):
+        raise InputError(f"{flag} {short_repr(value)}: expected one or more of "
+                         f"{', '.join(m.lower() for m in EVAL_METRICS)}, separated by commas")
     return [m for m in EVAL_METRICS if m in chosen]
 
 
@@ -393,17 +386,16 @@ def to_float(key, value):
         try:
             number = float(value.strip())
         except ValueError:
-            raise InputError(f"config key {key!r} must be a number, got {value!r}") from None
+            raise InputError(f"config key {key!r} must be a number, got {short_repr(value)}") from None
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
             number = float(value)
         except OverflowError:  # an int beyond any float
-            raise InputError(f"config key {key!r} must be a finite number, got an integer of {len(str(value))} "
-                             "digits") from None
+            raise InputError(f"config key {key!r} must be a finite number, got {short_repr(value)}") from None
     else:
-        raise InputError(f"config key {key!r} must be a number, got {value!r}")
+        raise InputError(f"config key {key!r} must be a number, got {short_repr(value)}")
     if not math.isfinite(number):
-        raise InputError(f"config key {key!r} must be a finite number, got {value!r}")
+        raise InputError(f"config key {key!r} must be a finite number, got {short_repr(value)}")
     return number
 
 
@@ -468,7 +460,10 @@ def visualization_every(cfg):
     return every if every is not None else cfg["training"]["eval_interval"]
 
 
+RESOLVED_CONFIG = "config.yaml"
+
+
 def save_resolved(cfg, folder):
     """Write the resolved config next to the checkpoints (StyleGAN2's training_options.json)."""
     text = yaml.safe_dump(cfg, sort_keys=False).encode("utf-8")
-    return atomic_write(os.path.join(folder, "config.yaml"), lambda f: f.write(text))
+    return atomic_write(os.path.join(folder, RESOLVED_CONFIG), lambda f: f.write(text))

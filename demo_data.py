@@ -22,8 +22,8 @@ import time
 import numpy as np
 import torch
 
-from latents import SD15, manifest_path, write_latent_folders, write_manifest
-from runtime import atomic_write
+from latents import SD15, manifest_path, parse_file, write_latent_folders, write_manifest
+from runtime import InputError, atomic_write
 from vae import preview_family
 
 DEMO_DATA_VERSION = 1  # bump when the composition changes, so old demo folders are regenerated
@@ -189,11 +189,10 @@ def generate_demo_data(root, domains, files_per_domain=64, size=32, seed=0, spac
     demo_manifest = os.path.join(root, MANIFEST_NAME)
     files = expected_files(root, domains, files_per_domain)
     if os.path.isfile(demo_manifest):
-        with open(demo_manifest) as f:
-            try:
-                previous = json.load(f)
-            except json.JSONDecodeError:
-                previous = None
+        try:
+            previous = parse_file(demo_manifest, json.loads)
+        except InputError:  # not ours as written (edited, not UTF-8, nested deep): made again
+            previous = None
         if previous == manifest and all(os.path.isfile(p) for p in files) and os.path.isfile(manifest_path(root)):
             log(f"demo data: reusing {len(domains)} domains x {files_per_domain} latents in {root}")
             return root

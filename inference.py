@@ -15,7 +15,7 @@ import torch
 
 from checkpoint import load_checkpoint
 from config import latent_space, model_kwargs, resolve_config
-from latents import file_stem
+from latents import file_stem, short_repr
 from model import EMA_NETS, build_models
 from runtime import InputError
 from vae import load_preview_vae, load_vae_or_preview
@@ -102,10 +102,11 @@ def check_psi(psi, flag="--psi"):
     """StarGAN v2's truncation psi: a finite number in [0, 1] (0: the domain's mean style, 1: none)."""
     try:
         value = float(psi)
-    except (TypeError, ValueError):
-        raise InputError(f"{flag} {psi!r}: expected a number from 0 to 1") from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond any float
+        raise InputError(f"{flag} {short_repr(psi)}: expected a number from 0 to 1") from None
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise InputError(f"{flag} {psi!r}: expected a number from 0 (the domain's mean style) to 1 (no truncation)")
+        raise InputError(f"{flag} {short_repr(psi)}: expected a number from 0 (the domain's mean style) to 1 "
+                         "(no truncation)")
     return value
 
 

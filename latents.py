@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import reprlib
 import warnings
 import zipfile
 
@@ -84,7 +85,7 @@ def list_latent_files(folder):
             if os.path.isdir(root) else None
         hint = f"; folders in {root}: {found}" if found is not None else f"; {root} does not exist either"
         raise FileNotFoundError(
-            f"domain folder not found: {folder} (expected one folder per domain under data.root, "
+            f"domain folder not found: {folder} (expected one folder per domain in {root}, "
             f"holding *.pt or *.npy latents{hint})")
     if is_packed(folder):  # its latents.npy is no single latent
         raise InputError(f"{folder} holds packed latents ({PACKED_ARRAY} + {PACKED_INDEX}), not one file per latent")
@@ -302,6 +303,36 @@ def safe_name(name, limit=80):
     return repr(cut) if text == name else f"'{cut}'"  # repr would double the escapes' backslashes
 
 
+class BoundedRepr(reprlib.Repr):
+    """reprlib's repr, which stops after a few levels and items, also for subclasses of the built-in
+    containers (OrderedDict) and for ints beyond str()'s 4300 digits: a YAML alias repeated inside
+    itself ("billion laughs") or a pickled list shared with itself is small on disk, but its full
+    repr doubles with each level and would never end."""
+
+    def repr1(self, x, level):
+        for kind in (dict, list, tuple, set, frozenset):
+            if isinstance(x, kind) and type(x) is not kind:  # reprlib dispatches on the type's name alone
+                return getattr(self, f"repr_{kind.__name__}")(x, level)
+        return super().repr1(x, level)
+
+    def repr_int(self, x, level):
+        if x.bit_length() > 4 * self.maxlong:  # more than maxlong digits: str() may refuse it
+            return f"<an int of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+
+_REPR = BoundedRepr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 60, 60, 40
+_REPR.maxdict = _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = 6
+
+
+def short_repr(value, limit=80):
+    """A value of a config or checkpoint for one error line: a bounded repr (`BoundedRepr`), at most
+    `limit` characters."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def escaped_character(c):
     if c.isprintable():
         return c
@@ -481,6 +512,22 @@ def copy_manifest(src_root, *dst_roots):
     return found
 
 
+def parse_file(path, parse, kind="JSON", what=None, errors=()):
+    """parse(text) of the UTF-8 file at `path`: a config, a manifest, small files a user may edit.
+    One InputError naming `what` (default: the path) for a file that cannot be read, bytes that are
+    not UTF-8, bad syntax (ValueError, or `errors` such as yaml.YAMLError) or nesting deeper than
+    Python's stack (RecursionError)."""
+    what = what or path
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse(f.read())
+    except OSError as e:
+        raise InputError(f"cannot read {what} ({e.strerror or e})") from None
+    except (ValueError, RecursionError, *errors) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        reason = "nested deeper than Python's stack" if isinstance(e, RecursionError) else " ".join(str(e).split())
+        raise InputError(f"{what} is not valid {kind} ({type(e).__name__}: {reason[:200]})") from None
+
+
 def read_manifest(root):
     """(LatentSpace, record) from `root/latent_space.json`, or None when the root has none.
     InputError naming the file (and the key) for anything malformed."""
@@ -490,11 +537,7 @@ def read_manifest(root):
     if os.path.getsize(path) > MAX_MANIFEST_BYTES:
         raise InputError(f"{path} is {os.path.getsize(path):,} bytes; a latent-space manifest has at most "
                          f"{MAX_MANIFEST_BYTES:,}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"{path} is not valid JSON ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    record = parse_file(path, json.loads)
     check_manifest(record, path)
     return LatentSpace.from_dict(record), record
 
@@ -502,7 +545,7 @@ def read_manifest(root):
 def check_manifest(record, path):
     """Every key of a manifest record: known, of its type, in its range; InputError naming `path` and the key."""
     def bad(key, expected):
-        raise InputError(f"{path}: key {key!r} = {safe_name(repr(record.get(key)))}: expected {expected}")
+        raise InputError(f"{path}: key {key!r} = {short_repr(record.get(key))}: expected {expected}")
 
     if not isinstance(record, dict):
         raise InputError(f"{path} must hold a JSON object, got {type(record).__name__}")

@@ -140,7 +140,7 @@ class PackWriter:
                          "discarded")
         except FileNotFoundError:  # no log, or its data file is gone (renamed by a commit that then stopped)
             data_path, names = None, []
-        except (ValueError, AttributeError, IndexError) as e:
+        except (ValueError, AttributeError, IndexError, RecursionError) as e:  # RecursionError: nested too deep
             self.log(f"{shown_name(self.folder, None)}: the log of an interrupted pack is unreadable ({e}); "
                      "starting over")
             data_path, names = None, []

@@ -23,7 +23,8 @@ import sys  # noqa: E402
 import torch  # noqa: E402
 
 from checkpoint import load_checkpoint  # noqa: E402
-from config import latent_space, load_config, model_kwargs, resolve_latent_space, save_resolved  # noqa: E402
+from config import (RESOLVED_CONFIG, latent_space, load_config, model_kwargs, resolve_latent_space,  # noqa: E402
+                    save_resolved)
 from dataset import MultiDomainLatentDataset  # noqa: E402
 from demo_data import generate_demo_data  # noqa: E402
 from distributed import setup_distributed  # noqa: E402
@@ -68,19 +69,22 @@ def check_architecture(ckpt_cfg, cfg, path):
                          + "\n  ".join(diff))
 
 
+START_FILES, START_FOLDERS = (LOCK_NAME, RESOLVED_CONFIG), ("vis", "eval_cache")  # what a run writes before step 1
+
+
 @contextlib.contextmanager
 def claimed_folder(folder, dist, log):
     """The checkpoint folder for this run alone, for the run's life: rank 0 checks that it is
     writable before the first step, takes its lock (a second run on it is refused, naming the
     holder) and removes temporary files that killed saves left. Every rank learns of a refusal. A
-    folder this run created and left empty (it failed before writing anything) is removed. Yields
-    the lock (held by rank 0 alone)."""
+    folder this run created and left with only what it wrote at start (it failed before its first
+    save) is removed. Yields the lock (held by rank 0 alone)."""
     lock, created, problem = FolderLock(folder), False, None
     if dist.is_main:
         try:
             created = check_writable_folder(folder, "training.checkpoint_dir")
             lock.acquire()
-            for sub in ("", "vis", "eval_cache"):
+            for sub in ("", *START_FOLDERS):
                 remove_orphaned_temporaries(os.path.join(folder, sub), log)
         except InputError as err:
             problem = err
@@ -89,10 +93,30 @@ def claimed_folder(folder, dist, log):
     try:
         yield lock
     finally:
-        empty = dist.is_main and created and set(os.listdir(folder)) <= {LOCK_NAME}
-        lock.release(remove=empty)
+        empty = dist.is_main and created and only_start_files(folder)
+        lock.release(remove=empty)  # its watcher stops first: a removed lock file is not put back
         if empty:
-            remove_if_empty(folder)
+            remove_start_files(folder)
+
+
+def only_start_files(folder):
+    """Whether `folder` holds only what a run writes before its first save: the lock, config.yaml and
+    empty vis/ or eval_cache/ folders (a run that failed at start, such as its evaluator not opening)."""
+    try:
+        names = set(os.listdir(folder))
+        return (names <= {*START_FILES, *START_FOLDERS}
+                and not any(os.listdir(os.path.join(folder, name)) for name in names & set(START_FOLDERS)))
+    except OSError:  # a file where vis/ goes, or the folder went away
+        return False
+
+
+def remove_start_files(folder):
+    """Remove a folder `only_start_files` found, with what the run wrote in it."""
+    for name in START_FILES:
+        with contextlib.suppress(OSError):  # removed by hand meanwhile
+            os.remove(os.path.join(folder, name))
+    for name in (*START_FOLDERS, ""):
+        remove_if_empty(os.path.join(folder, name))
 
 
 def check_decoders(cfg):
@@ -108,12 +132,17 @@ def check_decoders(cfg):
 
 def check_folders(cfg):
     """The folders a run reads or writes besides its checkpoint folder, before that is claimed (no
-    config.yaml or lock left behind by a run that cannot start): evaluation.source_root a folder,
-    visualization.save_dir writable (else the first grid, an epoch later, would find out)."""
+    config.yaml or lock left behind by a run that cannot start): evaluation.source_root holding a
+    folder per domain, visualization.save_dir writable (else the first grid, an epoch later, would
+    find out)."""
     source_root = cfg["evaluation"]["source_root"]
-    if cfg["evaluation"]["every_epochs"] and source_root and not os.path.isdir(os.path.expanduser(source_root)):
-        raise InputError(f"evaluation.source_root {source_root!r} is not a folder (expected one folder of latents "
-                         "per domain)")
+    if cfg["evaluation"]["every_epochs"] and source_root:
+        root = os.path.expanduser(source_root)
+        missing = [d for d in cfg["data"]["domains"] if not os.path.isdir(os.path.join(root, d))]
+        if missing:
+            problem = "is not a folder" if not os.path.isdir(root) else f"has no folder {', '.join(map(repr, missing))}"
+            raise InputError(f"evaluation.source_root {source_root!r} {problem} (expected one folder of latents "
+                             "per domain of data.domains)")
     save_dir = cfg["visualization"]["save_dir"]
     if save_dir:
         if check_writable_folder(save_dir, "visualization.save_dir"):

@@ -46,6 +46,7 @@ BAD_INPUT = (InputError, FileNotFoundError)
 def run_script(prog, run, *args, errors=BAD_INPUT):
     """`run(*args)` for a script: bad input (`errors`) prints `prog: error: message` on stderr, exit code 2;
     a failed write (`WriteError`) or another rank's failure the same with exit code 1. No traceback."""
+    getattr(sys.stdout, "reconfigure", lambda **_: None)(errors="backslashreplace")  # names in no encoding
     try:
         return run(*args)
     except (WriteError, OtherRankFailed) as e:

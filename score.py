@@ -26,24 +26,36 @@ import time
 import torch
 
 import scoring
-from config import load_config
+from arguments import bounded
+from config import MAX_DOMAINS, load_config
+from latents import MAX_LATENT_SIZE
+from model import MIN_LATENT_SIZE, N_DOWN
 from runtime import InputError, check_seed, resolve_device, script_main
+
+MAX_STEPS, MAX_THREADS = 10 ** 5, 1024  # days of CPU time per seed; more threads than any machine
+MAX_OUTS, MAX_TEST = 1000, 10_000  # styles per source and target domain, held-out latents per domain
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Score how well a config learns on synthetic domains with known truth.")
     p.add_argument("--config", required=True, help="YAML or JSON config (e.g. configs/demo.yaml)")
-    p.add_argument("--steps", type=int, default=300, help="training steps per seed (default 300)")
+    p.add_argument("--steps", type=bounded(int, 1, MAX_STEPS), default=300,
+                   help="training steps per seed (default 300)")
     p.add_argument("--seeds", nargs="+", default=["0"], help="seeds; several give mean ± std (default 0)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest on a busy machine)")
-    p.add_argument("--domains", type=int, default=3, help="synthetic domains (default 3)")
-    p.add_argument("--size", type=int, default=16, help="latent height and width (default 16; at least 8)")
-    p.add_argument("--num-outs", type=int, default=4, help="styles per source and target domain (default 4)")
-    p.add_argument("--test-per-domain", type=int, default=32,
+    p.add_argument("--threads", type=bounded(int, 1, MAX_THREADS), default=1,
+                   help="torch CPU threads (default 1: fastest on a busy machine)")
+    p.add_argument("--domains", type=bounded(int, 2, MAX_DOMAINS), default=3, help="synthetic domains (default 3)")
+    p.add_argument("--size", type=bounded(int, MIN_LATENT_SIZE, MAX_LATENT_SIZE), default=16,
+                   help=f"latent height and width (default 16; at least {MIN_LATENT_SIZE}: E and D halve it "
+                        f"{N_DOWN} times)")
+    p.add_argument("--num-outs", type=bounded(int, 2, MAX_OUTS), default=4,
+                   help="styles per source and target domain (default 4; at least 2: diversity compares outputs)")
+    p.add_argument("--test-per-domain", type=bounded(int, 4, MAX_TEST), default=32,
                    help="held-out latents per domain: sources, references, classifier check (default 32, even)")
     p.add_argument("--model-config", default=None, metavar="FILE",
                    help="take the model: section from FILE (e.g. configs/demo.yaml); overrides still apply")
-    p.add_argument("--eval-every", type=int, default=None, metavar="N", help="also score every N steps")
+    p.add_argument("--eval-every", type=bounded(int, 1, MAX_STEPS), default=None, metavar="N",
+                   help="also score every N steps")
     p.add_argument("--device", default="cpu", help="cpu (default; the figures are deterministic there) or cuda")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="override a dotted config key, value parsed as YAML (e.g. loss.w_sty=2)")
@@ -62,20 +74,12 @@ def parse_args(argv=None):
 def check_args(args):
     for seed in args.seeds:
         check_seed(seed, "--seeds")
-    if args.steps < 1:
-        raise InputError(f"--steps {args.steps}: expected at least 1")
-    if args.threads < 1:
-        raise InputError(f"--threads {args.threads}: expected at least 1")
-    if args.domains < 2:
-        raise InputError(f"--domains {args.domains}: expected at least 2")
-    if args.size < 8:
-        raise InputError(f"--size {args.size}: expected at least 8 (E and D halve it three times)")
-    if args.num_outs < 2:
-        raise InputError(f"--num-outs {args.num_outs}: expected at least 2 (diversity compares outputs)")
-    if args.test_per_domain < 4 or args.test_per_domain % 2:
-        raise InputError(f"--test-per-domain {args.test_per_domain}: expected an even number, at least 4")
-    if args.eval_every is not None and args.eval_every < 1:
-        raise InputError(f"--eval-every {args.eval_every}: expected at least 1")
+    if args.test_per_domain % 2:
+        raise InputError(f"--test-per-domain {args.test_per_domain}: expected an even number (halves for the "
+                         "ridge fit and its check)")
+    if args.num_outs > args.test_per_domain:
+        raise InputError(f"--num-outs {args.num_outs}: expected at most --test-per-domain {args.test_per_domain} "
+                         "(the references are held-out latents)")
     if len(set(args.seeds)) != len(args.seeds):
         raise InputError(f"--seeds {args.seeds}: each seed once")
 

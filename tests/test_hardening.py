@@ -75,6 +75,14 @@ def with_domains(names):
     return mutate
 
 
+def shared_with_itself(depth):
+    """[x, x] of [x, x] ... `depth` levels: a few bytes in a pickle (its memo), 2**depth leaves in a repr."""
+    value = [1]
+    for _ in range(depth):
+        value = [value, value]
+    return value
+
+
 DEEP = "<deep list>"  # written as a list nested 20000 deep (pickle cannot write one, a hostile file can)
 G0 = ("models", "generator", "conv_in.weight")  # [8, 4, 3, 3] in the tiny model
 EXP_AVG = ("optimizers", "generator", "state", 0, "exp_avg")
@@ -139,6 +147,7 @@ BROKEN = [
     ("domains disagree", put("domains", ["x", "y", "z"]), "entry domains"),
     ("unknown model key", with_config("model.rocket", 1), "rocket"),
     ("batch_size a mapping", with_config("training.batch_size", {"a": 1}), "training.batch_size"),
+    ("batch_size shared 40 deep", with_config("training.batch_size", shared_with_itself(40)), "training.batch_size"),
     ("domains a mapping", lambda c: c["config"]["data"].update(domains={"a": 1}), "data.domains"),
     ("seed negative", lambda c: c["config"].update(seed=-1), "'seed'"),
     ("seed 2**64", lambda c: c["config"].update(seed=2 ** 64), "'seed'"),

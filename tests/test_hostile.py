@@ -3,6 +3,7 @@ signals a terminal sends, shards replaced under a running job, outputs that name
 without bounds, system errors, late checks and the app's odd values. Each exits 1 or 2 (or 128 +
 the signal after a stop) with one line naming the file, key or value, and overwrites nothing."""
 
+import json
 import os
 import select
 import signal
@@ -280,6 +281,21 @@ SCRIPT_BOUNDS = [
     ("bench", "--data-startup", "1e12", f"{INT} 1 to 1e+07"),
     ("bench", "--data-startup", "100000000", f"{INT} 1 to 1e+07"),
     ("bench", "--ranks", "100000", f"{INT} 1 to 256"),
+    ("score", "--steps", "0", f"{INT} 1 to 100000"),
+    ("score", "--steps", "1e9", f"{INT} 1 to 100000"),
+    ("score", "--steps", "1000000", f"{INT} 1 to 100000"),
+    ("score", "--threads", "0", f"{INT} 1 to 1024"),
+    ("score", "--threads", "100000", f"{INT} 1 to 1024"),
+    ("score", "--domains", "1", f"{INT} 2 to 1024"),
+    ("score", "--domains", "100000", f"{INT} 2 to 1024"),
+    ("score", "--size", "4", f"{INT} 8 to 1024"),
+    ("score", "--size", "100000", f"{INT} 8 to 1024"),
+    ("score", "--num-outs", "1", f"{INT} 2 to 1000"),
+    ("score", "--num-outs", "100000", f"{INT} 2 to 1000"),
+    ("score", "--test-per-domain", "2", f"{INT} 4 to 10000"),
+    ("score", "--test-per-domain", "1000000", f"{INT} 4 to 10000"),
+    ("score", "--eval-every", "0", f"{INT} 1 to 100000"),
+    ("score", "--eval-every", "1000000", f"{INT} 1 to 100000"),
 ]
 
 
@@ -294,7 +310,8 @@ def script_args(script, tmp_path):
             "encode": ["--input", str(tmp_path / "images"), "--output", str(tmp_path / "out"), "--vae",
                        str(tmp_path / "vae")],
             "export": ["--checkpoint", str(tmp_path / "latest.pt"), "--output", str(tmp_path / "out"), "--verify"],
-            "bench": ["--config", str(tmp_path / "cfg.yaml"), "--data-root", str(tmp_path / "out")]}[script]
+            "bench": ["--config", str(tmp_path / "cfg.yaml"), "--data-root", str(tmp_path / "out")],
+            "score": ["--config", str(tmp_path / "cfg.yaml")]}[script]
 
 
 @pytest.mark.parametrize("script, flag, value, bound", SCRIPT_BOUNDS)
@@ -498,6 +515,35 @@ def test_a_bad_folder_of_the_config_is_refused_before_the_folder_is_claimed(tmp_
     assert not (tmp_path / "out").exists()  # no config.yaml, no lock: nothing of the refused run
 
 
+@pytest.mark.parametrize("case", ["no VAE", "no Inception weights", "source_root without the domains"])
+def test_a_run_whose_evaluation_cannot_start_leaves_no_folder(tmp_path, tiny_vae_dir, case):
+    """evaluation.every_epochs set, and its evaluator cannot open (no VAE to decode with, weight files
+    that do not exist, held-out latents without the domain folders): one line, and the checkpoint
+    folder this run created is gone again, its lock and config.yaml with it."""
+    cfg = write_run_config(tmp_path, epochs=1)
+    with open(cfg) as f:
+        data = yaml.safe_load(f)
+    evaluation = {"every_epochs": 1, "vae_path": "no-such-vae-folder/", "metrics": ["FID"]}
+    if case == "no VAE":
+        evaluation["vae_path"] = None
+        expected = "VAE"
+    elif case == "no Inception weights":
+        evaluation.update(vae_path=str(tiny_vae_dir), inception_weights=str(tmp_path / "missing.pth"))
+        expected = str(tmp_path / "missing.pth")
+    else:
+        (tmp_path / "held").mkdir()
+        evaluation["source_root"] = str(tmp_path / "held")
+        expected = "evaluation.source_root"
+    data["evaluation"] = evaluation
+    with open(cfg, "w") as f:
+        yaml.safe_dump(data, f)
+    proc = subprocess.run([sys.executable, "run.py", "--config", cfg], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    one_line_naming(proc.stderr, expected, "")
+    assert not (tmp_path / "out").exists(), os.listdir(tmp_path / "out")
+
+
 # ---------------------------------------------------------------------- 11. the app's odd values
 
 @pytest.mark.parametrize("label", [{"path": "/etc/passwd"}, ["a", "b"], 3])
@@ -520,6 +566,25 @@ def test_the_app_refuses_infinite_or_odd_video_settings_in_one_line(frames, fps)
         app.check_video_args(frames, fps, app.VIDEO_FORMATS[0])
 
 
+# ---------------------------------------------------------------------- 12. values whose repr never ends
+
+@pytest.mark.parametrize("key", ["seed", "data.domains", "evaluation.metrics", "training.lr"])
+def test_a_config_value_aliased_inside_itself_is_one_line(tmp_path, key):
+    """A YAML anchor used twice inside the next one, 30 levels ("billion laughs"): a few hundred bytes
+    whose value has 2**30 leaves. The refusal names the key in one line, at once."""
+    body = "&a0 [x, x]"
+    for level in range(1, 30):
+        body = f"&a{level} [{body}, *a{level - 1}]"
+    section, _, name = key.rpartition(".")
+    path = tmp_path / "laughs.yaml"
+    path.write_text(f"{section}:\n  {name}: {body}\n" if section else f"{key}: {body}\n")
+    proc = subprocess.run([sys.executable, "run.py", "--config", str(path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    one_line_naming(proc.stderr, f"config key {key!r}", "[[[")
+    assert os.listdir(tmp_path) == ["laughs.yaml"]
+
+
 # ---------------------------------------------------------------------- 8. errors of the system
 
 def test_a_deeply_nested_index_is_one_line(tmp_path):
@@ -534,6 +599,64 @@ def test_a_deeply_nested_index_is_one_line(tmp_path):
                           timeout=300)
     assert proc.returncode == 2, proc.stderr
     one_line_naming(proc.stderr, str(index), "RecursionError")
+
+
+DEEP_TEXT = {"yaml": "seed: " + "[" * 2000 + "]" * 2000 + "\n", "json": '{"seed": ' + "[" * 2000 + "]" * 2000 + "}"}
+
+
+@pytest.mark.parametrize("suffix, content, reason", [
+    ("yaml", DEEP_TEXT["yaml"], "RecursionError"), ("json", DEEP_TEXT["json"], "RecursionError"),
+    ("yaml", b"seed: 1\n# caf\xe9\n", "UnicodeDecodeError"), ("yaml", "seed: " + "9" * 5000 + "\n", "ValueError")],
+    ids=["deep-yaml", "deep-json", "latin1-yaml", "huge-int-yaml"])
+def test_a_config_file_nested_too_deep_or_not_utf8_is_one_line(tmp_path, suffix, content, reason):
+    path = tmp_path / f"cfg.{suffix}"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    proc = subprocess.run([sys.executable, "run.py", "--config", str(path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    one_line_naming(proc.stderr, f"config file {str(path)!r} is not valid {suffix.upper()}", reason)
+    assert os.listdir(tmp_path) == [path.name]
+
+
+@pytest.mark.parametrize("content, reason", [(b"[" * 5000 + b"]" * 5000, "RecursionError"),
+                                             (b'{"version": 1, "vae_source": "\xff"}', "UnicodeDecodeError")],
+                         ids=["deep", "not-utf8"])
+def test_a_latent_space_manifest_nested_too_deep_or_not_utf8_is_one_line(tmp_path, content, reason):
+    cfg = write_run_config(tmp_path, epochs=1)
+    manifest = tmp_path / "data" / "latent_space.json"
+    manifest.write_bytes(content)
+    proc = subprocess.run([sys.executable, "run.py", "--config", cfg], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    one_line_naming(proc.stderr, f"{manifest} is not valid JSON", reason)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", [b"[" * 5000 + b"]" * 5000, b'{"version": "\xff"}'], ids=["deep", "not-utf8"])
+def test_a_demo_manifest_nested_too_deep_or_not_utf8_is_made_again(tmp_path, content):
+    """demo_manifest.json is the demo data's own record: one that is not as written means the data is
+    made again, as for a torn one."""
+    from demo_data import MANIFEST_NAME, generate_demo_data
+
+    generate_demo_data(tmp_path, ["a", "b"], files_per_domain=2, size=8, log=lambda line: None)
+    (tmp_path / MANIFEST_NAME).write_bytes(content)
+    lines = []
+    generate_demo_data(tmp_path, ["a", "b"], files_per_domain=2, size=8, log=lines.append)
+    assert lines[0].startswith("demo data: wrote 2 domains"), lines
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["domains"] == ["a", "b"]
+
+
+def test_the_log_of_an_interrupted_pack_nested_too_deep_means_starting_over(tmp_path):
+    from packing import PARTIAL_LOG
+
+    write_latent_folders(tmp_path / "files", files=2)
+    (tmp_path / "packed" / "a").mkdir(parents=True)
+    (tmp_path / "packed" / "a" / PARTIAL_LOG).write_bytes(b"[" * 5000 + b"]" * 5000 + b"\n")
+    proc = subprocess.run([sys.executable, "pack.py", str(tmp_path / "files"), str(tmp_path / "packed")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "the log of an interrupted pack is unreadable" in proc.stdout, proc.stdout
+    assert not (tmp_path / "packed" / "a" / PARTIAL_LOG).exists()
 
 
 def test_an_unreadable_domain_folder_is_one_line(tmp_path, monkeypatch):

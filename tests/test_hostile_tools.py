@@ -14,11 +14,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import evaluate
 import export
 import split
-from conftest import ROOT, one_line_naming, write_latent_folders, write_random_alexnet
+from conftest import ROOT, one_line_naming, tiny_run_config, write_latent_folders, write_random_alexnet
 
 ODD_NAMES = [b"\xff.pt", b"new\nline.pt", b"red\x1b[31m.pt"]  # not UTF-8; a newline; a terminal escape
 
@@ -254,3 +255,29 @@ def test_encode_shows_broken_images_with_odd_names_escaped(tmp_path, tiny_vae_di
     assert len(skipped) == 2 and "\x1b" not in err, err
     assert any("new\\nline\\x1b[31m.png" in line for line in skipped)
     assert sorted(os.listdir(tmp_path / "out")) == ["0.pt", "1.pt"]
+
+
+# ---------------------------------------------------------------------- names printed on a strict UTF-8 stdout
+
+@pytest.mark.parametrize("tool", ["translate", "export", "run"])
+def test_a_name_in_no_encoding_prints_escaped_on_a_strict_utf8_stdout(trained, tmp_path, tool):
+    """An output or checkpoint folder whose name is not UTF-8, on the stdout an en_US.UTF-8 locale
+    gives (strict errors): the tool does its work and prints the name escaped, never a traceback."""
+    odd = os.path.join(os.fsencode(tmp_path), b"odd\xff")
+    checkpoint, data = trained
+    if tool == "run":
+        os.makedirs(odd)
+        shutil.copyfile(checkpoint, os.path.join(odd, b"latest.pt"))
+        cfg = tmp_path / "cfg.yaml"
+        cfg.write_text(yaml.safe_dump(tiny_run_config(tmp_path, data={"root": data, "domains": ["a", "b", "c"],
+                                                                         "samples_per_epoch": 8},
+                                                      training={"epochs": 2})))
+        args = ["run.py", "--config", cfg, "--resume", os.path.join(odd, b"latest.pt")]
+    elif tool == "translate":
+        args = ["translate.py", "--checkpoint", checkpoint, "--source", os.path.join(data, "a"), "--target-domain", "b",
+                "--num-styles", "1", "--output", odd]
+    else:
+        args = ["export.py", "--checkpoint", checkpoint, "--output", odd]
+    proc = script(*args, env={"PYTHONIOENCODING": "utf-8"})
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr.decode(errors="replace")
+    assert b"odd\\udcff" in proc.stdout, proc.stdout

@@ -77,9 +77,11 @@ def test_command_reports_every_metric_in_range_and_is_deterministic(tiny_config,
 
 def test_bad_arguments_are_an_error_naming_the_flag(tiny_config, capsys):
     assert score.main(["--config", tiny_config, "--size", "4"]) == 2
-    assert "--size 4" in capsys.readouterr().err
+    assert "argument --size: 4: expected an integer from 8 to 1024" in capsys.readouterr().err
     assert score.main(["--config", tiny_config, "--test-per-domain", "5"]) == 2
     assert "--test-per-domain 5" in capsys.readouterr().err
+    assert score.main(["--config", tiny_config, "--test-per-domain", "4", "--num-outs", "6"]) == 2
+    assert "--num-outs 6: expected at most --test-per-domain 4" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- the metrics on known cases
