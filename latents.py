@@ -275,6 +275,11 @@ def check_archive(path):
         with zipfile.ZipFile(path) as archive:
             records = archive.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError):
+        if is_legacy_torch_file(path):
+            raise ArchiveError("it is in torch's legacy format (torch.save before 1.6, or "
+                               "_use_new_zipfile_serialization=False), whose storages allocate whatever sizes they "
+                               "declare before any check; convert it once where you trust it: "
+                               "torch.save(torch.load(OLD, weights_only=True), NEW)") from None
         raise ArchiveError("it is not a torch.save file, or a truncated or corrupted one") from None
     declared = 0
     for record in records:
@@ -286,6 +291,19 @@ def check_archive(path):
         if record.file_size != record.compress_size or declared > size:
             raise ArchiveError(f"its records declare {declared:,} bytes in a file of {size:,} bytes (a truncated "
                                "or forged archive)")
+
+
+LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")  # torch.serialization.MAGIC_NUMBER
+
+
+def is_legacy_torch_file(path):
+    """Whether `path` starts as torch's legacy (non-zip) format does: a pickled long, its magic number."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(14)
+    except OSError:
+        return False
+    return head[:2] == b"\x80\x02" and head[2:4] == b"\x8a\x0a" and head[4:] == LEGACY_MAGIC
 
 
 def shown_name(name, limit=80):
