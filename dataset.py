@@ -1,7 +1,7 @@
-"""Multi-domain SD1.5 latent dataset with GPU preload and two-stage uniform sampling.
+"""Multi-domain latent dataset (any VAE's latents) with GPU preload and two-stage uniform sampling.
 
 Every file of every domain is read once at start-up into ONE contiguous float32 tensor
-`data [N_total, 4, H, W]` (raw, unscaled latents; the trainer applies `latent_scale`), with per-domain
+`data [N_total, C, H, W]` (raw latents as on disk; the trainer normalises them, `LatentSpace`), with per-domain
 offsets, so that a whole batch is one gather. Packed domains (one `latents.npy` per domain, see
 packing.py) are memory-mapped instead: checked in one pass, then copied to the GPU or left in
 their maps, which every process shares through the page cache. `set_epoch` draws the epoch's index table in
@@ -58,10 +58,10 @@ class MultiDomainLatentDataset(Dataset):
     """Latents from `root/<domain>/*.pt|*.npy` (or packed `root/<domain>/latents.npy`), sampled as
     (content, two target-domain references).
 
-    Item i of the current epoch is a dict of raw latents: `content` [4, H, W] from the source
-    domain, `target_style` and `target_style_2` [4, H, W] (two independent files of the target
+    Item i of the current epoch is a dict of raw latents: `content` [C, H, W] from the source
+    domain, `target_style` and `target_style_2` [C, H, W] (two independent files of the target
     domain: the reference-guided diversity loss needs two references), `source_style_id` and
-    `target_style_id` (long scalars). `__getitems__` returns the same keys batched ([B, 4, H, W],
+    `target_style_id` (long scalars). `__getitems__` returns the same keys batched ([B, C, H, W],
     ids [B]) with one gather for the three latent keys; use it through `build_loader`.
     """
 
@@ -89,7 +89,7 @@ class MultiDomainLatentDataset(Dataset):
         if self.shards is None:
             self.files = [list_latent_files(os.path.join(self.root, d)) for d in domains]
             self.counts = [len(f) for f in self.files]
-            self.data = self._load_all(progress)  # [N_total, 4, H, W] float32, CPU
+            self.data = self._load_all(progress)  # [N_total, C, H, W] float32, CPU
             self._check_outliers(reject_outliers, log)
             self.shape = tuple(self.data.shape[1:])
             self.data = self._maybe_preload(self.data, preload_to_gpu, torch.device(device), preload_max_fraction, log)
@@ -102,7 +102,7 @@ class MultiDomainLatentDataset(Dataset):
                     raise InputError(f"{shard.path} has shape {[len(shard), *shard.shape]}; the run's latent space has "
                                      f"{self.channels} channels (the data root's {MANIFEST_NAME}, else SD1.5's 4)")
             self.data = self._load_packed(preload_to_gpu, torch.device(device), preload_max_fraction, reject_outliers,
-                                          log)  # [N_total, 4, H, W] on the GPU, or None: the maps serve the batches
+                                          log)  # [N_total, C, H, W] on the GPU, or None: the maps serve the batches
         self.device = self.data.device if self.data is not None else torch.device("cpu")
         offsets = [0]
         for count in self.counts[:-1]:
@@ -173,7 +173,7 @@ class MultiDomainLatentDataset(Dataset):
         return data
 
     def _allocate(self, count, first):
-        """float32 [count, 4, H, W] of the shape most of the `first` latents share; InputError when
+        """float32 [count, C, H, W] of the shape most of the `first` latents share; InputError when
         the machine cannot hold it."""
         votes = {}
         for latent in first:
@@ -218,7 +218,7 @@ class MultiDomainLatentDataset(Dataset):
     def _load_packed(self, preload_to_gpu, device, max_fraction, reject_outliers, log):
         """Packed domains: one chunked pass over every row checks the values (finite, within
         OUTLIER_LIMIT) and, when the set goes to the GPU, copies it there in the same pass. Returns
-        that [N_total, 4, H, W] GPU tensor (float16 unless a shard is float32; batches are cast to
+        that [N_total, C, H, W] GPU tensor (float16 unless a shard is float32; batches are cast to
         float32), or None when the set stays on the CPU: batches are then gathered from the maps,
         which every process (torchrun ranks, loader workers) shares through the page cache."""
         for shard in self.shards[1:]:
@@ -233,7 +233,7 @@ class MultiDomainLatentDataset(Dataset):
         target = preload_device(nbytes, preload_to_gpu, device, max_fraction, log)
         if target is not None:
             try:
-                data = torch.empty(rows, *self.shape, dtype=dtype, device=target)  # [N_total, 4, H, W]
+                data = torch.empty(rows, *self.shape, dtype=dtype, device=target)  # [N_total, C, H, W]
             except torch.cuda.OutOfMemoryError:
                 log(f"dataset: out of memory allocating {_mb(nbytes)} on {target}; data stays on the CPU")
         nonfinite, far = scan_packed(self.shards, data)  # [(shard, row)] each: non-finite, beyond OUTLIER_LIMIT
@@ -253,7 +253,7 @@ class MultiDomainLatentDataset(Dataset):
         return sum(s.array.nbytes for s in self.shards)
 
     def by_domain(self):
-        """{domain: raw latents [N_d, 4, H, W]}: views of the data in file order, as stored (packed
+        """{domain: raw latents [N_d, C, H, W]}: views of the data in file order, as stored (packed
         float16 stays float16; a packed set not preloaded gives its memory maps, read on use)."""
         if self.data is None:
             for shard in self.shards:  # the maps are read later: a file changed by now is named, not a SIGBUS
@@ -276,7 +276,7 @@ class MultiDomainLatentDataset(Dataset):
 
     def grid_samples(self):
         """One source and one reference latent per domain, for the grids: each domain's first two
-        files. {"sources": [N, 4, H, W], "references": [N, 4, H, W]} raw."""
+        files. {"sources": [N, C, H, W], "references": [N, C, H, W]} raw."""
         first = torch.tensor(self.offsets)
         second = first + (torch.tensor(self.counts) > 1).long()
         sources, references = self._gather(torch.cat([first, second]).to(self.device)).chunk(2)
@@ -287,7 +287,7 @@ class MultiDomainLatentDataset(Dataset):
         return self.device.type == "cuda"
 
     def _gather(self, rows):
-        """Raw latents [R, 4, H, W] float32 at global `rows` [R] (on self.device): one gather from
+        """Raw latents [R, C, H, W] float32 at global `rows` [R] (on self.device): one gather from
         the contiguous data, or, for packed domains left in their memory maps, one per domain (never
         one per sample) reading only the rows asked for."""
         if self.data is not None:
@@ -295,7 +295,7 @@ class MultiDomainLatentDataset(Dataset):
         for shard in self.shards:  # one stat per shard and batch: a file changed under its map is named, not a SIGBUS
             shard.check_unchanged()
         domain = torch.bucketize(rows, self._offsets[1:], right=True)  # [R]
-        out = torch.empty(len(rows), *self.shape, dtype=self.packed_dtype)  # [R, 4, H, W]
+        out = torch.empty(len(rows), *self.shape, dtype=self.packed_dtype)  # [R, C, H, W]
         for d, shard in enumerate(self.shards):
             pick = (domain == d).nonzero().flatten()  # [R_d]
             if len(pick):
@@ -355,12 +355,12 @@ class MultiDomainLatentDataset(Dataset):
         # index_select rather than data[rows]: the same gather, ~3x less overhead on the CPU
         rows = self._rows.index_select(0, index).T.contiguous()  # [3, B]
         flip = self._flip.index_select(0, index).T.contiguous() if self._flip is not None else None  # [3, B]
-        latents = self._gather(rows.flatten()).view(3, -1, *self.shape)  # [3, B, 4, H, W] float32: one gather
+        latents = self._gather(rows.flatten()).view(3, -1, *self.shape)  # [3, B, C, H, W] float32: one gather
         batch = {}
         for k, key in enumerate(("content", "target_style", "target_style_2")):
-            x = latents[k]  # [B, 4, H, W]
+            x = latents[k]  # [B, C, H, W]
             if flip is not None:
-                x = torch.where(flip[k, :, None, None, None], x.flip(-1), x)  # [B, 4, H, W]
+                x = torch.where(flip[k, :, None, None, None], x.flip(-1), x)  # [B, C, H, W]
             batch[key] = x
         batch["target_style_id"] = self._trg.index_select(0, index)  # [B]
         batch["source_style_id"] = self._src.index_select(0, index)  # [B]

@@ -455,7 +455,7 @@ def in_batches(fn, x, batch_size):
 
 @torch.no_grad()
 def latent_features(latents, decode, inception, batch_size=32, device="cpu", amp_dtype=None, on_batch=None):
-    """Raw latents [N, 4, h, w] -> decode -> Inception features [N, D] float32 on `device`.
+    """Raw latents [N, C, h, w] -> decode -> Inception features [N, D] float32 on `device`.
     `on_batch(n)` after each batch (progress; it may raise to stop the work)."""
     def features(chunk):
         with autocast_context(device, amp_dtype):
@@ -569,7 +569,7 @@ def evaluate_translations(generator, mapping_network, style_encoder, domains, re
     """The StarGAN v2 evaluation protocol on given (EMA) networks; returns {key: float}.
 
     generator G(x, s), mapping_network F(z, y), style_encoder E(x, y) see scaled latents
-    (space.normalize(raw)); domain i of `domains` is branch i. `real` {domain: raw latents [N, 4, h, w]}:
+    (space.normalize(raw)); domain i of `domains` is branch i. `real` {domain: raw latents [N, C, h, w]}:
     the target sets FID/KID compare with. `sources` {domain: raw latents}: the sources, and the
     reference pool of the reference-guided mode (may be `real`). `decode`: raw latents [n, 4, h, w]
     -> RGB [n, 3, H, W] in [0, 1], applied to reals and fakes alike. Per source, at most

@@ -1,7 +1,7 @@
 """The packed latent format, reader and writer.
 
 A packed domain folder holds two files instead of one file per latent:
-  latents.npy  [N, 4, H, W] raw latents, little-endian float16 (the default) or float32, C order
+  latents.npy  [N, C, H, W] raw latents, little-endian float16 (the default) or float32, C order
   index.json   {"version": 1, "names": [N names]}: row i came from the file names[i]
 Rows are in name order, the order a per-file folder is read in, so a packed copy of a folder gives
 the same epoch tables and the same batches.
@@ -91,7 +91,7 @@ class PackWriter:
         shape = tuple(int(s) for s in shape)
         if len(shape) != 3 or min(shape[1:]) < MIN_LATENT_SIZE:
             raise InputError(f"cannot pack latents of shape {list(shape)} into {shown_name(folder, None)}: "
-                             f"expected [4, H, W] with H, W >= {MIN_LATENT_SIZE}")
+                             f"expected [C, H, W] with H, W >= {MIN_LATENT_SIZE}")
         self.folder, self.shape, self.log = folder, shape, log
         self.dtype = PACK_DTYPES[dtype]
         self.np_dtype = np.dtype(np.float16 if self.dtype == torch.float16 else np.float32)
@@ -179,8 +179,8 @@ class PackWriter:
         return name in self._partial_row or name in self._shard_row
 
     def append(self, latents, names):
-        """Rows [k, 4, H, W] (cast to the packed dtype) for `names`, durably: rows first, then names."""
-        latents = latents.detach().cpu().to(self.dtype).contiguous()  # [k, 4, H, W]
+        """Rows [k, C, H, W] (cast to the packed dtype) for `names`, durably: rows first, then names."""
+        latents = latents.detach().cpu().to(self.dtype).contiguous()  # [k, C, H, W]
         if tuple(latents.shape[1:]) != self.shape or len(latents) != len(names):
             raise ValueError(f"expected {len(names)} latents of shape {list(self.shape)}, got {list(latents.shape)}")
         again = [n for n in names if n in self._partial_row]
@@ -252,7 +252,7 @@ class PackWriter:
         with open(new_path, "wb") as f:
             f.write(b"\0" * HEADER_BYTES)
             for start in range(0, len(order), chunk):
-                block = np.empty((min(chunk, len(order) - start), *self.shape), self.np_dtype)  # [k, 4, H, W]
+                block = np.empty((min(chunk, len(order) - start), *self.shape), self.np_dtype)  # [k, C, H, W]
                 for s, array in enumerate(sources):
                     pick = np.flatnonzero(source[start:start + len(block)] == s)
                     if len(pick):
@@ -269,7 +269,7 @@ class PackWriter:
 
 
 def cast_rows(latents, dtype):
-    """Latents [k, 4, H, W] (any float dtype) -> (the packed dtype's rows [k, 4, H, W], [k] bool:
+    """Latents [k, C, H, W] (any float dtype) -> (the packed dtype's rows [k, C, H, W], [k] bool:
     finite after the cast; float16 turns |values| above 65504 into inf)."""
     packed = latents.float().to(PACK_DTYPES[dtype])
     return packed, torch.isfinite(packed).flatten(1).all(dim=1)
@@ -320,7 +320,7 @@ def convert_domain(src_folder, dst_folder, dtype="float16", log=print, channels=
             rows.append(latent)
         if not rows:
             continue
-        packed, finite = cast_rows(torch.stack([r.float() for r in rows]), dtype)  # [k, 4, H, W], [k]
+        packed, finite = cast_rows(torch.stack([r.float() for r in rows]), dtype)  # [k, C, H, W], [k]
         for name, ok, latent in zip(batch, finite.tolist(), rows):
             if not ok:
                 beyond = dtype == "float16" and bool(torch.isfinite(latent.float()).all())
@@ -431,7 +431,7 @@ def open_packed_domains(folders):
 
 
 def open_packed_array(path):
-    """`path` as a read-only memory map [N, 4, H, W] after checking its header against the file's
+    """`path` as a read-only memory map [N, C, H, W] after checking its header against the file's
     size; nothing beyond the header is read. InputError naming the file otherwise."""
     expected = (f"expected a .npy array [N, C, H, W] (C <= {MAX_LATENT_CHANNELS}, {MIN_LATENT_SIZE} <= H, W <= "
                 f"{MAX_LATENT_SIZE}) of "
@@ -457,7 +457,7 @@ def open_packed_array(path):
         raise InputError(f"{path} is {size} bytes but its header promises {needed} ({list(shape)} {dtype.name} "
                          f"after a {offset}-byte header): {'truncated' if size < needed else 'bytes after the array'}; "
                          f"{expected}")
-    return np.load(path, mmap_mode="r", allow_pickle=False)  # [N, 4, H, W], read-only
+    return np.load(path, mmap_mode="r", allow_pickle=False)  # [N, C, H, W], read-only
 
 
 def bad_name(name):
@@ -538,7 +538,7 @@ class PackedShard:
                              f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); expected one layout per "
                              f"domain folder: move one of them away")
         self.identity = file_identity(self.path)  # before the map: a change after it is seen
-        self.array = open_packed_array(self.path)  # [N, 4, H, W] np.memmap
+        self.array = open_packed_array(self.path)  # [N, C, H, W] np.memmap
         self.names = read_packed_index(self.index_path, len(self.array), self.path)
         self._tensor = None
 
@@ -561,13 +561,13 @@ class PackedShard:
         return float(np.abs(self.array[row].astype(np.float32)).max())
 
     def tensor(self):
-        """The map as a CPU tensor [N, 4, H, W] (no copy)."""
+        """The map as a CPU tensor [N, C, H, W] (no copy)."""
         if self._tensor is None:
             self._tensor = read_only_tensor(self.array)
         return self._tensor
 
     def chunks(self, rows):
-        """(first row, [k, 4, H, W] read-only array) for every `rows` rows in order, from a map of
+        """(first row, [k, C, H, W] read-only array) for every `rows` rows in order, from a map of
         its own whose pages are dropped from this process after each chunk. Every page a map has
         touched counts in the process's memory until it is unmapped, so a pass over the whole file
         would hold all of it; this pass holds one chunk and leaves the file in the page cache for the
@@ -663,7 +663,7 @@ def magnitude_threshold(value, dtype):
 
 def scan_packed(shards, out=None, chunk_bytes=None):
     """One pass over every row of `shards`, in order: ([(shard, row)] non-finite, [(shard, row)]
-    beyond OUTLIER_LIMIT). With `out` [N_total, 4, H, W] (the GPU preload), each chunk is copied
+    beyond OUTLIER_LIMIT). With `out` [N_total, C, H, W] (the GPU preload), each chunk is copied
     there from the map first: the file is read once for both."""
     nonfinite, outliers, first = [], [], 0
     for shard in shards:
