@@ -252,8 +252,10 @@ def check_vae_config(path, subfolder, space, origin, keys=VALUE_KEYS, theirs="ru
     import diffusers
 
     try:
-        config = diffusers.AutoencoderKL.load_config(os.path.expanduser(str(path)), subfolder=subfolder or None,
-                                                     local_files_only=True)
+        with warnings.catch_warnings():  # the hub client's deprecation notes are not this check's to print
+            warnings.simplefilter("ignore")
+            config = diffusers.AutoencoderKL.load_config(os.path.expanduser(str(path)), subfolder=subfolder or None,
+                                                         local_files_only=True)
         found = LatentSpace.from_config(config)
     except Exception:  # not cached, not a diffusers folder, a malformed config: the load will say which
         return
