@@ -267,9 +267,9 @@ class MultiDomainLatentDataset(Dataset):
         what it holds, so files rewritten with their old sizes and times are never mistaken."""
         if getattr(self, "_content_ids", None) is None:
             ids = {}
-            for d, latents in self.by_domain().items():
-                if self.shards and self.data is None:  # each map just before it is read whole
-                    self.shards[self.domains.index(d)].check_unchanged()
+            for k, (d, latents) in enumerate(self.by_domain().items()):
+                if self.data is None:  # each map again just before it is read whole: hashing the others takes time
+                    self.shards[k].check_unchanged()
                 ids[d] = content_hash(latents)
             self._content_ids = ids
         return self._content_ids

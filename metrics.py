@@ -314,17 +314,18 @@ def torchmetrics_lpips_linear_layers():
 
 
 def weights_problem(state, expected):
-    """What makes `state` unfit to load as `expected` ({name: tensor}), None when nothing: every name
-    a dense CPU tensor (not meta, nested or sparse: they hold no data to check) of its shape, a
-    floating dtype, finite values."""
+    """What makes `state` unfit to load as `expected` ({name: shape}, None in a shape: any size above
+    0), None when nothing: every name a dense CPU tensor (not meta, nested or sparse: they hold no
+    data to check) of its shape, a floating dtype, finite values."""
     if not isinstance(state, dict):
         return f"a {type(state).__name__}, not a dict of tensors"
-    for name, like in expected.items():
+    for name, shape in expected.items():
         value = state.get(name)
         if not plain_tensor(value):
             return f"{name} is {'missing' if value is None else 'not a dense CPU tensor'}"
-        if tuple(value.shape) != tuple(like.shape) or not value.is_floating_point():
-            return f"{name} is {value.dtype} {list(value.shape)}, expected floating {list(like.shape)}"
+        fits = value.dim() == len(shape) and all(n == s if s is not None else n > 0 for n, s in zip(value.shape, shape))
+        if not fits or not value.is_floating_point():
+            return f"{name} is {value.dtype} {list(value.shape)}, expected floating {list(shape)}"
         if not bool(torch.isfinite(value).all()):
             return f"{name} holds non-finite values"
     return None
@@ -347,7 +348,7 @@ def load_lpips(path=None, device="cpu"):
                          f"{expected}") from None
     model = LPIPS()
     trunk_state = model.trunk.state_dict()
-    problem = weights_problem(state, trunk_state)
+    problem = weights_problem(state, {k: tuple(v.shape) for k, v in trunk_state.items()})
     if problem:
         raise InputError(f"LPIPS weights {file!r} are not in the expected format ({problem}); {expected}")
     model.trunk.load_state_dict({k: state[k] for k in trunk_state})
@@ -476,10 +477,8 @@ def read_cached_features(path, key, count):
         return None, load_error_reason(err)
     if not isinstance(saved, dict) or saved.get("key") != key:
         return None, "it was not written for these latents, VAE and Inception"
-    feats = saved.get("features")
-    width = feats.shape[1] if plain_tensor(feats) and feats.dim() == 2 and feats.shape[1] else 1
-    problem = weights_problem({"features": feats}, {"features": torch.empty(count, width)})
-    return (None, problem) if problem else (feats.float(), None)
+    problem = weights_problem(saved, {"features": (count, None)})
+    return (None, problem) if problem else (saved["features"].float(), None)
 
 
 def cached_real_features(domain, latents, compute, cache_dir, key):
@@ -531,16 +530,16 @@ def translate_task(generator, mapping_network, style_encoder, content_raw, trg_i
 
     feats, diversity, nonfinite = [], [], 0
     for start in range(0, n, per_chunk):
-        content = content_raw[start:start + per_chunk].to(device)  # [S, 4, h, w] raw
+        content = content_raw[start:start + per_chunk].to(device)  # [S, C, h, w] raw
         s = len(content)
         with autocast_context(device, amp_dtype):  # styles [S*K, S_dim], in one batch
             if mode == "latent":
                 style = mapped_styles(mapping_network, codes[start:start + s].flatten(0, 1), trg_idx, device)
             else:
-                refs = refs_raw[codes[start:start + s].flatten().to(refs_raw.device)]  # [S*K, 4, h, w]
+                refs = refs_raw[codes[start:start + s].flatten().to(refs_raw.device)]  # [S*K, C, h, w]
                 style = reference_styles(style_encoder, refs, trg_idx, space, len(refs), device)
-            content = content.repeat_interleave(k, dim=0)  # [S*K, 4, h, w], a source's outputs adjacent
-            fake = translate_raw(generator, content, style, space, device)  # [S*K, 4, h, w] raw
+            content = content.repeat_interleave(k, dim=0)  # [S*K, C, h, w], a source's outputs adjacent
+            fake = translate_raw(generator, content, style, space, device)  # [S*K, C, h, w] raw
         images = in_batches(decoded, fake, batch_size)  # [S*K, 3, H, W]
         bad = ~(torch.isfinite(fake.flatten(1)).all(1) & torch.isfinite(images.flatten(1)).all(1))  # [S*K]
         nonfinite += int(bad.sum())
@@ -571,7 +570,7 @@ def evaluate_translations(generator, mapping_network, style_encoder, domains, re
     generator G(x, s), mapping_network F(z, y), style_encoder E(x, y) see scaled latents
     (space.normalize(raw)); domain i of `domains` is branch i. `real` {domain: raw latents [N, C, h, w]}:
     the target sets FID/KID compare with. `sources` {domain: raw latents}: the sources, and the
-    reference pool of the reference-guided mode (may be `real`). `decode`: raw latents [n, 4, h, w]
+    reference pool of the reference-guided mode (may be `real`). `decode`: raw latents [n, C, h, w]
     -> RGB [n, 3, H, W] in [0, 1], applied to reals and fakes alike. Per source, at most
     `max_sources` latents (the first ones), each translated `num_outs` times. Random draws come from
     `seed` alone (same numbers twice; the global RNG is untouched). `batch_size` images per decode /
