@@ -185,7 +185,7 @@ class Translator:
     # ------------------------------------------------------------------ inputs
 
     def read_image(self, path, what):
-        """An uploaded image -> (raw latent [1, 4, h, w], notes): checked by the rule encode.py
+        """An uploaded image -> (raw latent [1, C, h, w], notes): checked by the rule encode.py
         follows (vae.inspect_image), then centre-cropped, resized and encoded as encode.py does."""
         if self.vae is None:
             raise InputError(f"the {what} is an image, but no VAE is loaded to encode it; restart the app with "
@@ -202,7 +202,7 @@ class Translator:
         return raw, [f"{what} {info.width}x{info.height}"] + info.notes
 
     def read_example(self, label, what):
-        """A latent from the data -> (raw latent [1, 4, h, w], notes)."""
+        """A latent from the data -> (raw latent [1, C, h, w], notes)."""
         if not isinstance(label, str) or label not in self.examples:  # a dict or list from an API caller too
             offered = ", ".join(self.examples) or "none: data.root is not on this machine"
             raise InputError(f"no {what} latent {label!r:.80} in the data; offered: {offered}")
@@ -242,7 +242,7 @@ class Translator:
         else:
             domain_ids = [domain_index(self.cfg, target, "target")]
         num_styles, seed, psi = check_style_args(style_mode, num_styles, seed, psi)
-        source, notes = self.read_input(source_mode, source_image, source_latent, "source")  # [1, 4, h, w]
+        source, notes = self.read_input(source_mode, source_image, source_latent, "source")  # [1, C, h, w]
         reference = None
         if style_mode == REFERENCE_GUIDED:
             reference, ref_notes = self.read_input(reference_mode, reference_image, reference_latent, "reference")
@@ -278,13 +278,13 @@ class Translator:
 
     def endpoints(self, source_mode=UPLOAD, source_image=None, source_latent=None, target=None, endpoint_mode=SEEDS,
                   seed_a=0, seed_b=1, psi=1.0, reference_a=(UPLOAD, None, None), reference_b=(UPLOAD, None, None)):
-        """The two styles of an interpolation and what it translates: dict(source [1, 4, h, w] raw,
-        keys [2, S], key_latents [2, 4, h', w'] raw (the references) or None, domain_id, stem, tag,
+        """The two styles of an interpolation and what it translates: dict(source [1, C, h, w] raw,
+        keys [2, S], key_latents [2, C, h', w'] raw (the references) or None, domain_id, stem, tag,
         notes). Style A of seed S is style 0 of the Translate button's seed S."""
         if target == ALL_DOMAINS or target not in self.domains:
             raise InputError(f"interpolation runs in one target domain: pick one of {', '.join(self.domains)}")
         domain_id = domain_index(self.cfg, target, "target")
-        source, notes = self.read_input(source_mode, source_image, source_latent, "source")  # [1, 4, h, w]
+        source, notes = self.read_input(source_mode, source_image, source_latent, "source")  # [1, C, h, w]
         if endpoint_mode == SEEDS:
             _, seed_a, psi = check_style_args(LATENT_GUIDED, 1, seed_a, psi)
             _, seed_b, _ = check_style_args(LATENT_GUIDED, 1, seed_b, psi)
@@ -299,7 +299,7 @@ class Translator:
             if read[0][0].shape != read[1][0].shape:
                 raise InputError(f"references A and B have latents of different sizes ({list(read[0][0].shape[1:])} "
                                  f"and {list(read[1][0].shape[1:])}); pick two of one size")
-            key_latents = torch.cat([read[0][0], read[1][0]])  # [2, 4, h', w']
+            key_latents = torch.cat([read[0][0], read[1][0]])  # [2, C, h', w']
             with self.autocast():
                 keys = reference_styles(self.nets["style_encoder"], key_latents, domain_id, self.space,
                                         device=self.device)  # [2, S]
@@ -321,7 +321,7 @@ class Translator:
         with self.autocast():
             style = frame_styles(e["keys"], one_frame)  # [1, S]
             _, latent = next(translate_pairs(self.nets["generator"], e["source"], style, self.space,
-                                             batch_size=1, device=self.device))  # [1, 4, h, w] raw
+                                             batch_size=1, device=self.device))  # [1, C, h, w] raw
         rgb = to_rgb(latent, self.decoder, self.space)[0]  # [3, H, W]
         seconds = time.perf_counter() - start
         status = (f"alpha {alpha:g} in {self.domains[e['domain_id']]} · {seconds * 1000:.0f} ms on {self.device_label} "

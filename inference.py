@@ -163,7 +163,7 @@ def translate_raw(generator, content_raw, styles, space, device="cpu"):
 @torch.no_grad()
 def translate_pairs(generator, sources_raw, styles, space, batch_size=16, device="cpu"):
     """Every (source i, style k) pair, flattened as i * K + k and run in chunks of `batch_size`.
-    Yields (pair indices [b], raw outputs [b, 4, h, w] on the CPU): one host transfer per chunk, so a
+    Yields (pair indices [b], raw outputs [b, C, h, w] on the CPU): one host transfer per chunk, so a
     caller can write outputs as they come."""
     num_styles = styles.shape[0]
     pairs = torch.arange(sources_raw.shape[0] * num_styles)
@@ -189,15 +189,15 @@ def grid_cells(generator, mapping_network, style_encoder, sources_raw, refs_raw,
     """The training grid's cells: one source and one reference per domain (raw [N, C, h, w] each),
     every source translated to every domain. Rows: sources x latent-guided (one fixed z per domain),
     the references, sources x reference-guided; columns: the source, then each domain. Returns
-    (raw latents [(2N+1)*(N+1), 4, h, w] on the CPU with NaN in the blank corner, row labels)."""
+    (raw latents [(2N+1)*(N+1), C, h, w] on the CPU with NaN in the blank corner, row labels)."""
     n = len(domains)
     src = space.normalize(sources_raw.to(device).float())  # [N, C, h, w]
     refs = space.normalize(refs_raw.to(device).float())
     z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(int(seed))).to(device)  # fixed z
     y = torch.arange(n, device=device)
     s_lat, s_ref = mapping_network(z, y), style_encoder(refs, y)  # [N, S]: style of domain j
-    x_rep = src.repeat_interleave(n, dim=0)  # [N*N, 4, h, w]: source i for each target j
-    lat = generator(x_rep, s_lat.repeat(n, 1)).view(n, n, *src.shape[1:])  # [N, N, 4, h, w]
+    x_rep = src.repeat_interleave(n, dim=0)  # [N*N, C, h, w]: source i for each target j
+    lat = generator(x_rep, s_lat.repeat(n, 1)).view(n, n, *src.shape[1:])  # [N, N, C, h, w]
     ref = generator(x_rep, s_ref.repeat(n, 1)).view(n, n, *src.shape[1:])
     rows = [torch.cat([src[i:i + 1], lat[i]]) for i in range(n)]
     rows.append(torch.cat([torch.full_like(src[:1], float("nan")), refs]))

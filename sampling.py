@@ -119,7 +119,7 @@ def source_grid(source_rgb, output_rgb, header_rgb=None):
 @torch.no_grad()
 def reference_grid(generator, style_encoder, sources_raw, refs_raw, domain_id, space, vae=None,
                    batch_size=16, device="cpu", cell_size=None, on_batch=None):
-    """The reference grid: every source [N, C, h, w] in the style of every reference [M, 4, h', w']
+    """The reference grid: every source [N, C, h, w] in the style of every reference [M, C, h', w']
     (E for the target domain `domain_id`), pictured. Returns (cells [(N + 1) * (M + 1), 3, H, W],
     rows = N + 1): a header row of the references, then per source the source and its M outputs.
     `on_batch(n)` after each batch of n outputs (a progress display)."""
@@ -166,7 +166,7 @@ def video_frames(generator, sources_raw, key_styles, schedule, space, vae=None, 
 
     A frame is the official `interpolate` picture: the sources [N, C, h, w] in a row, their
     translations with the frame's style below (W' = N * W); with `key_latents` (the references,
-    [K, 4, h', w'] raw, one per key style) the `slide` column is prepended (W' = W + W/8 + N * W).
+    [K, C, h', w'] raw, one per key style) the `slide` column is prepended (W' = W + W/8 + N * W).
     Frames go through the generator and the decode in chunks of about `batch_size` pictures; frames
     that share a style (the holds) are computed once. `autocast` wraps the generator calls only."""
     n = sources_raw.shape[0]
@@ -184,7 +184,7 @@ def video_frames(generator, sources_raw, key_styles, schedule, space, vae=None, 
         unique, inverse = torch.unique(styles[chunk], dim=0, return_inverse=True)  # [U, S], [f]
         with autocast():
             raw = torch.cat([out for _, out in translate_pairs(generator, sources_raw, unique, space,
-                                                               batch_size, device)])  # [N*U, 4, h, w], source-major
+                                                               batch_size, device)])  # [N*U, C, h, w], source-major
         fakes = u8(pictures_of(raw, vae, space, batch_size, cell_size)).view(n, len(unique), h, w, c)
         fakes = fakes.permute(1, 2, 0, 3, 4).reshape(len(unique), h, n * w, c)[inverse.cpu()]  # [f, H, N*W, 3]
         frames = torch.cat([top_row.expand_as(fakes), fakes], dim=1)  # [f, 2H, N*W, 3]

@@ -150,7 +150,7 @@ class Trainer:
             s_lat = F(z1, y_trg)  # [B, S]
             s_ref = E(b["x_ref"], y_trg)  # [B, S]
             # both paths in one G call: samples are independent, so this equals two calls
-            fakes = G(torch.cat([x, x]), torch.cat([s_lat, s_ref]))  # [2B, 4, H, W]
+            fakes = G(torch.cat([x, x]), torch.cat([s_lat, s_ref]))  # [2B, C, H, W]
         with self.autocast():
             logits = D(torch.cat([x, fakes.to(x.dtype)]), torch.cat([y_src, y_trg, y_trg]))  # [3B, 1, H', W']
         real, fake_lat, fake_ref = logits.float().chunk(3)
@@ -205,7 +205,7 @@ class Trainer:
         weights = {**self.cfg["loss"], "w_ds": w_ds}
         terms = [term for term in L.G_TERMS if self.cfg["loss"][term.weight]]
         with self.autocast():
-            fake = self.call["generator"](x, s_trg)  # [B, 4, H, W]
+            fake = self.call["generator"](x, s_trg)  # [B, C, H, W]
             p = SimpleNamespace(x=x, y_trg=y_trg, s_trg=s_trg, s_trg2=s_trg2, s_src=s_src, fake=fake)
             parts = {term.name: term.fn(self.call, p) for term in terms}
         total = None  # summed left to right, so the default terms keep Eq. 5's arithmetic exactly
@@ -388,7 +388,7 @@ class Trainer:
             "position": position,  # batches completed inside epoch + 1 (0: the epoch is complete)
             "config": self.cfg,
             "domains": self.domains,
-            "latent_shape": list(self.latent_shape) if self.latent_shape else None,  # [4, h, w] trained on
+            "latent_shape": list(self.latent_shape) if self.latent_shape else None,  # [C, h, w] trained on
             "models": {k: self.nets[k].state_dict() for k in NETS},
             "ema": {k: self.ema[k].state_dict() for k in EMA_NETS},
             "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},

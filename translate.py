@@ -9,7 +9,7 @@
 
 G, F and E are rebuilt from the checkpoint alone (its saved config) and run with the EMA weights.
 Latents on disk are raw; the networks see `LatentSpace.normalize(raw)` and their outputs go back through
-back before saving or decoding. The output folder holds one raw float32 latent `[4, h, w]` per output,
+back before saving or decoding. The output folder holds one raw float32 latent `[C, h, w]` per output,
 `<stem>_to_<domain>_<k>.pt`, its PNG (VAE decode, or the linear latent preview when no VAE loads),
 and one `sheet.png` (rows: sources; columns: the source, then its outputs).
 
@@ -60,10 +60,10 @@ VIDEO_MAX_SOURCES = 16  # --video: sources in the row (the official uses a batch
 def build_parser():
     p = argparse.ArgumentParser(
         description="Translate latents (or images, with a VAE) to a target domain with a Latent StarGAN v2 "
-                    "checkpoint. Writes <stem>_to_<domain>_<k>.pt (raw float32 latent [C, h, w]; C: the VAE's latent channels, 4 for SD1.5) and "
-                    "<stem>_to_<domain>_<k>.png per output, and one sheet.png (rows: sources; columns: the "
-                    "source, then its outputs); or, as StarGAN v2's sample mode, the reference grid (--grid) "
-                    "and style-interpolation videos (--video).")
+                    "checkpoint. Writes <stem>_to_<domain>_<k>.pt (raw float32 latent [C, h, w]; C: the VAE's "
+                    "latent channels, 4 for SD1.5) and <stem>_to_<domain>_<k>.png per output, and one sheet.png "
+                    "(rows: sources; columns: the source, then its outputs); or, as StarGAN v2's sample mode, the "
+                    "reference grid (--grid) and style-interpolation videos (--video).")
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by run.py (e.g. <checkpoint_dir>/latest.pt)")
     p.add_argument("--source", required=True, nargs="+",
                    help="latent files (.pt/.npy, [C, h, w] or [1, C, h, w], raw) or folders of them (not "
@@ -233,7 +233,7 @@ def read_latents(paths, space):
 
 @torch.no_grad()
 def encode_images(vae, paths, image_size, batch_size):
-    """Images -> {path: raw [4, h, w]}: centre crop, resize to `image_size`, VAE posterior mode."""
+    """Images -> {path: raw [C, h, w]}: centre crop, resize to `image_size`, VAE posterior mode."""
     latents = {}
     with progress_bar(len(paths), "encoding images", "image") as bar:
         for start in range(0, len(paths), batch_size):
@@ -263,7 +263,7 @@ def stack_inputs(paths, latents, flag):
 # ------------------------------------------------------------------ outputs
 
 def save_outputs(raw, rgb, names, output_dir):
-    """Per output: `<name>.pt` (raw float32 [4, h, w]) and `<name>.png`."""
+    """Per output: `<name>.pt` (raw float32 [C, h, w]) and `<name>.png`."""
     pixels = to_uint8(rgb)  # [B, H, W, 3]
     for latent, image, name in zip(raw, pixels, names):
         atomic_write(os.path.join(output_dir, f"{name}.pt"), lambda f: torch.save(latent.clone(), f))
@@ -313,7 +313,7 @@ def warn_about_stale_outputs(output_dir, names):
 # ------------------------------------------------------------------ run
 
 def load_inputs(args, cfg, vae, source_paths, ref_paths):
-    """{path: raw [4, h, w]} for every source and reference: latent files read, images encoded."""
+    """{path: raw [C, h, w]} for every source and reference: latent files read, images encoded."""
     images = [p for p in source_paths + ref_paths if is_image(p)]
     if images and vae is None:
         raise InputError(f"image inputs ({images[0]}{' ...' if len(images) > 1 else ''}) need a VAE to be "
@@ -371,8 +371,8 @@ def translate(args, cfg, nets, domain_ids, source_paths, ref_paths):
     vae = tiny if tiny is not None else vae  # from here on `vae` only draws pictures
     if vae is None:
         warn("; ".join(why).removeprefix("warning: "))  # it says why, and that pictures use the latent preview
-    sources = stack_inputs(source_paths, latents, "--source")  # [N, 4, h, w] raw, CPU
-    refs = stack_inputs(ref_paths, latents, "--reference") if ref_paths else None  # [M, 4, h', w'] raw
+    sources = stack_inputs(source_paths, latents, "--source")  # [N, C, h, w] raw, CPU
+    refs = stack_inputs(ref_paths, latents, "--reference") if ref_paths else None  # [M, C, h', w'] raw
 
     if args.output is not None and not args.grid:
         translate_each(args, cfg, nets, vae, sources, source_paths, refs, ref_paths, domain_ids[0])

@@ -350,7 +350,7 @@ def vae_downsample_factor(vae):
 
 @torch.no_grad()
 def decode(vae, raw_latents):
-    """[B, 4, h, w] raw latents -> [B, 3, h*f, w*f] RGB in [0, 1], float32 on the VAE's device."""
+    """[B, C, h, w] raw latents -> [B, 3, h*f, w*f] RGB in [0, 1], float32 on the VAE's device."""
     out = vae.decode(raw_latents.to(vae.device, vae.dtype)).sample  # [B, 3, H, W] in [-1, 1]
     return (out.float() / 2 + 0.5).clamp(0, 1)
 
